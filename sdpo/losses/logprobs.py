@@ -1,0 +1,102 @@
+"""Per-token log-probs, entropy and distillation terms from hidden states, one chunk of positions at a time.
+
+The memory problem: [B, R, V] float32 logits for R = 8192 response tokens and V ~ 150k are ~5 GB per sample, and
+SDPO needs the teacher's as well as the student's. `chunked_response_terms` applies the LM heads to a chunk of
+positions at a time inside activation checkpointing, so only one chunk's [B, chunk, V] logits exist at once, in
+the forward pass and again (recomputed) in the backward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from sdpo.losses.distill import distill_per_token, gather_token, log_softmax_temperature
+
+Head = Callable[[Tensor], Tensor]
+
+
+def token_logprobs(logits_BRV: Tensor, ids_BR: Tensor, temperature: float) -> Tensor:
+    """log pi(ids) under the temperature-scaled distribution -> [B, R]."""
+    return gather_token(log_softmax_temperature(logits_BRV, temperature), ids_BR)
+
+
+def entropy_from_logits(logits_BRV: Tensor, temperature: float) -> Tensor:
+    """Entropy of the temperature-scaled distribution at each position -> [B, R]."""
+    logp_BRV = log_softmax_temperature(logits_BRV, temperature)
+    # A -inf logit (a banned token) has p = 0; clamping its log-prob keeps 0 * log 0 at 0 instead of NaN.
+    return -(logp_BRV.exp() * logp_BRV.clamp(min=torch.finfo(logp_BRV.dtype).min)).sum(-1)
+
+
+def _teacher_logits(hidden_list: Sequence[Tensor], heads: Sequence[Head], weights: Sequence[float]) -> Tensor:
+    """sum_i w_i head_i(hidden_i), without gradient: one entry for a plain teacher, two for the trust region's
+    lerp(ref_logits, live_logits, mix) (spec sec. 4)."""
+    with torch.no_grad():
+        return sum(w * head(h.detach()) for h, head, w in zip(hidden_list, heads, weights, strict=True))
+
+
+def _chunk_terms(student_head, temperature, distill_kwargs, teacher_heads, teacher_weights,
+                 hidden_BCH, ids_BC, *teacher_hidden_BCH):
+    """All per-token outputs for one chunk of C positions. Positional tensors only, as checkpoint() wants."""
+    logits_BCV = student_head(hidden_BCH)
+    out = {"logp": token_logprobs(logits_BCV, ids_BC, temperature)}
+    with torch.no_grad():
+        out["entropy"] = entropy_from_logits(logits_BCV, temperature)
+    if teacher_hidden_BCH:
+        teacher_logits_BCV = _teacher_logits(teacher_hidden_BCH, teacher_heads, teacher_weights)
+        out["teacher_logp"] = token_logprobs(teacher_logits_BCV, ids_BC, temperature)
+        if distill_kwargs is not None:
+            out["distill"] = distill_per_token(logits_BCV, teacher_logits_BCV, ids_BC,
+                                               temperature=temperature, **distill_kwargs)
+    return out
+
+
+def chunked_response_terms(
+    student_hidden_BRH: Tensor,
+    student_head: Head,
+    response_ids_BR: Tensor,
+    temperature: float,
+    chunk_size: int,
+    teacher_hidden: Sequence[Tensor] | None = None,
+    teacher_heads: Sequence[Head] | None = None,
+    teacher_weights: Sequence[float] | None = None,
+    distill_kwargs: dict | None = None,
+) -> dict[str, Tensor]:
+    """Per-token terms of the response, computed `chunk_size` positions at a time.
+
+    student_hidden_BRH: the student's final hidden states at the positions that predict response tokens (so that
+    student_head(h)[b, t] scores response_ids_BR[b, t]). Teacher: `teacher_hidden` ([B, R, H] each, aligned the same
+    way under the teacher's context), `teacher_heads` (hidden -> logits) and `teacher_weights`; its logits are
+    sum_i w_i head_i(hidden_i), always without gradient.
+
+    Returns [B, R] tensors: "logp" (with grad) and "entropy" (detached); with a teacher also "teacher_logp"
+    (detached) and, when `distill_kwargs` (mode, alpha, topk, tail; see `distill_per_token`) is given, "distill"
+    (with grad). Without `distill_kwargs` only the teacher's sampled-token log-prob is computed, which is all the
+    advantage-level hybrid needs.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    teacher_hidden = list(teacher_hidden or [])
+    if teacher_hidden and not (len(teacher_hidden) == len(teacher_heads or []) == len(teacher_weights or [])):
+        raise ValueError("teacher_hidden, teacher_heads and teacher_weights must have the same length")
+    if distill_kwargs is not None and "temperature" in distill_kwargs:
+        raise ValueError("pass the temperature once, as chunked_response_terms(temperature=...)")
+    if distill_kwargs is not None and not teacher_hidden:
+        raise ValueError("distill_kwargs given without a teacher (teacher_hidden, teacher_heads, teacher_weights)")
+
+    def run_chunk(*tensors: Tensor) -> dict[str, Tensor]:
+        return _chunk_terms(student_head, temperature, distill_kwargs, teacher_heads, teacher_weights, *tensors)
+
+    pieces: list[dict[str, Tensor]] = []
+    for start in range(0, student_hidden_BRH.shape[1], chunk_size):
+        window = slice(start, start + chunk_size)
+        tensors = [student_hidden_BRH[:, window], response_ids_BR[:, window], *(h[:, window] for h in teacher_hidden)]
+        if torch.is_grad_enabled():
+            # Keep only the chunk's inputs; the [B, C, V] logits are recomputed in backward, one chunk at a time.
+            pieces.append(checkpoint(run_chunk, *tensors, use_reentrant=False))
+        else:
+            pieces.append(run_chunk(*tensors))
+    return {key: torch.cat([piece[key] for piece in pieces], dim=1) for key in pieces[0]}

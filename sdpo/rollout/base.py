@@ -1,0 +1,76 @@
+"""The rollout-engine interface: token prompts in, n sampled completions per prompt out.
+
+Engines: `hf` (transformers `generate` on the policy itself, so weight sync is free) and `vllm` (a colocated vLLM
+`LLM`, synced after every optimizer step). The trainer only calls `generate` and `sync_weights`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from sdpo.config import RolloutConfig
+from sdpo.registry import Registry
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: off
+    max_new_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    @classmethod
+    def from_config(cls, config: RolloutConfig, **overrides: Any) -> SamplingSettings:
+        settings = cls(
+            n=config.num_generations,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            top_k=config.top_k,
+            max_new_tokens=config.max_new_tokens,
+            stop=tuple(config.stop),
+        )
+        return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class Completion:
+    prompt_index: int
+    token_ids: list[int]  # the response, ending with EOS unless truncated
+    text: str  # decoded without special tokens
+    truncated: bool  # stopped by max_new_tokens, not by EOS or a stop string
+    logprobs: list[float] | None = None  # the sampler's log-probs of token_ids (processed, at the temperature)
+
+
+@dataclass
+class SyncStats:
+    seconds: float = 0.0
+    bytes: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class RolloutEngine(ABC):
+    @abstractmethod
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingSettings) -> list[Completion]:
+        """n completions per prompt, prompt-major: completions[i * n + j] belongs to prompts[i]."""
+
+    def sync_weights(self, model: torch.nn.Module) -> SyncStats:
+        """Make the next `generate` use `model`'s current weights."""
+        return SyncStats()
+
+    def close(self) -> None:
+        """Free the engine's memory."""
+
+
+ENGINES: Registry[type[RolloutEngine]] = Registry("rollout engine")
