@@ -154,3 +154,32 @@ def hf_offline() -> None:
     """Make sure nothing reaches for a hub (tests and the default run)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a chat rendered with the model's template, ending in the assistant header."""
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model under DDP / torch.compile wrappers (PEFT wrappers are kept: they are the policy)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def response_hidden_states(model: torch.nn.Module, inputs) -> torch.Tensor:
+    """Final (normed) hidden states at the positions that predict the response tokens: [B, R, H].
+
+    Goes through the model's own forward (so DDP / FSDP / PEFT hooks run) and asks for the logits of one position
+    only: the vocabulary projection happens later, chunk by chunk, in `sdpo.losses.chunked_response_terms`.
+    """
+    out = model(
+        input_ids=inputs.input_ids,
+        attention_mask=inputs.attention_mask,
+        position_ids=inputs.position_ids,
+        output_hidden_states=True,
+        logits_to_keep=1,
+        use_cache=False,
+    )
+    return out.hidden_states[-1][:, inputs.response_hidden_slice]

@@ -319,6 +319,7 @@ def test_truncated_is_weights_and_is_ratio_match_reference_and_are_detached():
     a, b = rand(3, 5, seed=40), rand(3, 5, seed=41)
     b_far = b.detach().clone()
     b_far[0, 0] = -1000.0  # an extreme log-ratio: exp overflow must still give the cap
+    b_far[0, 1] = 1000.0  # is_ratio clamps the log-ratio at -20: exp(-20), not 0
     expected_tis = torch.tensor([[min(math.exp(min((a[i, j] - b_far[i, j]).item(), 700)), 2.0) for j in range(5)]
                                  for i in range(3)], dtype=F64)
     tis = truncated_is_weights(a, b_far, 2.0)
@@ -328,7 +329,7 @@ def test_truncated_is_weights_and_is_ratio_match_reference_and_are_detached():
     expected_ratio = torch.tensor([[min(math.exp(max(-20.0, min(20.0, (a[i, j] - b_far[i, j]).item()))), 1.5)
                                     for j in range(5)] for i in range(3)], dtype=F64)
     close(ratio, expected_ratio)
-    assert not ratio.requires_grad and ratio[0, 0] == 1.5
+    assert not ratio.requires_grad and ratio[0, 0] == 1.5 and ratio[0, 1] == math.exp(-20.0)
 
 
 # ---------------------------------------------------------------- advantages

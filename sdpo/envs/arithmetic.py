@@ -77,7 +77,7 @@ class ArithmeticEnv(Environment):
             feedback = "The response contains no number: answer with just the number." if self.config.feedback else ""
             return Score(0.0, feedback, {"status": "no_answer"})
         if predicted == answer:
-            return Score(1.0, "", {"status": "correct"})
+            return Score(1.0, "", {"status": "correct", "answer": predicted})
         feedback = f"{predicted:g} is not the correct answer." if self.config.feedback else ""
-        return Score(0.0, feedback, {"status": "wrong_answer"})
+        return Score(0.0, feedback, {"status": "wrong_answer", "answer": predicted})
 

@@ -24,9 +24,8 @@ def group_advantages(
                          f"{group_ids_B.shape}")
     rewards_B = rewards_B.to(torch.promote_types(rewards_B.dtype, torch.float32))
     # Map arbitrary ids to 0..G-1 so that per-group sums are one index_add each (no Python loop over groups).
-    _, group_B = torch.unique(group_ids_B, return_inverse=True)
-    num_groups = int(group_B.max()) + 1 if group_B.numel() else 0
-    zeros_G = rewards_B.new_zeros(num_groups)
+    unique_G, group_B = torch.unique(group_ids_B, return_inverse=True)
+    zeros_G = rewards_B.new_zeros(unique_G.numel())
     count_G = zeros_G.index_add(0, group_B, torch.ones_like(rewards_B))
     mean_G = zeros_G.index_add(0, group_B, rewards_B) / count_G
     centered_B = rewards_B - mean_G[group_B]  # exactly 0 for a group of size 1

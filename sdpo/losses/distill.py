@@ -15,6 +15,8 @@ from torch import Tensor
 
 from sdpo.registry import Registry
 
+# Entries take (student_logits_BRV, teacher_logits_BRV, response_ids_BR, *, alpha, topk, tail, temperature) with the
+# teacher already detached, and return the per-token loss [B, R]; a new mode registers with the same signature.
 DISTILL_MODES: Registry = Registry("distillation mode")
 
 # logsumexp of the top-k log-probs is clamped to this before computing the tail mass (spec sec. 3): when the top-k

@@ -91,7 +91,8 @@ def chunked_response_terms(
         return _chunk_terms(student_head, temperature, distill_kwargs, teacher_heads, teacher_weights, *tensors)
 
     pieces: list[dict[str, Tensor]] = []
-    for start in range(0, student_hidden_BRH.shape[1], chunk_size):
+    # max(R, 1): an empty response still yields one (empty) chunk, so every key is present with shape [B, 0].
+    for start in range(0, max(student_hidden_BRH.shape[1], 1), chunk_size):
         window = slice(start, start + chunk_size)
         tensors = [student_hidden_BRH[:, window], response_ids_BR[:, window], *(h[:, window] for h in teacher_hidden)]
         if torch.is_grad_enabled():

@@ -1,0 +1,32 @@
+"""Rollout engines behind one interface: `hf` (transformers generate) and `vllm` (colocated vLLM)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from sdpo.config import RolloutConfig
+from sdpo.rollout.base import ENGINES, Completion, RolloutEngine, SamplingSettings, SyncStats
+from sdpo.rollout.hf import HFEngine
+
+
+def build_engine(
+    config: RolloutConfig,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    model_path: str | Path,
+    max_model_len: int,
+    autocast_dtype: torch.dtype | None = None,
+) -> RolloutEngine:
+    if config.engine == "hf":
+        return HFEngine(model, tokenizer, config, autocast_dtype=autocast_dtype)
+    if config.engine == "vllm":
+        from sdpo.rollout.vllm import VLLMEngine  # imports vllm lazily; a clear error says how to install it
+
+        return VLLMEngine(model_path, tokenizer, config, max_model_len=max_model_len)
+    return ENGINES.get(config.engine)(model_path, tokenizer, config, max_model_len=max_model_len)  # type: ignore[call-arg]
+
+
+__all__ = ["ENGINES", "Completion", "HFEngine", "RolloutEngine", "SamplingSettings", "SyncStats", "build_engine"]
