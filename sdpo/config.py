@@ -117,10 +117,19 @@ class VLLMConfig:
     max_model_len: int | None = None
     dtype: str = "auto"
     seed: int = 0
+    # KV-cache size in GiB. None: gpu_memory_utilization sizes it on a GPU; on vLLM's CPU backend (where that
+    # fraction is of host memory and start-up fails when other processes hold it) the engine uses 1 GiB.
+    kv_cache_gb: float | None = None
+    # Most log-probs per position the engine may return (top-k of engine teacher scoring; vLLM's default is 20).
+    max_logprobs: int = 20
 
     def __post_init__(self) -> None:
         check_range("rollout.vllm.gpu_memory_utilization", self.gpu_memory_utilization, 0.0, 1.0)
         check_choice("rollout.vllm.sleep_level", self.sleep_level, [0, 1, 2])
+        check_range("rollout.vllm.sync_bucket_mb", self.sync_bucket_mb, 1)
+        check_range("rollout.vllm.max_logprobs", self.max_logprobs, 0)
+        if self.kv_cache_gb is not None:
+            check_range("rollout.vllm.kv_cache_gb", self.kv_cache_gb, 0.01)
 
 
 @dataclass

@@ -127,10 +127,13 @@ def teacher_prompt_ids(
                 "solution": None if reprompt.solution is None else "",
                 "feedback": None if reprompt.feedback is None else "",
             }
-            overhead = len(render_chat(tokenizer, reprompt.messages(config, **empty)))
-            solution, feedback = fit_bodies(
-                reprompt.solution, reprompt.feedback, config.max_reprompt_len - overhead, encode, decode
-            )
-            ids = render_chat(tokenizer, reprompt.messages(config, solution, feedback))
+            budget = config.max_reprompt_len - len(render_chat(tokenizer, reprompt.messages(config, **empty)))
+            # Token boundaries can merge differently once the bodies are cut and re-rendered: tighten and retry.
+            for _ in range(4):
+                solution, feedback = fit_bodies(reprompt.solution, reprompt.feedback, budget, encode, decode)
+                ids = render_chat(tokenizer, reprompt.messages(config, solution, feedback))
+                if len(ids) <= config.max_reprompt_len:
+                    break
+                budget -= len(ids) - config.max_reprompt_len
         out.append(ids)
     return out

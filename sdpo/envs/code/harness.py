@@ -1,0 +1,195 @@
+"""Test harness for function-call and assert tests; runs *inside* the sandbox, next to the candidate program.
+
+Standalone on purpose (stdlib only): it is copied into the sandbox as harness.py. It reads its spec as JSON from
+stdin and then closes stdin, so that the tests are not left lying around as a file the program could open. It
+writes one JSON record per line to the original stdout; the program's own prints go to stderr instead.
+
+Spec keys: `mode` ("call" or "assert"), `program` (file name of the program, next to this file), `setup` (trusted code run first, e.g. the
+data set's imports), `func_name` (call mode), `candidate` (assert mode: expression bound to the name `candidate`),
+`prelude` (assert mode: test-module code such as helper functions), `tests`, `time_limit_s`, `stop_on_error`.
+
+Call mode reports each return value (encoded, see `encode`) and the trusted parent compares it with the expected
+value, which never enters the sandbox. Assert mode has to run the data set's asserts here, so their expected
+values are in this process: documented as a limit in docs/environments.md.
+"""
+
+import ast
+import json
+import math
+import os
+import signal
+import sys
+import traceback
+
+_MAX_SHOWN = 1000  # characters of a repr sent back for feedback
+
+
+class _TestTimeout(BaseException):
+    """Raised by the per-test timer; a BaseException so that `except Exception` in the program does not eat it."""
+
+
+def _on_alarm(signum, frame):
+    raise _TestTimeout()
+
+
+def encode(value, depth=0):
+    """A JSON-safe, tagged form of a return value, decoded by sdpo.envs.code.values.decode in the parent."""
+    if depth > 64:
+        return {"__repr__": _short_repr(value)}
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value) if abs(value) < 10**4000 else {"__repr__": _short_repr(value)}
+    if isinstance(value, float):
+        return value if math.isfinite(value) else {"__float__": repr(value)}
+    if isinstance(value, list):
+        return [encode(item, depth + 1) for item in value]
+    if isinstance(value, tuple):
+        return {"__tuple__": [encode(item, depth + 1) for item in value]}
+    if isinstance(value, (set, frozenset)):
+        return {"__set__": [encode(item, depth + 1) for item in sorted(value, key=repr)]}
+    if isinstance(value, dict):
+        return {"__dict__": [[encode(k, depth + 1), encode(v, depth + 1)] for k, v in value.items()]}
+    if isinstance(value, complex):
+        return {"__complex__": [encode(value.real), encode(value.imag)]}
+    if hasattr(value, "tolist") and callable(value.tolist):  # numpy scalars and arrays
+        try:
+            return encode(value.tolist(), depth + 1)
+        except Exception:
+            pass
+    return {"__repr__": _short_repr(value)}
+
+
+def _node_to_list(value):
+    """LeetCode's ListNode / TreeNode as the list LeetCode prints; other values unchanged."""
+    if hasattr(value, "val") and hasattr(value, "next"):
+        items, seen = [], 0
+        while value is not None and seen < 10000:
+            items.append(value.val)
+            value, seen = value.next, seen + 1
+        return items
+    if hasattr(value, "val") and hasattr(value, "left") and hasattr(value, "right"):
+        items, queue = [], [value]
+        while queue and len(items) < 10000:
+            node = queue.pop(0)
+            items.append(None if node is None else node.val)
+            if node is not None:
+                queue += [node.left, node.right]
+        while items and items[-1] is None:
+            items.pop()
+        return items
+    return value
+
+
+def _short_repr(value):
+    try:
+        text = repr(_node_to_list(value))
+    except Exception as exc:
+        text = f"<unprintable {type(value).__name__}: {type(exc).__name__}>"
+    return text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN] + "..."
+
+
+def _short_trace(exc):
+    """The program's frames only (the harness's own are noise in feedback)."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename not in (__file__, "test", "candidate")]
+    lines = ["Traceback (most recent call last):\n"] if frames else []
+    lines += traceback.format_list(frames[-5:])
+    lines += traceback.format_exception_only(type(exc), exc)
+    return "".join(lines)
+
+
+def _timed(limit_s, fn):
+    signal.setitimer(signal.ITIMER_REAL, limit_s)
+    try:
+        return fn()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def _eval(node, ns, name="test"):
+    return eval(compile(ast.Expression(node), name, "eval"), ns)
+
+
+def _run_assert(source, ns):
+    """Record fields for one assert statement. `assert f(x) == y` also reports f(x) for the feedback's Output."""
+    stmt = ast.parse(source).body[0]
+    test = stmt.test if isinstance(stmt, ast.Assert) else None
+    if isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq):
+        actual = _eval(test.left, ns)
+        expected = _eval(test.comparators[0], ns)
+        ok = bool(actual == expected)
+        return {"status": "passed" if ok else "failed", "shown": _short_repr(actual)}
+    if isinstance(test, ast.Call) and isinstance(test.func, ast.Name) and test.func.id.startswith("is_same") \
+            and len(test.args) == 2 and not test.keywords:
+        actual = _eval(test.args[0], ns)
+        ok = bool(ns[test.func.id](actual, _eval(test.args[1], ns)))
+        return {"status": "passed" if ok else "failed", "shown": _short_repr(actual)}
+    try:
+        exec(compile(source, "test", "exec"), ns)
+    except AssertionError:
+        return {"status": "failed"}
+    return {"status": "passed"}
+
+
+def _run_call(test, ns, func_name):
+    solution_class = ns.get("Solution")
+    if isinstance(solution_class, type) and hasattr(solution_class, func_name):
+        target = getattr(solution_class(), func_name)  # a fresh instance per test, like a new submission run
+    elif func_name in ns:
+        target = ns[func_name]
+    else:
+        raise NameError(f"the program defines no function or Solution method named {func_name!r}")
+    return {"status": "returned", "value": encode(target(*test["args"]))}
+
+
+def main():
+    spec = json.loads(sys.stdin.read())
+    os.close(0)
+    os.open(os.devnull, os.O_RDONLY)  # fd 0 again, now empty
+    records = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # the program's print() output must not mix with the records
+
+    def emit(**record):
+        records.write(json.dumps(record) + "\n")
+
+    signal.signal(signal.SIGALRM, _on_alarm)
+    if hasattr(sys, "set_int_max_str_digits"):
+        sys.set_int_max_str_digits(0)
+    limit = float(spec["time_limit_s"])
+    ns = {"__name__": "solution", "__builtins__": __builtins__}
+    exec(compile(spec.get("setup") or "", "setup", "exec"), ns)
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), spec["program"])) as f:
+        program = compile(f.read(), "solution.py", "exec")
+    try:
+        _timed(limit, lambda: exec(program, ns))
+        if spec["mode"] == "assert":
+            exec(compile(spec.get("prelude") or "", "prelude", "exec"), ns)
+            if spec.get("candidate"):
+                ns["candidate"] = _eval(ast.parse(spec["candidate"], mode="eval").body, ns, "candidate")
+    except _TestTimeout:
+        emit(event="load", status="timeout")
+        return
+    except BaseException as exc:  # noqa: BLE001 - SystemExit at import is a failed load too
+        emit(event="load", status="error", error=_short_trace(exc))
+        return
+    emit(event="load", status="ok")
+    for i, test in enumerate(spec["tests"]):
+        emit(event="start", i=i)
+        try:
+            if spec["mode"] == "assert":
+                record = _timed(limit, lambda: _run_assert(test["source"], ns))
+            else:
+                record = _timed(limit, lambda: _run_call(test, ns, spec["func_name"]))
+        except _TestTimeout:
+            record = {"status": "timeout"}
+        except MemoryError as exc:
+            record = {"status": "memory", "error": _short_trace(exc)}
+        except BaseException as exc:  # noqa: BLE001 - includes SystemExit from the program
+            record = {"status": "error", "error": _short_trace(exc)}
+        emit(event="result", i=i, **record)
+        if record["status"] in ("timeout", "memory", "error") and spec.get("stop_on_error", True):
+            return
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""LeetCodeDataset v0.2.0 (1890 LeetCode problems, `Solution().method` calls): the LeetCode-style stand-in.
+
+Each assert of the data set's `check(candidate)` is one test; its `input_output` entry (same order, checked at
+load time) gives the Input / Expected texts for feedback. The data set's `prompt` (imports plus the ListNode /
+TreeNode helpers) runs before the program, as in the data set's own evaluation.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+
+from sdpo.envs.base import ENVIRONMENTS, DataError
+from sdpo.envs.code.env import CodeEnv, CodeEnvConfig, CodeTask
+from sdpo.envs.rows import data_file, get_field, read_jsonl
+
+FUNCTION_INSTRUCTION = "End your answer with the complete solution in a single ```python code block."
+
+
+@dataclass
+class LeetCodeConfig(CodeEnvConfig):
+    _target_: str = "sdpo.envs.code.leetcode.LeetCodeEnv"
+    name: str = "leetcode"
+    file: str = "leetcodedataset/LeetCodeDataset-v0.2.0-train.jsonl.gz"
+
+
+def check_asserts(test_source: str, path, line: int, field: str = "test") -> list[str]:
+    """The assert statements of `def check(candidate)`, each as source text."""
+    try:
+        module = ast.parse(test_source)
+    except SyntaxError as exc:
+        raise DataError(path, line, field, f"not valid Python ({exc.msg})") from None
+    check = next((n for n in module.body if isinstance(n, ast.FunctionDef) and n.name == "check"), None)
+    if check is None:
+        raise DataError(path, line, field, "has no `def check(candidate)`")
+    asserts = [ast.get_source_segment(test_source, s) for s in check.body if isinstance(s, ast.Assert)]
+    if not asserts:
+        raise DataError(path, line, field, "check() has no assert")
+    return asserts
+
+
+@ENVIRONMENTS.register("leetcode")
+class LeetCodeEnv(CodeEnv):
+    config_class = LeetCodeConfig
+
+    def read_tasks(self) -> list[CodeTask]:
+        cfg: LeetCodeConfig = self.config  # type: ignore[assignment]
+        path = data_file(self.data_dir, cfg.file, "LeetCodeDataset")
+        tasks = []
+        for line, row in read_jsonl(path):
+            asserts = check_asserts(get_field(row, "test", str, path, line), path, line)
+            cases = get_field(row, "input_output", list, path, line)
+            if len(cases) != len(asserts):
+                raise DataError(path, line, "input_output", f"{len(cases)} cases for {len(asserts)} asserts in test")
+            tests = []
+            for k, (source, case) in enumerate(zip(asserts, cases)):
+                if not (isinstance(case, dict) and isinstance(case.get("input"), str) and "output" in case):
+                    raise DataError(path, line, f"input_output[{k}]", "expected {input: str, output: ...}")
+                tests.append({"source": source, "input": case["input"], "expected": str(case["output"])})
+            tasks.append(
+                CodeTask(
+                    id=get_field(row, "task_id", str, path, line),
+                    prompt=f"{get_field(row, 'query', str, path, line).strip()}\n\n{FUNCTION_INSTRUCTION}",
+                    mode="assert",
+                    tests=tests,
+                    reference=get_field(row, "completion", str, path, line),
+                    setup=get_field(row, "prompt", str, path, line),
+                    candidate=get_field(row, "entry_point", str, path, line),
+                    meta={"difficulty": (row.get("meta") or {}).get("difficulty")},
+                )
+            )
+        return tasks

@@ -1,0 +1,101 @@
+"""Values returned by programs: decoding the harness's tagged JSON, comparing with expected values, display.
+
+Runs in the trusted scorer. Nothing here unpickles or evaluates program output: the harness sends tagged JSON
+(harness.encode) and `decode` rebuilds plain Python values from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+
+class Unrepresentable:
+    """A value the harness could only send as its repr (an arbitrary object); equal only to the same repr."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Unrepresentable) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def decode(value: Any) -> Any:
+    if isinstance(value, list):
+        return [decode(item) for item in value]
+    if not isinstance(value, dict):
+        return value
+    if "__tuple__" in value:
+        return tuple(decode(item) for item in value["__tuple__"])
+    if "__set__" in value:
+        items = [decode(item) for item in value["__set__"]]
+        try:
+            return set(items)
+        except TypeError:  # unhashable members cannot form a set here; keep the order-free intent
+            return Unrepresentable("{" + ", ".join(map(repr, items)) + "}")
+    if "__dict__" in value:
+        pairs = [(decode(k), decode(v)) for k, v in value["__dict__"]]
+        try:
+            return dict(pairs)
+        except TypeError:
+            return Unrepresentable(repr(pairs))
+    if "__float__" in value:
+        return float(value["__float__"])
+    if "__complex__" in value:
+        real, imag = value["__complex__"]
+        return complex(decode(real), decode(imag))
+    if "__repr__" in value:
+        return Unrepresentable(str(value["__repr__"]))
+    return {key: decode(item) for key, item in value.items()}  # a plain JSON object (expected values from data)
+
+
+def values_match(actual: Any, expected: Any, atol: float = 0.0, strict_types: bool = False) -> bool:
+    """Equality for test verdicts. Floats compare with a relative tolerance of 1e-7 (or `atol`); NaN equals NaN.
+
+    `strict_types` keeps tuple and list apart (EvalPlus does); otherwise they compare equal (LiveCodeBench's
+    expected outputs are JSON, which has no tuples).
+    """
+    if isinstance(actual, bool) or isinstance(expected, bool):
+        return type(actual) is type(expected) and actual == expected if strict_types else actual == expected
+    if isinstance(actual, (int, float)) and isinstance(expected, (int, float)):
+        if isinstance(actual, float) or isinstance(expected, float):
+            if math.isnan(actual) and math.isnan(expected):
+                return True
+            return math.isclose(actual, expected, rel_tol=1e-7, abs_tol=atol)
+        return actual == expected
+    if isinstance(actual, (list, tuple)) and isinstance(expected, (list, tuple)):
+        if strict_types and type(actual) is not type(expected):
+            return False
+        return len(actual) == len(expected) and all(
+            values_match(a, e, atol, strict_types) for a, e in zip(actual, expected)
+        )
+    if isinstance(actual, dict) and isinstance(expected, dict):
+        return actual.keys() == expected.keys() and all(
+            values_match(actual[k], expected[k], atol, strict_types) for k in actual
+        )
+    try:
+        return bool(actual == expected)
+    except Exception:  # noqa: BLE001 - exotic __eq__
+        return False
+
+
+def show(value: Any) -> str:
+    """How a value appears in feedback: JSON where it is plain JSON (the data sets' own format), else repr."""
+    try:
+        return json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def stdout_matches(actual: str, expected: str) -> bool:
+    """Line by line after stripping the whole text and each line's trailing whitespace (the data check's rule)."""
+    return [line.rstrip() for line in actual.strip().splitlines()] == [
+        line.rstrip() for line in expected.strip().splitlines()
+    ]

