@@ -52,6 +52,12 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         check_range("model.lora.r", self.r, 1)
         check_range("model.lora.dropout", self.dropout, 0.0, 1.0)
+        # The teacher projects its hidden states with the output head outside the adapter switch (frozen teacher =
+        # adapter disabled), so the head and the embeddings must stay plain weights.
+        for name in ("lm_head", "embed_tokens"):
+            if name in self.target_modules:
+                raise ConfigError(f"model.lora.target_modules must not contain {name!r}: only linear layers inside the "
+                                  "transformer blocks get adapters")
 
 
 @dataclass
@@ -359,6 +365,22 @@ class EvalConfig:
     top_p: float = 0.95
     max_new_tokens: int | None = None  # None: rollout.max_new_tokens
     at_start: bool = True
+    # The k of pass@k (each at most samples_per_question); None: 1, 2, 4, ... up to samples_per_question.
+    pass_k: list[int] | None = None
+    # scripts/eval.py writes its JSON report here; None: <checkpoint dir>/eval-<env>-n<samples_per_question>.json.
+    output_file: str | None = None
+
+    def __post_init__(self) -> None:
+        check_range("eval.samples_per_question", self.samples_per_question, 1)
+        for k in self.pass_k or []:
+            check_range("eval.pass_k[]", k, 1, self.samples_per_question)
+
+    @property
+    def ks(self) -> list[int]:
+        n = self.samples_per_question
+        if self.pass_k is not None:
+            return sorted(set(self.pass_k) | {n})
+        return sorted({2**i for i in range(n.bit_length()) if 2**i <= n} | {n})
 
 
 @dataclass

@@ -6,6 +6,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 import math
+from pathlib import Path
 from typing import Any
 
 from sdpo.envs.base import Environment, Problem
@@ -70,3 +71,65 @@ def evaluate(
     if any(a is not None for row in answers for a in row):
         metrics[f"{prefix}/maj@{n}"] = sum(majority_correct(a, c) for a, c in zip(answers, correct)) / max(1, len(problems))
     return EvalResult(metrics, rewards)
+
+
+def format_table(metrics: dict[str, float], title: str = "") -> str:
+    """A plain-text table of `name  value` rows, avg / pass / maj first."""
+    order = {"avg": 0, "pass": 1, "maj": 2}
+
+    def rank(name: str) -> tuple:
+        kind, _, k = name.split("/")[-1].partition("@")
+        return (order.get(kind, 3), int(k) if k.isdigit() else 0, name)
+
+    names = sorted(metrics, key=rank)
+    width = max(map(len, names), default=0)
+    lines = [title] if title else []
+    lines += [f"{name:<{width}}  {metrics[name]:.4f}" for name in names]
+    return "\n".join(lines)
+
+
+def evaluate_checkpoint(config: Any, env: Environment | None = None, engine: RolloutEngine | None = None) -> dict[str, Any]:
+    """Evaluate `config.model.name_or_path` (a trainer checkpoint, a LoRA adapter checkpoint or any local model) on
+    the eval split of `config.env` with `config.eval`'s sampling: the report scripts/eval.py prints and writes."""
+    import time
+
+    import torch
+
+    from sdpo.envs import build_environment
+    from sdpo.models import DTYPES, load_model, load_tokenizer, render_chat, resolve_checkpoint
+    from sdpo.rollout import build_engine
+
+    ecfg, rcfg = config.eval, config.rollout
+    torch.manual_seed(config.trainer.seed)  # the HF engine samples from torch's global generator
+    path = resolve_checkpoint(config.model)
+    tokenizer = load_tokenizer(path)
+    env = env or build_environment(config.env)
+    problems = env.load(config.env.eval_split)
+    prompts = {id(p): render_chat(tokenizer, p.messages) for p in problems}
+    problems = [p for p in problems if len(prompts[id(p)]) <= rcfg.max_prompt_len][: ecfg.num_questions]
+    max_new_tokens = ecfg.max_new_tokens or rcfg.max_new_tokens
+    if engine is None:
+        model = load_model(config.model, path).eval()
+        model_path = path
+        if rcfg.engine != "hf" and (Path(path) / "adapter_config.json").exists():
+            model_path = Path(path) / "merged"  # vLLM serves a plain checkpoint: the adapter merged into the base
+            model.save_pretrained(model_path)
+            tokenizer.save_pretrained(model_path)
+        engine = build_engine(rcfg, model, tokenizer, model_path, rcfg.max_prompt_len + max_new_tokens,
+                              DTYPES.get(config.model.autocast_dtype))
+    sampling = SamplingSettings.from_config(rcfg, n=ecfg.samples_per_question, temperature=ecfg.temperature,
+                                            top_p=ecfg.top_p, max_new_tokens=max_new_tokens, seed=config.trainer.seed)
+    start = time.perf_counter()
+    result = evaluate(engine, env, problems, lambda p: prompts[id(p)], sampling, ks=ecfg.ks,
+                      success_threshold=config.algorithm.reprompt.success_reward_threshold)
+    return {
+        "checkpoint": str(path),
+        "env": config.env.name,
+        "split": config.env.eval_split,
+        "num_questions": len(problems),
+        "samples_per_question": ecfg.samples_per_question,
+        "sampling": {"temperature": ecfg.temperature, "top_p": ecfg.top_p, "max_new_tokens": max_new_tokens},
+        "seconds": round(time.perf_counter() - start, 2),
+        "metrics": result.metrics,
+        "per_question": [{"id": p.id, "rewards": r} for p, r in zip(problems, result.rewards, strict=True)],
+    }

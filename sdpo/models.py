@@ -6,7 +6,8 @@ Three sources, by `model.name_or_path`:
   under a second and that vLLM can serve.
 - "tiny": a random-init 2-layer Llama with SmolLM2's tokenizer and chat template (head_dim 32, so vLLM serves it
   too), cached as a checkpoint. Tests use it.
-- anything else: a local HF checkpoint directory.
+- anything else: a local HF checkpoint directory, or a LoRA adapter directory (`adapter_config.json`, as the
+  trainer's checkpoints of a LoRA run hold) whose base model is a local path.
 """
 
 from __future__ import annotations
@@ -112,12 +113,21 @@ def resolve_checkpoint(config: ModelConfig) -> Path:
     if config.name_or_path == TINY:
         return ensure_tiny_checkpoint(config.cache_dir, config.seed)
     path = Path(config.name_or_path).expanduser()
-    if not (path / "config.json").exists():
+    if not (path / "config.json").exists() and not is_adapter_dir(path):
         raise FileNotFoundError(
-            f"model.name_or_path={config.name_or_path!r} is not a local HF checkpoint (no config.json); "
-            f"use {SMOLLM2!r}, {TINY!r} or a directory saved with save_pretrained"
+            f"model.name_or_path={config.name_or_path!r} is not a local HF checkpoint (no config.json) nor a LoRA "
+            f"adapter (no adapter_config.json); use {SMOLLM2!r}, {TINY!r} or a directory saved with save_pretrained"
         )
     return path
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").exists()
+
+
+def is_peft_model(model: torch.nn.Module) -> bool:
+    """A PEFT-wrapped (LoRA) policy: the teacher then works with adapters instead of weight copies."""
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
@@ -128,8 +138,14 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 
 
 def load_model(config: ModelConfig, path: str | Path | None = None) -> PreTrainedModel:
-    """The policy (with LoRA adapters when enabled), in the configured master-weight dtype."""
+    """The policy (with LoRA adapters when enabled), in the configured master-weight dtype.
+
+    A LoRA adapter directory loads its base model and the adapter: trainable when `model.lora.enabled`, merged
+    into the weights otherwise (evaluation).
+    """
     path = resolve_checkpoint(config) if path is None else path
+    if is_adapter_dir(path):
+        return _load_adapter(config, Path(path))
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=DTYPES[config.dtype], attn_implementation=config.attn_implementation
     )
@@ -148,6 +164,22 @@ def load_model(config: ModelConfig, path: str | Path | None = None) -> PreTraine
         )
         model = get_peft_model(model, lora)
     return model
+
+
+def _load_adapter(config: ModelConfig, path: Path) -> PreTrainedModel:
+    from peft import PeftConfig, PeftModel
+
+    base_path = Path(PeftConfig.from_pretrained(path).base_model_name_or_path or "").expanduser()
+    if not (base_path / "config.json").exists():
+        raise FileNotFoundError(f"the LoRA adapter in {path} names base model {str(base_path)!r}, which is not a local "
+                                "HF checkpoint on this machine")
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=DTYPES[config.dtype],
+                                                attn_implementation=config.attn_implementation)
+    if config.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False
+    model = PeftModel.from_pretrained(base, path, is_trainable=config.lora.enabled)
+    return model if config.lora.enabled else model.merge_and_unload()
 
 
 def hf_offline() -> None:

@@ -55,12 +55,31 @@ class StageTimer:
         return out
 
 
-def _wandb_mode(requested: str) -> str:
-    if requested != "auto":
-        return requested
-    # Online only with credentials; never crash for a missing key.
-    has_key = bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").exists()
-    return "online" if has_key else "offline"
+def has_wandb_key() -> bool:
+    """An API key in the environment or a wandb entry in the netrc file (what `wandb login` writes)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc")).expanduser()
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
+def wandb_mode(requested: str) -> str:
+    """The wandb mode to run: never "online" without credentials (that would stop a run at a login prompt).
+
+    WANDB_MODE=disabled in the environment always wins; otherwise an explicit `logging.wandb` does; "auto" follows
+    WANDB_MODE when set, else goes online with a key and offline (synced later with `wandb sync`) without one.
+    """
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env in ("disabled", "off"):
+        return "disabled"
+    mode = requested if requested != "auto" else {"dryrun": "offline", "run": "online"}.get(env, env) or "online"
+    if mode == "online" and not has_wandb_key():
+        log.warning("wandb: no API key (WANDB_API_KEY or `wandb login`): logging offline to the run directory")
+        return "offline"
+    return mode
 
 
 class Tracker:
@@ -75,9 +94,9 @@ class Tracker:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = (run_dir / "metrics.jsonl").open("a")
-        mode = _wandb_mode(os.environ.get("WANDB_MODE", config.wandb))
-        if mode != "disabled":
-            self._wandb = self._start_wandb(mode, run_config)
+        self.wandb_mode = wandb_mode(config.wandb)
+        if self.wandb_mode != "disabled":
+            self._wandb = self._start_wandb(self.wandb_mode, run_config)
         if config.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -87,12 +106,18 @@ class Tracker:
         try:
             import wandb
 
+            # One wandb run per run directory: a resumed run continues the same wandb run.
+            id_file = self.run_dir / "wandb_run_id"
+            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            id_file.write_text(run_id)
             return wandb.init(
                 project=self.config.project,
                 name=self.config.run_name or self.run_dir.name,
                 dir=str(self.run_dir),
                 config=dict(run_config),
                 mode=mode,
+                id=run_id,
+                resume="allow",
             )
         except Exception as exc:  # noqa: BLE001 - logging must never stop training
             log.warning("wandb unavailable (%s); logging to metrics.jsonl only", exc)
@@ -119,11 +144,16 @@ class Tracker:
         with (self.run_dir / "samples.jsonl").open("a") as f:
             for row in rows:
                 f.write(json.dumps({"step": step, **row}) + "\n")
+        columns = list(rows[0])
         if self._wandb is not None:
             import wandb
 
-            columns = list(rows[0])
             self._wandb.log({"samples": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])}, step=step)
+        if self._tensorboard is not None:
+            cell = lambda v: str(v).replace("|", "\\|").replace("\n", "<br>")  # noqa: E731 - markdown table cell
+            table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            table += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
+            self._tensorboard.add_text("samples", "\n".join(table), step)
 
     def close(self) -> None:
         if self._jsonl is not None:
@@ -135,33 +165,73 @@ class Tracker:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl, one per step: a resumed run re-logs steps after its checkpoint, and the
+    last row logged for a step wins."""
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
+    by_step: dict[int, dict[str, Any]] = {}
     with path.open() as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                by_step[row["step"]] = {**by_step.get(row["step"], {}), **row}
+    return [by_step[k] for k in sorted(by_step)]
 
 
-def plot_curves(run_dirs: list[Path], keys: list[str], out_png: Path, labels: list[str] | None = None) -> Path:
-    """Overlay the curves of `keys` (one panel each) from several runs; x is the training step."""
+# The learning curves of a run, in the metric names the trainer logs ("eval/avg@*": whatever k the run used).
+CURVES = ["reward/mean", "eval/avg@*", "response/length_mean", "distill/student_teacher_kl"]
+
+
+def _resolve_key(key: str, rows: list[dict[str, Any]]) -> str | None:
+    if not key.endswith("*"):
+        return key
+    found = sorted({k for r in rows for k in r if k.startswith(key[:-1])}, key=lambda k: (len(k), k))
+    return found[0] if found else None
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average over `window` points (1: unchanged)."""
+    out = []
+    for i in range(len(values)):
+        chunk = values[max(0, i - window + 1) : i + 1]
+        out.append(sum(chunk) / len(chunk))
+    return out
+
+
+def plot_curves(run_dirs: list[Path], keys: list[str], out_png: Path, labels: list[str] | None = None,
+                smooth: int = 1, title: str | None = None) -> Path:
+    """Overlay the curves of `keys` (one panel each; `prefix*` picks the run's first match) from several runs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.4), squeeze=False)
-    for run, label in zip(run_dirs, labels or [p.name for p in run_dirs], strict=True):
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.6), squeeze=False)
+    plotted = [False] * len(keys)
+    for run, label in zip(run_dirs, labels or [Path(p).name for p in run_dirs], strict=True):
         rows = read_metrics(run)
-        for ax, key in zip(axes[0], keys):
-            points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        for i, (ax, key) in enumerate(zip(axes[0], keys)):
+            name = _resolve_key(key, rows)
+            points = [(r["step"], r[name]) for r in rows if name and r.get(name) is not None]
             if points:
-                ax.plot(*zip(*points), label=label, marker="." if len(points) < 30 else None)
-    for ax, key in zip(axes[0], keys):
-        ax.set_title(key)
+                steps, values = zip(*points)
+                ax.plot(steps, _smooth(list(values), smooth), label=label, marker="." if len(points) < 30 else None)
+                ax.set_title(name if key.endswith("*") else key)
+                plotted[i] = True
+    for ax, key, has_data in zip(axes[0], keys, plotted):
+        if not has_data:
+            ax.set_title(key)
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    handles = [ax for ax, ok in zip(axes[0], plotted) if ok]
+    if handles:
+        handles[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
+    out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=120)
     plt.close(fig)

@@ -24,13 +24,14 @@ import contextlib
 from dataclasses import asdict
 import logging
 import math
+import os
 from pathlib import Path
 import random
 import time
 from typing import Any
 
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 from omegaconf import OmegaConf
 import torch
 from torch import Tensor
@@ -54,10 +55,10 @@ from sdpo.losses import (
     truncated_is_weights,
 )
 from sdpo.models import DTYPES, load_model, load_tokenizer, render_chat, resolve_checkpoint, response_hidden_states, unwrap
-from sdpo.rollout import SamplingSettings, build_engine
+from sdpo.rollout import RolloutEngine, SamplingSettings, build_engine
 from sdpo.teacher import Teacher, build_reprompts, reprompt_stats, teacher_prompt_ids
-from sdpo.teacher.teacher import frozen_copy
-from sdpo.tracking import StageTimer, Tracker, plot_curves
+from sdpo.teacher.teacher import base_weights, frozen_copy
+from sdpo.tracking import CURVES, StageTimer, Tracker, plot_curves
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +111,16 @@ class MetricSums:
 
 
 class SDPOTrainer:
-    def __init__(self, config: SDPOConfig, env: Environment | None = None) -> None:
+    """`env` and `engine` replace the ones the config would build (a researcher's own objects, scripted tests)."""
+
+    def __init__(self, config: SDPOConfig, env: Environment | None = None, engine: RolloutEngine | None = None) -> None:
         self.config = config
         tcfg, acfg = config.trainer, config.algorithm
-        self.accelerator = Accelerator()
+        # Launched with torchrun on a machine without GPUs: Accelerate needs `cpu` to set up gloo.
+        self.accelerator = Accelerator(cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            raise NotImplementedError("DeepSpeed is not supported: its engine owns gradient accumulation, clipping and "
+                                      "the optimizer step that this update loop performs; use FSDP2 to shard (docs/scaling.md)")
         set_seed(tcfg.seed)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         if tcfg.questions_per_step % self.world or tcfg.mini_batch_questions % self.world:
@@ -121,7 +128,12 @@ class SDPOTrainer:
                 f"trainer.questions_per_step and trainer.mini_batch_questions must be multiples of the number of "
                 f"processes ({self.world}) so that every rank holds whole groups"
             )
-        self.run_dir = Path(tcfg.output_dir or f"runs/{acfg.name}-{config.env.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir = [tcfg.output_dir or f"runs/{acfg.name}-{config.env.name}-{time.strftime('%Y%m%d-%H%M%S')}"]
+        if self.world > 1:
+            broadcast_object_list(run_dir)  # rank 0's timestamp: every rank must write into one directory
+        self.run_dir = Path(run_dir[0])
+        if tcfg.resume == "auto" and not tcfg.output_dir:
+            log.warning("trainer.resume=auto without trainer.output_dir looks in a fresh timestamped directory")
 
         # -- environment and data
         self.env = env or build_environment(config.env)
@@ -130,7 +142,6 @@ class SDPOTrainer:
         self.train_problems = self._renderable(self.env.load(config.env.train_split))
         self.eval_problems = self._renderable(self.env.load(config.env.eval_split))[: config.eval.num_questions]
         self.sampler = QuestionSampler(len(self.train_problems), tcfg.seed)
-        self.demo_rng = random.Random(tcfg.seed + 1000 * self.rank)  # picks demonstrations among siblings
 
         # -- policy, optimizer, schedule
         model = load_model(config.model, self.model_path)
@@ -146,12 +157,15 @@ class SDPOTrainer:
         self.policy, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.trainable = trainable
         self.autocast_dtype = DTYPES.get(config.model.autocast_dtype)
+        self.sharded = self.accelerator.distributed_type == DistributedType.FSDP
 
-        # -- teacher, reference, rollout engine
+        # -- teacher, reference (with LoRA: the adapter disabled, never a copy), rollout engine
         self.teacher = Teacher(acfg.teacher, self.unwrapped) if acfg.uses_teacher else None
-        self.reference = frozen_copy(self.unwrapped) if acfg.uses_policy_loss and acfg.policy.kl_coef > 0 else None
+        self.use_reference = acfg.uses_policy_loss and acfg.policy.kl_coef > 0
+        self.reference = frozen_copy(self.unwrapped) if self.use_reference and not config.model.lora.enabled else None
         max_model_len = config.rollout.max_prompt_len + config.rollout.max_new_tokens
-        self.engine = build_engine(config.rollout, self.unwrapped, self.tokenizer, self.model_path, max_model_len, self.autocast_dtype)
+        self.engine = engine or build_engine(config.rollout, self.unwrapped, self.tokenizer, self.model_path, max_model_len,
+                                             self.autocast_dtype)
 
         self.step = 0
         self.timer = StageTimer()
@@ -179,6 +193,7 @@ class SDPOTrainer:
         while self.step < cfg.trainer.total_steps:
             metrics = self.training_step()
             self.step += 1
+            self._log_samples(self._last_batch)
             if cfg.eval.every and self.step % cfg.eval.every == 0:
                 metrics.update(self.evaluate())
             self.tracker.log(metrics, self.step)
@@ -189,8 +204,7 @@ class SDPOTrainer:
         bar.close()
         self.save()
         if self.accelerator.is_main_process:
-            keys = ["reward/mean"] + ([f"eval/avg@{cfg.eval.samples_per_question}"] if cfg.eval.every else [])
-            plot_curves([self.run_dir], keys, self.run_dir / "reward_curve.png")
+            plot_curves([self.run_dir], CURVES, self.run_dir / "reward_curve.png")
         self.tracker.close()
         return metrics
 
@@ -210,7 +224,7 @@ class SDPOTrainer:
             sync = self.engine.sync_weights(self.unwrapped)
         metrics["sync/seconds"] = sync.seconds
         metrics |= self.timer.pop()
-        self._log_samples(batch)
+        self._last_batch = batch  # its sample completions are logged with the step's metrics
         return metrics
 
     # ------------------------------------------------------------------------------------------------------------
@@ -252,10 +266,16 @@ class SDPOTrainer:
     def build_teacher_context(self, batch: RolloutBatch, problems_B: list[Problem]) -> dict[str, float]:
         """Reprompts (spec section 2): a sibling's solution and/or the env's feedback; a mask where there is neither."""
         acfg = self.config.algorithm
-        reprompts = build_reprompts(
-            problems_B, batch.response_text, batch.rewards_B.tolist(), batch.feedback,
-            batch.group_ids_B.tolist(), acfg.reprompt, self.demo_rng,
-        )
+        reprompts = [None] * len(batch)
+        for rows in self._group_rows(batch).values():
+            # The demonstration is drawn with a generator seeded by (seed, step, question): the same choice whatever
+            # the number of processes the groups are spread over, and nothing to carry in a checkpoint.
+            rng = random.Random(f"{self.config.trainer.seed}:{self.step}:{problems_B[rows[0]].id}")
+            picked = build_reprompts([problems_B[i] for i in rows], [batch.response_text[i] for i in rows],
+                                     [float(batch.rewards_B[i]) for i in rows], [batch.feedback[i] for i in rows],
+                                     [0] * len(rows), acfg.reprompt, rng)
+            for i, reprompt in zip(rows, picked, strict=True):
+                reprompts[i] = reprompt
         stats = reprompt_stats(reprompts, batch.rewards_B.tolist(), batch.group_ids_B.tolist(), acfg.reprompt.success_reward_threshold)
         if self.teacher is not None:
             batch.teacher_prompt_ids = teacher_prompt_ids(reprompts, batch.prompt_ids, self.tokenizer, acfg.reprompt)
@@ -267,8 +287,9 @@ class SDPOTrainer:
         tcfg = self.config.trainer
         if self.optimizer_steps_per_batch > 1:
             batch.old_logp_BR = self._sampled_logprobs(self.policy, batch)
-        if self.reference is not None:
-            batch.ref_logp_BR = self._sampled_logprobs(self.reference, batch)
+        if self.use_reference:
+            with base_weights(self.unwrapped) if self.reference is None else contextlib.nullcontext(self.reference) as ref:
+                batch.ref_logp_BR = self._sampled_logprobs(ref, batch)
         sums = MetricSums()
         generator = torch.Generator().manual_seed(tcfg.seed + self.step)
         for _ in range(tcfg.epochs_per_step):
@@ -336,7 +357,7 @@ class SDPOTrainer:
                 adv_BR = mix_advantages(micro.advantages_B.to(device), sdpo_adv_BR, acfg.grpo_weight)
             pg_BR, clipped_BR = clipped_policy_loss(logp_BR, old_BR, adv_BR, acfg.policy.clip_eps_low, acfg.policy.clip_eps_high)
             pg_BR = pg_BR * tis_BR
-            if self.reference is not None:
+            if self.use_reference:
                 kl_BR = kl_penalty(logp_BR, micro.ref_logp_BR.to(device), acfg.policy.kl_estimator)
                 pg_BR = pg_BR + acfg.policy.kl_coef * kl_BR
                 sums.add("policy/kl_ref", (kl_BR.detach() * mask_BR).sum(), n_tok)
@@ -376,28 +397,36 @@ class SDPOTrainer:
         )
         problems = self.eval_problems[self.rank :: self.world]
         result = evaluate(self.engine, self.env, problems, lambda p: self._prompt_ids[id(p)], sampling,
-                          ks=(1, ecfg.samples_per_question), success_threshold=self.config.algorithm.reprompt.success_reward_threshold)
+                          ks=ecfg.ks, success_threshold=self.config.algorithm.reprompt.success_reward_threshold)
         return self._reduce_mean(result.metrics)
 
     # ------------------------------------------------------------------------------------------------------------
     # checkpoints
 
     def save(self) -> Path | None:
-        self.accelerator.wait_for_everyone()
+        """A checkpoint of everything the next step depends on (sdpo/checkpoint.py); every rank takes part."""
+        acc, root = self.accelerator, self.run_dir / "checkpoints"
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            ckpt.start(root, self.step)
+        acc.wait_for_everyone()
+        staging = ckpt.staging_dir(root, self.step)
+        ckpt.write_rank_state(staging, self.rank, {"rng": ckpt.rng_state()})
+        weights = acc.get_state_dict(self.policy) if self.sharded else None  # FSDP gathers: a collective
+        acc.wait_for_everyone()
         path = None
-        if self.accelerator.is_main_process:
+        if acc.is_main_process:
+            ckpt.save_model(self.unwrapped, self.tokenizer, staging, weights)
             state = {
                 "step": self.step,
-                "optimizer": self.optimizer.state_dict(),
+                "world_size": self.world,
+                "optimizer": None if self.sharded else self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "teacher": self.teacher.state_dict() if self.teacher is not None else {},
                 "sampler": self.sampler.state_dict(),
-                "demo_rng": self.demo_rng.getstate(),
-                "rng": ckpt.rng_state(),
             }
-            path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, self.unwrapped, self.tokenizer, state,
-                                        self.config.trainer.keep_last)
-        self.accelerator.wait_for_everyone()
+            path = ckpt.finish(root, staging, self.step, state, self.config.trainer.keep_last)
+        acc.wait_for_everyone()
         return path
 
     def _resume(self, resume: str) -> None:
@@ -405,22 +434,22 @@ class SDPOTrainer:
         if path is None:
             log.info("trainer.resume=auto: no complete checkpoint in %s, starting fresh", self.run_dir)
             return
-        from safetensors.torch import load_file
-
-        weights = {}
-        for file in sorted(path.glob("*.safetensors")):
-            weights |= load_file(file)
-        missing, unexpected = self.unwrapped.load_state_dict(weights, strict=False)
-        if unexpected or [m for m in missing if "lm_head" not in m]:
-            raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        if self.sharded:
+            raise NotImplementedError("resuming under FSDP is not implemented: the checkpoint holds gathered full "
+                                      "weights but no sharded optimizer state")
+        ckpt.load_model_weights(self.unwrapped, path)
         state = ckpt.load_trainer_state(path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.teacher is not None:
             self.teacher.load_state_dict(state["teacher"])
         self.sampler.load_state_dict(state["sampler"])
-        self.demo_rng.setstate(state["demo_rng"])
-        ckpt.set_rng_state(state["rng"])
+        rank_state = ckpt.read_rank_state(path, self.rank)
+        if rank_state is None or state["world_size"] != self.world:
+            log.warning("checkpoint %s was written by %d processes, resumed with %d: sampling continues from other "
+                        "RNG streams (not bit-exact)", path, state["world_size"], self.world)
+            rank_state = rank_state or ckpt.read_rank_state(path, 0)
+        ckpt.set_rng_state(rank_state["rng"])
         self.step = state["step"]
         log.info("resumed from %s at step %d", path, self.step)
 
@@ -507,7 +536,15 @@ class SDPOTrainer:
         values = self._reduce(values, "mean") if self.world > 1 else values
         return dict(zip(keys, values.tolist()))
 
+    @staticmethod
+    def _group_rows(batch: RolloutBatch) -> dict[int, list[int]]:
+        rows: dict[int, list[int]] = defaultdict(list)
+        for i, group in enumerate(batch.group_ids_B.tolist()):
+            rows[group].append(i)
+        return rows
+
     def _log_samples(self, batch: RolloutBatch) -> None:
+        """Every `logging.samples_every` steps: a table of completions with their reward and feedback (main rank)."""
         lcfg = self.config.logging
         if not lcfg.samples_every or self.step % lcfg.samples_every:
             return

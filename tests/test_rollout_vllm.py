@@ -108,8 +108,8 @@ def teach(model, prompts, targets, steps: int = 40, lr: float = 1e-2) -> None:
 
 
 def targets_for(tokenizer, n: int) -> list[list[int]]:
-    texts = [" The answer is 56.", " Blue, like the sky.", " Hello there, friend."]
-    return [tokenizer.encode(t, add_special_tokens=False) + [tokenizer.eos_token_id] for t in texts[:n]]
+    """One short answer + EOS for every prompt: the tiny model learns it in a few dozen steps."""
+    return [tokenizer.encode(" The answer is 56.", add_special_tokens=False) + [tokenizer.eos_token_id]] * n
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -166,13 +166,17 @@ def test_stream_in_buckets_bounds_memory(tiny_path) -> None:
 def test_greedy_matches_transformers(engine, tiny_path, tokenizer, prompts) -> None:
     model = fresh_model(tiny_path)
     engine.sync_weights(model)
-    ours = engine.generate(prompts, greedy(n=2))
-    theirs = hf_generate(model, tokenizer, prompts, greedy(n=2))
-    assert [c.prompt_index for c in ours] == [0, 0, 1, 1, 2, 2]
+    ours = engine.generate(prompts, greedy())
+    theirs = hf_generate(model, tokenizer, prompts, greedy())
+    assert [c.prompt_index for c in ours] == [0, 1, 2]
     assert [c.token_ids for c in ours] == [c.token_ids for c in theirs]
     assert [c.text for c in ours] == [c.text for c in theirs]
-    assert [c.truncated for c in ours] == [c.truncated for c in theirs] == [True] * 6
+    assert [c.truncated for c in ours] == [c.truncated for c in theirs] == [True] * 3
     assert all(len(c.logprobs) == len(c.token_ids) == MAX_NEW for c in ours)
+    # n > 1 greedy (vLLM itself refuses it): n identical copies, prompt-major.
+    copies = engine.generate(prompts, greedy(n=2))
+    assert [c.prompt_index for c in copies] == [0, 0, 1, 1, 2, 2]
+    assert [c.token_ids for c in copies] == [c.token_ids for c in ours for _ in range(2)]
 
 
 def test_sync_follows_new_weights_eos_and_stop(engine, tiny_path, tokenizer, prompts) -> None:

@@ -19,6 +19,7 @@ Every returned Score carries `info["score_s"]`, the seconds its scoring took.
 from __future__ import annotations
 
 import atexit
+import logging
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
     from sdpo.envs.base import Environment, Problem, Score
 
 SCORING_MODES = ("process", "thread", "inline")
+_STARTUP_TIMEOUT_S = 120.0
+log = logging.getLogger(__name__)
 _pools: weakref.WeakKeyDictionary[Any, WorkerPool] = weakref.WeakKeyDictionary()
 
 
@@ -70,12 +73,12 @@ def _score_in_threads(env: Environment, tasks: list[tuple]) -> list[Score]:
     timeout = env.config.score_timeout_s
     executor = ThreadPoolExecutor(max_workers=env.config.score_workers)
     try:
-        futures = [(executor.submit(_score_here, env, *task), time.monotonic()) for task in tasks]
+        futures = [executor.submit(_score_here, env, *task) for task in tasks]
         scores = []
-        for (problem, _, _), (future, submitted) in zip(tasks, futures):
+        for (problem, _, _), future in zip(tasks, futures):
             try:
-                # Queued samples wait their turn, so the deadline grows with the queue ahead of each one.
-                scores.append(future.result(timeout=max(timeout, time.monotonic() - submitted)))
+                # Waited for in order: each sample gets at least `timeout` once the ones before it are settled.
+                scores.append(future.result(timeout=timeout))
             except FutureTimeout:
                 scores.append(_failure(env.failure_score, problem, f"scoring timed out after {timeout:g} s", timeout))
         return scores
@@ -100,6 +103,16 @@ class _Worker:
         child_conn.close()
         self.task: int | None = None  # index of the sample it is scoring
         self.started = 0.0
+        self.ready = False  # set once it has imported and unpickled the environment
+
+    def wait_ready(self, timeout: float = _STARTUP_TIMEOUT_S) -> None:
+        """Startup (imports, unpickling) is not charged to the first sample's timeout."""
+        if not self.ready and self.conn.poll(timeout):
+            try:
+                self.conn.recv()
+            except (EOFError, OSError):
+                pass  # it died while starting: the task sent next fails as a dead worker
+        self.ready = True
 
     def kill(self) -> None:
         # The worker leads its own process group (see _worker_main): this also ends the programs it started.
@@ -143,12 +156,14 @@ class WorkerPool:
         return results  # type: ignore[return-value]
 
     def _assign(self, worker: _Worker, index: int, tasks: list[tuple]) -> None:
+        worker.wait_ready()
         worker.task, worker.started = index, time.monotonic()
         try:
             worker.conn.send((index, *tasks[index]))
         except (OSError, ValueError):  # died while idle: replace it and try once more
             self._replace(worker)
             worker = next(w for w in self._workers if w.task is None)
+            worker.wait_ready()
             worker.task, worker.started = index, time.monotonic()
             worker.conn.send((index, *tasks[index]))
 
@@ -163,7 +178,9 @@ class WorkerPool:
             return _failure(failure_score, problem, f"the scoring worker died (exit code {code})", elapsed)
         worker.task = None
         if kind == "error":
-            return _failure(failure_score, problem, payload, elapsed)
+            reason, trace = payload
+            log.warning("scoring %s raised:\n%s", problem.id, trace)
+            return _failure(failure_score, problem, reason, elapsed)
         payload.info["score_s"] = elapsed
         return payload
 
@@ -192,6 +209,7 @@ def _worker_main(conn: Connection, env_bytes: bytes) -> None:
     os.setsid()  # its own process group, so that a kill reaches whatever it started
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
     env = pickle.loads(env_bytes)
+    conn.send(("ready", None))
     while True:
         try:
             message = conn.recv()
@@ -203,11 +221,11 @@ def _worker_main(conn: Connection, env_bytes: bytes) -> None:
         try:
             reply = ("ok", env.score(problem, response, truncated))
         except Exception as exc:  # noqa: BLE001 - reported as this sample's failure
-            reply = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=-3)}")
+            reply = ("error", (f"{type(exc).__name__}: {exc}", traceback.format_exc(limit=-5)))
         try:
             conn.send(reply)
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
-            conn.send(("error", f"the score could not be sent back: {exc}"))
+            conn.send(("error", (f"the score could not be sent back: {exc}", "")))
 
 
 @atexit.register

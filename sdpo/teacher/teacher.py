@@ -5,6 +5,13 @@ One object with a `kind`, not four code paths through the trainer:
 - frozen: the initial weights;
 - ema: teacher <- (1 - tau) teacher + tau policy after each optimizer step with a finite grad norm;
 - trust_region: teacher logits = lerp(reference logits, live logits, mix), i.e. q ~ exp((1-mix) log q_ref + mix log q).
+
+Where the teacher's weights live depends on the policy:
+- a plain model: frozen / ema / the trust-region reference are one full copy (`self.model`);
+- a LoRA policy (PEFT): never a copy of the base weights. frozen and the trust-region reference are the policy with
+  its adapter disabled (the base model: the initial weights, since a fresh LoRA adapter starts at zero); ema is a
+  second adapter, "sdpo_ema", an EMA of the trainable adapter's weights, switched in for the teacher forward only.
+
 The teacher returns hidden states and output heads instead of logits, so that the loss can project to the
 vocabulary one sequence chunk at a time (`sdpo.losses.chunked_response_terms`). Every teacher forward runs in eval
 mode (no dropout noise in the targets) under no_grad.
@@ -23,8 +30,10 @@ from transformers import PreTrainedTokenizerBase
 
 from sdpo.batch import ModelInputs
 from sdpo.config import RepromptConfig, TeacherConfig
-from sdpo.models import render_chat, response_hidden_states
+from sdpo.models import is_peft_model, render_chat, response_hidden_states
 from sdpo.teacher.reprompt import Reprompt, fit_bodies
+
+EMA_ADAPTER = "sdpo_ema"
 
 
 @contextlib.contextmanager
@@ -35,6 +44,24 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
+
+
+@contextlib.contextmanager
+def base_weights(policy: nn.Module) -> Iterator[nn.Module]:
+    """The LoRA policy with its adapter disabled: the base model, without a copy."""
+    with policy.disable_adapter():
+        yield policy
+
+
+@contextlib.contextmanager
+def active_adapter(policy: nn.Module, name: str) -> Iterator[nn.Module]:
+    """The LoRA policy with adapter `name` in place of the trainable one, for a no-grad forward."""
+    trained = policy.active_adapter
+    policy.set_adapter(name, inference_mode=True)
+    try:
+        yield policy
+    finally:
+        policy.set_adapter(trained)  # makes the trained adapter trainable again, `name` frozen
 
 
 @dataclass
@@ -52,31 +79,72 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return clone.eval()
 
 
+def add_ema_adapter(policy: nn.Module, name: str = EMA_ADAPTER) -> dict[str, tuple[Tensor, Tensor]]:
+    """A frozen second adapter initialised as a copy of the trainable one: {name: (ema_param, trained_param)}."""
+    trained = policy.active_adapter
+    config = copy.deepcopy(policy.peft_config[trained])
+    config.inference_mode = True
+    trainable_before = [n for n, p in policy.named_parameters() if p.requires_grad]
+    policy.add_adapter(name, config)
+    params = dict(policy.named_parameters())
+    pairs = {}
+    for key, param in params.items():
+        if f".{name}." in key:
+            source = params[key.replace(f".{name}.", f".{trained}.")]
+            param.requires_grad_(False)
+            with torch.no_grad():
+                param.copy_(source)
+            pairs[key] = (param, source)
+    if not pairs or [n for n, p in policy.named_parameters() if p.requires_grad] != trainable_before:
+        raise RuntimeError("adding the EMA teacher adapter changed which parameters train; check the PEFT version")
+    return pairs
+
+
 class Teacher:
     def __init__(self, config: TeacherConfig, policy: nn.Module) -> None:
         self.config = config
         self.kind = config.kind
-        # live uses the policy itself; the others keep their own weights.
-        self.model = frozen_copy(policy) if self.kind in ("frozen", "ema", "trust_region") else None
+        self.lora = is_peft_model(policy)
+        self.model: nn.Module | None = None  # a full copy (plain policies only)
+        self._ema_pairs: dict[str, tuple[Tensor, Tensor]] = {}  # LoRA ema: name -> (teacher param, trained param)
+        if self.lora and self.kind == "ema":
+            self._ema_pairs = add_ema_adapter(policy)
+        elif not self.lora and self.kind in ("frozen", "ema", "trust_region"):
+            self.model = frozen_copy(policy)
 
-    def _sources(self, policy: nn.Module) -> list[tuple[nn.Module, float]]:
+    def owned_parameters(self) -> list[Tensor]:
+        """The tensors this teacher holds besides the policy's own (a full copy, an adapter, or nothing)."""
+        if self.model is not None:
+            return list(self.model.parameters())
+        return [teacher for teacher, _ in self._ema_pairs.values()]
+
+    def _weights(self, policy: nn.Module, which: str) -> contextlib.AbstractContextManager[nn.Module]:
+        """A context that yields the module to run for `which` in {live, reference, teacher}."""
+        if which == "live":
+            return contextlib.nullcontext(policy)
+        if self.model is not None:
+            return contextlib.nullcontext(self.model)
+        assert self.lora, f"teacher kind {self.kind!r} has no weights of its own"
+        return active_adapter(policy, EMA_ADAPTER) if which == "teacher" and self.kind == "ema" else base_weights(policy)
+
+    def _sources(self) -> list[tuple[str, float]]:
         if self.kind == "live":
-            return [(policy, 1.0)]
-        assert self.model is not None
+            return [("live", 1.0)]
         if self.kind == "trust_region":
             mix = self.config.trust_region_mix
-            return [(self.model, 1.0 - mix), (policy, mix)]
-        return [(self.model, 1.0)]
+            return [("reference", 1.0 - mix), ("live", mix)]
+        return [("teacher" if self.kind == "ema" else "reference", 1.0)]
 
     @torch.no_grad()
     def hidden_states(self, policy: nn.Module, inputs: ModelInputs) -> TeacherHidden:
         hidden, heads, weights = [], [], []
-        for model, weight in self._sources(policy):
+        for which, weight in self._sources():
             if weight == 0.0:
                 continue
-            with eval_mode(model):
+            with self._weights(policy, which) as model, eval_mode(model):
                 hidden.append(response_hidden_states(model, inputs).detach())
-            heads.append(model.get_output_embeddings())
+                # The output head is never adapted (LoRAConfig forbids it), so it is the same outside the context.
+                heads.append(model.get_output_embeddings())
             weights.append(weight)
         return TeacherHidden(hidden, heads, weights)
 
@@ -85,16 +153,34 @@ class Teacher:
         """EMA step; call after each optimizer step whose grad norm was finite."""
         if self.kind != "ema" or self.config.update_rate == 0.0:
             return
-        assert self.model is not None
         tau = self.config.update_rate
+        if self.lora:
+            for teacher_param, policy_param in self._ema_pairs.values():
+                teacher_param.lerp_(policy_param.detach().to(teacher_param.dtype), tau)
+            return
+        assert self.model is not None
         for teacher_param, policy_param in zip(self.model.parameters(), policy.parameters(), strict=True):
             teacher_param.lerp_(policy_param.detach().to(teacher_param.dtype), tau)
 
     def state_dict(self) -> dict[str, Tensor]:
-        return self.model.state_dict() if self.model is not None else {}
+        """What a checkpoint must keep: only the EMA teacher moves (frozen weights are the initial ones)."""
+        if self.kind != "ema":
+            return {}
+        if self.lora:
+            return {name: t.detach().cpu().clone() for name, (t, _) in self._ema_pairs.items()}
+        assert self.model is not None
+        return self.model.state_dict()
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        if self.model is not None and state:
+        if not state:
+            return
+        if self.lora:
+            if set(state) != set(self._ema_pairs):
+                raise RuntimeError(f"the checkpoint's EMA adapter does not match the model's: {sorted(set(state) ^ set(self._ema_pairs))[:3]}")
+            with torch.no_grad():
+                for name, (teacher_param, _) in self._ema_pairs.items():
+                    teacher_param.copy_(state[name])
+        elif self.model is not None:
             self.model.load_state_dict(state)
 
 

@@ -1,0 +1,103 @@
+"""The config schema: one source of defaults, clear errors for bad keys and values, every preset composes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from sdpo.config import AlgorithmConfig, ConfigError, DistillConfig, SDPOConfig, TeacherConfig
+from sdpo.hydra_config import CONFIG_DIR, load_config
+
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+
+
+def error_text(exc: BaseException) -> str:
+    parts = []
+    while exc is not None:
+        parts.append(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(parts)
+
+
+def test_default_config_is_the_cpu_sdpo_run():
+    config = load_config()
+    assert isinstance(config, SDPOConfig)
+    assert config.model.name_or_path == "smollm2-135m-instruct"
+    assert config.env.name == "arithmetic"
+    assert config.algorithm.uses_teacher
+
+
+def test_misspelled_key_names_the_key():
+    with pytest.raises(ConfigCompositionException) as info:
+        load_config(["trainer.optim.lrr=1e-5"])
+    text = error_text(info.value)
+    assert "lrr" in text and "OptimConfig" in text
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigCompositionException) as info:
+        load_config(["trainer.total_steps=many"])
+    assert "total_steps" in error_text(info.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("algorithm.teacher.kind=copy", "algorithm.teacher.kind='copy' is not valid; allowed values: 'live', 'frozen', 'ema', 'trust_region'"),
+        ("algorithm.distill.mode=logits", "allowed values: 'sampled_token', 'full_logits', 'topk_logits'"),
+        ("algorithm.loss_agg_mode=mean", "algorithm.loss_agg_mode='mean'"),
+        ("algorithm.grpo_weight=1.5", "algorithm.grpo_weight=1.5 is out of range"),
+        ("rollout.engine=sglang", "allowed values: 'hf', 'vllm'"),
+        ("logging.wandb=maybe", "logging.wandb"),
+        ("trainer.mini_batch_questions=3", "must be a multiple of trainer.mini_batch_questions=3"),
+        ("algorithm.mix=advantage", "set algorithm.distill.mode=sampled_token"),
+        ("algorithm.distill.mode=sampled_token", "set algorithm.distill.alpha=1.0"),
+    ],
+)
+def test_invalid_values_say_what_to_fix(override, expected):
+    with pytest.raises((ConfigError, ConfigCompositionException)) as info:
+        load_config([override])
+    assert expected in error_text(info.value)
+
+
+def test_dataclass_defaults_match_the_spec():
+    distill, teacher, algo = DistillConfig(), TeacherConfig(), AlgorithmConfig()
+    assert (distill.mode, distill.topk, distill.alpha, distill.is_clip, distill.tail) == ("topk_logits", 100, 0.5, 2.0, True)
+    assert (teacher.kind, teacher.update_rate) == ("ema", 0.05)
+    assert (algo.policy.clip_eps_low, algo.policy.clip_eps_high, algo.policy.kl_coef) == (0.2, 0.28, 0.0)
+    assert algo.reprompt.max_reprompt_len == 10240 and algo.reprompt.dont_reprompt_on_self_success
+
+
+def test_yaml_files_only_override_schema_keys():
+    # Every key a YAML file sets must exist in the schema; composing all groups proves it.
+    for group in ("algorithm", "model", "rollout", "trainer"):
+        for option in sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml")):
+            load_config([f"{group}={option}"])
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_preset_composes(experiment):
+    config = load_config([f"experiment={experiment}"])
+    assert config.trainer.total_steps >= 1
+
+
+def test_a_researchers_own_environment_by_target():
+    config = load_config(["model=tiny", "env=arithmetic"])
+    from sdpo.envs import build_environment
+
+    env = build_environment({"_target_": "toy_envs.ParityEnv", "name": "parity", "num_questions": 3})
+    assert len(env.load("train")) == 3
+    with pytest.raises(ValueError, match="num_question"):
+        build_environment({"_target_": "toy_envs.ParityEnv", "name": "parity", "num_question": 3})
+    assert config.env.name == "arithmetic"
+
+
+def test_resolved_config_is_saved_in_the_run_directory(tmp_path):
+    from omegaconf import OmegaConf
+
+    config = load_config(["algorithm=grpo"])
+    OmegaConf.save(OmegaConf.structured(config), tmp_path / "config.yaml")
+    assert OmegaConf.load(tmp_path / "config.yaml").algorithm.grpo_weight == 1.0
+    assert Path(CONFIG_DIR / "config.yaml").exists()
