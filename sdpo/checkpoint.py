@@ -81,9 +81,9 @@ def read_rank_state(path: Path, rank: int) -> dict[str, Any] | None:
     return torch.load(file, map_location="cpu", weights_only=False) if file.exists() else None
 
 
-def save_model(model: torch.nn.Module, tokenizer: Any, staging: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+def save_model(model: torch.nn.Module, tokenizer: Any, staging: Path) -> None:
     """Full weights, or for a LoRA policy the trained adapter only (the EMA adapter lives in the trainer state)."""
-    kwargs: dict[str, Any] = {} if state_dict is None else {"state_dict": state_dict}
+    kwargs: dict[str, Any] = {}
     if hasattr(model, "peft_config"):
         kwargs["selected_adapters"] = [model.active_adapter]
     model.save_pretrained(staging, **kwargs)
@@ -97,7 +97,8 @@ def load_model_weights(model: torch.nn.Module, path: Path) -> None:
     if hasattr(model, "peft_config"):
         from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"), adapter_name=model.active_adapter)
+        adapter = load_file(path / "adapter_model.safetensors")
+        result = set_peft_model_state_dict(model, adapter, adapter_name=model.active_adapter)
         if result.unexpected_keys:
             raise RuntimeError(f"checkpoint {path} does not match the adapter: unexpected {result.unexpected_keys[:5]}")
         return
@@ -109,7 +110,8 @@ def load_model_weights(model: torch.nn.Module, path: Path) -> None:
     missing, unexpected = model.load_state_dict(weights, strict=False)
     # Tied output heads are not stored separately.
     if unexpected or [m for m in missing if "lm_head" not in m]:
-        raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
 
 
 def finish(root: Path, staging: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:

@@ -88,7 +88,9 @@ def format_table(metrics: dict[str, float], title: str = "") -> str:
     return "\n".join(lines)
 
 
-def evaluate_checkpoint(config: Any, env: Environment | None = None, engine: RolloutEngine | None = None) -> dict[str, Any]:
+def evaluate_checkpoint(
+    config: Any, env: Environment | None = None, engine: RolloutEngine | None = None
+) -> dict[str, Any]:
     """Evaluate `config.model.name_or_path` (a trainer checkpoint, a LoRA adapter checkpoint or any local model) on
     the eval split of `config.env` with `config.eval`'s sampling: the report scripts/eval.py prints and writes."""
     import time

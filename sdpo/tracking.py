@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import secrets
 from pathlib import Path
 import time
 from typing import Any
@@ -108,7 +109,7 @@ class Tracker:
 
             # One wandb run per run directory: a resumed run continues the same wandb run.
             id_file = self.run_dir / "wandb_run_id"
-            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
             id_file.write_text(run_id)
             return wandb.init(
                 project=self.config.project,
@@ -148,7 +149,8 @@ class Tracker:
         if self._wandb is not None:
             import wandb
 
-            self._wandb.log({"samples": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])}, step=step)
+            table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
+            self._wandb.log({"samples": table}, step=step)
         if self._tensorboard is not None:
             cell = lambda v: str(v).replace("|", "\\|").replace("\n", "<br>")  # noqa: E731 - markdown table cell
             table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

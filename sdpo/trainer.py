@@ -56,7 +56,7 @@ from sdpo.losses import (
 )
 from sdpo.models import DTYPES, load_model, load_tokenizer, render_chat, resolve_checkpoint, response_hidden_states, unwrap
 from sdpo.rollout import RolloutEngine, SamplingSettings, build_engine
-from sdpo.teacher import Teacher, build_reprompts, reprompt_stats, teacher_prompt_ids
+from sdpo.teacher import Reprompt, Teacher, build_reprompts, reprompt_stats, teacher_prompt_ids
 from sdpo.teacher.teacher import base_weights, frozen_copy
 from sdpo.tracking import CURVES, StageTimer, Tracker, plot_curves
 
@@ -118,9 +118,11 @@ class SDPOTrainer:
         tcfg, acfg = config.trainer, config.algorithm
         # Launched with torchrun on a machine without GPUs: Accelerate needs `cpu` to set up gloo.
         self.accelerator = Accelerator(cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
-        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
-            raise NotImplementedError("DeepSpeed is not supported: its engine owns gradient accumulation, clipping and "
-                                      "the optimizer step that this update loop performs; use FSDP2 to shard (docs/scaling.md)")
+        if self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            # DeepSpeed's engine owns accumulation, clipping and the optimizer step that this loop performs; FSDP
+            # shards the output head, which the chunked loss applies outside the model's forward. docs/scaling.md.
+            raise NotImplementedError(f"{self.accelerator.distributed_type} is not supported yet: use DDP, with LoRA "
+                                      "and gradient checkpointing for models that do not fit (docs/scaling.md)")
         set_seed(tcfg.seed)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         if tcfg.questions_per_step % self.world or tcfg.mini_batch_questions % self.world:
@@ -157,7 +159,6 @@ class SDPOTrainer:
         self.policy, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.trainable = trainable
         self.autocast_dtype = DTYPES.get(config.model.autocast_dtype)
-        self.sharded = self.accelerator.distributed_type == DistributedType.FSDP
 
         # -- teacher, reference (with LoRA: the adapter disabled, never a copy), rollout engine
         self.teacher = Teacher(acfg.teacher, self.unwrapped) if acfg.uses_teacher else None
@@ -266,16 +267,7 @@ class SDPOTrainer:
     def build_teacher_context(self, batch: RolloutBatch, problems_B: list[Problem]) -> dict[str, float]:
         """Reprompts (spec section 2): a sibling's solution and/or the env's feedback; a mask where there is neither."""
         acfg = self.config.algorithm
-        reprompts = [None] * len(batch)
-        for rows in self._group_rows(batch).values():
-            # The demonstration is drawn with a generator seeded by (seed, step, question): the same choice whatever
-            # the number of processes the groups are spread over, and nothing to carry in a checkpoint.
-            rng = random.Random(f"{self.config.trainer.seed}:{self.step}:{problems_B[rows[0]].id}")
-            picked = build_reprompts([problems_B[i] for i in rows], [batch.response_text[i] for i in rows],
-                                     [float(batch.rewards_B[i]) for i in rows], [batch.feedback[i] for i in rows],
-                                     [0] * len(rows), acfg.reprompt, rng)
-            for i, reprompt in zip(rows, picked, strict=True):
-                reprompts[i] = reprompt
+        reprompts = self._reprompts(batch, problems_B)
         stats = reprompt_stats(reprompts, batch.rewards_B.tolist(), batch.group_ids_B.tolist(), acfg.reprompt.success_reward_threshold)
         if self.teacher is not None:
             batch.teacher_prompt_ids = teacher_prompt_ids(reprompts, batch.prompt_ids, self.tokenizer, acfg.reprompt)
@@ -288,8 +280,10 @@ class SDPOTrainer:
         if self.optimizer_steps_per_batch > 1:
             batch.old_logp_BR = self._sampled_logprobs(self.policy, batch)
         if self.use_reference:
-            with base_weights(self.unwrapped) if self.reference is None else contextlib.nullcontext(self.reference) as ref:
-                batch.ref_logp_BR = self._sampled_logprobs(ref, batch)
+            # The initial weights: a frozen copy, or with LoRA the policy with its adapter disabled.
+            reference = contextlib.nullcontext(self.reference) if self.reference is not None else base_weights(self.unwrapped)
+            with reference as model:
+                batch.ref_logp_BR = self._sampled_logprobs(model, batch)
         sums = MetricSums()
         generator = torch.Generator().manual_seed(tcfg.seed + self.step)
         for _ in range(tcfg.epochs_per_step):
@@ -412,15 +406,14 @@ class SDPOTrainer:
         acc.wait_for_everyone()
         staging = ckpt.staging_dir(root, self.step)
         ckpt.write_rank_state(staging, self.rank, {"rng": ckpt.rng_state()})
-        weights = acc.get_state_dict(self.policy) if self.sharded else None  # FSDP gathers: a collective
         acc.wait_for_everyone()
         path = None
         if acc.is_main_process:
-            ckpt.save_model(self.unwrapped, self.tokenizer, staging, weights)
+            ckpt.save_model(self.unwrapped, self.tokenizer, staging)
             state = {
                 "step": self.step,
                 "world_size": self.world,
-                "optimizer": None if self.sharded else self.optimizer.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "teacher": self.teacher.state_dict() if self.teacher is not None else {},
                 "sampler": self.sampler.state_dict(),
@@ -434,9 +427,6 @@ class SDPOTrainer:
         if path is None:
             log.info("trainer.resume=auto: no complete checkpoint in %s, starting fresh", self.run_dir)
             return
-        if self.sharded:
-            raise NotImplementedError("resuming under FSDP is not implemented: the checkpoint holds gathered full "
-                                      "weights but no sharded optimizer state")
         ckpt.load_model_weights(self.unwrapped, path)
         state = ckpt.load_trainer_state(path)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -536,12 +526,21 @@ class SDPOTrainer:
         values = self._reduce(values, "mean") if self.world > 1 else values
         return dict(zip(keys, values.tolist()))
 
-    @staticmethod
-    def _group_rows(batch: RolloutBatch) -> dict[int, list[int]]:
-        rows: dict[int, list[int]] = defaultdict(list)
+    def _reprompts(self, batch: RolloutBatch, problems_B: list[Problem]) -> list[Reprompt]:
+        """One reprompt per rollout, group by group. A demonstration is drawn with a generator seeded by (seed, step,
+        question): the same choice however many processes the groups are spread over, and no RNG to checkpoint."""
+        rows_by_group: dict[int, list[int]] = defaultdict(list)
         for i, group in enumerate(batch.group_ids_B.tolist()):
-            rows[group].append(i)
-        return rows
+            rows_by_group[group].append(i)
+        reprompts: list[Reprompt] = [None] * len(batch)  # type: ignore[list-item]
+        for rows in rows_by_group.values():
+            rng = random.Random(f"{self.config.trainer.seed}:{self.step}:{problems_B[rows[0]].id}")
+            picked = build_reprompts([problems_B[i] for i in rows], [batch.response_text[i] for i in rows],
+                                     [float(batch.rewards_B[i]) for i in rows], [batch.feedback[i] for i in rows],
+                                     [0] * len(rows), self.config.algorithm.reprompt, rng)
+            for i, reprompt in zip(rows, picked, strict=True):
+                reprompts[i] = reprompt
+        return reprompts
 
     def _log_samples(self, batch: RolloutBatch) -> None:
         """Every `logging.samples_every` steps: a table of completions with their reward and feedback (main rank)."""

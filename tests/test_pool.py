@@ -34,6 +34,8 @@ class ScriptedEnv(Environment):
     def score(self, problem, response, truncated=False):
         if response == "sleep":
             time.sleep(1000)
+        if response == "nap":  # threads cannot be killed: a stuck one would hold up interpreter exit
+            time.sleep(2)
         if response == "exit":
             os._exit(3)
         if response == "segfault":
@@ -93,7 +95,7 @@ def test_pool_kills_the_timed_out_workers_process_group():
 @pytest.mark.parametrize("env_class", [ThreadScriptedEnv, InlineScriptedEnv])
 def test_thread_and_inline_paths(env_class):
     env = env_class(ScriptedConfig(score_workers=2, score_timeout_s=0.5))
-    responses = ["ok", "raise"] + (["sleep"] if env_class is ThreadScriptedEnv else [])
+    responses = ["ok", "raise"] + (["nap"] if env_class is ThreadScriptedEnv else [])
     start = time.monotonic()
     scores = score(env, responses)
     assert [s.reward for s in scores] == [1.0] + [0.0] * (len(responses) - 1)

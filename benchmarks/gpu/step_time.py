@@ -119,7 +119,8 @@ def run_row(name: str, checkpoint: Path, overrides: list[str], steps: int, out_d
         "step_s": statistics.median(seconds),
         "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan"),
         "rss_gb": peak_rss_gb(),
-        "tokens": metrics.get("response/length_mean", float("nan")),
+        "response_len": metrics.get("response/length_mean", float("nan")),
+        "reprompted": metrics.get("teacher/reprompt_fraction", float("nan")),
         "stages": {k: statistics.median(s[k] for s in stages if k in s) for k in stages[-1]},
         "trainable_m": sum(p.numel() for p in trainer.trainable) / 1e6,
     }
@@ -182,15 +183,19 @@ def main() -> None:
             print(f"{name}: done in {time.perf_counter() - started:.1f} s", flush=True)
 
     stage_names = sorted({k for r in rows for k in r["stages"]})
-    header = ["row", "trainable (M)", "step (s)", "peak GPU mem (GiB)", "peak RSS (GiB)", *[f"{s} (s)" for s in stage_names]]
-    print("\n| " + " | ".join(header) + " |")
+    header = ["row", "trainable (M)", "step (s)", "peak GPU mem (GiB)", "peak RSS (GiB)", "response len", "reprompted",
+              *[f"{s} (s)" for s in stage_names]]
+    print("\n(peak RSS: of the process so far; peak GPU memory: over each row's timed steps)")
+    print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
         cells = [r["row"], f"{r['trainable_m']:.1f}", f"{r['step_s']:.2f}", f"{r['peak_gb']:.2f}", f"{r['rss_gb']:.2f}",
+                 f"{r['response_len']:.0f}", f"{r['reprompted']:.2f}",
                  *[f"{r['stages'].get(s, float('nan')):.2f}" for s in stage_names]]
         print("| " + " | ".join(cells) + " |")
     if args.json:
-        args.json.write_text(json.dumps({"device": device, "args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=2))
+        report = {"device": device, "args": vars(args) | {"json": str(args.json)}, "rows": rows}
+        args.json.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,9 @@ class Environment(ABC):
     """Subclass, set `config_class`, implement `load` and `score`; register with `@ENVIRONMENTS.register(name)`."""
 
     config_class: ClassVar[type[EnvConfig]] = EnvConfig
+    # How `score_batch` runs `score` (see sdpo.envs.pool): "process" (killable workers, the safe default),
+    # "thread", or "inline" for bounded string parsing.
+    scoring_mode: ClassVar[str] = "process"
 
     def __init__(self, config: EnvConfig) -> None:
         self.config = config

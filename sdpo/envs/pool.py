@@ -9,7 +9,7 @@
   a worker that dies (segfault, os._exit, OOM kill) is replaced too. Either way the sample gets
   `env.failure_score(...)` and the rest of the batch goes on.
 - "thread": threads in this process; the trainer stops waiting after the timeout, but the stuck call cannot be
-  stopped. For scorers that may be slow but cannot hang for good.
+  stopped (and holds up interpreter exit until it returns). For scorers that may be slow but cannot hang for good.
 - "inline": in the calling thread, exceptions turned into failure scores. For scorers that are pure, bounded
   string parsing (no timeout can apply).
 
@@ -28,6 +28,7 @@ from multiprocessing.connection import Connection, wait
 import os
 import pickle
 import signal
+import threading
 import time
 import traceback
 from typing import TYPE_CHECKING, Any
@@ -205,9 +206,18 @@ class WorkerPool:
                 worker.kill()
 
 
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose trainer died (killed, crashed) ends itself and its sandboxes instead of waiting forever."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os.killpg(0, signal.SIGKILL)
+
+
 def _worker_main(conn: Connection, env_bytes: bytes) -> None:
+    parent = os.getppid()
     os.setsid()  # its own process group, so that a kill reaches whatever it started
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     env = pickle.loads(env_bytes)
     conn.send(("ready", None))
     while True:

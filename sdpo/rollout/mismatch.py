@@ -52,8 +52,8 @@ def logprob_mismatch_metrics(
     sampler = sampler_logp_BR.detach().float().to(trainer.device)[mask]
     count = trainer.numel()
     if count == 0:
-        names = ("logp_abs_diff_mean", "logp_abs_diff_max", "tis_weight_mean", "tis_truncated_fraction", "mismatch_tokens")
-        return {prefix + name: 0.0 for name in names}
+        names = ("logp_abs_diff_mean", "logp_abs_diff_max", "tis_weight_mean", "tis_truncated_fraction")
+        return {prefix + name: 0.0 for name in (*names, "mismatch_tokens")}
     delta = trainer - sampler
     abs_delta = delta.abs()
     if threshold is None:

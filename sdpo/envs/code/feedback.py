@@ -30,6 +30,8 @@ NO_CODE_FEEDBACK = (
 class TestOutcome:
     """The verdict on one test. `index` counts from 0 among the tests this split shows."""
 
+    __test__ = False  # not a pytest test class, despite the name
+
     index: int
     # passed | wrong_answer | runtime_error | time_limit | memory_limit | output_limit | not_run
     status: str

@@ -4,24 +4,33 @@ Standalone on purpose (stdlib only): it is copied into the sandbox as harness.py
 stdin and then closes stdin, so that the tests are not left lying around as a file the program could open. It
 writes one JSON record per line to the original stdout; the program's own prints go to stderr instead.
 
-Spec keys: `mode` ("call" or "assert"), `program` (file name of the program, next to this file), `setup` (trusted code run first, e.g. the
-data set's imports), `func_name` (call mode), `candidate` (assert mode: expression bound to the name `candidate`),
-`prelude` (assert mode: test-module code such as helper functions), `tests`, `time_limit_s`, `stop_on_error`.
+Spec keys: `mode` ("stdin", "call" or "assert"), `program` (file name of the program, next to this file),
+`setup` (trusted code run first, e.g. the data set's imports), `func_name` (call mode), `candidate` (assert mode:
+expression bound to the name `candidate`), `prelude` (assert mode: test-module code such as helper functions),
+`tests`, `time_limit_s`, `stop_on_error`.
 
-Call mode reports each return value (encoded, see `encode`) and the trusted parent compares it with the expected
-value, which never enters the sandbox. Assert mode has to run the data set's asserts here, so their expected
-values are in this process: documented as a limit in docs/environments.md.
+Stdin mode forks one child per test from this warm interpreter (a fresh interpreter costs ~30 ms a test): the child
+gets the test input as stdin, runs the program as `__main__` with its own CPU and output-size limits, and its
+stdout comes back in the record; the parent compares it, so expected outputs never enter the sandbox. Call mode
+reports each return value (encoded, see `encode`), also compared outside. Assert mode has to run the data set's
+asserts here, so their expected values are in this process: documented as a limit in docs/environments.md.
 """
 
 import ast
+import io
 import json
 import math
 import os
+import resource
+import select
 import signal
 import sys
+import threading
+import time
 import traceback
 
 _MAX_SHOWN = 1000  # characters of a repr sent back for feedback
+_STDERR_TAIL = 4096  # bytes of a stdin-mode test's stderr sent back
 
 
 class _TestTimeout(BaseException):
@@ -142,24 +151,148 @@ def _run_call(test, ns, func_name):
     return {"status": "returned", "value": encode(target(*test["args"]))}
 
 
+def _memfd(name, data=b""):
+    """An anonymous in-memory file (a test's stdin, stdout or stderr): no file for the program to find by name."""
+    fd = os.memfd_create(name)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _read_fd(fd, limit, tail=False):
+    size = os.lseek(fd, 0, os.SEEK_END)
+    os.lseek(fd, max(0, size - limit) if tail else 0, os.SEEK_SET)
+    chunks, left = [], min(size, limit)
+    while left > 0:
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def _stdin_child(program, path, fds, limit_s, output_cap):
+    """In the forked child: wire up the test's files, limit it, run the program as __main__, never return."""
+    code = 1
+    try:
+        os.setpgid(0, 0)
+        stdin_fd, out_fd, err_fd, records_fd = fds
+        for source, target in ((stdin_fd, 0), (out_fd, 1), (err_fd, 2)):
+            os.dup2(source, target)
+        for fd in fds:
+            os.close(fd)  # the records channel above all: the program must not write verdicts
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it; we want the kill at the output cap
+        cpu = int(math.ceil(limit_s)) + 1
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (output_cap, output_cap))  # more output: SIGXFSZ
+        sys.stdin = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)), encoding="utf-8")
+        sys.stdout = io.TextIOWrapper(io.BufferedWriter(io.FileIO(1, "w", closefd=False)), encoding="utf-8")
+        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8", write_through=True)
+        sys.argv = [path]
+        try:
+            exec(program, {"__name__": "__main__", "__file__": path, "__builtins__": __builtins__})
+            for thread in threading.enumerate():  # a program may do its work in a thread (bigger stack)
+                if thread is not threading.main_thread() and not thread.daemon:
+                    thread.join()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            if not isinstance(exc.code, (int, type(None))):
+                print(exc.code, file=sys.stderr)
+        except BaseException as exc:  # noqa: BLE001 - the program's own error, shown as a traceback
+            sys.stderr.write(_short_trace(exc))
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
+def _wait_child(pid, limit_s):
+    """The child's exit code (-N: killed by signal N), or None if it ran past the limit (its group is then killed)."""
+    deadline = time.monotonic() + limit_s
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # no pidfd (old kernel): poll
+        fd = None
+    if fd is not None:
+        ready = bool(select.select([fd], [], [], limit_s)[0])
+        os.close(fd)
+        if ready:
+            return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    else:
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return os.waitstatus_to_exitcode(status)
+            time.sleep(0.002)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
+    os.waitpid(pid, 0)
+    return None
+
+
+def _run_stdin_tests(spec, program, path, records_fd, emit):
+    limit = float(spec["time_limit_s"])
+    for i, test in enumerate(spec["tests"]):
+        emit(event="start", i=i)
+        fds = (_memfd("stdin", test["input"].encode()), _memfd("stdout"), _memfd("stderr"), records_fd)
+        pid = os.fork()
+        if pid == 0:
+            _stdin_child(program, path, fds, limit, int(test["output_cap"]))
+        code = _wait_child(pid, limit)
+        if code is None:
+            record = {"status": "timeout"}
+        else:
+            stdout = _read_fd(fds[1], int(test["output_cap"]))
+            record = {"status": "exited", "code": code, "stdout": stdout, "stderr": _read_fd(fds[2], _STDERR_TAIL, tail=True)}
+        for fd in fds[:3]:
+            os.close(fd)
+        emit(event="result", i=i, **record)
+        if (code is None or code != 0) and spec.get("stop_on_error", True):
+            return
+
+
+def _not_dumpable():
+    """Same-uid processes (the forked tests) may then not open /proc/<harness>/fd or read its memory."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 4
+    except (OSError, AttributeError):
+        pass
+
+
 def main():
     spec = json.loads(sys.stdin.read())
+    _not_dumpable()
     os.close(0)
     os.open(os.devnull, os.O_RDONLY)  # fd 0 again, now empty
     records = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # the program's print() output must not mix with the records
 
     def emit(**record):
-        records.write(json.dumps(record) + "\n")
+        records.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     signal.signal(signal.SIGALRM, _on_alarm)
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), spec["program"])
+    with open(path) as f:
+        program = compile(f.read(), "solution.py", "exec")
+    if spec["mode"] == "stdin":
+        emit(event="load", status="ok")
+        _run_stdin_tests(spec, program, path, records.fileno(), emit)
+        return
     if hasattr(sys, "set_int_max_str_digits"):
         sys.set_int_max_str_digits(0)
     limit = float(spec["time_limit_s"])
     ns = {"__name__": "solution", "__builtins__": __builtins__}
     exec(compile(spec.get("setup") or "", "setup", "exec"), ns)
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), spec["program"])) as f:
-        program = compile(f.read(), "solution.py", "exec")
     try:
         _timed(limit, lambda: exec(program, ns))
         if spec["mode"] == "assert":

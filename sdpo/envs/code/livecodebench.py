@@ -3,8 +3,9 @@
 Each row: `question_id`, `question_title`, `question_content`, `platform`, `contest_date` (ISO), `starter_code`,
 `difficulty`, `public_test_cases` (JSON text), `private_test_cases` (JSON text, or base64 of zlib of a pickle of
 the JSON text), `metadata` (JSON text; `func_name` for LeetCode problems). Tests are `{input, output, testtype}`:
-"stdin" tests run the program on stdin; "functional" tests call `Solution().<func_name>` (or a top-level
-function) with one JSON value per input line, and compare with the JSON output.
+"stdin" tests run the program on stdin (output lines also match when their tokens are equal as decimal numbers,
+as in LiveCodeBench's grader); "functional" tests call `Solution().<func_name>` (or a top-level function) with one
+JSON value per input line, and compare with the JSON output.
 
 The paper's window is 2025-02-01 to 2025-05-01 (131 problems of release v6); both ends inclusive. The files are
 not in ../shared/data (Git LFS / Hugging Face only): point `env.path` at a local copy.
@@ -142,7 +143,7 @@ class LiveCodeBenchEnv(CodeEnv):
             tests=tests,
             setup=CALL_SETUP if mode == "call" else "",
             func_name=func_name,
-            compare={"strict_types": False},
+            compare={"strict_types": False, "numeric_tokens": True},
             meta={"contest_date": day.isoformat(), "difficulty": row.get("difficulty"), "platform": row.get("platform")},
         )
 

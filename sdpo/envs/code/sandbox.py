@@ -22,7 +22,7 @@ a random uid per run means concurrent sandboxes do not share one process budget 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 import json
 import logging
 import math
@@ -89,9 +89,6 @@ class RunResult:
     wall_s: float
     detail: str = ""  # e.g. "killed by signal SIGSEGV"
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 _BWRAP_PROBES: dict[str, str | None] = {}  # bwrap path -> error text (None: works); one probe per process
 
@@ -103,8 +100,8 @@ class Sandbox:
         if isolation not in ISOLATIONS:
             raise ValueError(f"sandbox isolation {isolation!r} is not one of {ISOLATIONS}")
         self.requested = isolation
-        # The sandbox runs the trainer's *base* interpreter: a virtualenv's site-packages are not mounted.
-        # (resolved: a virtualenv's python is a symlink into a directory the sandbox does not mount).
+        # The trainer's *base* interpreter, symlinks resolved: a virtualenv (its python is a symlink, its packages
+        # a folder the sandbox does not mount) is not visible inside.
         self.python = str(Path(python or getattr(sys, "_base_executable", None) or sys.executable).resolve())
         self.scratch_root = scratch_root
         self._isolation: str | None = None

@@ -6,6 +6,7 @@ Runs in the trusted scorer. Nothing here unpickles or evaluates program output: 
 
 from __future__ import annotations
 
+from decimal import Decimal, InvalidOperation
 import json
 import math
 from typing import Any
@@ -94,8 +95,23 @@ def show(value: Any) -> str:
         return repr(value)
 
 
-def stdout_matches(actual: str, expected: str) -> bool:
-    """Line by line after stripping the whole text and each line's trailing whitespace (the data check's rule)."""
-    return [line.rstrip() for line in actual.strip().splitlines()] == [
-        line.rstrip() for line in expected.strip().splitlines()
-    ]
+def stdout_matches(actual: str, expected: str, numeric_tokens: bool = False) -> bool:
+    """Line by line after stripping the whole text and each line's trailing whitespace (the data check's rule).
+
+    `numeric_tokens` also accepts a line whose whitespace-separated tokens are equal as decimal numbers ("1.50"
+    for "1.5"), as LiveCodeBench's stdin grader does.
+    """
+    got = [line.rstrip() for line in actual.strip().splitlines()]
+    want = [line.rstrip() for line in expected.strip().splitlines()]
+    if got == want:
+        return True
+    return numeric_tokens and len(got) == len(want) and all(_same_numbers(g, w) for g, w in zip(got, want))
+
+
+def _same_numbers(got: str, want: str) -> bool:
+    if got.strip() == want.strip():
+        return True
+    try:
+        return [Decimal(t) for t in got.split()] == [Decimal(t) for t in want.split()]
+    except InvalidOperation:
+        return False
