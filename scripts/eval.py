@@ -52,4 +52,11 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from sdpo.config import ConfigError
+    from sdpo.hydra_config import check_override_keys
+
+    try:
+        check_override_keys(sys.argv[1:])
+    except ConfigError as exc:
+        sys.exit(f"error: {exc}")
     main()
