@@ -93,21 +93,29 @@ class QuestionSampler:
 
 
 class MetricSums:
-    """Weighted sums over micro-batches, averaged once per step: add(name, value_sum, weight)."""
+    """Weighted sums over micro-batches, averaged once per step: add(name, value_sum, weight); peak(name, value)."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = defaultdict(float)
         self.weights: dict[str, float] = defaultdict(float)
+        self.peaks: dict[str, float] = defaultdict(lambda: -math.inf)
 
     def add(self, name: str, total: Tensor | float, weight: Tensor | float) -> None:
         self.sums[name] += float(total)
         self.weights[name] += float(weight)
 
-    def means(self, reduce_sum=lambda t: t) -> dict[str, float]:
-        """Weighted means; `reduce_sum` sums the totals over ranks first (every rank must hold the same keys)."""
+    def peak(self, name: str, value: Tensor | float) -> None:
+        self.peaks[name] = max(self.peaks[name], float(value))
+
+    def means(self, reduce_sum=lambda t: t, reduce_max=lambda t: t) -> dict[str, float]:
+        """Weighted means and peaks; the reducers combine ranks first (every rank must hold the same keys)."""
         keys = sorted(self.sums)
         totals = reduce_sum(torch.tensor([[self.sums[k] for k in keys], [self.weights[k] for k in keys]], dtype=torch.float64))
-        return {k: float(s / w) for k, s, w in zip(keys, *totals.cpu()) if w > 0}
+        out = {k: float(s / w) for k, s, w in zip(keys, *totals.cpu()) if w > 0}
+        if self.peaks:
+            names = sorted(self.peaks)
+            out |= dict(zip(names, reduce_max(torch.tensor([self.peaks[k] for k in names], dtype=torch.float64)).tolist()))
+        return out
 
 
 class SDPOTrainer:
@@ -223,7 +231,7 @@ class SDPOTrainer:
             metrics |= self.update(batch)
         with self.timer("sync"):
             sync = self.engine.sync_weights(self.unwrapped)
-        metrics["sync/seconds"] = sync.seconds
+        metrics |= {"sync/seconds": sync.seconds, "sync/mib": sync.bytes / 2**20, **sync.extra}
         metrics |= self.timer.pop()
         self._last_batch = batch  # its sample completions are logged with the step's metrics
         return metrics
@@ -289,7 +297,8 @@ class SDPOTrainer:
         for _ in range(tcfg.epochs_per_step):
             for minibatch in batch.group_minibatches(tcfg.mini_batch_questions // self.world, generator):
                 self.optimizer_step(minibatch, sums)
-        return sums.means(lambda t: self._reduce(t, "sum")) | {"optim/lr": self.scheduler.get_last_lr()[0]}
+        means = sums.means(lambda t: self._reduce(t, "sum"), lambda t: self._reduce(t, "max"))
+        return means | {"optim/lr": self.scheduler.get_last_lr()[0]}
 
     def optimizer_step(self, minibatch: RolloutBatch, sums: MetricSums) -> None:
         counts = self._global_counts(minibatch)
@@ -379,7 +388,13 @@ class SDPOTrainer:
                 sums.add("distill/is_clip_fraction", ((ratio_BR >= acfg.distill.is_clip) & distill_mask_BR).sum(), n_distill)
         sums.add("policy/entropy", (terms["entropy"].float() * mask_BR).sum(), n_tok)
         if micro.sampler_logp_BR is not None:
-            sums.add("rollout/tis_truncated_fraction", ((tis_BR >= acfg.tis_threshold) & mask_BR).sum(), n_tok)
+            # Engine-vs-trainer mismatch on the behaviour policy's log-probs (spec section 9).
+            delta_BR = (old_BR - micro.sampler_logp_BR.to(device)).abs() * mask_BR
+            sums.add("rollout/logp_abs_diff_mean", delta_BR.sum(), n_tok)
+            sums.peak("rollout/logp_abs_diff_max", delta_BR.max())
+            sums.add("rollout/tis_weight_mean", (tis_BR * mask_BR).sum(), n_tok)
+            if acfg.tis_threshold is not None:
+                sums.add("rollout/tis_truncated_fraction", ((tis_BR >= acfg.tis_threshold) & mask_BR).sum(), n_tok)
         return loss
 
     def evaluate(self) -> dict[str, float]:

@@ -50,7 +50,7 @@ def _perturb(value):
     if isinstance(value, bool):
         return not value
     if isinstance(value, (int, float)):
-        return value + 1
+        return value * 2 + 1  # far enough for tolerant float checks (math.isclose) as well
     if isinstance(value, str):
         return value + "x"
     if isinstance(value, (list, tuple, set)):  # add an element that is not there yet (a set must change too)
@@ -62,7 +62,7 @@ def _perturb(value):
 '''
 
 
-def tested_function(reference: str, assert_source: str) -> str:
+def function_under_test(reference: str, assert_source: str) -> str:
     """The function of `reference` that an MBPP assert calls (asserts may wrap it: set(f(x)), math.isclose(...))."""
     defined = {node.name for node in ast.parse(reference).body if isinstance(node, ast.FunctionDef)}
     calls = [n for n in ast.walk(ast.parse(assert_source.strip())) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
@@ -72,7 +72,7 @@ def tested_function(reference: str, assert_source: str) -> str:
 def wrong_variant(reference: str, data: dict) -> str:
     if data["mode"] == "stdin":
         return reference + "\nprint('an extra line')\n"
-    target = data.get("func_name") or data.get("candidate") or tested_function(reference, data["tests"][0]["source"])
+    target = data.get("func_name") or data.get("candidate") or function_under_test(reference, data["tests"][0]["source"])
     if target.startswith("Solution()."):
         method = target.split(".", 1)[1]
         return reference + PERTURB + (

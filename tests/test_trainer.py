@@ -139,3 +139,15 @@ def test_aggregate_is_the_normaliser_the_trainer_uses():
     values, mask = torch.arange(6.0).reshape(2, 3), torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
     total = sum(aggregate(values[i : i + 1], mask[i : i + 1], "token-mean", num_tokens=5, num_seqs=2) for i in range(2))
     assert total == pytest.approx((0 + 1 + 3 + 4 + 5) / 5)
+
+
+def test_hf_engine_greedy_with_several_samples_repeats_the_greedy_answer(tmp_path):
+    from sdpo.rollout import SamplingSettings
+
+    trainer = make_trainer(tmp_path)
+    prompts = [trainer._prompt_ids[id(p)] for p in trainer.train_problems[:2]]
+    completions = trainer.engine.generate(prompts, SamplingSettings(n=3, temperature=0.0, max_new_tokens=5))
+    assert [c.prompt_index for c in completions] == [0, 0, 0, 1, 1, 1]
+    assert completions[0].token_ids == completions[1].token_ids == completions[2].token_ids
+    single = trainer.engine.generate(prompts[:1], SamplingSettings(n=1, temperature=0.0, max_new_tokens=5))
+    assert single[0].token_ids == completions[0].token_ids

@@ -50,7 +50,8 @@ class HFEngine(RolloutEngine):
             input_ids=inputs.input_ids[:, :width].to(device),
             attention_mask=inputs.attention_mask[:, :width].to(device),
             max_new_tokens=sampling.max_new_tokens,
-            num_return_sequences=sampling.n,
+            # Greedy decoding gives n identical samples: decode once, repeat below (generate refuses n > 1 there).
+            num_return_sequences=1 if sampling.greedy else sampling.n,
             pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id,
         )
@@ -70,8 +71,11 @@ class HFEngine(RolloutEngine):
         )
         with autocast:
             out = self.model.generate(**kwargs)
+        rows = out[:, width:].tolist()
+        if sampling.greedy:
+            rows = [row for row in rows for _ in range(sampling.n)]
         completions = []
-        for row, sequence in enumerate(out[:, width:].tolist()):
+        for row, sequence in enumerate(rows):
             ids, finished = _cut_at_eos(sequence, tok.eos_token_id, tok.pad_token_id)
             text = tok.decode(ids, skip_special_tokens=True)
             stopped = any(s in text for s in sampling.stop)

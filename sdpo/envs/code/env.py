@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 import hashlib
-import json
 import random
 from typing import Any, ClassVar
 
@@ -197,14 +196,14 @@ class CodeEnv(Environment):
         feedback = "" if all_passed else format_feedback(outcomes, limits)
         # The status names what the feedback shows: a fatal case first, else the first wrong answer.
         failing = [o for o in outcomes if o.fatal] + [o for o in outcomes if o.status == "wrong_answer"]
-        status = failing[0].status if failing else "passed"
+        status = failing[0].status if failing else ("passed" if tests else "no_tests")
         info = {"status": status, "passed": passed, "total": len(tests), "isolation": self.sandbox.isolation}
         return Score(reward, feedback, info)
 
     def _reference_expected(self, problem: Problem) -> tuple[list[dict], list[Any]]:
         """Tests and expected values from the reference solution; tests where the reference fails are dropped."""
         tests = problem.data["tests"]
-        key = problem.id + ":" + hashlib.sha1(json.dumps(tests, sort_keys=True).encode()).hexdigest()
+        key = problem.id + ":" + hashlib.sha1(repr(tests).encode()).hexdigest()
         if key not in _REFERENCE_CACHE:
             values = reference_values(self.sandbox, problem.data, tests, self.limits)
             kept = [(t, v) for t, v in zip(tests, values) if not is_missing(v)]

@@ -25,6 +25,7 @@ import traceback
 from typing import Any
 
 from sdpo.envs.code.feedback import TestOutcome
+from sdpo.envs.code.harness import encode
 from sdpo.envs.code.sandbox import RunResult, Sandbox, SandboxLimits
 from sdpo.envs.code.values import decode, show, stdout_matches, values_match
 
@@ -191,7 +192,7 @@ def _harness_test(mode: str, test: dict) -> dict:
         # Room for twice the expected output: enough to show a wrong answer, small enough to stop a flood.
         return {"input": test["input"], "output_cap": 2 * len(test["output"].encode()) + _OUTPUT_SLACK_BYTES}
     if mode == "call":
-        return {"args": test["args"]}
+        return {"args": encode(test["args"])}  # tagged JSON: tuples and complex numbers survive
     return {"source": test["source"]}
 
 

@@ -69,6 +69,25 @@ def encode(value, depth=0):
     return {"__repr__": _short_repr(value)}
 
 
+def decode(value):
+    """Inverse of `encode` for test arguments sent in (tuples, sets, complex numbers survive the JSON trip)."""
+    if isinstance(value, list):
+        return [decode(item) for item in value]
+    if not isinstance(value, dict):
+        return value
+    if "__tuple__" in value:
+        return tuple(decode(item) for item in value["__tuple__"])
+    if "__set__" in value:
+        return set(decode(item) for item in value["__set__"])
+    if "__dict__" in value:
+        return {decode(k): decode(v) for k, v in value["__dict__"]}
+    if "__float__" in value:
+        return float(value["__float__"])
+    if "__complex__" in value:
+        return complex(*value["__complex__"])
+    return value
+
+
 def _node_to_list(value):
     """LeetCode's ListNode / TreeNode as the list LeetCode prints; other values unchanged."""
     if hasattr(value, "val") and hasattr(value, "next"):
@@ -148,7 +167,7 @@ def _run_call(test, ns, func_name):
         target = ns[func_name]
     else:
         raise NameError(f"the program defines no function or Solution method named {func_name!r}")
-    return {"status": "returned", "value": encode(target(*test["args"]))}
+    return {"status": "returned", "value": encode(target(*decode(test["args"])))}
 
 
 def _memfd(name, data=b""):

@@ -5,13 +5,15 @@ use its classes). The prompt shows the first assert, which names the function (a
 
 MBPP+: function-call tests on `base_input` + `plus_input`. The data stores no expected outputs, so, as EvalPlus
 does, they come from running `canonical_solution` on each input (in the sandbox, once per worker and problem);
-inputs on which the reference fails are dropped. Comparison keeps tuple and list apart and uses `atol`.
+inputs on which the reference fails are dropped. JSON has no tuples or complex numbers: inputs take the types of
+the prompt's example call (`conform`). Comparison keeps tuple and list apart and uses `atol`.
 """
 
 from __future__ import annotations
 
+import ast
 from dataclasses import dataclass
-import json
+from typing import Any
 
 from sdpo.config import check_choice
 from sdpo.envs.base import ENVIRONMENTS, DataError
@@ -105,6 +107,10 @@ class MBPPPlusEnv(CodeEnv):
                     raise DataError(path, line, f"inputs[{k}]", "expected a list of arguments")
             atol = get_field(row, "atol", (int, float), path, line, default=0)
             prompt = get_field(row, "prompt", str, path, line).strip().strip('"').strip()
+            entry_point = get_field(row, "entry_point", str, path, line)
+            example = example_arguments(prompt, entry_point)
+            if example:
+                inputs = [[conform(value, node) for value, node in zip(args, example)] + args[len(example):] for args in inputs]
             tasks.append(
                 CodeTask(
                     id=get_field(row, "task_id", str, path, line),
@@ -112,7 +118,7 @@ class MBPPPlusEnv(CodeEnv):
                     mode="call",
                     tests=[{"args": args, "input": _show_args(args)} for args in inputs],
                     reference=get_field(row, "canonical_solution", str, path, line),
-                    func_name=get_field(row, "entry_point", str, path, line),
+                    func_name=entry_point,
                     compare={"atol": float(atol), "strict_types": True},
                     expected_from_reference=True,
                 )
@@ -120,8 +126,41 @@ class MBPPPlusEnv(CodeEnv):
         return tasks
 
 
-def _show_args(args: list) -> str:
+def example_arguments(prompt: str, entry_point: str) -> list[ast.expr]:
+    """The positional arguments of the prompt's example call `entry_point(...)` (its assert), as syntax trees."""
     try:
-        return ", ".join(json.dumps(a) for a in args)
-    except (TypeError, ValueError):
-        return repr(args)[1:-1]
+        tree = ast.parse("\n".join(line for line in prompt.splitlines() if line.lstrip().startswith("assert")))
+    except SyntaxError:
+        return []
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == entry_point]
+    return list(calls[0].args) if calls else []
+
+
+def conform(value: Any, example: ast.expr) -> Any:
+    """JSON cannot hold tuples or complex numbers: give an input the types of the prompt's example argument.
+
+    (EvalPlus stores `(9, 10)` as `[9, 10]` and `1j` as `"1j"`; the reference, e.g. `test_tup + tuple(xs)`,
+    needs the real types.) Lists follow their first example element; anything unclear is left as it is.
+    """
+    if isinstance(example, ast.Tuple) and isinstance(value, list):
+        shapes = example.elts or [None]
+        return tuple(conform(v, shapes[min(i, len(shapes) - 1)]) if shapes[0] is not None else v for i, v in enumerate(value))
+    if isinstance(example, ast.List) and isinstance(value, list) and example.elts:
+        return [conform(v, example.elts[0]) for v in value]
+    if isinstance(value, str) and _is_number(example):
+        try:
+            number = complex(value)
+        except ValueError:
+            return value
+        return number if number.imag or "j" in value else (int(number.real) if number.real.is_integer() and "." not in value else number.real)
+    return value
+
+
+def _is_number(node: ast.expr | None) -> bool:
+    if isinstance(node, ast.UnaryOp):
+        node = node.operand
+    return isinstance(node, ast.Constant) and type(node.value) in (int, float, complex)
+
+
+def _show_args(args: list) -> str:
+    return ", ".join(map(repr, args))
