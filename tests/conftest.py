@@ -15,6 +15,7 @@ import pytest  # noqa: E402
 # A run that fits a test: 2 questions x 4 rollouts, 8 new tokens, tiny model, fp32.
 TINY_OVERRIDES = [
     "model=tiny",
+    "algorithm=sdpo",  # pure SDPO unless a test says otherwise (the CPU default run is the hybrid); later wins
     "rollout.num_generations=4",
     "rollout.max_new_tokens=8",
     "trainer.total_steps=1",
