@@ -10,7 +10,6 @@ Every default lives in sdpo/config.py; `--cfg job` prints the composed config wi
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -37,7 +36,13 @@ def main(cfg: DictConfig) -> None:
     if config.trainer.output_dir is None:
         config.trainer.output_dir = HydraConfig.get().runtime.output_dir
     trainer = SDPOTrainer(config)
-    logging.getLogger("sdpo").info("run directory: %s", trainer.run_dir)
+    algo = config.algorithm
+    print(
+        f"{algo.name}: grpo_weight={algo.grpo_weight} ({algo.mix}-level mix), teacher={algo.teacher.kind}, "
+        f"model={config.model.name_or_path}, env={config.env.name}, rollout engine={config.rollout.engine}, "
+        f"{config.trainer.total_steps} steps; run directory: {trainer.run_dir}",
+        flush=True,
+    )
     metrics = trainer.train()
     print(f"done: {trainer.step} steps, run directory {trainer.run_dir}; last step: "
           + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if k.startswith(("reward", "eval"))))
