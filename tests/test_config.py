@@ -57,7 +57,7 @@ def test_wrong_type_names_the_key():
 )
 def test_invalid_values_say_what_to_fix(override, expected):
     with pytest.raises((ConfigError, ConfigCompositionException)) as info:
-        load_config([override])
+        load_config(["algorithm=sdpo", override])  # from pure SDPO (the CPU default is the hybrid)
     assert expected in error_text(info.value)
 
 
