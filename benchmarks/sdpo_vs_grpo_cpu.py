@@ -94,14 +94,14 @@ def summarize(runs: dict[str, list[Path]], args: argparse.Namespace) -> str:
         cells = " | ".join(f"{means[s]:.3f}" if s in means else "" for s in steps)
         overrides = " ".join(METHODS.get(name, []))
         lines.append(f"| {name} | `{overrides}` | {cells} | {means[best_step]:.3f} ({best_step * gens_per_step}) |")
-    lines += ["", "## Wall time per training step (seconds, mean over steps and seeds)", ""]
-    lines.append("| method | step time | overhead vs grpo |")
-    lines.append("|---|---|---|")
-    base = statistics.mean(step_times["grpo"]) if step_times.get("grpo") else None
+    lines += ["", "## Wall time per training step (seconds; median over steps and seeds, robust to a busy machine)", ""]
+    lines.append("| method | median step time | mean | overhead of the median vs grpo |")
+    lines.append("|---|---|---|---|")
+    base = statistics.median(step_times["grpo"]) if step_times.get("grpo") else None
     for name, times in step_times.items():
-        mean = statistics.mean(times)
-        overhead = f"{100 * (mean / base - 1):+.1f}%" if base else "n/a"
-        lines.append(f"| {name} | {mean:.2f} | {overhead} |")
+        median = statistics.median(times)
+        overhead = f"{100 * (median / base - 1):+.1f}%" if base else "n/a"
+        lines.append(f"| {name} | {median:.2f} | {statistics.mean(times):.2f} | {overhead} |")
     return "\n".join(lines) + "\n"
 
 
@@ -116,6 +116,7 @@ def main() -> None:
     parser.add_argument("--method", action="append", default=[], help="name=override,override (adds a method)")
     parser.add_argument("--out", default="benchmarks/runs/sdpo_vs_grpo_cpu")
     parser.add_argument("--results", default=None, help="markdown file for the results table")
+    parser.add_argument("--summarize-only", action="store_true", help="rebuild the report from existing run dirs")
     args = parser.parse_args()
     for spec in args.method:
         name, _, overrides = spec.partition("=")
@@ -124,6 +125,9 @@ def main() -> None:
     runs: dict[str, list[Path]] = {}
     for seed in args.seeds:
         for name in args.only:
+            if args.summarize_only:
+                runs.setdefault(name, []).append(Path(args.out) / f"{name}-seed{seed}")
+                continue
             start = time.time()
             runs.setdefault(name, []).append(run_one(name, METHODS[name], seed, args))
             print(f"{name} seed {seed}: {time.time() - start:.0f} s", flush=True)
