@@ -121,3 +121,19 @@ def test_train_script_rejects_a_misspelled_key_before_starting():
     result = subprocess.run([sys.executable, str(script), "trainer.optim.lrr=1e-5"], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "did you mean trainer.optim.lr?" in result.stderr
+
+
+def test_train_script_runs_with_the_default_run_directory(tmp_path):
+    # No trainer.output_dir: Hydra's timestamped runs/<algorithm>-<env>-<time> directory is used (regression test:
+    # an explicit null output_dir once broke the run-directory interpolation).
+    import subprocess
+    import sys
+
+    script = CONFIG_DIR.parent / "scripts" / "train.py"
+    overrides = ["model=tiny", "trainer.total_steps=1", "eval.every=0", "rollout.max_new_tokens=4", "logging.wandb=disabled"]
+    result = subprocess.run([sys.executable, str(script), *overrides], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run_dirs = list((tmp_path / "runs").glob("sdpo_grpo-arithmetic-*"))
+    assert len(run_dirs) == 1
+    assert (run_dirs[0] / "metrics.jsonl").exists() and (run_dirs[0] / "config.yaml").exists()
+    assert "rollout engine=hf" in result.stdout
