@@ -21,7 +21,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from sdpo.hydra_config import CONFIG_DIR, register_configs, to_config  # noqa: E402
+from sdpo.hydra_config import CONFIG_DIR, register_configs, run_checked, to_config  # noqa: E402
 
 register_configs()
 
@@ -49,11 +49,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    from sdpo.config import ConfigError
-    from sdpo.hydra_config import check_override_keys
-
-    try:
-        check_override_keys(sys.argv[1:])
-    except ConfigError as exc:
-        sys.exit(f"error: {exc}")
-    main()
+    run_checked(main)

@@ -7,10 +7,11 @@ composes the config, and `__post_init__` then checks values and cross-field rule
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import dataclasses
 import difflib
 from pathlib import Path
+import sys
 import typing
 
 from hydra import compose, initialize_config_dir
@@ -76,6 +77,15 @@ def check_override_keys(overrides: Sequence[str]) -> None:
             schema = fields[part]
             if typing.get_origin(schema) is typing.Union:  # X | None
                 schema = next((a for a in typing.get_args(schema) if a is not type(None)), schema)
+
+
+def run_checked(main: Callable[[], None]) -> None:
+    """Run a `@hydra.main` entry point after rejecting unknown override keys, naming the valid ones."""
+    try:
+        check_override_keys(sys.argv[1:])
+    except ConfigError as exc:
+        sys.exit(f"error: {exc}")
+    main()
 
 
 def load_config(overrides: Sequence[str] = (), config_name: str = "config") -> SDPOConfig:
