@@ -87,6 +87,8 @@ class RolloutBatch:
     # -- from the reprompt builder (spec section 2)
     teacher_prompt_ids: list[list[int]] | None = None
     distill_mask_B: Tensor | None = None  # bool; the sample's reprompt has a solution or feedback
+    # log q(y_t) under the reprompt, when the rollout engine scored the teacher (algorithm.teacher.scorer=engine)
+    teacher_logp_BR: Tensor | None = None
     used_feedback_B: Tensor | None = None  # bool
     # -- computed before the update
     advantages_B: Tensor | None = None  # GRPO group advantages

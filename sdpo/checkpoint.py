@@ -9,6 +9,8 @@ A checkpoint directory `step-000123/` holds
 Resume picks the newest directory with the marker. A save killed at any point leaves only a `.tmp-step-*` staging
 directory behind, which resume ignores and the next save of that step replaces; the previous checkpoint stays usable.
 Multi-node runs need `trainer.output_dir` on a filesystem every node sees (each rank writes its own RNG file).
+Under FSDP2 the weights, optimizer state and EMA teacher are gathered into whole tensors before they are written
+(every rank takes part), so a checkpoint looks the same whatever wrote it and resumes on any number of processes.
 """
 
 from __future__ import annotations
@@ -81,11 +83,78 @@ def read_rank_state(path: Path, rank: int) -> dict[str, Any] | None:
     return torch.load(file, map_location="cpu", weights_only=False) if file.exists() else None
 
 
-def save_model(model: torch.nn.Module, tokenizer: Any, staging: Path) -> None:
-    """Full weights, or for a LoRA policy the trained adapter only (the EMA adapter lives in the trainer state)."""
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict; under FSDP2 gathered from the shards onto rank 0's CPU (a collective: every rank
+    calls it, the others get an empty dict)."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> tuple[list[str], list[str]]:
+    """Load whole tensors into the model (into this rank's shards under FSDP2); (missing, unexpected) keys."""
+    if not is_sharded(model):
+        return model.load_state_dict(state, strict=strict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    return set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=strict))
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A detached CPU copy of the whole tensor; an FSDP2 shard is gathered first (a collective)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        tensor = tensor.full_tensor()
+    return tensor.detach().cpu().clone()
+
+
+@torch.no_grad()
+def copy_whole_into(param: torch.Tensor, value: torch.Tensor) -> None:
+    """param <- value, where value is the whole tensor and param may be an FSDP2 shard of it."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        value = distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements)
+    param.copy_(value)
+
+
+def optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state; under FSDP2 gathered like `full_state_dict` (keyed by parameter names)."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def save_model(model: torch.nn.Module, tokenizer: Any, staging: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Full weights, or for a LoRA policy the trained adapter only (the EMA adapter lives in the trainer state).
+
+    `state_dict`: the weights gathered by `full_state_dict` when the model is sharded.
+    """
     kwargs: dict[str, Any] = {}
     if hasattr(model, "peft_config"):
         kwargs["selected_adapters"] = [model.active_adapter]
+    if state_dict is not None:
+        kwargs["state_dict"] = state_dict
     model.save_pretrained(staging, **kwargs)
     tokenizer.save_pretrained(staging)
 
@@ -98,6 +167,16 @@ def load_model_weights(model: torch.nn.Module, path: Path) -> None:
         from peft import set_peft_model_state_dict
 
         adapter = load_file(path / "adapter_model.safetensors")
+        if is_sharded(model):
+            # PEFT's loader copies into the parameters directly, which FSDP2 shards refuse: name the tensors the
+            # way the model does (the adapter's name inserted) and load them as whole tensors into the shards.
+            name = f".{model.active_adapter}."
+            renamed = {k: adapter[k.replace(name, ".")] for k in model.state_dict() if name in k and k.replace(name, ".") in adapter}
+            if len(renamed) != len(adapter):
+                raise RuntimeError(f"checkpoint {path} does not match the adapter: {len(adapter)} tensors saved, "
+                                   f"{len(renamed)} found in the model")
+            load_full_state_dict(model, renamed, strict=False)
+            return
         result = set_peft_model_state_dict(model, adapter, adapter_name=model.active_adapter)
         if result.unexpected_keys:
             raise RuntimeError(f"checkpoint {path} does not match the adapter: unexpected {result.unexpected_keys[:5]}")
@@ -107,7 +186,7 @@ def load_model_weights(model: torch.nn.Module, path: Path) -> None:
         weights |= load_file(file)
     if not weights:
         raise RuntimeError(f"checkpoint {path} holds no model weights (*.safetensors); was it written by a LoRA run?")
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing, unexpected = load_full_state_dict(model, weights, strict=False)
     # Tied output heads are not stored separately.
     if unexpected or [m for m in missing if "lm_head" not in m]:
         raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing[:5]}, "

@@ -205,9 +205,15 @@ class TeacherConfig:
     update_rate: float = 0.05
     # trust_region: teacher logits = lerp(reference logits, live logits, mix). The paper gives no value.
     trust_region_mix: float = 0.5
+    # Who computes the teacher's log-probs: "trainer" (a forward pass in the update, every kind and distillation
+    # mode) or "engine" (vLLM's prompt log-probs of the response under the reprompt, once per generation batch,
+    # before the update). The engine holds the policy as of the last sync, so "engine" needs kind=live, and it
+    # yields the sampled token's log-prob only: distill.mode=sampled_token; rollout.temperature=1.0.
+    scorer: str = "trainer"
 
     def __post_init__(self) -> None:
         check_choice("algorithm.teacher.kind", self.kind, TEACHER_KINDS)
+        check_choice("algorithm.teacher.scorer", self.scorer, ["trainer", "engine"])
         check_range("algorithm.teacher.update_rate", self.update_rate, 0.0, 1.0)
         check_range("algorithm.teacher.trust_region_mix", self.trust_region_mix, 0.0, 1.0)
 
@@ -412,3 +418,15 @@ class SDPOConfig:
     def __post_init__(self) -> None:
         if self.trainer.mini_batch_questions > self.trainer.questions_per_step:
             raise ConfigError("trainer.mini_batch_questions cannot exceed trainer.questions_per_step")
+        algo = self.algorithm
+        if algo.uses_teacher and algo.teacher.scorer == "engine":
+            needs = {
+                "rollout=vllm": self.rollout.engine == "vllm",
+                "algorithm.teacher.kind=live (the engine holds the current policy)": algo.teacher.kind == "live",
+                "algorithm.distill.mode=sampled_token (the engine gives the sampled token's log-prob only)":
+                    algo.distill.mode == "sampled_token",
+                "rollout.temperature=1.0 (the engine's prompt log-probs are not temperature-scaled)": self.rollout.temperature == 1.0,
+            }
+            missing = [what for what, ok in needs.items() if not ok]
+            if missing:
+                raise ConfigError("algorithm.teacher.scorer=engine needs " + "; ".join(missing))

@@ -12,6 +12,7 @@ Three sources, by `model.name_or_path`:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import importlib.util
 import os
 from pathlib import Path
@@ -215,3 +216,29 @@ def response_hidden_states(model: torch.nn.Module, inputs) -> torch.Tensor:
         use_cache=False,
     )
     return out.hidden_states[-1][:, inputs.response_hidden_slice]
+
+
+def output_head(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """hidden -> logits with the model's output head, for use after `response_hidden_states`.
+
+    A function of the head's weight rather than a call of the head module: under FSDP2 a module call runs the
+    sharding hooks, and calling the output head's unit again after the model's forward breaks torch's backward
+    (a crash in 2.13). Accelerate keeps that unit gathered from the forward until its backward
+    (reshard_after_forward=False), so the weight read here is the whole tensor, and its gradient is
+    reduce-scattered with the unit's at the end of the backward.
+    """
+    head = unwrap(model).get_output_embeddings()
+    return lambda hidden: torch.nn.functional.linear(hidden, head.weight, head.bias)
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """FSDP2: give back the parameters a no-grad forward left gathered; a no-op for other models.
+
+    Accelerate keeps the output head's unit gathered after the forward until its backward (see `output_head`); a
+    teacher or reference forward has no backward, so without this its head would stay whole on every rank.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

@@ -31,7 +31,7 @@ import time
 from typing import Any
 
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, broadcast_object_list, set_seed
+from accelerate.utils import DistributedType, broadcast_object_list, fsdp2_prepare_model, set_seed
 from omegaconf import OmegaConf
 import torch
 from torch import Tensor
@@ -51,10 +51,14 @@ from sdpo.losses import (
     is_ratio,
     kl_penalty,
     mix_advantages,
+    sampled_token_distill,
     sdpo_token_advantages,
     truncated_is_weights,
 )
-from sdpo.models import DTYPES, load_model, load_tokenizer, render_chat, resolve_checkpoint, response_hidden_states, unwrap
+from sdpo.models import (
+    DTYPES, load_model, load_tokenizer, output_head, render_chat, reshard, resolve_checkpoint, response_hidden_states,
+    unwrap,
+)
 from sdpo.rollout import RolloutEngine, SamplingSettings, build_engine
 from sdpo.teacher import Reprompt, Teacher, build_reprompts, reprompt_stats, teacher_prompt_ids
 from sdpo.teacher.teacher import base_weights, frozen_copy
@@ -126,11 +130,15 @@ class SDPOTrainer:
         tcfg, acfg = config.trainer, config.algorithm
         # Launched with torchrun on a machine without GPUs: Accelerate needs `cpu` to set up gloo.
         self.accelerator = Accelerator(cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
-        if self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-            # DeepSpeed's engine owns accumulation, clipping and the optimizer step that this loop performs; FSDP
-            # shards the output head, which the chunked loss applies outside the model's forward. docs/scaling.md.
-            raise NotImplementedError(f"{self.accelerator.distributed_type} is not supported yet: use DDP, with LoRA "
-                                      "and gradient checkpointing for models that do not fit (docs/scaling.md)")
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            # DeepSpeed's engine owns accumulation, clipping and the optimizer step that this loop performs.
+            raise NotImplementedError("DeepSpeed is not supported yet: shard with FSDP2 "
+                                      "(configs/accelerate/fsdp2.yaml) or use DDP with LoRA (docs/scaling.md)")
+        if self.accelerator.distributed_type == DistributedType.FSDP and not self.accelerator.is_fsdp2:
+            raise ValueError("FSDP1 is not supported: set fsdp_version: 2 in the accelerate config "
+                             "(configs/accelerate/fsdp2.yaml)")
+        # FSDP2: parameters are sharded over ranks, so every forward is a collective that all ranks must join.
+        self.sharded = self.accelerator.is_fsdp2
         set_seed(tcfg.seed)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         if tcfg.questions_per_step % self.world or tcfg.mini_batch_questions % self.world:
@@ -153,8 +161,13 @@ class SDPOTrainer:
         self.eval_problems = self._renderable(self.env.load(config.env.eval_split))[: config.eval.num_questions]
         self.sampler = QuestionSampler(len(self.train_problems), tcfg.seed)
 
-        # -- policy, optimizer, schedule
+        # -- policy, teacher, reference (with LoRA: the adapter disabled, never a copy), optimizer, schedule
         model = load_model(config.model, self.model_path)
+        # Copies of the policy are taken before `prepare`: FSDP2 cannot copy a sharded module, so they are sharded
+        # the same way afterwards (`_place_copy`).
+        self.teacher = Teacher(acfg.teacher, model) if acfg.uses_teacher else None
+        self.use_reference = acfg.uses_policy_loss and acfg.policy.kl_coef > 0
+        reference = frozen_copy(model) if self.use_reference and not config.model.lora.enabled else None
         trainable = [p for p in model.parameters() if p.requires_grad]
         optim = tcfg.optim
         optimizer = torch.optim.AdamW(trainable, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
@@ -165,16 +178,22 @@ class SDPOTrainer:
         else:
             self.scheduler = get_constant_schedule_with_warmup(optimizer, optim.warmup_steps)
         self.policy, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.trainable = trainable
+        self.trainable = [p for p in self.policy.parameters() if p.requires_grad]  # FSDP2 replaced them by shards
+        if self.teacher is not None:
+            self.teacher.place(self.unwrapped, self._place_copy)
+        self.reference = self._place_copy(reference) if reference is not None else None
         self.autocast_dtype = DTYPES.get(config.model.autocast_dtype)
 
-        # -- teacher, reference (with LoRA: the adapter disabled, never a copy), rollout engine
-        self.teacher = Teacher(acfg.teacher, self.unwrapped) if acfg.uses_teacher else None
-        self.use_reference = acfg.uses_policy_loss and acfg.policy.kl_coef > 0
-        self.reference = frozen_copy(self.unwrapped) if self.use_reference and not config.model.lora.enabled else None
+        # -- rollout engine
         max_model_len = config.rollout.max_prompt_len + config.rollout.max_new_tokens
+        self.engine_scores_teacher = acfg.uses_teacher and acfg.teacher.scorer == "engine"
+        if self.engine_scores_teacher:  # the engine also reads reprompt + response
+            max_model_len = max(max_model_len, acfg.reprompt.max_reprompt_len + config.rollout.max_new_tokens)
         self.engine = engine or build_engine(config.rollout, self.unwrapped, self.tokenizer, self.model_path, max_model_len,
-                                             self.autocast_dtype)
+                                             self.autocast_dtype, sharded=self.sharded)
+        if self.engine_scores_teacher and not hasattr(self.engine, "score_teacher"):
+            raise ValueError(f"algorithm.teacher.scorer=engine: the {type(self.engine).__name__} engine cannot score "
+                             "the teacher (use rollout=vllm, or algorithm.teacher.scorer=trainer)")
 
         self.step = 0
         self.timer = StageTimer()
@@ -280,6 +299,8 @@ class SDPOTrainer:
         if self.teacher is not None:
             batch.teacher_prompt_ids = teacher_prompt_ids(reprompts, batch.prompt_ids, self.tokenizer, acfg.reprompt)
             batch.distill_mask_B = torch.tensor([r.has_signal for r in reprompts])
+            if acfg.teacher.scorer == "engine":
+                batch.teacher_logp_BR = self._engine_teacher_logp(batch)
         return self._reduce_mean({f"teacher/{k}": v for k, v in asdict(stats).items()})
 
     def update(self, batch: RolloutBatch) -> dict[str, float]:
@@ -310,6 +331,8 @@ class SDPOTrainer:
                 loss = self.micro_batch_loss(micro, counts, sums)
                 # DDP averages gradients over ranks; the counts are already global, so undo the average.
                 self.accelerator.backward(loss * self.world)
+            if self.teacher is not None:
+                self.teacher.release()
         grad_norm = float(self.accelerator.clip_grad_norm_(self.trainable, self.config.trainer.optim.grad_clip))
         if math.isfinite(grad_norm):
             self.optimizer.step()
@@ -327,11 +350,11 @@ class SDPOTrainer:
         acfg, device = self.config.algorithm, self.accelerator.device
         ids_BR, mask_BR = micro.response_ids_BR.to(device), micro.response_mask_BR.to(device)
         distill_mask_BR = mask_BR & micro.distill_mask_B.to(device)[:, None] if self.teacher is not None else None
-        teacher = self._teacher_hidden(micro) if distill_mask_BR is not None and distill_mask_BR.any() else None
+        teacher = self._teacher_hidden(micro) if self._needs_teacher(distill_mask_BR) else None
         with self._autocast():
             hidden_BRH = response_hidden_states(self.policy, micro.student_inputs(self.tokenizer.pad_token_id).to(device))
             terms = chunked_response_terms(
-                hidden_BRH, self.unwrapped.get_output_embeddings(), ids_BR, self.config.rollout.temperature,
+                hidden_BRH, output_head(self.policy), ids_BR, self.config.rollout.temperature,
                 self.config.trainer.logits_chunk_size,
                 teacher_hidden=teacher.hidden if teacher else None,
                 teacher_heads=teacher.heads if teacher else None,
@@ -339,6 +362,11 @@ class SDPOTrainer:
                 distill_kwargs=self._distill_kwargs() if teacher and acfg.mix == "loss" else None,
             )
         logp_BR = terms["logp"].float()
+        # log q(y_t) of the rows being distilled: from the teacher forward above, or scored by the engine before the
+        # update (algorithm.teacher.scorer=engine); None when this micro-batch has nothing to distill.
+        teacher_logp_BR = terms["teacher_logp"].float() if teacher is not None else None
+        if micro.teacher_logp_BR is not None and distill_mask_BR.any():
+            teacher_logp_BR = micro.teacher_logp_BR.to(device)[:, : logp_BR.shape[1]]
         old_BR = micro.old_logp_BR.to(device) if micro.old_logp_BR is not None else logp_BR.detach()
         # Token-level truncated IS between the engine's sampler and the trainer (spec section 3).
         tis_BR = torch.ones_like(logp_BR)
@@ -355,8 +383,8 @@ class SDPOTrainer:
             if acfg.mix == "advantage" and self.teacher is not None:
                 # Rows without a reprompt signal have no SDPO advantage (0), only lambda * A_GRPO.
                 sdpo_adv_BR = torch.zeros_like(logp_BR)
-                if teacher is not None:
-                    sdpo_adv_BR = sdpo_token_advantages(terms["teacher_logp"].float(), logp_BR.detach(), acfg.distill.advantage_clip) * distill_mask_BR
+                if teacher_logp_BR is not None:
+                    sdpo_adv_BR = sdpo_token_advantages(teacher_logp_BR, logp_BR.detach(), acfg.distill.advantage_clip) * distill_mask_BR
                 adv_BR = mix_advantages(micro.advantages_B.to(device), sdpo_adv_BR, acfg.grpo_weight)
             pg_BR, clipped_BR = clipped_policy_loss(logp_BR, old_BR, adv_BR, acfg.policy.clip_eps_low, acfg.policy.clip_eps_high)
             pg_BR = pg_BR * tis_BR
@@ -372,15 +400,16 @@ class SDPOTrainer:
         if self.teacher is not None:
             # Every rank logs the same keys (metrics are all-reduced), with zero weight where nothing was distilled.
             n_distill = distill_mask_BR.sum()
-            gap_BR = (logp_BR.detach() - terms["teacher_logp"].float()) * distill_mask_BR if teacher else mask_BR * 0.0
+            gap_BR = (logp_BR.detach() - teacher_logp_BR) * distill_mask_BR if teacher_logp_BR is not None else mask_BR * 0.0
             # E_{y ~ student}[log s(y) - log q(y)]: an unbiased estimate of KL(student || teacher) on-policy.
             sums.add("distill/student_teacher_kl", gap_BR.sum(), n_distill)
-            if acfg.mix == "loss" and teacher is None:
+            if acfg.mix == "loss" and teacher_logp_BR is None:
                 sums.add("distill/loss", 0.0, 0.0)
                 sums.add("distill/is_clip_fraction", 0.0, 0.0)
             elif acfg.mix == "loss":
                 ratio_BR = is_ratio(logp_BR, old_BR, acfg.distill.is_clip)
-                distill_BR = terms["distill"].float() * ratio_BR * tis_BR
+                per_token_BR = terms["distill"].float() if "distill" in terms else sampled_token_distill(logp_BR, teacher_logp_BR)
+                distill_BR = per_token_BR * ratio_BR * tis_BR
                 distill_loss = aggregate(distill_BR, distill_mask_BR, num_tokens=counts["distill_tokens"],
                                          num_seqs=counts["distill_seqs"], **agg)
                 loss = loss + (1.0 - acfg.grpo_weight) * distill_loss
@@ -422,15 +451,19 @@ class SDPOTrainer:
         staging = ckpt.staging_dir(root, self.step)
         ckpt.write_rank_state(staging, self.rank, {"rng": ckpt.rng_state()})
         acc.wait_for_everyone()
+        # Under FSDP2 these three gather whole tensors from every rank's shards (collectives).
+        weights = ckpt.full_state_dict(self.unwrapped) if self.sharded else None
+        optimizer = ckpt.optimizer_state_dict(self.unwrapped, self.optimizer.optimizer)
+        teacher = self.teacher.state_dict() if self.teacher is not None else {}
         path = None
         if acc.is_main_process:
-            ckpt.save_model(self.unwrapped, self.tokenizer, staging)
+            ckpt.save_model(self.unwrapped, self.tokenizer, staging, state_dict=weights)
             state = {
                 "step": self.step,
                 "world_size": self.world,
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": optimizer,
                 "scheduler": self.scheduler.state_dict(),
-                "teacher": self.teacher.state_dict() if self.teacher is not None else {},
+                "teacher": teacher,
                 "sampler": self.sampler.state_dict(),
             }
             path = ckpt.finish(root, staging, self.step, state, self.config.trainer.keep_last)
@@ -444,7 +477,7 @@ class SDPOTrainer:
             return
         ckpt.load_model_weights(self.unwrapped, path)
         state = ckpt.load_trainer_state(path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        ckpt.load_optimizer_state_dict(self.unwrapped, self.optimizer.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.teacher is not None:
             self.teacher.load_state_dict(state["teacher"])
@@ -478,6 +511,12 @@ class SDPOTrainer:
             raise ValueError("every problem is longer than rollout.max_prompt_len: raise it")
         return kept
 
+    def _place_copy(self, copy: torch.nn.Module) -> torch.nn.Module:
+        """A frozen copy of the policy (teacher, reference) placed like the prepared policy."""
+        if self.sharded:
+            return fsdp2_prepare_model(self.accelerator, copy)
+        return copy.to(self.accelerator.device)
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
@@ -487,10 +526,29 @@ class SDPOTrainer:
         d = self.config.algorithm.distill
         return {"mode": d.mode, "alpha": d.alpha, "topk": d.topk, "tail": d.tail}
 
+    def _engine_teacher_logp(self, batch: RolloutBatch) -> Tensor:
+        """log q(y_t) under the reprompt for the rows with a signal, scored by the rollout engine (0 elsewhere)."""
+        rows = batch.distill_mask_B.nonzero().flatten().tolist()
+        teacher_logp_BR = torch.zeros(len(batch), batch.response_width)
+        if rows:
+            scores = self.engine.score_teacher([batch.teacher_prompt_ids[i] for i in rows], [batch.response_ids[i] for i in rows])
+            teacher_logp_BR[rows, : scores.token_logp_BR.shape[1]] = scores.token_logp_BR
+        return teacher_logp_BR
+
+    def _needs_teacher(self, distill_mask_BR: Tensor | None) -> bool:
+        if distill_mask_BR is None or self.engine_scores_teacher:
+            return False
+        needed = distill_mask_BR.any().float()
+        if self.sharded:  # the teacher forward is a collective: every rank runs it if one rank needs it
+            needed = self._reduce(needed, "max")
+        return bool(needed)
+
     def _teacher_hidden(self, micro: RolloutBatch):
         """Teacher hidden states for the rows with a distillation signal (zeros elsewhere: those rows are masked)."""
         assert self.teacher is not None
         rows = micro.distill_mask_B.nonzero().flatten()
+        if len(rows) == 0:  # FSDP2, another rank needs the teacher: join its forward with a stand-in row (masked)
+            rows = torch.zeros(1, dtype=torch.long)
         sub = micro.select(rows)
         with self.timer("teacher"), self._autocast():
             hidden = self.teacher.hidden_states(self.unwrapped, sub.teacher_inputs(self.tokenizer.pad_token_id).to(self.accelerator.device))
@@ -509,9 +567,10 @@ class SDPOTrainer:
         for micro in batch.micro_batches(self.config.trainer.micro_batch_size):
             with self._autocast():
                 hidden = response_hidden_states(model, micro.student_inputs(self.tokenizer.pad_token_id).to(device))
-                terms = chunked_response_terms(hidden, unwrap(model).get_output_embeddings(), micro.response_ids_BR.to(device),
+                terms = chunked_response_terms(hidden, output_head(model), micro.response_ids_BR.to(device),
                                                self.config.rollout.temperature, self.config.trainer.logits_chunk_size)
             parts.append(terms["logp"].float().cpu())
+        reshard(model)
         return torch.cat([torch.nn.functional.pad(p, (0, batch.response_width - p.shape[1])) for p in parts])
 
     def _global_counts(self, minibatch: RolloutBatch) -> dict[str, float]:

@@ -16,6 +16,7 @@ import pytest  # noqa: E402
 TINY_OVERRIDES = [
     "model=tiny",
     "algorithm=sdpo",  # pure SDPO unless a test says otherwise (the CPU default run is the hybrid); later wins
+    "rollout=hf",  # the transformers engine unless a test says otherwise (the default run uses vLLM)
     "rollout.num_generations=4",
     "rollout.max_new_tokens=8",
     "trainer.total_steps=1",

@@ -27,6 +27,7 @@ def test_default_config_is_the_cpu_sdpo_run():
     assert config.model.name_or_path == "smollm2-135m-instruct"
     assert config.env.name == "arithmetic"
     assert config.algorithm.uses_teacher
+    assert config.rollout.engine == "vllm"  # the faster engine on this CPU (benchmarks/results/rollout_throughput.md)
 
 
 def test_misspelled_key_names_the_key():
@@ -130,10 +131,21 @@ def test_train_script_runs_with_the_default_run_directory(tmp_path):
     import sys
 
     script = CONFIG_DIR.parent / "scripts" / "train.py"
-    overrides = ["model=tiny", "trainer.total_steps=1", "eval.every=0", "rollout.max_new_tokens=4", "logging.wandb=disabled"]
+    overrides = ["model=tiny", "rollout=hf", "trainer.total_steps=1", "eval.every=0", "rollout.max_new_tokens=4",
+                 "logging.wandb=disabled"]
     result = subprocess.run([sys.executable, str(script), *overrides], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     run_dirs = list((tmp_path / "runs").glob("sdpo_grpo-arithmetic-*"))
     assert len(run_dirs) == 1
     assert (run_dirs[0] / "metrics.jsonl").exists() and (run_dirs[0] / "config.yaml").exists()
     assert "rollout engine=hf" in result.stdout
+
+
+def test_engine_teacher_scoring_states_what_it_needs():
+    with pytest.raises(ConfigError) as info:
+        load_config(["algorithm=sdpo", "rollout=hf", "algorithm.teacher.scorer=engine"])
+    text = error_text(info.value)
+    assert "rollout=vllm" in text and "algorithm.teacher.kind=live" in text and "sampled_token" in text
+    config = load_config(["algorithm=sdpo", "rollout=vllm", "algorithm.teacher.scorer=engine",
+                          "algorithm.teacher.kind=live", "algorithm.distill.mode=sampled_token", "algorithm.distill.alpha=1.0"])
+    assert config.algorithm.teacher.scorer == "engine"

@@ -15,6 +15,7 @@ from pathlib import Path
 import subprocess
 import sys
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,13 +34,52 @@ OVERRIDES = [
     "algorithm.policy.kl_coef=0.1",  # and the reference forward
     "algorithm.teacher.kind=ema",
     "algorithm.teacher.update_rate=0.5",
+    # The output head runs once per 2-token chunk, on responses of different lengths on each rank.
+    "trainer.logits_chunk_size=2",
 ]
 METRICS = ["reward/mean", "response/length_mean", "policy/loss", "distill/loss", "distill/student_teacher_kl",
            "policy/entropy", "optim/grad_norm", "teacher/reprompt_fraction"]
 
 
-def run_worker(out: Path) -> None:
-    """One training step; every rank writes what it holds."""
+FSDP2_CONFIG = REPO / "configs" / "accelerate" / "fsdp2.yaml"
+
+
+def shard_with_fsdp2_on_cpu() -> None:
+    """Turn on FSDP2 with the settings of configs/accelerate/fsdp2.yaml, on gloo.
+
+    `accelerate launch` turns a config file's fsdp_config into FSDP_* variables, but Accelerate enables FSDP only on
+    accelerator devices; on the CPU the state is set the way it would be on GPUs, with the same plugin.
+    """
+    import accelerate.state
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    import yaml
+
+    for key, value in yaml.safe_load(FSDP2_CONFIG.read_text())["fsdp_config"].items():
+        os.environ["FSDP_" + key.removeprefix("fsdp_").upper()] = str(value).lower() if isinstance(value, bool) else str(value)
+    init = accelerate.state.AcceleratorState.__init__
+
+    def init_with_fsdp(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, FullyShardedDataParallelPlugin()
+
+    accelerate.state.AcceleratorState.__init__ = init_with_fsdp
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """A whole tensor from an FSDP2 shard (a collective), or the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().clone()
+
+
+LORA = ["model.lora.enabled=true", "model.lora.r=4"]  # the EMA teacher is then a second adapter
+
+
+def run_worker(out: Path, fsdp2: bool = False, resume: bool = False, lora: bool = False) -> None:
+    """One training step (or, with `resume`, the state restored from its checkpoint); every rank writes what it holds."""
+    if fsdp2:
+        shard_with_fsdp2_on_cpu()
     from conftest import TINY_OVERRIDES
     from toy_envs import ParityEnv, ParityEnvConfig
 
@@ -47,39 +87,83 @@ def run_worker(out: Path) -> None:
         scoring_mode = "inline"  # no scoring worker processes per rank
 
     from sdpo import SDPOTrainer, load_config
+    from sdpo.checkpoint import optimizer_state_dict
     from sdpo.config import ModelConfig
     from sdpo.models import load_tokenizer, resolve_checkpoint
     from sdpo.testing import ScriptedEngine
 
-    config = load_config([*TINY_OVERRIDES, *OVERRIDES, f"trainer.output_dir={out / 'run'}"])
+    config = load_config([*TINY_OVERRIDES, *OVERRIDES, *(LORA if lora else []), f"trainer.output_dir={out / 'run'}",
+                          f"trainer.resume={'auto' if resume else 'none'}"])
     engine = ScriptedEngine(load_tokenizer(resolve_checkpoint(ModelConfig(name_or_path="tiny"))), max_len=6)
     trainer = SDPOTrainer(config, env=InlineParityEnv(ParityEnvConfig()), engine=engine)
+    assert trainer.sharded == fsdp2
+
+    def state() -> dict:
+        return {
+            "policy": {k: full(v) for k, v in trainer.unwrapped.state_dict().items()},
+            "teacher": [full(p) for p in trainer.teacher.owned_parameters()],
+            "optimizer": optimizer_state_dict(trainer.unwrapped, trainer.optimizer.optimizer),  # whole on rank 0
+        }
+
+    if resume:
+        assert trainer.step == 1
+        torch.save(state(), out / f"resumed-rank{trainer.rank}-of-{trainer.world}.pt")
+        return
     metrics = trainer.training_step()
     batch = trainer._last_batch
     trainer.step = 1
     trainer.save()  # every rank writes its RNG state into the checkpoint
+    # The transformers engine on the (sharded) policy: rank 0 holds 3 prompts, rank 1 one, one prompt per generate
+    # call. Under FSDP2 every call is a collective, so the ranks must decode in lockstep (stand-in calls included).
+    from dataclasses import replace
+
+    from sdpo.rollout import HFEngine, SamplingSettings
+
+    prompts = [[trainer.tokenizer.bos_token_id or 1, 100 + 7 * i, 200 + i] for i in range(4)]
+    mine = {0: prompts[:3], 1: prompts[3:]}[trainer.rank] if trainer.world == 2 else prompts
+    engine = HFEngine(trainer.unwrapped, trainer.tokenizer, replace(config.rollout, hf_batch_size=1), synced=trainer.sharded)
+    greedy = [c.token_ids for c in engine.generate(mine, SamplingSettings(n=1, temperature=0.0, max_new_tokens=6))]
     torch.save({
         "world": trainer.world,
+        "greedy": greedy,
         "metrics": metrics,
         "counts": trainer._global_counts(batch),
         "groups": sorted({(pid, int(g)) for pid, g in zip(batch.problem_ids, batch.group_ids_B)}),
         "samples_per_problem": {pid: batch.problem_ids.count(pid) for pid in set(batch.problem_ids)},
-        "policy": {k: v.detach().clone() for k, v in trainer.unwrapped.state_dict().items()},
-        "teacher": [p.detach().clone() for p in trainer.teacher.owned_parameters()],
+        **state(),
     }, out / f"rank{trainer.rank}-of-{trainer.world}.pt")
 
 
-def test_two_processes_take_the_same_step_as_one(tmp_path):
+@pytest.mark.parametrize("sharding, lora", [("ddp", False), ("fsdp2", False), ("fsdp2", True)], ids=["ddp", "fsdp2", "fsdp2-lora"])
+def test_two_processes_take_the_same_step_as_one(tmp_path, sharding, lora):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "WANDB_MODE": "disabled"}
+    flags = [*(["--fsdp2"] if sharding == "fsdp2" else []), *(["--lora"] if lora else [])]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(Path(__file__).resolve()), "--worker", str(tmp_path)]
+           str(Path(__file__).resolve()), "--worker", str(tmp_path), *flags]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     checkpoint = tmp_path / "run" / "checkpoints" / "step-000001"
     assert {p.name for p in checkpoint.glob("rank-*.pt")} == {"rank-0.pt", "rank-1.pt"}
     assert (checkpoint / "COMPLETE").exists()
-    run_worker(tmp_path)  # the single-process reference, in this process
+    # The same processes restart from that checkpoint (under FSDP2: whole tensors loaded into this rank's shards).
+    proc = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in range(2):
+        trained = torch.load(tmp_path / f"rank{rank}-of-2.pt", weights_only=False)
+        resumed = torch.load(tmp_path / f"resumed-rank{rank}-of-2.pt", weights_only=False)
+        for name, value in trained["policy"].items():
+            assert torch.equal(resumed["policy"][name], value), name
+        for a, b in zip(resumed["teacher"], trained["teacher"], strict=True):
+            assert torch.equal(a, b)
+    # Adam's moments, whole on rank 0.
+    trained, resumed = (torch.load(tmp_path / f"{prefix}rank0-of-2.pt", weights_only=False) for prefix in ("", "resumed-"))
+    trained_moments = [v["exp_avg"] for v in trained["optimizer"]["state"].values()]
+    resumed_moments = [v["exp_avg"] for v in resumed["optimizer"]["state"].values()]
+    assert len(resumed_moments) == len(trained_moments) > 0
+    for a, b in zip(resumed_moments, trained_moments):
+        assert torch.equal(a, b)
+    run_worker(tmp_path, lora=lora)  # the single-process reference, in this process
 
     single = torch.load(tmp_path / "rank0-of-1.pt", weights_only=False)
     ranks = [torch.load(tmp_path / f"rank{r}-of-2.pt", weights_only=False) for r in range(2)]
@@ -90,6 +174,10 @@ def test_two_processes_take_the_same_step_as_one(tmp_path):
     assert not per_rank[0] & per_rank[1] and len(per_rank[0]) == len(per_rank[1]) == 2
     assert per_rank[0] | per_rank[1] == {pid for pid, _ in single["groups"]}
     assert all(n == 4 for r in ranks for n in r["samples_per_problem"].values())
+
+    # Greedy rollouts from the updated policy: the same per prompt, however the prompts were spread over ranks.
+    assert ranks[0]["greedy"] + ranks[1]["greedy"] == single["greedy"]
+    assert all(len(ids) > 0 for ids in single["greedy"])
 
     # The loss normalisers are the global counts on every rank, equal to the single process's.
     for r in ranks:
@@ -108,7 +196,10 @@ def test_two_processes_take_the_same_step_as_one(tmp_path):
     initial = load_model(ModelConfig(name_or_path="tiny")).state_dict()
     moved = 0.0
     for name, value in single["policy"].items():
-        moved = max(moved, float((value - initial[name]).abs().max()))
+        if lora:  # the trained adapter's B matrices start at zero
+            moved = max(moved, float(value.abs().max()) if ".lora_B.default." in name else 0.0)
+        else:
+            moved = max(moved, float((value - initial[name]).abs().max()))
         for r in ranks:
             torch.testing.assert_close(r["policy"][name], value, rtol=1e-5, atol=1e-6, msg=name)
     assert moved > 1e-4
@@ -120,4 +211,5 @@ def test_two_processes_take_the_same_step_as_one(tmp_path):
 
 if __name__ == "__main__" and "--worker" in sys.argv:
     os.environ.setdefault("WANDB_MODE", "disabled")
-    run_worker(Path(sys.argv[sys.argv.index("--worker") + 1]))
+    run_worker(Path(sys.argv[sys.argv.index("--worker") + 1]), fsdp2="--fsdp2" in sys.argv, resume="--resume" in sys.argv,
+               lora="--lora" in sys.argv)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import builtins
 import importlib.util
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -386,5 +387,50 @@ def test_full_sdpo_step_with_vllm(engine, tmp_path) -> None:
         ours = trainer.engine.generate(prompt, greedy())
         theirs = hf_generate(trainer.unwrapped.eval(), trainer.tokenizer, prompt, greedy())
         assert changed and ours[0].token_ids == theirs[0].token_ids
+    finally:
+        trainer.engine.close()
+
+
+@pytest.mark.skipif(not HAS_TRAINER, reason="sdpo/trainer.py (SDPOTrainer, the lead's piece) does not exist yet")
+def test_engine_scores_the_teacher_in_a_full_step(engine, tmp_path) -> None:
+    # algorithm.teacher.scorer=engine: the reprompt log-probs come from vLLM before the update, and equal the
+    # policy's own (the live teacher) computed by transformers; the update then uses them.
+    from sdpo.hydra_config import load_config
+    from sdpo.trainer import SDPOTrainer
+
+    config = load_config([
+        "model=tiny", "rollout=vllm", "env=arithmetic", "env.feedback=true", "algorithm=sdpo",
+        "algorithm.teacher.kind=live", "algorithm.teacher.scorer=engine", "algorithm.distill.mode=sampled_token",
+        "algorithm.distill.alpha=1.0", "algorithm.reprompt.max_reprompt_len=256",
+        "rollout.num_generations=2", "rollout.max_new_tokens=8", "rollout.max_prompt_len=64",
+        "rollout.vllm.kv_cache_gb=0.25", "rollout.vllm.dtype=float32",
+        "trainer.total_steps=1", "trainer.questions_per_step=2", "trainer.mini_batch_questions=2",
+        "trainer.micro_batch_size=4", "eval.every=0", "logging.wandb=disabled", "logging.progress_bar=false",
+        f"trainer.output_dir={tmp_path}",
+    ])
+    trainer = SDPOTrainer(config)
+    try:
+        assert trainer.engine.max_model_len >= 256 + 8
+        batch, problems_B = trainer.generate(trainer.next_questions())
+        trainer.score(batch, problems_B)
+        trainer.build_teacher_context(batch, problems_B)
+        rows = batch.distill_mask_B.nonzero().flatten().tolist()
+        assert rows and batch.teacher_logp_BR is not None
+        model = trainer.unwrapped.eval()
+        with torch.no_grad():
+            for i in range(len(batch)):
+                prompt, response = batch.teacher_prompt_ids[i], batch.response_ids[i]
+                if i not in rows:
+                    assert not batch.teacher_logp_BR[i].any()
+                    continue
+                logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1]
+                expected = logits.log_softmax(-1).gather(-1, torch.tensor(response)[:, None])[:, 0]
+                torch.testing.assert_close(batch.teacher_logp_BR[i, : len(response)], expected, atol=2e-4, rtol=0)
+        model.train()
+        batch.advantages_B = torch.zeros(len(batch))
+        before = {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters()}
+        metrics = trainer.update(batch)
+        assert metrics["distill/loss"] != 0 and math.isfinite(metrics["distill/student_teacher_kl"])
+        assert any(not torch.equal(p, before[n]) for n, p in trainer.unwrapped.named_parameters())
     finally:
         trainer.engine.close()

@@ -25,6 +25,7 @@ from sdpo.losses.distill import (
     divergence,
     is_ratio,
     log_softmax_temperature,
+    sampled_token_distill,
     topk_support,
 )
 from sdpo.losses.logprobs import chunked_response_terms, entropy_from_logits, token_logprobs
@@ -43,6 +44,7 @@ __all__ = [
     "entropy_from_logits",
     "group_advantages",
     "is_ratio",
+    "sampled_token_distill",
     "kl_penalty",
     "log_softmax_temperature",
     "masked_mean",

@@ -108,7 +108,12 @@ def _sampled_token(student_logits_BRV, teacher_logits_BRV, response_ids_BR, *, a
         raise ValueError(f"distillation mode 'sampled_token' supports only alpha=1.0 (reverse KL), got {alpha}")
     s_BR = gather_token(log_softmax_temperature(student_logits_BRV, temperature), response_ids_BR)
     q_BR = gather_token(log_softmax_temperature(teacher_logits_BRV, temperature), response_ids_BR)
-    return (s_BR - q_BR).detach() * s_BR
+    return sampled_token_distill(s_BR, q_BR)
+
+
+def sampled_token_distill(student_logp_BR: Tensor, teacher_logp_BR: Tensor) -> Tensor:
+    """The sampled-token loss from the two log-probs of the sampled tokens (also when an engine scored the teacher)."""
+    return (student_logp_BR - teacher_logp_BR).detach() * student_logp_BR
 
 
 @DISTILL_MODES.register("full_logits")

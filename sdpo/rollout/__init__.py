@@ -19,9 +19,11 @@ def build_engine(
     model_path: str | Path,
     max_model_len: int,
     autocast_dtype: torch.dtype | None = None,
+    sharded: bool = False,
 ) -> RolloutEngine:
+    """`sharded`: the policy's parameters are split over ranks (FSDP2), so generating with it is a collective."""
     if config.engine == "hf":
-        return HFEngine(model, tokenizer, config, autocast_dtype=autocast_dtype)
+        return HFEngine(model, tokenizer, config, autocast_dtype=autocast_dtype, synced=sharded)
     if config.engine == "vllm":
         from sdpo.rollout.vllm import VLLMEngine  # imports vllm lazily; a clear error says how to install it
 

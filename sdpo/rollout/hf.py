@@ -6,6 +6,7 @@ from collections.abc import Sequence
 import contextlib
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sdpo.batch import build_model_inputs
@@ -21,24 +22,41 @@ class HFEngine(RolloutEngine):
         tokenizer: PreTrainedTokenizerBase,
         config: RolloutConfig,
         autocast_dtype: torch.dtype | None = None,
+        synced: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = config.hf_batch_size
         self.autocast_dtype = autocast_dtype
+        # FSDP2 (parameters sharded over ranks): every forward pass is a collective, so all ranks must run the same
+        # number of `generate` calls and of decoding steps (`synced_gpus`), however many prompts each holds.
+        self.synced = synced
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingSettings) -> list[Completion]:
         was_training = self.model.training
         self.model.eval()
+        root = self.model if self.synced and isinstance(self.model, FSDPModule) else None
+        if root is not None:
+            # PEFT's generate enters below the FSDP2 root, whose own parameters would stay sharded: gather them.
+            root.unshard()
         try:
             prompts_per_call = max(1, self.batch_size // sampling.n)
+            starts = list(range(0, len(prompts), prompts_per_call))
+            calls = len(starts)
+            if self.synced:  # ranks with fewer prompts join the others' calls with stand-in ones, output discarded
+                calls = _max_over_ranks(calls, next(self.model.parameters()).device)
             completions: list[Completion] = []
-            for start in range(0, len(prompts), prompts_per_call):
-                chunk = prompts[start : start + prompts_per_call]
-                completions += self._generate_chunk(chunk, start, sampling)
+            for call in range(calls):
+                if call < len(starts):
+                    start = starts[call]
+                    completions += self._generate_chunk(prompts[start : start + prompts_per_call], start, sampling)
+                else:
+                    self._generate_chunk([[self.tokenizer.eos_token_id]], 0, sampling)
             return completions
         finally:
+            if root is not None:
+                root.reshard()
             self.model.train(was_training)
 
     def _generate_chunk(self, prompts: Sequence[Sequence[int]], offset: int, sampling: SamplingSettings) -> list[Completion]:
@@ -54,6 +72,7 @@ class HFEngine(RolloutEngine):
             num_return_sequences=1 if sampling.greedy else sampling.n,
             pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id,
+            synced_gpus=self.synced,
         )
         if sampling.greedy:
             kwargs.update(do_sample=False)
@@ -88,6 +107,12 @@ class HFEngine(RolloutEngine):
                 )
             )
         return completions
+
+
+def _max_over_ranks(value: int, device: torch.device) -> int:
+    total = torch.tensor([value], device=device)
+    torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.MAX)
+    return int(total)
 
 
 def _cut_at_eos(sequence: list[int], eos_id: int, pad_id: int) -> tuple[list[int], bool]:

@@ -43,6 +43,7 @@ import weakref
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from sdpo.config import RolloutConfig
 from sdpo.rollout.base import ENGINES, Completion, RolloutEngine, SamplingSettings, SyncStats
@@ -93,6 +94,9 @@ class ExportedTensor:
         tensor = self.source.detach()
         if self.merge is not None:
             tensor = self.merge(tensor)  # a new tensor: the trainer's weight stays untouched
+        if isinstance(tensor, DTensor):
+            # FSDP2 shard: gathered whole (a collective; every rank walks the same tensors in the same order).
+            tensor = tensor.full_tensor()
         return tensor.to(device=device, dtype=dtype)
 
 

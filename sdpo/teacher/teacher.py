@@ -29,8 +29,9 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from sdpo.batch import ModelInputs
+from sdpo.checkpoint import copy_whole_into, full_state_dict, load_full_state_dict, whole
 from sdpo.config import RepromptConfig, TeacherConfig
-from sdpo.models import is_peft_model, render_chat, response_hidden_states
+from sdpo.models import is_peft_model, output_head, render_chat, reshard, response_hidden_states
 from sdpo.teacher.reprompt import Reprompt, fit_bodies
 
 EMA_ADAPTER = "sdpo_ema"
@@ -86,18 +87,21 @@ def add_ema_adapter(policy: nn.Module, name: str = EMA_ADAPTER) -> dict[str, tup
     config.inference_mode = True
     trainable_before = [n for n, p in policy.named_parameters() if p.requires_grad]
     policy.add_adapter(name, config)
-    params = dict(policy.named_parameters())
-    pairs = {}
-    for key, param in params.items():
-        if f".{name}." in key:
-            source = params[key.replace(f".{name}.", f".{trained}.")]
-            param.requires_grad_(False)
-            with torch.no_grad():
-                param.copy_(source)
-            pairs[key] = (param, source)
+    pairs = ema_adapter_pairs(policy, name)
+    for param, source in pairs.values():
+        param.requires_grad_(False)
+        with torch.no_grad():
+            param.copy_(source)
     if not pairs or [n for n, p in policy.named_parameters() if p.requires_grad] != trainable_before:
         raise RuntimeError("adding the EMA teacher adapter changed which parameters train; check the PEFT version")
     return pairs
+
+
+def ema_adapter_pairs(policy: nn.Module, name: str = EMA_ADAPTER) -> dict[str, tuple[Tensor, Tensor]]:
+    """{name: (EMA adapter parameter, trained adapter parameter)}, looked up in the policy as it is now."""
+    trained = policy.active_adapter
+    params = dict(policy.named_parameters())
+    return {key: (param, params[key.replace(f".{name}.", f".{trained}.")]) for key, param in params.items() if f".{name}." in key}
 
 
 class Teacher:
@@ -111,6 +115,24 @@ class Teacher:
             self._ema_pairs = add_ema_adapter(policy)
         elif not self.lora and self.kind in ("frozen", "ema", "trust_region"):
             self.model = frozen_copy(policy)
+
+    def place(self, policy: nn.Module, prepare_copy: Callable[[nn.Module], nn.Module]) -> None:
+        """After `Accelerator.prepare(policy)`: put the teacher where the prepared policy lives.
+
+        The teacher is built from the policy before `prepare`, because a sharded module cannot be copied. Its own
+        copy is prepared like the policy (`prepare_copy`: a device, or FSDP2 shards); a LoRA EMA adapter is paired
+        again with the policy's parameters, which FSDP2 replaced by shards. The EMA update then pairs shards with
+        shards.
+        """
+        if self.model is not None:
+            self.model = prepare_copy(self.model)
+        if self._ema_pairs:
+            self._ema_pairs = ema_adapter_pairs(policy)
+
+    def release(self) -> None:
+        """After the loss's backward: under FSDP2, free the teacher's gathered output head (`sdpo.models.reshard`)."""
+        if self.model is not None:
+            reshard(self.model)
 
     def owned_parameters(self) -> list[Tensor]:
         """The tensors this teacher holds besides the policy's own (a full copy, an adapter, or nothing)."""
@@ -146,7 +168,7 @@ class Teacher:
             with self._weights(policy, which) as model, eval_mode(model):
                 hidden.append(response_hidden_states(model, inputs).detach())
                 # The output head is never adapted (LoRAConfig forbids it), so it is the same outside the context.
-                heads.append(model.get_output_embeddings())
+                heads.append(output_head(model))
             weights.append(weight)
         return TeacherHidden(hidden, heads, weights)
 
@@ -169,9 +191,9 @@ class Teacher:
         if self.kind != "ema":
             return {}
         if self.lora:
-            return {name: t.detach().cpu().clone() for name, (t, _) in self._ema_pairs.items()}
+            return {name: whole(t) for name, (t, _) in self._ema_pairs.items()}  # FSDP2: gathered, on every rank
         assert self.model is not None
-        return self.model.state_dict()
+        return full_state_dict(self.model)  # under FSDP2 a collective: every rank calls it
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         if not state:
@@ -180,11 +202,10 @@ class Teacher:
             if set(state) != set(self._ema_pairs):
                 mismatch = sorted(set(state) ^ set(self._ema_pairs))[:3]
                 raise RuntimeError(f"the checkpoint's EMA adapter does not match the model's: {mismatch}")
-            with torch.no_grad():
-                for name, (teacher_param, _) in self._ema_pairs.items():
-                    teacher_param.copy_(state[name])
+            for name, (teacher_param, _) in self._ema_pairs.items():
+                copy_whole_into(teacher_param, state[name])
         elif self.model is not None:
-            self.model.load_state_dict(state)
+            load_full_state_dict(self.model, state)
 
 
 def teacher_prompt_ids(
