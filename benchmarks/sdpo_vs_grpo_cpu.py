@@ -28,6 +28,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 from sdpo.hydra_config import load_config  # noqa: E402
 from sdpo.tracking import plot_curves, read_metrics  # noqa: E402
 
+STAGES = ["generate", "score", "teacher", "update", "sync"]  # the trainer's stage timers (time/<stage>)
 METHODS: dict[str, list[str]] = {
     "grpo": ["algorithm=grpo"],
     "sdpo": ["algorithm=sdpo"],
@@ -68,7 +69,8 @@ def summarize(runs: dict[str, list[Path]], args: argparse.Namespace) -> str:
         f"Command: `python {' '.join(sys.argv)}`",
         f"Setup: SmolLM2-135M-Instruct, {first.env.name} ({', '.join(first.env.ops)}), "
         f"{first.trainer.questions_per_step} questions x {first.rollout.num_generations} rollouts per step "
-        f"({gens_per_step} generations), max {first.rollout.max_new_tokens} new tokens; held-out: "
+        f"({gens_per_step} generations), max {first.rollout.max_new_tokens} new tokens, rollout engine "
+        f"{first.rollout.engine}; held-out: "
         f"{eval_key} over the test split (temperature {first.eval.temperature}, top-p {first.eval.top_p}).",
         "",
         "## Held-out accuracy (mean over seeds) by step",
@@ -76,19 +78,29 @@ def summarize(runs: dict[str, list[Path]], args: argparse.Namespace) -> str:
     ]
     curves: dict[str, dict[int, list[float]]] = {}
     step_times: dict[str, list[float]] = {}
+    stage_times: dict[str, dict[str, list[float]]] = {}  # method -> stage -> seconds, without each run's first step
     for name, dirs in runs.items():
         curves[name] = {}
         step_times[name] = []
+        stage_times[name] = {stage: [] for stage in STAGES}
         for d in dirs:
+            timed = [row for row in read_metrics(d) if row.get("time/generate") is not None]
             for row in read_metrics(d):
                 if row.get(eval_key) is not None:
                     curves[name].setdefault(row["step"], []).append(row[eval_key])
-                if row.get("time/generate") is not None:
-                    step_times[name].append(sum(v for k, v in row.items() if k.startswith("time/") and v))
+            for i, row in enumerate(timed):
+                step_times[name].append(sum(v for k, v in row.items() if k.startswith("time/") and v))
+                for stage in STAGES if i > 0 else ():  # the first step warms up allocators and caches
+                    stage_times[name][stage].append(row.get(f"time/{stage}") or 0.0)
     steps = sorted({s for c in curves.values() for s in c})
-    lines.append("| method | overrides | " + " | ".join(f"step {s}" for s in steps) + " | best (at generations) |")
-    lines.append("|---|---|" + "---|" * len(steps) + "---|")
+    if not steps:
+        lines.append("No evaluations in these runs (eval.every=0).")
+    else:
+        lines.append("| method | overrides | " + " | ".join(f"step {s}" for s in steps) + " | best (at generations) |")
+        lines.append("|---|---|" + "---|" * len(steps) + "---|")
     for name, curve in curves.items():
+        if not curve:
+            continue
         means = {s: statistics.mean(v) for s, v in curve.items()}
         best_step = max(means, key=lambda s: (means[s], -s))
         cells = " | ".join(f"{means[s]:.3f}" if s in means else "" for s in steps)
@@ -102,6 +114,14 @@ def summarize(runs: dict[str, list[Path]], args: argparse.Namespace) -> str:
         median = statistics.median(times)
         overhead = f"{100 * (median / base - 1):+.1f}%" if base else "n/a"
         lines.append(f"| {name} | {median:.2f} | {statistics.mean(times):.2f} | {overhead} |")
+    lines += ["", "## Seconds per step by stage (medians, each run's first step left out)", ""]
+    lines.append("| method | " + " | ".join(STAGES) + " | sum | vs grpo |")
+    lines.append("|---|" + "---|" * (len(STAGES) + 2))
+    sums = {name: sum(statistics.median(v) for v in stages.values() if v) for name, stages in stage_times.items()}
+    for name, stages in stage_times.items():
+        cells = " | ".join(f"{statistics.median(v):.2f}" if v else "" for v in stages.values())
+        versus = f"{100 * (sums[name] / sums['grpo'] - 1):+.1f}%" if sums.get("grpo") else "n/a"
+        lines.append(f"| {name} | {cells} | {sums[name]:.2f} | {versus} |")
     return "\n".join(lines) + "\n"
 
 

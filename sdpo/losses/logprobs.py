@@ -92,11 +92,13 @@ def chunked_response_terms(
 
     pieces: list[dict[str, Tensor]] = []
     # max(R, 1): an empty response still yields one (empty) chunk, so every key is present with shape [B, 0].
-    for start in range(0, max(student_hidden_BRH.shape[1], 1), chunk_size):
+    starts = range(0, max(student_hidden_BRH.shape[1], 1), chunk_size)
+    for start in starts:
         window = slice(start, start + chunk_size)
         tensors = [student_hidden_BRH[:, window], response_ids_BR[:, window], *(h[:, window] for h in teacher_hidden)]
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and len(starts) > 1:
             # Keep only the chunk's inputs; the [B, C, V] logits are recomputed in backward, one chunk at a time.
+            # (A single chunk is not recomputed: its backward would rebuild the same tensors at the same peak.)
             pieces.append(checkpoint(run_chunk, *tensors, use_reentrant=False))
         else:
             pieces.append(run_chunk(*tensors))
