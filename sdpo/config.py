@@ -390,6 +390,28 @@ class EvalConfig:
 
 
 @dataclass
+class TestTimeConfig:
+    """Test-time self-distillation on single hard questions (spec section 8; scripts/test_time.py)."""
+
+    __test__ = False  # a config, not a pytest test class
+
+    # Attempts (rollouts) per question before giving up; the paper's budget is 2750 at 16 rollouts per step.
+    budget: int = 2750
+    num_questions: int | None = None  # None: the whole split
+    split: str = "test"
+    # What runs on each question: "sdpo" (an SDPO step after each failed batch) and the "best_of_k" baseline
+    # (the same number of attempts from the initial weights, no update).
+    methods: list[str] = field(default_factory=lambda: ["sdpo", "best_of_k"])
+    # The JSON report; None: <trainer.output_dir or runs/test-time-<env>>/test_time.json.
+    output_file: str | None = None
+
+    def __post_init__(self) -> None:
+        check_range("test_time.budget", self.budget, 1)
+        for method in self.methods:
+            check_choice("test_time.methods[]", method, ["sdpo", "best_of_k"])
+
+
+@dataclass
 class LoggingConfig:
     # wandb: "auto" (online with an API key, offline without), "online", "offline", "disabled".
     wandb: str = "auto"
@@ -414,6 +436,7 @@ class SDPOConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    test_time: TestTimeConfig = field(default_factory=TestTimeConfig)
 
     def __post_init__(self) -> None:
         if self.trainer.mini_batch_questions > self.trainer.questions_per_step:

@@ -434,3 +434,12 @@ def test_engine_scores_the_teacher_in_a_full_step(engine, tmp_path) -> None:
         assert any(not torch.equal(p, before[n]) for n, p in trainer.unwrapped.named_parameters())
     finally:
         trainer.engine.close()
+
+
+def test_seeded_sampling_of_a_large_batch(engine, prompts) -> None:
+    # More prompt tokens than one scheduler step takes: with chunked prefill, a split prefill made vLLM's CPU backend
+    # rewind the seeded generator and crash ("CPU Generator does not use offset"), as scripts/eval.py did at 16
+    # samples x 24 questions. The engine schedules CPU prefills whole.
+    many = [p + [p[-1]] * (i % 7) for i in range(160) for p in prompts]  # 480 prompts, about 15k prompt tokens
+    out = engine.generate(many, SamplingSettings(n=2, temperature=1.0, max_new_tokens=2, seed=3))
+    assert len(out) == 2 * len(many) and all(c.token_ids for c in out)

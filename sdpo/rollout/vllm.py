@@ -288,6 +288,10 @@ class VLLMEngine(RolloutEngine):
             max_logprobs=max(cfg.max_logprobs, 1),
             enable_sleep_mode=self.sleep_level > 0,
         )
+        if self.on_cpu:
+            # A prefill split over two scheduler steps makes vLLM rewind the seeded request's generator, which the
+            # CPU generator cannot do ("CPU Generator does not use offset"): schedule every prefill whole.
+            kwargs["enable_chunked_prefill"] = False
         kv_gb = cfg.kv_cache_gb if cfg.kv_cache_gb is not None else (CPU_DEFAULT_KV_CACHE_GB if self.on_cpu else None)
         if kv_gb is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_gb * GiB)

@@ -1,0 +1,50 @@
+"""Test-time self-distillation on single hard questions: SDPO vs best-of-k, reported as discovery@k.
+
+    python scripts/test_time.py experiment=test_time model.name_or_path=/models/Qwen3-8B env=livecodebench rollout=vllm
+    python scripts/test_time.py env=arithmetic env.feedback=true test_time.budget=64 test_time.num_questions=8
+
+For each question of test_time.split, each method in test_time.methods starts from the checkpoint: "sdpo" samples
+rollout.num_generations attempts, stops at the first success, and otherwise takes an SDPO step on them (the teacher
+sees the environment's feedback) and samples again; "best_of_k" samples the same attempts without updates. Prints
+discovery@k (the fraction of questions solved within k attempts) and writes a JSON report with every question's
+first successful attempt (test_time.output_file). sdpo/test_time.py has the details.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from sdpo.hydra_config import CONFIG_DIR, register_configs, run_checked, to_config  # noqa: E402
+
+register_configs()
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from sdpo.evaluation import format_table
+    from sdpo.test_time import run_test_time
+
+    config = to_config(cfg)
+    report = run_test_time(config)
+    out = Path(config.test_time.output_file or Path(config.trainer.output_dir or f"runs/test-time-{config.env.name}") / "test_time.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    for method, curve in report["discovery"].items():
+        print(format_table({f"discovery@{k}": v for k, v in curve.items()}, title=(
+            f"{method}: {report['num_questions']} questions of {report['env']}/{report['split']}, "
+            f"{report['rollouts_per_step']} attempts per step, budget {report['budget']}")))
+    print(f"report: {out}")
+
+
+if __name__ == "__main__":
+    run_checked(main)

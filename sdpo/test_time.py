@@ -1,0 +1,128 @@
+"""Test-time self-distillation (paper section on single hard questions; spec sections 7-8).
+
+One question at a time, from the initial weights: sample `rollout.num_generations` attempts, score them, stop at
+the first success; otherwise take a training step on the failed attempts (SDPO: the self-teacher sees the
+environment's feedback, since there is no successful sibling to show) and sample again, until `test_time.budget`
+attempts. The baseline, best-of-k, draws the same attempts from the initial weights without any update.
+discovery@k is the fraction of questions solved within k attempts. The multi-turn baseline of the paper (feedback
+fed back into a growing conversation) is not implemented.
+
+Each (question, method) runs in a fresh `SDPOTrainer` over a one-question environment, so the weights, optimizer
+and teacher start from the checkpoint every time, and the attempts of a step are counted in sampling order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+import logging
+import tempfile
+from typing import Any
+
+from sdpo.config import SDPOConfig
+from sdpo.envs import Environment, Problem, build_environment
+from sdpo.rollout import RolloutEngine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Discovery:
+    question_id: str
+    method: str
+    attempts: int  # attempts sampled (a multiple of rollout.num_generations, at most the budget rounded up)
+    solved_at: int | None  # 1-based index of the first successful attempt; None: not solved within the budget
+
+
+class OneQuestion:
+    """An environment that serves one problem for every split and scores with the wrapped environment."""
+
+    def __init__(self, env: Environment, problem: Problem) -> None:
+        self.env, self.problem = env, problem
+
+    def load(self, split: str) -> list[Problem]:
+        return [self.problem]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.env, name)
+
+
+def solve(config: SDPOConfig, env: Environment, problem: Problem, method: str,
+          engine: RolloutEngine | None = None) -> tuple[Discovery, RolloutEngine]:
+    """Attempts on `problem` until one succeeds or the budget is spent; `method` is "sdpo" or "best_of_k".
+
+    Returns the discovery and the rollout engine, left open: a vLLM engine takes seconds and memory to start, so
+    `run_test_time` passes it to the next question (it is first synced to that question's initial weights).
+    """
+    from sdpo.trainer import SDPOTrainer
+
+    # Nothing of the per-question trainer is kept: its run directory is temporary and it logs nowhere.
+    scratch = tempfile.TemporaryDirectory(prefix="sdpo-test-time-")
+    config = replace(config, trainer=replace(config.trainer, output_dir=scratch.name, resume="none", save_every=0),
+                     logging=replace(config.logging, wandb="disabled", tensorboard=False))
+    trainer = SDPOTrainer(config, env=OneQuestion(env, problem), engine=engine)  # type: ignore[arg-type]
+    if engine is not None:
+        engine.sync_weights(trainer.unwrapped)  # a reused engine still serves the previous question's weights
+    threshold = config.algorithm.reprompt.success_reward_threshold
+    attempts = 0
+    try:
+        while attempts < config.test_time.budget:
+            if method == "sdpo":
+                trainer.training_step()  # generate, score, reprompt, update, sync
+                batch = trainer._last_batch
+            else:
+                batch, problems_B = trainer.generate(trainer.next_questions())
+                trainer.score(batch, problems_B)
+            trainer.step += 1  # the next step samples with the next seed
+            solved = (batch.rewards_B >= threshold).nonzero().flatten()
+            if len(solved):
+                return Discovery(problem.id, method, attempts + len(batch), attempts + int(solved[0]) + 1), trainer.engine
+            attempts += len(batch)
+        return Discovery(problem.id, method, attempts, None), trainer.engine
+    finally:
+        trainer.tracker.close()
+        scratch.cleanup()
+
+
+def discovery_at(results: Sequence[Discovery], k: int) -> float:
+    """The fraction of questions solved within k attempts."""
+    return sum(r.solved_at is not None and r.solved_at <= k for r in results) / max(len(results), 1)
+
+
+def run_test_time(config: SDPOConfig, env: Environment | None = None,
+                  engine_factory: Callable[[], RolloutEngine] | None = None) -> dict[str, Any]:
+    """Every method on every question of `test_time.split`: the report scripts/test_time.py writes."""
+    ttc = config.test_time
+    env = env or build_environment(config.env)
+    problems = env.load(ttc.split)[: ttc.num_questions]
+    if not problems:
+        raise ValueError(f"test_time.split={ttc.split!r} of env {config.env.name!r} holds no problems")
+    results: dict[str, list[Discovery]] = {method: [] for method in ttc.methods}
+    # One engine for the whole run, except the transformers engine, which generates with its trainer's own model.
+    reuse = engine_factory is None and config.rollout.engine != "hf"
+    engine: RolloutEngine | None = None
+    try:
+        for i, problem in enumerate(problems):
+            for method in ttc.methods:
+                found, used = solve(config, env, problem, method, engine_factory() if engine_factory else engine)
+                if reuse:
+                    engine = used
+                else:
+                    used.close()
+                results[method].append(found)
+                log.info("question %d/%d (%s) %s: %s", i + 1, len(problems), problem.id, method,
+                         f"solved at attempt {found.solved_at}" if found.solved_at else f"unsolved after {found.attempts}")
+    finally:
+        if engine is not None:
+            engine.close()
+    ks = sorted({k for k in (1, 16, 64, 256, 1024, ttc.budget) if k <= ttc.budget})
+    return {
+        "env": config.env.name,
+        "split": ttc.split,
+        "model": config.model.name_or_path,
+        "budget": ttc.budget,
+        "rollouts_per_step": config.rollout.num_generations,
+        "num_questions": len(problems),
+        "discovery": {method: {k: discovery_at(found, k) for k in ks} for method, found in results.items()},
+        "questions": {method: [asdict(r) for r in found] for method, found in results.items()},
+    }
