@@ -84,8 +84,9 @@ def summarize(runs: dict[str, list[Path]], args: argparse.Namespace) -> str:
         step_times[name] = []
         stage_times[name] = {stage: [] for stage in STAGES}
         for d in dirs:
-            timed = [row for row in read_metrics(d) if row.get("time/generate") is not None]
-            for row in read_metrics(d):
+            rows = read_metrics(d)
+            timed = [row for row in rows if row.get("time/generate") is not None]
+            for row in rows:
                 if row.get(eval_key) is not None:
                     curves[name].setdefault(row["step"], []).append(row[eval_key])
             for i, row in enumerate(timed):

@@ -66,13 +66,6 @@ def shard_with_fsdp2_on_cpu() -> None:
     accelerate.state.AcceleratorState.__init__ = init_with_fsdp
 
 
-def full(tensor: torch.Tensor) -> torch.Tensor:
-    """A whole tensor from an FSDP2 shard (a collective), or the tensor itself."""
-    from torch.distributed.tensor import DTensor
-
-    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().clone()
-
-
 LORA = ["model.lora.enabled=true", "model.lora.r=4"]  # the EMA teacher is then a second adapter
 
 
@@ -87,7 +80,7 @@ def run_worker(out: Path, fsdp2: bool = False, resume: bool = False, lora: bool 
         scoring_mode = "inline"  # no scoring worker processes per rank
 
     from sdpo import SDPOTrainer, load_config
-    from sdpo.checkpoint import optimizer_state_dict
+    from sdpo.checkpoint import optimizer_state_dict, whole
     from sdpo.config import ModelConfig
     from sdpo.models import load_tokenizer, resolve_checkpoint
     from sdpo.testing import ScriptedEngine
@@ -100,8 +93,8 @@ def run_worker(out: Path, fsdp2: bool = False, resume: bool = False, lora: bool 
 
     def state() -> dict:
         return {
-            "policy": {k: full(v) for k, v in trainer.unwrapped.state_dict().items()},
-            "teacher": [full(p) for p in trainer.teacher.owned_parameters()],
+            "policy": {k: whole(v) for k, v in trainer.unwrapped.state_dict().items()},  # FSDP2: gathered
+            "teacher": [whole(p) for p in trainer.teacher.owned_parameters()],
             "optimizer": optimizer_state_dict(trainer.unwrapped, trainer.optimizer.optimizer),  # whole on rank 0
         }
 
