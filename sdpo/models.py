@@ -23,6 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from sdpo.config import ModelConfig
+from sdpo.sharding import is_zero3
 
 SMOLLM2 = "smollm2-135m-instruct"
 TINY = "tiny"
@@ -206,33 +207,46 @@ def response_hidden_states(model: torch.nn.Module, inputs) -> torch.Tensor:
 
     Goes through the model's own forward (so DDP / FSDP / PEFT hooks run) and asks for the logits of one position
     only: the vocabulary projection happens later, chunk by chunk, in `sdpo.losses.chunked_response_terms`.
+
+    DeepSpeed ZeRO-3 is the exception: there every call of the output head gathers its weight (a collective), and
+    ranks hold responses of different lengths, so a head called once per chunk would be called a different number
+    of times on each rank. The head runs inside the forward instead, once, and this returns the response logits
+    [B, R, V]; `output_head` is then the identity. The price: a micro-batch's whole [B, R, V] logits.
     """
+    window = inputs.response_hidden_slice
+    zero3 = is_zero3(model)
     out = model(
         input_ids=inputs.input_ids,
         attention_mask=inputs.attention_mask,
         position_ids=inputs.position_ids,
-        output_hidden_states=True,
-        logits_to_keep=1,
+        output_hidden_states=not zero3,
+        logits_to_keep=inputs.input_ids.shape[1] - window.start if zero3 else 1,
         use_cache=False,
     )
-    return out.hidden_states[-1][:, inputs.response_hidden_slice]
+    if zero3:
+        return out.logits[:, : window.stop - window.start]
+    return out.hidden_states[-1][:, window]
 
 
 def output_head(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """hidden -> logits with the model's output head, for use after `response_hidden_states`.
 
-    A function of the head's weight rather than a call of the head module: under FSDP2 a module call runs the
-    sharding hooks, and calling the output head's unit again after the model's forward breaks torch's backward
-    (a crash in 2.13). Accelerate keeps that unit gathered from the forward until its backward
-    (reshard_after_forward=False), so the weight read here is the whole tensor, and its gradient is
-    reduce-scattered with the unit's at the end of the backward.
+    FSDP2: a function of the head's weight rather than a call of the head module. A module call runs the sharding
+    hooks, and calling the output head's unit again after the model's forward breaks torch's backward (a crash in
+    2.13). Accelerate keeps that unit gathered from the forward until its backward (reshard_after_forward=False), so
+    the weight read here is the whole tensor, and its gradient is reduce-scattered with the unit's at the end of
+    the backward.
+    DeepSpeed ZeRO-3: the identity, since `response_hidden_states` returns logits there (see its docstring).
     """
+    if is_zero3(model):
+        return lambda logits: logits
     head = unwrap(model).get_output_embeddings()
     return lambda hidden: torch.nn.functional.linear(hidden, head.weight, head.bias)
 
 
 def reshard(model: torch.nn.Module) -> None:
-    """FSDP2: give back the parameters a no-grad forward left gathered; a no-op for other models.
+    """FSDP2: give back the parameters a no-grad forward left gathered; a no-op for other models (DeepSpeed
+    partitions again after each module call).
 
     Accelerate keeps the output head's unit gathered after the forward until its backward (see `output_head`); a
     teacher or reference forward has no backward, so without this its head would stay whole on every rank.

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 import contextlib
-from dataclasses import asdict
+import copy as copy_module
+from dataclasses import asdict, replace
 import logging
 import math
 import os
@@ -60,6 +61,7 @@ from sdpo.models import (
     unwrap,
 )
 from sdpo.rollout import RolloutEngine, SamplingSettings, build_engine
+from sdpo.sharding import full_state_dict
 from sdpo.teacher import Reprompt, Teacher, build_reprompts, reprompt_stats, teacher_prompt_ids
 from sdpo.teacher.teacher import base_weights, frozen_copy
 from sdpo.tracking import CURVES, StageTimer, Tracker, plot_curves
@@ -128,17 +130,25 @@ class SDPOTrainer:
     def __init__(self, config: SDPOConfig, env: Environment | None = None, engine: RolloutEngine | None = None) -> None:
         self.config = config
         tcfg, acfg = config.trainer, config.algorithm
-        # Launched with torchrun on a machine without GPUs: Accelerate needs `cpu` to set up gloo.
-        self.accelerator = Accelerator(cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
-        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
-            # DeepSpeed's engine owns accumulation, clipping and the optimizer step that this loop performs.
-            raise NotImplementedError("DeepSpeed is not supported yet: shard with FSDP2 "
-                                      "(configs/accelerate/fsdp2.yaml) or use DDP with LoRA (docs/scaling.md)")
+        # Launched with torchrun on a machine without GPUs: Accelerate needs `cpu` to set up gloo (not under
+        # DeepSpeed, which `cpu` would switch off).
+        deepspeed_env = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        self.accelerator = Accelerator(cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+                                       and not deepspeed_env)
+        self.deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        launched = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        if self.deepspeed and launched != self.accelerator.num_processes:
+            # Accelerate takes the process count from the accelerator's backend; without GPUs it has none.
+            raise RuntimeError(f"DeepSpeed runs {launched} processes but Accelerate counts "
+                               f"{self.accelerator.num_processes}: DeepSpeed through Accelerate needs GPUs (on the CPU, "
+                               "use torchrun with DDP, or see tests/test_distributed.py for how the test sets it up)")
         if self.accelerator.distributed_type == DistributedType.FSDP and not self.accelerator.is_fsdp2:
             raise ValueError("FSDP1 is not supported: set fsdp_version: 2 in the accelerate config "
                              "(configs/accelerate/fsdp2.yaml)")
-        # FSDP2: parameters are sharded over ranks, so every forward is a collective that all ranks must join.
-        self.sharded = self.accelerator.is_fsdp2
+        # FSDP2 and ZeRO-3: parameters are sharded over ranks, so every forward is a collective that all ranks must
+        # join.
+        zero3 = self.deepspeed and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        self.sharded = self.accelerator.is_fsdp2 or zero3
         set_seed(tcfg.seed)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         if tcfg.questions_per_step % self.world or tcfg.mini_batch_questions % self.world:
@@ -162,12 +172,14 @@ class SDPOTrainer:
         self.sampler = QuestionSampler(len(self.train_problems), tcfg.seed)
 
         # -- policy, teacher, reference (with LoRA: the adapter disabled, never a copy), optimizer, schedule
+        if self.deepspeed:
+            self._configure_deepspeed()
         model = load_model(config.model, self.model_path)
         # Copies of the policy are taken before `prepare`: FSDP2 cannot copy a sharded module, so they are sharded
         # the same way afterwards (`_place_copy`).
-        self.teacher = Teacher(acfg.teacher, model) if acfg.uses_teacher else None
+        self.teacher = Teacher(acfg.teacher, model, self._frozen_copy) if acfg.uses_teacher else None
         self.use_reference = acfg.uses_policy_loss and acfg.policy.kl_coef > 0
-        reference = frozen_copy(model) if self.use_reference and not config.model.lora.enabled else None
+        reference = self._frozen_copy(model) if self.use_reference and not config.model.lora.enabled else None
         trainable = [p for p in model.parameters() if p.requires_grad]
         optim = tcfg.optim
         optimizer = torch.optim.AdamW(trainable, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
@@ -327,23 +339,37 @@ class SDPOTrainer:
         for i, micro in enumerate(micro_batches):
             # DDP: all-reduce gradients once, on the last micro-batch of the optimizer step.
             sync = i == len(micro_batches) - 1
-            with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.policy):
+            with contextlib.nullcontext() if sync or self.deepspeed else self.accelerator.no_sync(self.policy):
                 loss = self.micro_batch_loss(micro, counts, sums)
-                # DDP averages gradients over ranks; the counts are already global, so undo the average.
-                self.accelerator.backward(loss * self.world)
+                # DDP and DeepSpeed average gradients over ranks; the counts are already global, so undo the average.
+                if self.deepspeed:  # accumulates; the engine's step below reduces (accelerator.backward would step)
+                    self.policy.backward(loss * self.world)
+                else:
+                    self.accelerator.backward(loss * self.world)
             if self.teacher is not None:
                 self.teacher.release()
-        grad_norm = float(self.accelerator.clip_grad_norm_(self.trainable, self.config.trainer.optim.grad_clip))
-        if math.isfinite(grad_norm):
-            self.optimizer.step()
+        applied, grad_norm = self._apply_gradients()
+        if applied:
             self.scheduler.step()
             if self.teacher is not None:
                 self.teacher.update(self.unwrapped)
             sums.add("optim/grad_norm", grad_norm, 1)
         else:
             log.warning("step %d: non-finite grad norm, optimizer step skipped", self.step)
-        sums.add("optim/skipped_steps", float(not math.isfinite(grad_norm)), 1)
+        sums.add("optim/skipped_steps", float(not applied), 1)
+
+    def _apply_gradients(self) -> tuple[bool, float]:
+        """Clip, then step unless the grad norm is not finite; (stepped, grad norm). Gradients are zeroed after."""
+        if self.deepspeed:
+            # The engine clips (gradient_clipping = trainer.optim.grad_clip), skips a non-finite step, zeroes.
+            self.policy.step()
+            return self.policy.was_step_applied(), float(self.policy.get_global_grad_norm())
+        grad_norm = float(self.accelerator.clip_grad_norm_(self.trainable, self.config.trainer.optim.grad_clip))
+        applied = math.isfinite(grad_norm)
+        if applied:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return applied, grad_norm
 
     def micro_batch_loss(self, micro: RolloutBatch, counts: dict[str, float], sums: MetricSums) -> Tensor:
         """The loss of one micro-batch, normalised by the optimizer step's global counts (summed over micro-batches)."""
@@ -451,9 +477,13 @@ class SDPOTrainer:
         staging = ckpt.staging_dir(root, self.step)
         ckpt.write_rank_state(staging, self.rank, {"rng": ckpt.rng_state()})
         acc.wait_for_everyone()
-        # Under FSDP2 these three gather whole tensors from every rank's shards (collectives).
-        weights = ckpt.full_state_dict(self.unwrapped) if self.sharded else None
-        optimizer = ckpt.optimizer_state_dict(self.unwrapped, self.optimizer.optimizer)
+        # Sharded: these gather whole tensors from every rank's shards (collectives).
+        weights = full_state_dict(self.unwrapped) if self.sharded else None
+        if self.deepspeed:  # each rank writes its partitions of the master weights and optimizer state
+            ckpt.save_deepspeed_state(self.policy, staging)
+            optimizer = None
+        else:
+            optimizer = ckpt.optimizer_state_dict(self.unwrapped, self.optimizer.optimizer)
         teacher = self.teacher.state_dict() if self.teacher is not None else {}
         path = None
         if acc.is_main_process:
@@ -475,9 +505,19 @@ class SDPOTrainer:
         if path is None:
             log.info("trainer.resume=auto: no complete checkpoint in %s, starting fresh", self.run_dir)
             return
-        ckpt.load_model_weights(self.unwrapped, path)
         state = ckpt.load_trainer_state(path)
-        ckpt.load_optimizer_state_dict(self.unwrapped, self.optimizer.optimizer, state["optimizer"])
+        if self.deepspeed:
+            if state["world_size"] != self.world:
+                raise RuntimeError(f"checkpoint {path} was written by {state['world_size']} DeepSpeed processes: resume "
+                                   f"it with as many (here {self.world}), or from its weights as a new run "
+                                   f"(model.name_or_path={path})")
+            ckpt.load_deepspeed_state(self.policy, path)
+        else:
+            if state["optimizer"] is None:
+                raise RuntimeError(f"checkpoint {path} was written under DeepSpeed: resume it with the same DeepSpeed "
+                                   f"launch, or start a new run from its weights (model.name_or_path={path})")
+            ckpt.load_model_weights(self.unwrapped, path)
+            ckpt.load_optimizer_state_dict(self.unwrapped, self.optimizer.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.teacher is not None:
             self.teacher.load_state_dict(state["teacher"])
@@ -511,10 +551,47 @@ class SDPOTrainer:
             raise ValueError("every problem is longer than rollout.max_prompt_len: raise it")
         return kept
 
+    def _configure_deepspeed(self) -> None:
+        """Fill in the DeepSpeed config from this trainer's (before `prepare`): the loop owns accumulation.
+
+        One optimizer step per mini-batch of whole groups, its micro-batches accumulated by `engine.backward` and
+        applied by one `engine.step` (`managed_gradient_accumulation: false`); the engine clips with
+        trainer.optim.grad_clip. The batch sizes are only DeepSpeed's bookkeeping.
+        """
+        plugin, tcfg = self.accelerator.state.deepspeed_plugin, self.config.trainer
+        ds = plugin.deepspeed_config
+        for key in ("optimizer", "scheduler"):
+            if key in ds:
+                raise ValueError(f"the DeepSpeed config sets {key!r}: remove it, the trainer builds its own "
+                                 "(trainer.optim.*)")
+        ds.update(train_micro_batch_size_per_gpu=tcfg.micro_batch_size, gradient_accumulation_steps=1,
+                  train_batch_size=tcfg.micro_batch_size * self.world, gradient_clipping=tcfg.optim.grad_clip,
+                  managed_gradient_accumulation=False)
+
+    def _frozen_copy(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A frozen copy of the initial policy (teacher, reference), before `prepare`.
+
+        Under ZeRO-3 transformers partitions the weights while loading (zero.Init), so the copy is a second load of
+        the same checkpoint instead of a deepcopy of empty partitions.
+        """
+        if not self.sharded or not self.deepspeed:
+            return frozen_copy(model)
+        copy = load_model(replace(self.config.model, gradient_checkpointing=False), self.model_path)
+        return copy.requires_grad_(False).eval()
+
     def _place_copy(self, copy: torch.nn.Module) -> torch.nn.Module:
         """A frozen copy of the policy (teacher, reference) placed like the prepared policy."""
-        if self.sharded:
+        if self.accelerator.is_fsdp2:
             return fsdp2_prepare_model(self.accelerator, copy)
+        if self.sharded:  # ZeRO-3: an engine of its own, without an optimizer, partitioned like the policy
+            import deepspeed
+
+            ds = copy_module.deepcopy(self.accelerator.state.deepspeed_plugin.deepspeed_config)
+            # Every parameter partitioned (none kept whole on every rank): the EMA update lerps the partitions.
+            ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+            engine, *_ = deepspeed.initialize(model=copy, config=ds)
+            engine.eval()  # DeepSpeed's eval() returns None
+            return engine
         return copy.to(self.accelerator.device)
 
     def _autocast(self) -> contextlib.AbstractContextManager:

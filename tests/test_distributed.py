@@ -66,13 +66,39 @@ def shard_with_fsdp2_on_cpu() -> None:
     accelerate.state.AcceleratorState.__init__ = init_with_fsdp
 
 
+DEEPSPEED_CONFIG = REPO / "configs" / "accelerate" / "deepspeed_zero3.yaml"
+# What `accelerate launch` exports for each key of a config file's deepspeed_config.
+DEEPSPEED_ENV = {"zero_stage": "ZERO_STAGE", "offload_optimizer_device": "OFFLOAD_OPTIMIZER_DEVICE",
+                 "offload_param_device": "OFFLOAD_PARAM_DEVICE", "zero3_init_flag": "ZERO3_INIT"}
+
+
+def partition_with_deepspeed_on_cpu(zero_stage: int = 3) -> None:
+    """Turn on DeepSpeed with the settings of configs/accelerate/deepspeed_zero3.yaml, on gloo.
+
+    `accelerate launch` turns the config's deepspeed_config into ACCELERATE_DEEPSPEED_* variables. Accelerate then
+    takes the process count from the device's backend, which a CPU-only machine lacks (it would report one
+    process); the backend is set to gloo, as for a multi-CPU run.
+    """
+    import accelerate.state
+    from accelerate.utils import DistributedType
+    import yaml
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    for key, value in yaml.safe_load(DEEPSPEED_CONFIG.read_text())["deepspeed_config"].items():
+        os.environ["ACCELERATE_DEEPSPEED_" + DEEPSPEED_ENV[key]] = str(value).lower()
+    os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"] = str(zero_stage)  # 2: partitioned gradients and AdamW state only
+    accelerate.state.PartialState._prepare_backend = lambda self, *args, **kwargs: ("gloo", DistributedType.MULTI_CPU)
+
+
 LORA = ["model.lora.enabled=true", "model.lora.r=4"]  # the EMA teacher is then a second adapter
 
 
-def run_worker(out: Path, fsdp2: bool = False, resume: bool = False, lora: bool = False) -> None:
+def run_worker(out: Path, sharding: str = "ddp", resume: bool = False, lora: bool = False) -> None:
     """One training step (or, with `resume`, the state restored from its checkpoint); every rank writes what it holds."""
-    if fsdp2:
+    if sharding == "fsdp2":
         shard_with_fsdp2_on_cpu()
+    elif sharding.startswith("deepspeed"):
+        partition_with_deepspeed_on_cpu(zero_stage=2 if sharding == "deepspeed-zero2" else 3)
     from conftest import TINY_OVERRIDES
     from toy_envs import ParityEnv, ParityEnvConfig
 
@@ -80,7 +106,8 @@ def run_worker(out: Path, fsdp2: bool = False, resume: bool = False, lora: bool 
         scoring_mode = "inline"  # no scoring worker processes per rank
 
     from sdpo import SDPOTrainer, load_config
-    from sdpo.checkpoint import optimizer_state_dict, whole
+    from sdpo.checkpoint import optimizer_state_dict
+    from sdpo.sharding import whole
     from sdpo.config import ModelConfig
     from sdpo.models import load_tokenizer, resolve_checkpoint
     from sdpo.testing import ScriptedEngine
@@ -89,13 +116,22 @@ def run_worker(out: Path, fsdp2: bool = False, resume: bool = False, lora: bool 
                           f"trainer.resume={'auto' if resume else 'none'}"])
     engine = ScriptedEngine(load_tokenizer(resolve_checkpoint(ModelConfig(name_or_path="tiny"))), max_len=6)
     trainer = SDPOTrainer(config, env=InlineParityEnv(ParityEnvConfig()), engine=engine)
-    assert trainer.sharded == fsdp2
+    assert trainer.sharded == (sharding in ("fsdp2", "deepspeed")) and trainer.deepspeed == sharding.startswith("deepspeed")
+    if trainer.deepspeed:  # the learning-rate schedule drives the AdamW that DeepSpeed's ZeRO optimizer steps
+        assert trainer.scheduler.optimizer is trainer.optimizer.optimizer.optimizer
+
+    def moments() -> list[torch.Tensor]:
+        """Adam's first moments: whole on rank 0, or under DeepSpeed this rank's partitions."""
+        if trainer.deepspeed:
+            return [s["exp_avg"].clone() for s in trainer.optimizer.optimizer.optimizer.state.values()]
+        state = optimizer_state_dict(trainer.unwrapped, trainer.optimizer.optimizer)
+        return [v["exp_avg"] for v in state.get("state", {}).values()]  # FSDP2: {} on rank 1
 
     def state() -> dict:
         return {
-            "policy": {k: whole(v) for k, v in trainer.unwrapped.state_dict().items()},  # FSDP2: gathered
+            "policy": {k: whole(v) for k, v in trainer.unwrapped.state_dict(keep_vars=True).items()},  # gathered
             "teacher": [whole(p) for p in trainer.teacher.owned_parameters()],
-            "optimizer": optimizer_state_dict(trainer.unwrapped, trainer.optimizer.optimizer),  # whole on rank 0
+            "moments": moments(),
         }
 
     if resume:
@@ -104,6 +140,11 @@ def run_worker(out: Path, fsdp2: bool = False, resume: bool = False, lora: bool 
         return
     metrics = trainer.training_step()
     batch = trainer._last_batch
+    after_step = state()  # before the save, which under ZeRO-3 refreshes the whole copies of small parameters
+    # What the vLLM weight sync would send (LoRA merged), gathered from the shards / partitions.
+    from sdpo.rollout.vllm import engine_weights
+
+    after_step["exported"] = {t.name: t.materialize(torch.float32, torch.device("cpu")) for t in engine_weights(trainer.unwrapped)}
     trainer.step = 1
     trainer.save()  # every rank writes its RNG state into the checkpoint
     # The transformers engine on the (sharded) policy: rank 0 holds 3 prompts, rank 1 one, one prompt per generate
@@ -123,15 +164,19 @@ def run_worker(out: Path, fsdp2: bool = False, resume: bool = False, lora: bool 
         "counts": trainer._global_counts(batch),
         "groups": sorted({(pid, int(g)) for pid, g in zip(batch.problem_ids, batch.group_ids_B)}),
         "samples_per_problem": {pid: batch.problem_ids.count(pid) for pid in set(batch.problem_ids)},
-        **state(),
+        **after_step,
     }, out / f"rank{trainer.rank}-of-{trainer.world}.pt")
 
 
-@pytest.mark.parametrize("sharding, lora", [("ddp", False), ("fsdp2", False), ("fsdp2", True)], ids=["ddp", "fsdp2", "fsdp2-lora"])
+@pytest.mark.parametrize("sharding, lora", [("ddp", False), ("fsdp2", False), ("fsdp2", True), ("deepspeed", False),
+                                           ("deepspeed", True), ("deepspeed-zero2", False)],
+                         ids=["ddp", "fsdp2", "fsdp2-lora", "deepspeed-zero3", "deepspeed-zero3-lora", "deepspeed-zero2"])
 def test_two_processes_take_the_same_step_as_one(tmp_path, sharding, lora):
+    if sharding.startswith("deepspeed"):
+        pytest.importorskip("deepspeed", reason="the deepspeed extra (pip install -e '.[deepspeed]')")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "WANDB_MODE": "disabled"}
-    flags = [*(["--fsdp2"] if sharding == "fsdp2" else []), *(["--lora"] if lora else [])]
+    flags = ["--sharding", sharding, *(["--lora"] if lora else [])]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(Path(__file__).resolve()), "--worker", str(tmp_path), *flags]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -149,13 +194,12 @@ def test_two_processes_take_the_same_step_as_one(tmp_path, sharding, lora):
             assert torch.equal(resumed["policy"][name], value), name
         for a, b in zip(resumed["teacher"], trained["teacher"], strict=True):
             assert torch.equal(a, b)
-    # Adam's moments, whole on rank 0.
-    trained, resumed = (torch.load(tmp_path / f"{prefix}rank0-of-2.pt", weights_only=False) for prefix in ("", "resumed-"))
-    trained_moments = [v["exp_avg"] for v in trained["optimizer"]["state"].values()]
-    resumed_moments = [v["exp_avg"] for v in resumed["optimizer"]["state"].values()]
-    assert len(resumed_moments) == len(trained_moments) > 0
-    for a, b in zip(resumed_moments, trained_moments):
-        assert torch.equal(a, b)
+    # Adam's moments: whole on rank 0 (DDP, FSDP2), each rank's partitions (DeepSpeed).
+    for rank in range(2) if sharding.startswith("deepspeed") else [0]:
+        trained, resumed = (torch.load(tmp_path / f"{prefix}rank{rank}-of-2.pt", weights_only=False) for prefix in ("", "resumed-"))
+        assert len(resumed["moments"]) == len(trained["moments"]) > 0
+        for a, b in zip(resumed["moments"], trained["moments"]):
+            assert torch.equal(a, b)
     run_worker(tmp_path, lora=lora)  # the single-process reference, in this process
 
     single = torch.load(tmp_path / "rank0-of-1.pt", weights_only=False)
@@ -194,15 +238,20 @@ def test_two_processes_take_the_same_step_as_one(tmp_path, sharding, lora):
         else:
             moved = max(moved, float((value - initial[name]).abs().max()))
         for r in ranks:
-            torch.testing.assert_close(r["policy"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+            torch.testing.assert_close(r["policy"][name], value, rtol=1e-5, atol=1e-8, msg=name)
     assert moved > 1e-4
+    # The weights the vLLM engine would receive: whole, and the single process's.
+    assert single["exported"].keys() == ranks[0]["exported"].keys() == ranks[1]["exported"].keys()
+    for name, value in single["exported"].items():
+        for r in ranks:
+            torch.testing.assert_close(r["exported"][name], value, rtol=1e-5, atol=1e-8, msg=name)
     # The EMA teacher: identical on both ranks, and equal to the single process's.
     for a, b, c in zip(ranks[0]["teacher"], ranks[1]["teacher"], single["teacher"], strict=True):
         assert torch.equal(a, b)
-        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-8)
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:
     os.environ.setdefault("WANDB_MODE", "disabled")
-    run_worker(Path(sys.argv[sys.argv.index("--worker") + 1]), fsdp2="--fsdp2" in sys.argv, resume="--resume" in sys.argv,
-               lora="--lora" in sys.argv)
+    run_worker(Path(sys.argv[sys.argv.index("--worker") + 1]), sharding=sys.argv[sys.argv.index("--sharding") + 1],
+               resume="--resume" in sys.argv, lora="--lora" in sys.argv)

@@ -21,7 +21,7 @@ def build_engine(
     autocast_dtype: torch.dtype | None = None,
     sharded: bool = False,
 ) -> RolloutEngine:
-    """`sharded`: the policy's parameters are split over ranks (FSDP2), so generating with it is a collective."""
+    """`sharded`: the policy's parameters are split over ranks (FSDP2, ZeRO-3), so generating with it is a collective."""
     if config.engine == "hf":
         return HFEngine(model, tokenizer, config, autocast_dtype=autocast_dtype, synced=sharded)
     if config.engine == "vllm":

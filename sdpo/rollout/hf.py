@@ -28,8 +28,8 @@ class HFEngine(RolloutEngine):
         self.tokenizer = tokenizer
         self.batch_size = config.hf_batch_size
         self.autocast_dtype = autocast_dtype
-        # FSDP2 (parameters sharded over ranks): every forward pass is a collective, so all ranks must run the same
-        # number of `generate` calls and of decoding steps (`synced_gpus`), however many prompts each holds.
+        # FSDP2 / ZeRO-3 (parameters sharded over ranks): every forward pass is a collective, so all ranks must run
+        # the same number of `generate` calls and of decoding steps (`synced_gpus`), however many prompts each holds.
         self.synced = synced
 
     @torch.no_grad()

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import gc
 import logging
 import os
@@ -47,6 +47,7 @@ from torch.distributed.tensor import DTensor
 
 from sdpo.config import RolloutConfig
 from sdpo.rollout.base import ENGINES, Completion, RolloutEngine, SamplingSettings, SyncStats
+from sdpo.sharding import gathered, is_zero3_param, numel
 
 log = logging.getLogger(__name__)
 
@@ -89,15 +90,18 @@ class ExportedTensor:
     name: str  # the Hugging Face checkpoint name (what vLLM's load_weights expects)
     source: Tensor  # the trainer's tensor (the base weight for a LoRA layer)
     merge: Callable[[Tensor], Tensor] | None = None  # adds the LoRA delta to a copy of `source`
+    adapter_params: list[Tensor] = field(default_factory=list)  # what `merge` reads (gathered under ZeRO-3)
 
     def materialize(self, dtype: torch.dtype, device: torch.device) -> Tensor:
-        tensor = self.source.detach()
-        if self.merge is not None:
-            tensor = self.merge(tensor)  # a new tensor: the trainer's weight stays untouched
-        if isinstance(tensor, DTensor):
-            # FSDP2 shard: gathered whole (a collective; every rank walks the same tensors in the same order).
-            tensor = tensor.full_tensor()
-        return tensor.to(device=device, dtype=dtype)
+        # Sharded weights are gathered whole: a collective, every rank walks the same tensors in the same order.
+        with gathered([self.source, *self.adapter_params]):  # ZeRO-3 partitions
+            tensor = self.source.detach()
+            if self.merge is not None:
+                tensor = self.merge(tensor)  # a new tensor: the trainer's weight stays untouched
+            if isinstance(tensor, DTensor):  # FSDP2 shard
+                tensor = tensor.full_tensor()
+            # A ZeRO-3 parameter's gathered data is freed on leaving the context: copy it out.
+            return tensor.to(device=device, dtype=dtype, copy=is_zero3_param(self.source))
 
 
 def _strip_wrappers(name: str) -> str:
@@ -143,11 +147,12 @@ def engine_weights(model: torch.nn.Module) -> list[ExportedTensor]:
         owner_name, _, leaf = raw_name.rpartition(".")
         if ".lora_" in raw_name or raw_name.startswith("lora_") or ".original_module." in raw_name:
             continue  # adapter tensors (merged below) and the frozen copy behind a modules_to_save
-        merge = None
+        merge, adapter_params = None, []
         if owner_name.endswith(".base_layer"):
             lora_layer = modules[owner_name[: -len(".base_layer")]]
             if leaf == "weight":
                 merge = _lora_merger(lora_layer)
+                adapter_params = [p for n, p in lora_layer.named_parameters() if "lora_" in n] if merge else []
             name = raw_name.replace(".base_layer.", ".")
         if ".modules_to_save." in name:
             wrapper_name, _, rest = name.partition(".modules_to_save.")
@@ -156,7 +161,7 @@ def engine_weights(model: torch.nn.Module) -> list[ExportedTensor]:
             if adapter not in getattr(wrapper, "active_adapters", [getattr(wrapper, "active_adapter", adapter)]):
                 continue
             name = f"{wrapper_name}.{leaf_path}"
-        exported.append(ExportedTensor(_strip_wrappers(name), param, merge))
+        exported.append(ExportedTensor(_strip_wrappers(name), param, merge, adapter_params))
 
     # Tied embeddings: the output head shares the input embedding's tensor and appears above only under the
     # embedding's name; vLLM's head must be reloaded too (module docstring).
@@ -166,7 +171,7 @@ def engine_weights(model: torch.nn.Module) -> list[ExportedTensor]:
         head, embed = f"{module_names[id(output)]}.weight", f"{module_names[id(inputs)]}.weight"
         by_name = {e.name: e for e in exported}
         if head not in by_name and embed in by_name:
-            exported.append(ExportedTensor(head, by_name[embed].source, by_name[embed].merge))
+            exported.append(ExportedTensor(head, by_name[embed].source, by_name[embed].merge, by_name[embed].adapter_params))
     return exported
 
 
@@ -182,8 +187,8 @@ def stream_in_buckets(
     start = 0
     while start < len(tensors):
         end, size = start, 0
-        while end < len(tensors) and (end == start or size + tensors[end].source.numel() * itemsize <= bucket_bytes):
-            size += tensors[end].source.numel() * itemsize
+        while end < len(tensors) and (end == start or size + numel(tensors[end].source) * itemsize <= bucket_bytes):
+            size += numel(tensors[end].source) * itemsize
             end += 1
         with torch.no_grad():
             bucket = [(t.name, t.materialize(dtype, device)) for t in tensors[start:end]]

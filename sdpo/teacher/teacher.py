@@ -29,9 +29,9 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from sdpo.batch import ModelInputs
-from sdpo.checkpoint import copy_whole_into, full_state_dict, load_full_state_dict, whole
 from sdpo.config import RepromptConfig, TeacherConfig
 from sdpo.models import is_peft_model, output_head, render_chat, reshard, response_hidden_states
+from sdpo.sharding import copy_whole_into, full_state_dict, lerp_, load_full_state_dict, whole
 from sdpo.teacher.reprompt import Reprompt, fit_bodies
 
 EMA_ADAPTER = "sdpo_ema"
@@ -105,7 +105,11 @@ def ema_adapter_pairs(policy: nn.Module, name: str = EMA_ADAPTER) -> dict[str, t
 
 
 class Teacher:
-    def __init__(self, config: TeacherConfig, policy: nn.Module) -> None:
+    """`copy_policy`: how to take a frozen copy of the policy (`frozen_copy` unless the policy is partitioned at load
+    time, as under DeepSpeed ZeRO-3, where the trainer loads the initial weights again)."""
+
+    def __init__(self, config: TeacherConfig, policy: nn.Module,
+                 copy_policy: Callable[[nn.Module], nn.Module] = frozen_copy) -> None:
         self.config = config
         self.kind = config.kind
         self.lora = is_peft_model(policy)
@@ -114,15 +118,15 @@ class Teacher:
         if self.lora and self.kind == "ema":
             self._ema_pairs = add_ema_adapter(policy)
         elif not self.lora and self.kind in ("frozen", "ema", "trust_region"):
-            self.model = frozen_copy(policy)
+            self.model = copy_policy(policy)
 
     def place(self, policy: nn.Module, prepare_copy: Callable[[nn.Module], nn.Module]) -> None:
         """After `Accelerator.prepare(policy)`: put the teacher where the prepared policy lives.
 
         The teacher is built from the policy before `prepare`, because a sharded module cannot be copied. Its own
-        copy is prepared like the policy (`prepare_copy`: a device, or FSDP2 shards); a LoRA EMA adapter is paired
-        again with the policy's parameters, which FSDP2 replaced by shards. The EMA update then pairs shards with
-        shards.
+        copy is prepared like the policy (`prepare_copy`: a device, FSDP2 shards, or a DeepSpeed ZeRO-3 engine); a
+        LoRA EMA adapter is paired again with the policy's parameters, which FSDP2 replaced by shards. The EMA
+        update then pairs shards with shards.
         """
         if self.model is not None:
             self.model = prepare_copy(self.model)
@@ -174,26 +178,29 @@ class Teacher:
 
     @torch.no_grad()
     def update(self, policy: nn.Module) -> None:
-        """EMA step; call after each optimizer step whose grad norm was finite."""
+        """EMA step; call after each optimizer step whose grad norm was finite.
+
+        Sharded teacher and policy are partitioned alike, so each rank lerps the part it holds (`local_part`).
+        """
         if self.kind != "ema" or self.config.update_rate == 0.0:
             return
         tau = self.config.update_rate
         if self.lora:
-            for teacher_param, policy_param in self._ema_pairs.values():
-                teacher_param.lerp_(policy_param.detach().to(teacher_param.dtype), tau)
-            return
-        assert self.model is not None
-        for teacher_param, policy_param in zip(self.model.parameters(), policy.parameters(), strict=True):
-            teacher_param.lerp_(policy_param.detach().to(teacher_param.dtype), tau)
+            pairs = list(self._ema_pairs.values())
+        else:
+            assert self.model is not None
+            pairs = list(zip(self.model.parameters(), policy.parameters(), strict=True))
+        for teacher_param, policy_param in pairs:
+            lerp_(teacher_param, policy_param, tau)
 
     def state_dict(self) -> dict[str, Tensor]:
         """What a checkpoint must keep: only the EMA teacher moves (frozen weights are the initial ones)."""
         if self.kind != "ema":
             return {}
         if self.lora:
-            return {name: whole(t) for name, (t, _) in self._ema_pairs.items()}  # FSDP2: gathered, on every rank
+            return {name: whole(t) for name, (t, _) in self._ema_pairs.items()}  # sharded: gathered, on every rank
         assert self.model is not None
-        return full_state_dict(self.model)  # under FSDP2 a collective: every rank calls it
+        return full_state_dict(self.model)  # sharded: a collective, every rank calls it
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         if not state:
