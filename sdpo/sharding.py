@@ -4,8 +4,8 @@ Under either, a rank holds only a slice of each parameter outside the forward pa
 (a checkpoint, the vLLM weight sync, the EMA teacher's state) comes through here, and every function that gathers
 is a collective: all ranks call it, on the same tensors, in the same order. On a plain model they are no-ops.
 
-ZeRO-3 parameters carry `ds_id`; outside a forward their `.data` is empty and `ds_tensor` holds this rank's
-partition (padded, the same layout for every model partitioned over the same ranks).
+Outside a forward a ZeRO-3 parameter's `.data` is empty and its `ds_tensor` holds this rank's partition (padded, the
+same layout for every model partitioned over the same ranks).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import Tensor
 
 
 def is_zero3_param(tensor: Tensor) -> bool:
-    return hasattr(tensor, "ds_id")
+    return getattr(tensor, "ds_tensor", None) is not None  # (DeepSpeed also tags some of its own buffers with ds_id)
 
 
 def is_zero3(model: torch.nn.Module) -> bool:

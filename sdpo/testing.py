@@ -6,12 +6,17 @@
 - `synthetic_tokenizer`: a word-level tokenizer over `t0 ... t{V-1}` with a chat template, built locally, so that a
   random-init model of any vocabulary size runs through the trainer without downloading a tokenizer
   (benchmarks/gpu/scale_check.py).
+- `launch_on_cpu_as`: in a process started by torchrun on a CPU-only machine, set Accelerate up the way `accelerate
+  launch --config_file configs/accelerate/<fsdp2|deepspeed_zero3>.yaml` does on GPUs (tests/test_distributed.py,
+  benchmarks/sharding_memory_cpu.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 import hashlib
+import os
+from pathlib import Path
 import random
 
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -86,3 +91,46 @@ def synthetic_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+# What `accelerate launch` exports for each key of a config file's deepspeed_config.
+_DEEPSPEED_ENV = {"zero_stage": "ZERO_STAGE", "offload_optimizer_device": "OFFLOAD_OPTIMIZER_DEVICE",
+                  "offload_param_device": "OFFLOAD_PARAM_DEVICE", "zero3_init_flag": "ZERO3_INIT"}
+
+
+def launch_on_cpu_as(sharding: str) -> None:
+    """Call before building the trainer, in each torchrun process: "ddp" (nothing to do), "fsdp2", "zero3", "zero2".
+
+    Accelerate enables FSDP and DeepSpeed only with an accelerator: on the CPU it would run FSDP's processes as DDP,
+    and count DeepSpeed's as one process each (it takes the count from the accelerator's backend). So the
+    variables that `accelerate launch` derives from the config file are set here, and Accelerate's state is set
+    as it would be on GPUs, over gloo, with the same plugin.
+    """
+    import accelerate.state
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    import yaml
+
+    if sharding == "ddp":
+        return
+    if sharding == "fsdp2":
+        config = yaml.safe_load((ACCELERATE_CONFIGS / "fsdp2.yaml").read_text())["fsdp_config"]
+        for key, value in config.items():
+            os.environ["FSDP_" + key.removeprefix("fsdp_").upper()] = str(value).lower() if isinstance(value, bool) else str(value)
+        init = accelerate.state.AcceleratorState.__init__
+
+        def init_with_fsdp(self, *args, **kwargs):
+            init(self, *args, **kwargs)
+            if self.distributed_type == DistributedType.MULTI_CPU:
+                self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, FullyShardedDataParallelPlugin()
+
+        accelerate.state.AcceleratorState.__init__ = init_with_fsdp
+        return
+    if sharding not in ("zero3", "zero2"):
+        raise ValueError(f"unknown sharding {sharding!r}: ddp, fsdp2, zero3 or zero2")
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    config = yaml.safe_load((ACCELERATE_CONFIGS / "deepspeed_zero3.yaml").read_text())["deepspeed_config"]
+    for key, value in config.items():
+        os.environ["ACCELERATE_DEEPSPEED_" + _DEEPSPEED_ENV[key]] = str(value).lower()
+    os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"] = sharding[-1]  # as `accelerate launch --zero_stage`
+    accelerate.state.PartialState._prepare_backend = lambda self, *args, **kwargs: ("gloo", DistributedType.MULTI_CPU)

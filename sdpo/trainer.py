@@ -567,6 +567,11 @@ class SDPOTrainer:
         ds.update(train_micro_batch_size_per_gpu=tcfg.micro_batch_size, gradient_accumulation_steps=1,
                   train_batch_size=tcfg.micro_batch_size * self.world, gradient_clipping=tcfg.optim.grad_clip,
                   managed_gradient_accumulation=False)
+        # Communication buckets sized by the model (Accelerate fills "auto" from its hidden size), as the
+        # transformers integration does; DeepSpeed's fixed defaults (5e8-element buckets) suit no particular model.
+        zero = ds.setdefault("zero_optimization", {})
+        for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
+            zero.setdefault(key, "auto")
 
     def _frozen_copy(self, model: torch.nn.Module) -> torch.nn.Module:
         """A frozen copy of the initial policy (teacher, reference), before `prepare`.

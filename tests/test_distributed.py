@@ -3,9 +3,12 @@
 The rollouts come from a scripted engine (they depend on the prompt only, not on the rank's sampling seed), so both
 runs train on exactly the same global batch; each rank holds half of the questions with all their rollouts. What
 must match: the updated weights (loss normalised by the global token count, gradients summed over ranks), the
-all-reduced metrics, and the EMA teacher, which must also be the same on every rank.
+all-reduced metrics, and the EMA teacher, which must also be the same on every rank. The same for DDP, FSDP2 and
+DeepSpeed ZeRO-3 / ZeRO-2, each set up on the CPU as its accelerate config file would on GPUs
+(`sdpo.testing.launch_on_cpu_as`).
 
-Run by hand: python -m torch.distributed.run --standalone --nproc_per_node 2 tests/test_distributed.py --worker OUT
+Run by hand: python -m torch.distributed.run --standalone --nproc_per_node 2 tests/test_distributed.py --worker OUT \
+    --sharding {ddp,fsdp2,deepspeed,deepspeed-zero2} [--lora]
 """
 
 from __future__ import annotations
@@ -41,64 +44,14 @@ METRICS = ["reward/mean", "response/length_mean", "policy/loss", "distill/loss",
            "policy/entropy", "optim/grad_norm", "teacher/reprompt_fraction"]
 
 
-FSDP2_CONFIG = REPO / "configs" / "accelerate" / "fsdp2.yaml"
-
-
-def shard_with_fsdp2_on_cpu() -> None:
-    """Turn on FSDP2 with the settings of configs/accelerate/fsdp2.yaml, on gloo.
-
-    `accelerate launch` turns a config file's fsdp_config into FSDP_* variables, but Accelerate enables FSDP only on
-    accelerator devices; on the CPU the state is set the way it would be on GPUs, with the same plugin.
-    """
-    import accelerate.state
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-    import yaml
-
-    for key, value in yaml.safe_load(FSDP2_CONFIG.read_text())["fsdp_config"].items():
-        os.environ["FSDP_" + key.removeprefix("fsdp_").upper()] = str(value).lower() if isinstance(value, bool) else str(value)
-    init = accelerate.state.AcceleratorState.__init__
-
-    def init_with_fsdp(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        if self.distributed_type == DistributedType.MULTI_CPU:
-            self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, FullyShardedDataParallelPlugin()
-
-    accelerate.state.AcceleratorState.__init__ = init_with_fsdp
-
-
-DEEPSPEED_CONFIG = REPO / "configs" / "accelerate" / "deepspeed_zero3.yaml"
-# What `accelerate launch` exports for each key of a config file's deepspeed_config.
-DEEPSPEED_ENV = {"zero_stage": "ZERO_STAGE", "offload_optimizer_device": "OFFLOAD_OPTIMIZER_DEVICE",
-                 "offload_param_device": "OFFLOAD_PARAM_DEVICE", "zero3_init_flag": "ZERO3_INIT"}
-
-
-def partition_with_deepspeed_on_cpu(zero_stage: int = 3) -> None:
-    """Turn on DeepSpeed with the settings of configs/accelerate/deepspeed_zero3.yaml, on gloo.
-
-    `accelerate launch` turns the config's deepspeed_config into ACCELERATE_DEEPSPEED_* variables. Accelerate then
-    takes the process count from the device's backend, which a CPU-only machine lacks (it would report one
-    process); the backend is set to gloo, as for a multi-CPU run.
-    """
-    import accelerate.state
-    from accelerate.utils import DistributedType
-    import yaml
-
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    for key, value in yaml.safe_load(DEEPSPEED_CONFIG.read_text())["deepspeed_config"].items():
-        os.environ["ACCELERATE_DEEPSPEED_" + DEEPSPEED_ENV[key]] = str(value).lower()
-    os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"] = str(zero_stage)  # 2: partitioned gradients and AdamW state only
-    accelerate.state.PartialState._prepare_backend = lambda self, *args, **kwargs: ("gloo", DistributedType.MULTI_CPU)
-
-
 LORA = ["model.lora.enabled=true", "model.lora.r=4"]  # the EMA teacher is then a second adapter
 
 
 def run_worker(out: Path, sharding: str = "ddp", resume: bool = False, lora: bool = False) -> None:
     """One training step (or, with `resume`, the state restored from its checkpoint); every rank writes what it holds."""
-    if sharding == "fsdp2":
-        shard_with_fsdp2_on_cpu()
-    elif sharding.startswith("deepspeed"):
-        partition_with_deepspeed_on_cpu(zero_stage=2 if sharding == "deepspeed-zero2" else 3)
+    from sdpo.testing import launch_on_cpu_as
+
+    launch_on_cpu_as({"ddp": "ddp", "fsdp2": "fsdp2", "deepspeed": "zero3", "deepspeed-zero2": "zero2"}[sharding])
     from conftest import TINY_OVERRIDES
     from toy_envs import ParityEnv, ParityEnvConfig
 
