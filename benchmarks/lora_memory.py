@@ -18,7 +18,6 @@ import json
 import os
 import platform
 from pathlib import Path
-import resource
 import subprocess
 import sys
 import tempfile
@@ -29,15 +28,13 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
+from machine import cpu_name, peak_rss_mib  # noqa: E402  (benchmarks/machine.py)
+
 MODES = {
     "full": [],
     "lora": ["model.lora.enabled=true", "model.lora.r=16", "model.lora.alpha=32"],
 }
 MiB = 2**20
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def tensor_bytes(tensors) -> int:
@@ -99,16 +96,6 @@ def child(mode: str, args: argparse.Namespace) -> dict:
         "step_seconds": times[-1],
         "distilled_fraction": metrics.get("teacher/reprompt_fraction"),
     }
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def state_bytes(r: dict) -> int:

@@ -16,7 +16,6 @@ import argparse
 import contextlib
 from dataclasses import replace
 import os
-import platform
 from pathlib import Path
 import statistics
 import sys
@@ -28,6 +27,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 import torch  # noqa: E402
 
+from machine import describe  # noqa: E402  (benchmarks/machine.py)
 from sdpo.batch import build_model_inputs, pad_right  # noqa: E402
 from sdpo.config import ModelConfig, RolloutConfig, VLLMConfig  # noqa: E402
 from sdpo.models import DTYPES, load_model, load_tokenizer, render_chat, resolve_checkpoint  # noqa: E402
@@ -89,16 +89,6 @@ def others_share(start: tuple[float, float, float]) -> float:
     """Share of the machine's cores that other processes used since `start` (other engineers' jobs)."""
     busy, own, wall = cpu_snapshot()
     return max(0.0, (busy - start[0]) - (own - start[1])) / ((wall - start[2]) * (os.cpu_count() or 1))
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def main() -> None:
@@ -164,7 +154,7 @@ def main() -> None:
         "# Rollout throughput: transformers generate vs colocated vLLM (CPU)",
         "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
-        f"- machine: {machine()}; vllm {vllm.__version__}",
+        f"- machine: {describe()}; vllm {vllm.__version__}",
         f"- the machine is shared: other processes used {100 * idle_share:.0f}% of the cores just before the run and "
         f"{100 * contention:.0f}% during it{' (CONTENDED: numbers unreliable)' if contention > 0.15 else ''}",
         f"- command: `HF_HUB_OFFLINE=1 {command}`",

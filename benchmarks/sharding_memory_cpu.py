@@ -17,9 +17,7 @@ import argparse
 import datetime
 import json
 import os
-import platform
 from pathlib import Path
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,12 +28,10 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
+from machine import cpu_name, peak_rss_mib  # noqa: E402  (benchmarks/machine.py)
+
 MODES = {"ddp": "ddp", "fsdp2": "fsdp2", "zero3": "zero3"}  # mode -> sdpo.testing.launch_on_cpu_as
 MiB = 2**20
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def stored_bytes(tensors, seen: set) -> int:
@@ -111,16 +107,6 @@ def worker(mode: str, args: argparse.Namespace, out: Path) -> None:
         "step_seconds": times[-1],
     }
     (out / f"{mode}-rank{trainer.rank}.json").write_text(json.dumps(result))
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def markdown(results: list[dict], args: argparse.Namespace, command: str) -> str:
