@@ -30,7 +30,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 from machine import cpu_name, peak_rss_mib  # noqa: E402  (benchmarks/machine.py)
 
-MODES = {"ddp": "ddp", "fsdp2": "fsdp2", "zero3": "zero3"}  # mode -> sdpo.testing.launch_on_cpu_as
+MODES = ["ddp", "fsdp2", "zero3"]  # as sdpo.testing.launch_on_cpu_as names them
 MiB = 2**20
 
 
@@ -59,7 +59,7 @@ def worker(mode: str, args: argparse.Namespace, out: Path) -> None:
 
     from sdpo.testing import launch_on_cpu_as
 
-    launch_on_cpu_as(MODES[mode])
+    launch_on_cpu_as(mode)
     from sdpo import SDPOTrainer, load_config
     from sdpo.envs.arithmetic import ArithmeticEnv
     from sdpo.models import load_tokenizer, resolve_checkpoint
@@ -172,7 +172,7 @@ def _version(package: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     parser.add_argument("--questions", type=int, default=2)
     parser.add_argument("--generations", type=int, default=4)
     parser.add_argument("--response-len", type=int, default=64)

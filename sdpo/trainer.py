@@ -147,8 +147,8 @@ class SDPOTrainer:
                              "(configs/accelerate/fsdp2.yaml)")
         # FSDP2 and ZeRO-3: parameters are sharded over ranks, so every forward is a collective that all ranks must
         # join.
-        zero3 = self.deepspeed and self.accelerator.state.deepspeed_plugin.zero_stage == 3
-        self.sharded = self.accelerator.is_fsdp2 or zero3
+        self.zero3 = self.deepspeed and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        self.sharded = self.accelerator.is_fsdp2 or self.zero3
         set_seed(tcfg.seed)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         if tcfg.questions_per_step % self.world or tcfg.mini_batch_questions % self.world:
@@ -579,7 +579,7 @@ class SDPOTrainer:
         Under ZeRO-3 transformers partitions the weights while loading (zero.Init), so the copy is a second load of
         the same checkpoint instead of a deepcopy of empty partitions.
         """
-        if not self.sharded or not self.deepspeed:
+        if not self.zero3:
             return frozen_copy(model)
         copy = load_model(replace(self.config.model, gradient_checkpointing=False), self.model_path)
         return copy.requires_grad_(False).eval()
@@ -588,7 +588,7 @@ class SDPOTrainer:
         """A frozen copy of the policy (teacher, reference) placed like the prepared policy."""
         if self.accelerator.is_fsdp2:
             return fsdp2_prepare_model(self.accelerator, copy)
-        if self.sharded:  # ZeRO-3: an engine of its own, without an optimizer, partitioned like the policy
+        if self.zero3:  # an engine of its own, without an optimizer, partitioned like the policy
             import deepspeed
 
             ds = copy_module.deepcopy(self.accelerator.state.deepspeed_plugin.deepspeed_config)

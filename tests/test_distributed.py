@@ -8,7 +8,7 @@ DeepSpeed ZeRO-3 / ZeRO-2, each set up on the CPU as its accelerate config file 
 (`sdpo.testing.launch_on_cpu_as`).
 
 Run by hand: python -m torch.distributed.run --standalone --nproc_per_node 2 tests/test_distributed.py --worker OUT \
-    --sharding {ddp,fsdp2,deepspeed,deepspeed-zero2} [--lora]
+    --sharding {ddp,fsdp2,zero3,zero2} [--lora]
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ METRICS = ["reward/mean", "response/length_mean", "policy/loss", "distill/loss",
            "policy/entropy", "optim/grad_norm", "teacher/reprompt_fraction"]
 
 
+DEEPSPEED = ("zero3", "zero2")  # the sharding names of sdpo.testing.launch_on_cpu_as
 LORA = ["model.lora.enabled=true", "model.lora.r=4"]  # the EMA teacher is then a second adapter
 
 
@@ -51,7 +52,7 @@ def run_worker(out: Path, sharding: str = "ddp", resume: bool = False, lora: boo
     """One training step (or, with `resume`, the state restored from its checkpoint); every rank writes what it holds."""
     from sdpo.testing import launch_on_cpu_as
 
-    launch_on_cpu_as({"ddp": "ddp", "fsdp2": "fsdp2", "deepspeed": "zero3", "deepspeed-zero2": "zero2"}[sharding])
+    launch_on_cpu_as(sharding)
     from conftest import TINY_OVERRIDES
     from toy_envs import ParityEnv, ParityEnvConfig
 
@@ -69,7 +70,7 @@ def run_worker(out: Path, sharding: str = "ddp", resume: bool = False, lora: boo
                           f"trainer.resume={'auto' if resume else 'none'}"])
     engine = ScriptedEngine(load_tokenizer(resolve_checkpoint(ModelConfig(name_or_path="tiny"))), max_len=6)
     trainer = SDPOTrainer(config, env=InlineParityEnv(ParityEnvConfig()), engine=engine)
-    assert trainer.sharded == (sharding in ("fsdp2", "deepspeed")) and trainer.deepspeed == sharding.startswith("deepspeed")
+    assert trainer.sharded == (sharding in ("fsdp2", "zero3")) and trainer.deepspeed == (sharding in DEEPSPEED)
     if trainer.deepspeed:  # the learning-rate schedule drives the AdamW that DeepSpeed's ZeRO optimizer steps
         assert trainer.scheduler.optimizer is trainer.optimizer.optimizer.optimizer
 
@@ -121,11 +122,11 @@ def run_worker(out: Path, sharding: str = "ddp", resume: bool = False, lora: boo
     }, out / f"rank{trainer.rank}-of-{trainer.world}.pt")
 
 
-@pytest.mark.parametrize("sharding, lora", [("ddp", False), ("fsdp2", False), ("fsdp2", True), ("deepspeed", False),
-                                           ("deepspeed", True), ("deepspeed-zero2", False)],
+@pytest.mark.parametrize("sharding, lora", [("ddp", False), ("fsdp2", False), ("fsdp2", True), ("zero3", False),
+                                           ("zero3", True), ("zero2", False)],
                          ids=["ddp", "fsdp2", "fsdp2-lora", "deepspeed-zero3", "deepspeed-zero3-lora", "deepspeed-zero2"])
 def test_two_processes_take_the_same_step_as_one(tmp_path, sharding, lora):
-    if sharding.startswith("deepspeed"):
+    if sharding in DEEPSPEED:
         pytest.importorskip("deepspeed", reason="the deepspeed extra (pip install -e '.[deepspeed]')")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "WANDB_MODE": "disabled"}
@@ -148,7 +149,7 @@ def test_two_processes_take_the_same_step_as_one(tmp_path, sharding, lora):
         for a, b in zip(resumed["teacher"], trained["teacher"], strict=True):
             assert torch.equal(a, b)
     # Adam's moments: whole on rank 0 (DDP, FSDP2), each rank's partitions (DeepSpeed).
-    for rank in range(2) if sharding.startswith("deepspeed") else [0]:
+    for rank in range(2) if sharding in DEEPSPEED else [0]:
         trained, resumed = (torch.load(tmp_path / f"{prefix}rank{rank}-of-2.pt", weights_only=False) for prefix in ("", "resumed-"))
         assert len(resumed["moments"]) == len(trained["moments"]) > 0
         for a, b in zip(resumed["moments"], trained["moments"]):
