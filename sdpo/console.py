@@ -122,12 +122,13 @@ def header(trainer: SDPOTrainer, log_file: str | Path | None = None) -> str:
 
     config = trainer.config
     algo, model, rollout = config.algorithm, config.model, config.rollout
+    steps = config.trainer.total_steps
+    steps_text = f"{steps} step{'s' if steps != 1 else ''}"
     if algo.grpo_weight >= 1.0:
-        what = f"{algo.name}: GRPO (no teacher)"
+        what = f"{algo.name}: GRPO (no teacher), {steps_text}"
     else:
         mix = f", GRPO weight {algo.grpo_weight} ({algo.mix}-level mix)" if algo.grpo_weight > 0 else ""
-        what = (f"{algo.name}: SDPO{mix}, {algo.teacher.kind} teacher, {algo.distill.mode} distillation, "
-                f"{config.trainer.total_steps} steps")
+        what = f"{algo.name}: SDPO{mix}, {algo.teacher.kind} teacher, {algo.distill.mode} distillation, {steps_text}"
     engine = rollout.engine + (f" ({rollout.vllm.dtype})" if rollout.engine == "vllm" else "")
     trainer_dtype = compute_dtype_name(config) + (" autocast" if model.autocast_dtype != "none" else "")
     lines = [
@@ -170,4 +171,4 @@ def summary(run_dir: str | Path, log_file: str | Path | None = None) -> str:
         where.append(f"checkpoint {checkpoint}")
     if log_file:
         where.append(f"log {log_file}")
-    return f"done: {steps} steps; {accuracy}\n" + " · ".join(where)
+    return f"done: {steps} step{'s' if steps != 1 else ''}; {accuracy}\n" + " · ".join(where)

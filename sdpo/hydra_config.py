@@ -2,7 +2,8 @@
 
 Each YAML option of a group starts from its schema (`defaults: [<name>_schema, _self_]` for environments; the
 top-level `config.yaml` starts from `sdpo_schema`), so a misspelled key or a wrongly typed value fails when Hydra
-composes the config, and `__post_init__` then checks values and cross-field rules.
+composes the config, and `__post_init__` then checks values and cross-field rules. `check_overrides` runs before
+Hydra does, so that a wrong group option or key gets a message naming the valid ones and the closest match.
 """
 
 from __future__ import annotations

@@ -141,7 +141,7 @@ def test_train_script_runs_with_the_default_run_directory(tmp_path):
     # The quiet terminal: a header of at most 5 lines, then (no progress bar here) the summary; no library chatter.
     shown = result.stdout.splitlines()
     assert shown[0].startswith("sdpo_grpo: SDPO") and "rollouts hf" in result.stdout
-    assert any(line.startswith("done: 1 steps") for line in shown[:6])
+    assert any(line.startswith("done: 1 step;") for line in shown[:6])
     assert "INFO" not in result.stderr and "WARNING" not in result.stderr and "Loading weights" not in result.stderr
     assert f"log: {(run_dirs[0] / 'train.log').resolve()}" in result.stdout and (run_dirs[0] / "train.log").exists()
 

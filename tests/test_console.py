@@ -21,7 +21,8 @@ from sdpo.hydra_config import load_config
 def restore_logging(monkeypatch):
     """setup_logging reconfigures the process: put the root handlers, the warnings capture and env vars back."""
     for name in ("VLLM_CONFIGURE_LOGGING", "WANDB_SILENT"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # recorded, so that the test's own value is undone afterwards
+        monkeypatch.delenv(name)
     handlers, level = logging.root.handlers[:], logging.root.level
     yield
     for handler in logging.root.handlers:
