@@ -57,6 +57,13 @@ def auto_dtype(caps: Capabilities) -> str:
     return BF16 if caps.bf16 else FP32
 
 
+def resolve_autocast(requested: str, caps: Capabilities | None = None) -> str:
+    """A `model.autocast_dtype` with `auto` replaced: bfloat16 where native, else "none" (plain float32)."""
+    if requested != "auto":
+        return requested
+    return BF16 if auto_dtype(caps or probe()) == BF16 else "none"
+
+
 def slow_half_precision_warning(key: str, value: str, caps: Capabilities) -> str | None:
     """The warning for an explicit 16-bit dtype on a CPU that emulates it; None where it is fine."""
     if caps.device != "cpu" or caps.bf16 or value not in ("bfloat16", "float16"):
@@ -77,7 +84,7 @@ def resolve_precision(config, caps: Capabilities | None = None) -> list[str]:
     model, engine = config.model, config.rollout.vllm
     warnings = [slow_half_precision_warning("model.dtype", model.dtype, caps)]
     if model.autocast_dtype == "auto":
-        model.autocast_dtype = "none" if auto_dtype(caps) == FP32 else BF16
+        model.autocast_dtype = resolve_autocast("auto", caps)
     else:
         warnings.append(slow_half_precision_warning("model.autocast_dtype", model.autocast_dtype, caps))
     if engine.dtype == "auto":
