@@ -1,8 +1,8 @@
 """What a run shows on the terminal: a short header, the progress bar, a closing summary; the rest goes to a log file.
 
 By default (`logging.verbose=false`) third-party INFO and WARNING messages (vLLM, transformers, Accelerate, wandb,
-DeepSpeed, ...) go to the run directory's log file only; the terminal gets errors from everyone and warnings from
-`sdpo` itself. `logging.verbose=true` leaves every library's own terminal output alone.
+DeepSpeed, ...) go to the run directory's log file only; the terminal gets errors from everyone and sdpo's own
+messages from INFO up (a resume, test-time progress, warnings). `logging.verbose=true` leaves every library's own terminal output alone.
 
 Some start-up output never passes through Python's logging: vLLM's and transformers' weight-loading bars, Python
 warnings, and messages that C++ code (oneDNN, c10, tcmalloc hints) prints straight to file descriptor 2.
@@ -29,11 +29,12 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class TerminalFilter(logging.Filter):
-    """Errors from anyone; warnings and above from sdpo's own loggers."""
+    """Errors from anyone; INFO and above from sdpo's own loggers (their DEBUG, start-up details that the run
+    header sums up, goes to the log file only)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         own = record.name == "sdpo" or record.name.startswith("sdpo.") or record.name == "__main__"
-        return record.levelno >= (logging.WARNING if own else logging.ERROR)
+        return record.levelno >= (logging.INFO if own else logging.ERROR)
 
 
 def _quiet_library_loggers() -> None:
@@ -60,6 +61,7 @@ def setup_logging(log_file: str | Path, verbose: bool = False, terminal: TextIO 
     `TerminalFilter` lets through. Call before vLLM is imported: its own logging setup is switched off here."""
     log_file = Path(log_file)
     log_file.parent.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("sdpo").setLevel(logging.DEBUG)  # sdpo's start-up details reach the log file
     if verbose:
         return log_file
     # vLLM reads these when it is first imported; its records then reach the handlers below.

@@ -23,8 +23,9 @@ def restore_logging(monkeypatch):
     for name in ("VLLM_CONFIGURE_LOGGING", "WANDB_SILENT"):
         monkeypatch.setenv(name, "")  # recorded, so that the test's own value is undone afterwards
         monkeypatch.delenv(name)
-    handlers, level = logging.root.handlers[:], logging.root.level
+    handlers, level, sdpo_level = logging.root.handlers[:], logging.root.level, logging.getLogger("sdpo").level
     yield
+    logging.getLogger("sdpo").setLevel(sdpo_level)
     for handler in logging.root.handlers:
         if handler not in handlers:
             handler.close()
@@ -33,20 +34,22 @@ def restore_logging(monkeypatch):
     logging.captureWarnings(False)
 
 
-def test_library_messages_go_to_the_log_file_and_sdpo_warnings_and_errors_to_the_terminal(tmp_path, restore_logging):
+def test_library_messages_go_to_the_log_file_and_sdpo_messages_and_errors_to_the_terminal(tmp_path, restore_logging):
     terminal = io.StringIO()
     log_file = setup_logging(tmp_path / "train.log", terminal=terminal)
     logging.getLogger("vllm.worker").info("vllm info")
     logging.getLogger("vllm.worker").warning("vllm warning")
     logging.getLogger("transformers.modeling_utils").warning("transformers warning")
-    logging.getLogger("sdpo.trainer").info("sdpo info")
+    logging.getLogger("sdpo.rollout.vllm").debug("sdpo start-up detail")
+    logging.getLogger("sdpo.test_time").info("sdpo progress")
     logging.getLogger("sdpo.trainer").warning("sdpo warning")
     logging.getLogger("vllm.worker").error("vllm error")
     shown, logged = terminal.getvalue(), log_file.read_text()
-    for message in ("vllm info", "vllm warning", "transformers warning", "sdpo info", "sdpo warning", "vllm error"):
+    for message in ("vllm info", "vllm warning", "transformers warning", "sdpo start-up detail", "sdpo progress",
+                    "sdpo warning", "vllm error"):
         assert message in logged
-    assert "sdpo warning" in shown and "vllm error" in shown
-    assert not any(m in shown for m in ("vllm info", "vllm warning", "transformers warning", "sdpo info"))
+    assert "sdpo progress" in shown and "sdpo warning" in shown and "vllm error" in shown
+    assert not any(m in shown for m in ("vllm info", "vllm warning", "transformers warning", "sdpo start-up detail"))
     # vLLM and wandb are told before they are imported.
     assert os.environ["VLLM_CONFIGURE_LOGGING"] == "0" and os.environ["WANDB_SILENT"] == "true"
 

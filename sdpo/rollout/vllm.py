@@ -320,7 +320,7 @@ class VLLMEngine(RolloutEngine):
         self._weights_asleep = False
         self._weights_lost = False  # level 2 discarded them: they must be loaded again before use
         self._source: weakref.ref[torch.nn.Module] | None = None  # the model of the last sync
-        log.info("vLLM engine: %s, dtype %s, max_model_len %d, device %s, sleep level %d",
+        log.debug("vLLM engine: %s, dtype %s, max_model_len %d, device %s, sleep level %d",
                  self.model_path, self.engine_dtype, self.max_model_len, self.device, self.sleep_level)
 
     # -- generation ------------------------------------------------------------------------------------------
