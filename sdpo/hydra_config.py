@@ -80,8 +80,11 @@ def _check_choices(choices: Sequence[str]) -> None:
             if group.startswith(("~", "hydra")) or "." in group or option in ("", "null"):
                 continue
             options = loader.get_group_options(group)
-            if options and option not in options:
-                raise _unknown_option(group, option, options)
+            if "(" in option:  # a sweep function (glob(...), choice(...)): Hydra expands it
+                continue
+            for one in option.split(","):  # a multirun sweep, algorithm=sdpo,grpo
+                if options and one not in options:
+                    raise _unknown_option(group, one, options)
 
 
 def check_overrides(overrides: Sequence[str], config_name: str = "config") -> None:

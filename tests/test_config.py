@@ -161,7 +161,8 @@ def test_engine_teacher_scoring_states_what_it_needs():
                         "did you mean algorithm=sdpo?"),
     ("env=nope", "unknown env option 'nope': available env options: arithmetic, "),
     ("env=arithmetc", "did you mean env=arithmetic?"),
-    ("experiment=livecodebenc", "did you mean experiment=livecodebench?"),
+    ("experiment=livecodebenc", "did you mean experiment=livecodebench?"),  # an optional group: Hydra ignores it
+    ("algorithm=grpo,sdpoo", "unknown algorithm option 'sdpoo'"),  # a multirun sweep
 ])
 def test_a_wrong_group_option_names_the_options_and_the_closest(override, expected):
     with pytest.raises(ConfigError) as info:
@@ -208,3 +209,7 @@ def test_qwen3_presets_switch_thinking_off(experiment):
     config = load_config([f"experiment={experiment}"])
     expected = {"enable_thinking": False} if experiment in QWEN3_PRESETS else {}
     assert config.model.chat_template_kwargs == expected
+
+
+def test_a_valid_multirun_sweep_passes_the_check():
+    check_overrides(["algorithm=grpo,sdpo", "trainer.optim.lr=1e-5,3e-5", "env=glob(math*)"])
