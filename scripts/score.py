@@ -12,6 +12,7 @@ exactly as in training. For debugging environments; the tests use it too.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import sys
 import time
 
