@@ -31,6 +31,7 @@ from machine import describe  # noqa: E402  (benchmarks/machine.py)
 from sdpo.batch import build_model_inputs, pad_right  # noqa: E402
 from sdpo.config import ModelConfig, RolloutConfig, VLLMConfig  # noqa: E402
 from sdpo.models import DTYPES, load_model, load_tokenizer, render_chat, resolve_checkpoint  # noqa: E402
+from sdpo.precision import resolve_autocast  # noqa: E402
 from sdpo.rollout.base import RolloutEngine, SamplingSettings  # noqa: E402
 from sdpo.rollout.hf import HFEngine  # noqa: E402
 from sdpo.rollout.mismatch import logprob_mismatch_metrics  # noqa: E402
@@ -100,7 +101,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--syncs", type=int, default=3)
-    parser.add_argument("--vllm-dtype", default="auto", help="vLLM weights dtype (auto: bf16 for SmolLM2)")
+    parser.add_argument("--vllm-dtype", default="auto", help="vLLM weights dtype (auto: bf16 where the machine runs it natively, else float32)")
     parser.add_argument("--results", type=Path, help="write a markdown report here")
     args = parser.parse_args()
 
@@ -109,6 +110,7 @@ def main() -> None:
     idle_share = others_share(before)  # other processes' load just before the run
     before = cpu_snapshot()
     model_config = ModelConfig(name_or_path=args.model)
+    model_config.autocast_dtype = resolve_autocast(model_config.autocast_dtype)  # as the trainer resolves `auto`
     path = resolve_checkpoint(model_config)
     tokenizer = load_tokenizer(path)
     prompts = [

@@ -14,28 +14,18 @@ its base model and merged. Prints a table and writes a JSON report (eval.output_
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import _prelude  # noqa: F401 - this checkout's sdpo first; no hub downloads
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from sdpo.hydra_config import CONFIG_DIR, register_configs, run_checked, to_config  # noqa: E402
-
-register_configs()
+from sdpo.cli import run
+from sdpo.config import SDPOConfig
 
 
-@hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(config: SDPOConfig) -> None:
     from sdpo.evaluation import evaluate_checkpoint, format_table
     from sdpo.models import resolve_checkpoint
 
-    config = to_config(cfg)
     report = evaluate_checkpoint(config)
     out = config.eval.output_file
     if out is None:
@@ -52,4 +42,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    run_checked(main)
+    run(main)

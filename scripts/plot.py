@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-import sys
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _prelude  # noqa: F401 - this checkout's sdpo first; no hub downloads
 
-from sdpo.tracking import CURVES, plot_curves  # noqa: E402
+from sdpo.tracking import CURVES, plot_curves
 
 
 def main(argv: list[str] | None = None) -> Path:

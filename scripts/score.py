@@ -11,19 +11,15 @@ exactly as in training. For debugging environments; the tests use it too.
 
 from __future__ import annotations
 
-import os
-
-os.environ["HF_HUB_OFFLINE"] = "1"  # scoring never downloads anything
-
 import json
 from pathlib import Path
 import sys
 import time
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _prelude  # noqa: F401 - this checkout's sdpo first; scoring never downloads anything
 
-from sdpo.envs import build_environment  # noqa: E402
-from sdpo.hydra_config import load_config  # noqa: E402
+from sdpo.envs import build_environment
+from sdpo.hydra_config import load_config
 
 
 def parse_args(argv: list[str]) -> tuple[Path, str | None, list[str]]:

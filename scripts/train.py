@@ -10,43 +10,27 @@ Every default lives in sdpo/config.py; `--cfg job` prints the composed config wi
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
+import _prelude  # noqa: F401 - this checkout's sdpo first; no hub downloads
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from sdpo.hydra_config import CONFIG_DIR, register_configs, run_checked, to_config  # noqa: E402
-
-register_configs()
+from sdpo.cli import run
+from sdpo.config import SDPOConfig
 
 
-@hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(config: SDPOConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    from sdpo import console
     from sdpo.trainer import SDPOTrainer
 
-    config = to_config(cfg)
     if config.trainer.output_dir is None:
         config.trainer.output_dir = HydraConfig.get().runtime.output_dir
-    trainer = SDPOTrainer(config)
-    algo = config.algorithm
-    print(
-        f"{algo.name}: grpo_weight={algo.grpo_weight} ({algo.mix}-level mix), teacher={algo.teacher.kind}, "
-        f"model={config.model.name_or_path}, env={config.env.name}, rollout engine={config.rollout.engine}, "
-        f"{config.trainer.total_steps} steps; run directory: {trainer.run_dir}",
-        flush=True,
-    )
-    metrics = trainer.train()
-    print(f"done: {trainer.step} steps, run directory {trainer.run_dir}; last step: "
-          + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if k.startswith(("reward", "eval"))))
+    log_file = console.log_path()
+    with console.native_output_to(log_file, enabled=not config.logging.verbose and log_file is not None):
+        trainer = SDPOTrainer(config)  # vLLM start-up, weight loading: what they print goes to the log
+    print(console.header(trainer, log_file), flush=True)
+    trainer.train()
+    print(console.summary(trainer.run_dir, log_file), flush=True)
 
 
 if __name__ == "__main__":
-    run_checked(main)
+    run(main)

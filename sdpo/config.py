@@ -66,18 +66,25 @@ class ModelConfig:
     # checkpoint; "tiny": a random-init Llama with SmolLM2's tokenizer (tests); anything else: a local HF path.
     name_or_path: str = "smollm2-135m-instruct"
     # Master weights stay in float32; forward passes run under autocast in this dtype ("none" turns it off).
+    # "auto": bfloat16 where the device runs it natively (CUDA with bf16, CPUs with AMX / AVX512-BF16), else none
+    # (float32); an emulated bf16 is ~50x slower on AVX2-only CPUs (sdpo/precision.py).
     dtype: str = "float32"
-    autocast_dtype: str = "bfloat16"
+    autocast_dtype: str = "auto"
     gradient_checkpointing: bool = False
     attn_implementation: str = "sdpa"
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     # Where converted checkpoints are cached (GGUF -> HF, tiny model).
     cache_dir: str = "~/.cache/sdpo"
     seed: int = 0  # initialisation seed of the tiny model
+    # Extra variables for the chat template, wherever a chat is rendered (rollouts, teacher reprompts, eval):
+    # Qwen3's template thinks unless {enable_thinking: false} (the paper trains with thinking off).
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_choice("model.dtype", self.dtype, ["float32", "bfloat16", "float16"])
-        check_choice("model.autocast_dtype", self.autocast_dtype, ["none", "bfloat16", "float16"])
+        check_choice("model.autocast_dtype", self.autocast_dtype, ["auto", "none", "bfloat16", "float16"])
+        if not isinstance(self.chat_template_kwargs, dict):
+            raise ConfigError("model.chat_template_kwargs must be a mapping, e.g. {enable_thinking: false}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -121,6 +128,8 @@ class VLLMConfig:
     sync_bucket_mb: int = 256
     # None: max_prompt_len + max_new_tokens (+ the reprompt length when the engine scores the teacher).
     max_model_len: int | None = None
+    # "auto": the trainer's compute dtype (model.autocast_dtype, resolved from the machine), so that the sampler and
+    # the trainer run one precision; or an explicit bfloat16 / float16 / float32.
     dtype: str = "auto"
     seed: int = 0
     # KV-cache size in GiB. None: gpu_memory_utilization sizes it on a GPU; on vLLM's CPU backend (where that
@@ -134,6 +143,7 @@ class VLLMConfig:
         check_choice("rollout.vllm.sleep_level", self.sleep_level, [0, 1, 2])
         check_range("rollout.vllm.sync_bucket_mb", self.sync_bucket_mb, 1)
         check_range("rollout.vllm.max_logprobs", self.max_logprobs, 0)
+        check_choice("rollout.vllm.dtype", self.dtype, ["auto", "bfloat16", "float16", "float32"])
         if self.kv_cache_gb is not None:
             check_range("rollout.vllm.kv_cache_gb", self.kv_cache_gb, 0.01)
 
@@ -419,6 +429,9 @@ class LoggingConfig:
     run_name: str | None = None
     tensorboard: bool = False
     progress_bar: bool = True
+    # false: third-party INFO / WARNING messages (vLLM, transformers, wandb, ...) go to the run directory's log file,
+    # and the terminal shows a short header, the progress bar and a summary (sdpo/console.py); true: everything.
+    verbose: bool = False
     # A table of sample completions (reward, feedback) every this many steps; 0 disables it.
     samples_every: int = 10
     num_samples: int = 4

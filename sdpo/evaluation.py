@@ -99,15 +99,17 @@ def evaluate_checkpoint(
 
     from sdpo.envs import build_environment
     from sdpo.models import DTYPES, load_model, load_tokenizer, render_chat, resolve_checkpoint
+    from sdpo.precision import resolve_precision
     from sdpo.rollout import build_engine
 
+    resolve_precision(config)
     ecfg, rcfg = config.eval, config.rollout
     torch.manual_seed(config.trainer.seed)  # the HF engine samples from torch's global generator
     path = resolve_checkpoint(config.model)
     tokenizer = load_tokenizer(path)
     env = env or build_environment(config.env)
     problems = env.load(config.env.eval_split)
-    prompts = {id(p): render_chat(tokenizer, p.messages) for p in problems}
+    prompts = {id(p): render_chat(tokenizer, p.messages, config.model.chat_template_kwargs) for p in problems}
     problems = [p for p in problems if len(prompts[id(p)]) <= rcfg.max_prompt_len][: ecfg.num_questions]
     max_new_tokens = ecfg.max_new_tokens or rcfg.max_new_tokens
     if engine is None:

@@ -2,20 +2,22 @@
 
 Each YAML option of a group starts from its schema (`defaults: [<name>_schema, _self_]` for environments; the
 top-level `config.yaml` starts from `sdpo_schema`), so a misspelled key or a wrongly typed value fails when Hydra
-composes the config, and `__post_init__` then checks values and cross-field rules.
+composes the config, and `__post_init__` then checks values and cross-field rules. `check_overrides` runs before
+Hydra does, so that a wrong group option or key gets a message naming the valid ones and the closest match.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 import dataclasses
 import difflib
 from pathlib import Path
-import sys
 import typing
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
 from sdpo.config import ConfigError, SDPOConfig
@@ -47,51 +49,93 @@ def _schema_fields(schema: type) -> dict[str, object]:
     return {f.name: hints.get(f.name) for f in dataclasses.fields(schema)}
 
 
-def check_override_keys(overrides: Sequence[str]) -> None:
-    """Reject `a.b.c=value` overrides whose key the schema lacks, naming the valid keys and the closest matches.
+def _is_key_override(override: str) -> bool:
+    """`a.b=value` on a schema key (what `_check_key` checks); group choices, `+`/`~` and `hydra.*` are Hydra's."""
+    key = override.split("=", 1)[0]
+    return "=" in override and "." in key and key[0] not in "+~" and not key.startswith("hydra.")
 
-    Hydra would reject them too, but without saying what the valid keys are. Group choices (`env=code`),
-    additions (`+key=`), deletions (`~key`) and `hydra.*` keys are left to Hydra.
+
+def _compose(overrides: Sequence[str], config_name: str = "config") -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))
+
+
+def _unknown_option(group: str, option: str, options: Sequence[str]) -> ConfigError:
+    """`algorithm=sdpoo`: name the group's options and the closest match (Hydra lists the options only)."""
+    options = [o for o in options if not o.endswith("_schema")]  # schema nodes in the ConfigStore are not choices
+    close = difflib.get_close_matches(option, options, n=1)
+    hint = f"; did you mean {group}={close[0]}?" if close else ""
+    return ConfigError(f"unknown {group} option {option!r}: available {group} options: {', '.join(options)}{hint}")
+
+
+def _check_choices(choices: Sequence[str]) -> None:
+    """Every `group=option` names an existing option. Hydra skips a missing option of an optional group silently
+    (`experiment=typo` would run the default config), hence this check ahead of it."""
+    if any(c.startswith(("hydra.searchpath=", "+hydra.searchpath=")) for c in choices):
+        return  # options from another search path: Hydra's own check, when it composes
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        for choice in choices:
+            group, _, option = choice.removeprefix("+").partition("=")
+            if group.startswith(("~", "hydra")) or "." in group or option in ("", "null"):
+                continue
+            options = loader.get_group_options(group)
+            if "(" in option:  # a sweep function (glob(...), choice(...)): Hydra expands it
+                continue
+            for one in option.split(","):  # a multirun sweep, algorithm=sdpo,grpo
+                if options and one not in options:
+                    raise _unknown_option(group, one, options)
+
+
+def check_overrides(overrides: Sequence[str], config_name: str = "config") -> None:
+    """Reject unknown group options (`env=nope`) and unknown keys (`a.b.c=value`), naming the valid ones and the
+    closest matches; Hydra would reject both, without saying what would have been right.
+
+    `env.*` keys are checked against the schema of the environment the command line selects, with `env=` or
+    through a preset (`experiment=livecodebench env.path=...`): the group choices are composed first to find it.
     """
-    from sdpo.envs import ENVIRONMENTS
-
-    env_name = next((o.split("=", 1)[1] for o in overrides if o.startswith("env=")), "arithmetic")
-    for override in overrides:
-        key = override.split("=", 1)[0]
-        if "=" not in override or "." not in key or key[0] in "+~" or key.startswith("hydra."):
-            continue
-        schema: object = SDPOConfig
-        path: list[str] = []
-        for part in key.split("."):
-            if path == ["env"] and schema is typing.Any:
-                schema = ENVIRONMENTS.get(env_name).config_class if env_name in ENVIRONMENTS else None
-            if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
-                break  # a dict, list or custom environment: nothing to check against
-            fields = _schema_fields(schema)
-            if part not in fields:
-                where = ".".join(path) or "the top level"
-                close = difflib.get_close_matches(part, list(fields), n=3)
-                hint = f"; did you mean {', '.join('.'.join([*path, c]) for c in close)}?" if close else ""
-                raise ConfigError(f"unknown config key {key!r}: valid keys under {where}: {', '.join(fields)}{hint}")
-            path.append(part)
-            schema = fields[part]
-            if typing.get_origin(schema) is typing.Union:  # X | None
-                schema = next((a for a in typing.get_args(schema) if a is not type(None)), schema)
-
-
-def run_checked(main: Callable[[], None]) -> None:
-    """Run a `@hydra.main` entry point after rejecting unknown override keys, naming the valid ones."""
+    register_configs()
+    choices = [o for o in overrides if not _is_key_override(o)]
+    _check_choices(choices)
     try:
-        check_override_keys(sys.argv[1:])
-    except ConfigError as exc:
-        sys.exit(f"error: {exc}")
-    main()
+        composed = _compose(choices, config_name)
+        env_schema = OmegaConf.get_type(composed.env) if "env" in composed else None
+    except MissingConfigException as exc:  # a missing option of a group under another search path
+        group, _, option = (exc.missing_cfg_file or "").rpartition("/")
+        raise _unknown_option(group, option, exc.options or []) from None
+    except HydraException:
+        env_schema = None  # Hydra reports what is wrong when it composes the whole command line
+    for override in filter(_is_key_override, overrides):
+        _check_key(override.split("=", 1)[0], env_schema)
+
+
+def _check_key(key: str, env_schema: type | None) -> None:
+    schema: object = SDPOConfig
+    path: list[str] = []
+    for part in key.split("."):
+        if path == ["env"] and schema is typing.Any:
+            schema = env_schema
+        if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
+            return  # a dict, list or custom environment: nothing to check against
+        fields = _schema_fields(schema)
+        if part not in fields:
+            where = ".".join(path) or "the top level"
+            close = difflib.get_close_matches(part, list(fields), n=3)
+            hint = f"; did you mean {', '.join('.'.join([*path, c]) for c in close)}?" if close else ""
+            raise ConfigError(f"unknown config key {key!r}: valid keys under {where}: {', '.join(fields)}{hint}")
+        path.append(part)
+        schema = fields[part]
+        if typing.get_origin(schema) is typing.Union:  # X | None
+            schema = next((a for a in typing.get_args(schema) if a is not type(None)), schema)
 
 
 def load_config(overrides: Sequence[str] = (), config_name: str = "config") -> SDPOConfig:
     """Compose a config as `scripts/train.py` would, for notebooks and tests: `load_config(["env=arithmetic"])`."""
     register_configs()
-    check_override_keys(overrides)
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=list(overrides))
+    _check_choices([o for o in overrides if not _is_key_override(o)])
+    try:
+        cfg = _compose(overrides, config_name)
+    except HydraException:
+        check_overrides(overrides, config_name)  # the clearer message, where it has one
+        raise
     return to_config(cfg)

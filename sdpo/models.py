@@ -12,12 +12,13 @@ Three sources, by `model.name_or_path`:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 import importlib.util
 import os
 from pathlib import Path
 import shutil
 import tempfile
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
@@ -190,9 +191,15 @@ def hf_offline() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of a chat rendered with the model's template, ending in the assistant header."""
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]],
+                chat_template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
+    """Token ids of a chat rendered with the model's template, ending in the assistant header.
+
+    `chat_template_kwargs` (`model.chat_template_kwargs`) are variables of the template, such as Qwen3's
+    `enable_thinking`. Every prompt goes through here, the vLLM engine's too (it receives token ids, never a chat).
+    """
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False,
+                                              **dict(chat_template_kwargs or {})))
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -78,7 +78,8 @@ def wandb_mode(requested: str) -> str:
         return "disabled"
     mode = requested if requested != "auto" else {"dryrun": "offline", "run": "online"}.get(env, env) or "online"
     if mode == "online" and not has_wandb_key():
-        log.warning("wandb: no API key (WANDB_API_KEY or `wandb login`): logging offline to the run directory")
+        # Not a warning: the run header says "wandb offline", and `wandb sync` uploads the run later.
+        log.debug("wandb: no API key (WANDB_API_KEY or `wandb login`): logging offline to the run directory")
         return "offline"
     return mode
 

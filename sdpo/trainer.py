@@ -60,6 +60,7 @@ from sdpo.models import (
     DTYPES, load_model, load_tokenizer, output_head, render_chat, reshard, resolve_checkpoint, response_hidden_states,
     unwrap,
 )
+from sdpo.precision import resolve_precision, use_all_cores
 from sdpo.rollout import RolloutEngine, SamplingSettings, build_engine
 from sdpo.sharding import full_state_dict
 from sdpo.teacher import Reprompt, Teacher, build_reprompts, reprompt_stats, teacher_prompt_ids
@@ -129,6 +130,7 @@ class SDPOTrainer:
 
     def __init__(self, config: SDPOConfig, env: Environment | None = None, engine: RolloutEngine | None = None) -> None:
         self.config = config
+        resolve_precision(config)  # `auto` dtypes -> what this machine runs natively (saved in config.yaml)
         tcfg, acfg = config.trainer, config.algorithm
         # Launched with torchrun on a machine without GPUs: Accelerate needs `cpu` to set up gloo (not under
         # DeepSpeed, which `cpu` would switch off).
@@ -203,6 +205,8 @@ class SDPOTrainer:
             max_model_len = max(max_model_len, acfg.reprompt.max_reprompt_len + config.rollout.max_new_tokens)
         self.engine = engine or build_engine(config.rollout, self.unwrapped, self.tokenizer, self.model_path, max_model_len,
                                              self.autocast_dtype, sharded=self.sharded)
+        # Every allowed core for the forward/backward, also after an in-process vLLM engine disabled set_num_threads.
+        self.threads = use_all_cores()
         if self.engine_scores_teacher and not hasattr(self.engine, "score_teacher"):
             raise ValueError(f"algorithm.teacher.scorer=engine: the {type(self.engine).__name__} engine cannot score "
                              "the teacher (use rollout=vllm, or algorithm.teacher.scorer=trainer)")
@@ -309,7 +313,8 @@ class SDPOTrainer:
         reprompts = self._reprompts(batch, problems_B)
         stats = reprompt_stats(reprompts, batch.rewards_B.tolist(), batch.group_ids_B.tolist(), acfg.reprompt.success_reward_threshold)
         if self.teacher is not None:
-            batch.teacher_prompt_ids = teacher_prompt_ids(reprompts, batch.prompt_ids, self.tokenizer, acfg.reprompt)
+            batch.teacher_prompt_ids = teacher_prompt_ids(reprompts, batch.prompt_ids, self.tokenizer, acfg.reprompt,
+                                                         self.config.model.chat_template_kwargs)
             batch.distill_mask_B = torch.tensor([r.has_signal for r in reprompts])
             if acfg.teacher.scorer == "engine":
                 batch.teacher_logp_BR = self._engine_teacher_logp(batch)
@@ -540,7 +545,7 @@ class SDPOTrainer:
             self._prompt_ids: dict[int, list[int]] = {}  # keyed by id(problem): ids need not be unique across splits
         kept = []
         for p in problems:
-            ids = render_chat(self.tokenizer, p.messages)
+            ids = render_chat(self.tokenizer, p.messages, self.config.model.chat_template_kwargs)
             if len(ids) <= self.config.rollout.max_prompt_len:
                 self._prompt_ids[id(p)] = ids
                 kept.append(p)

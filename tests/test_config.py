@@ -8,7 +8,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 
 from sdpo.config import AlgorithmConfig, ConfigError, DistillConfig, SDPOConfig, TeacherConfig
-from sdpo.hydra_config import CONFIG_DIR, load_config
+from sdpo.hydra_config import CONFIG_DIR, check_overrides, load_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 
@@ -138,7 +138,12 @@ def test_train_script_runs_with_the_default_run_directory(tmp_path):
     run_dirs = list((tmp_path / "runs").glob("sdpo_grpo-arithmetic-*"))
     assert len(run_dirs) == 1
     assert (run_dirs[0] / "metrics.jsonl").exists() and (run_dirs[0] / "config.yaml").exists()
-    assert "rollout engine=hf" in result.stdout
+    # The quiet terminal: a header of at most 5 lines, then (no progress bar here) the summary; no library chatter.
+    shown = result.stdout.splitlines()
+    assert shown[0].startswith("sdpo_grpo: SDPO") and "rollouts hf" in result.stdout
+    assert any(line.startswith("done: 1 step;") for line in shown[:6])
+    assert "INFO" not in result.stderr and "WARNING" not in result.stderr and "Loading weights" not in result.stderr
+    assert f"log: {(run_dirs[0] / 'train.log').resolve()}" in result.stdout and (run_dirs[0] / "train.log").exists()
 
 
 def test_engine_teacher_scoring_states_what_it_needs():
@@ -149,3 +154,62 @@ def test_engine_teacher_scoring_states_what_it_needs():
     config = load_config(["algorithm=sdpo", "rollout=vllm", "algorithm.teacher.scorer=engine",
                           "algorithm.teacher.kind=live", "algorithm.distill.mode=sampled_token", "algorithm.distill.alpha=1.0"])
     assert config.algorithm.teacher.scorer == "engine"
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("algorithm=sdpoo", "unknown algorithm option 'sdpoo': available algorithm options: grpo, sdpo, sdpo_grpo; "
+                        "did you mean algorithm=sdpo?"),
+    ("env=nope", "unknown env option 'nope': available env options: arithmetic, "),
+    ("env=arithmetc", "did you mean env=arithmetic?"),
+    ("experiment=livecodebenc", "did you mean experiment=livecodebench?"),  # an optional group: Hydra ignores it
+    ("algorithm=grpo,sdpoo", "unknown algorithm option 'sdpoo'"),  # a multirun sweep
+])
+def test_a_wrong_group_option_names_the_options_and_the_closest(override, expected):
+    with pytest.raises(ConfigError) as info:
+        check_overrides([override])
+    assert expected in str(info.value)
+    assert "_schema" not in str(info.value)  # the schema nodes in the ConfigStore are not options
+    with pytest.raises(ConfigError, match="available"):
+        load_config([override])
+
+
+@pytest.mark.parametrize("preset", ["livecodebench", "test_time"])
+def test_env_keys_are_checked_against_the_env_a_preset_selects(preset):
+    # Regression (issue #10, defect 1): the preset's own documented usage failed with "unknown config key 'env.path'".
+    check_overrides([f"experiment={preset}", "env.path=/x.jsonl"])
+    config = load_config([f"experiment={preset}", "env.path=/x.jsonl"])
+    assert config.env.name == "livecodebench" and config.env.path == "/x.jsonl"
+    with pytest.raises(ConfigError, match="did you mean env.path"):
+        check_overrides([f"experiment={preset}", "env.pathh=/x.jsonl"])
+    # An explicit env= after the preset wins, as in Hydra.
+    with pytest.raises(ConfigError, match="env.path"):
+        check_overrides([f"experiment={preset}", "env=arithmetic", "env.path=/x.jsonl"])
+
+
+def test_scripts_check_the_command_line_like_hydra_parses_it():
+    # Hydra's flags (--cfg job) are not overrides; the preset's env is found in eval.py and test_time.py too.
+    import subprocess
+    import sys
+
+    for script in ("eval.py", "test_time.py"):
+        path = CONFIG_DIR.parent / "scripts" / script
+        result = subprocess.run([sys.executable, str(path), "experiment=test_time", "env.path=/x.jsonl", "--cfg", "job"],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "path: /x.jsonl" in result.stdout and "enable_thinking: false" in result.stdout
+
+
+QWEN3_PRESETS = ["grpo_sciknoweval_chemistry", "livecodebench", "sciknoweval_biology", "sciknoweval_chemistry",
+                 "sciknoweval_material", "sciknoweval_physics", "test_time", "tooluse"]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_qwen3_presets_switch_thinking_off(experiment):
+    # Issue #10, defect 3: Qwen3's chat template thinks unless told otherwise; the paper trains with thinking off.
+    config = load_config([f"experiment={experiment}"])
+    expected = {"enable_thinking": False} if experiment in QWEN3_PRESETS else {}
+    assert config.model.chat_template_kwargs == expected
+
+
+def test_a_valid_multirun_sweep_passes_the_check():
+    check_overrides(["algorithm=grpo,sdpo", "trainer.optim.lr=1e-5,3e-5", "env=glob(math*)"])

@@ -12,6 +12,7 @@ import builtins
 import importlib.util
 import logging
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from transformers import AutoModelForCausalLM
 from sdpo.batch import build_model_inputs, pad_right
 from sdpo.config import ModelConfig, RolloutConfig, VLLMConfig
 from sdpo.models import load_tokenizer, render_chat, resolve_checkpoint
+from sdpo.precision import allowed_cores, use_all_cores
 from sdpo.rollout.base import SamplingSettings, SyncStats
 from sdpo.rollout.hf import HFEngine
 from sdpo.rollout.mismatch import logprob_mismatch_metrics
@@ -374,9 +376,11 @@ def test_full_sdpo_step_with_vllm(engine, tmp_path) -> None:
         "logging.progress_bar=false",
         f"trainer.output_dir={tmp_path}",
     ])
+    torch._C.set_num_threads(1)  # as vLLM leaves a process it serves from ("Reducing Torch threads ... to 1")
     trainer = SDPOTrainer(config)
     try:
         assert isinstance(trainer.engine, VLLMEngine)
+        assert trainer.threads == torch.get_num_threads() == allowed_cores()  # the update uses every core
         before = {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters()}
         metrics = trainer.training_step()
         assert metrics["sync/seconds"] > 0
@@ -389,6 +393,17 @@ def test_full_sdpo_step_with_vllm(engine, tmp_path) -> None:
         assert changed and ours[0].token_ids == theirs[0].token_ids
     finally:
         trainer.engine.close()
+
+
+def test_every_core_for_the_trainer_after_the_engine_disabled_set_num_threads(engine) -> None:
+    if engine.on_cpu:  # vLLM's CPU worker turns torch.set_num_threads into a no-op for the whole process
+        assert torch.set_num_threads is not torch._C.set_num_threads
+    before = torch.get_num_threads()
+    try:
+        torch._C.set_num_threads(1)
+        assert use_all_cores() == allowed_cores() == torch.get_num_threads() == len(os.sched_getaffinity(0))
+    finally:
+        torch._C.set_num_threads(before)
 
 
 @pytest.mark.skipif(not HAS_TRAINER, reason="sdpo/trainer.py (SDPOTrainer, the lead's piece) does not exist yet")

@@ -46,6 +46,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from sdpo.config import RolloutConfig
+from sdpo.precision import auto_dtype, probe
 from sdpo.rollout.base import ENGINES, Completion, RolloutEngine, SamplingSettings, SyncStats
 from sdpo.sharding import gathered, is_zero3_param, numel
 
@@ -283,7 +284,7 @@ class VLLMEngine(RolloutEngine):
 
         kwargs: dict[str, Any] = dict(
             model=str(self.model_path),
-            dtype=cfg.dtype,
+            dtype=cfg.dtype if cfg.dtype != "auto" else auto_dtype(probe()),  # the trainer resolves it earlier
             seed=cfg.seed,
             enforce_eager=cfg.enforce_eager,
             max_model_len=self.max_model_len,
@@ -319,7 +320,7 @@ class VLLMEngine(RolloutEngine):
         self._weights_asleep = False
         self._weights_lost = False  # level 2 discarded them: they must be loaded again before use
         self._source: weakref.ref[torch.nn.Module] | None = None  # the model of the last sync
-        log.info("vLLM engine: %s, dtype %s, max_model_len %d, device %s, sleep level %d",
+        log.debug("vLLM engine: %s, dtype %s, max_model_len %d, device %s, sleep level %d",
                  self.model_path, self.engine_dtype, self.max_model_len, self.device, self.sleep_level)
 
     # -- generation ------------------------------------------------------------------------------------------

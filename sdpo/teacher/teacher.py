@@ -19,10 +19,11 @@ mode (no dropout noise in the targets) under no_grad.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 import contextlib
 import copy
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -220,8 +221,10 @@ def teacher_prompt_ids(
     student_prompt_ids: Sequence[list[int]],
     tokenizer: PreTrainedTokenizerBase,
     config: RepromptConfig,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> list[list[int]]:
-    """Render each reprompt with the chat template, fitting it into `max_reprompt_len` tokens.
+    """Render each reprompt with the chat template (and `model.chat_template_kwargs`), fitting it into
+    `max_reprompt_len` tokens.
 
     Only the demonstration and the feedback are shortened; the question, the instruction and the assistant header
     stay intact. Rollouts without a signal keep their student prompt (their distillation loss is masked anyway).
@@ -238,17 +241,18 @@ def teacher_prompt_ids(
         if not reprompt.has_signal:
             out.append(list(student_ids))
             continue
-        ids = render_chat(tokenizer, reprompt.messages(config))
+        ids = render_chat(tokenizer, reprompt.messages(config), chat_template_kwargs)
         if len(ids) > config.max_reprompt_len:
             empty = {
                 "solution": None if reprompt.solution is None else "",
                 "feedback": None if reprompt.feedback is None else "",
             }
-            budget = config.max_reprompt_len - len(render_chat(tokenizer, reprompt.messages(config, **empty)))
+            empty_ids = render_chat(tokenizer, reprompt.messages(config, **empty), chat_template_kwargs)
+            budget = config.max_reprompt_len - len(empty_ids)
             # Token boundaries can merge differently once the bodies are cut and re-rendered: tighten and retry.
             for _ in range(4):
                 solution, feedback = fit_bodies(reprompt.solution, reprompt.feedback, budget, encode, decode)
-                ids = render_chat(tokenizer, reprompt.messages(config, solution, feedback))
+                ids = render_chat(tokenizer, reprompt.messages(config, solution, feedback), chat_template_kwargs)
                 if len(ids) <= config.max_reprompt_len:
                     break
                 budget -= len(ids) - config.max_reprompt_len

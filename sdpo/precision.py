@@ -1,0 +1,116 @@
+"""Precision and threads chosen from the machine the run is on.
+
+bfloat16 pays only where the hardware runs it natively. On a CPU without native bf16 (AVX2 only, no AVX512-BF16
+or AMX) PyTorch falls back to a generic GEMM: on an AVX2-only AMD EPYC a bf16 matmul ran at 1.1 GFLOP/s against
+57 GFLOP/s in float32 (issue #10), so there every forward, backward and vLLM step is about 50x slower in bf16.
+`model.autocast_dtype=auto` and `rollout.vllm.dtype=auto` therefore resolve to bf16 only on CUDA devices with bf16
+support and on CPUs with native bf16, and to float32 elsewhere; `resolve_precision` writes the concrete choice back
+into the config, so the run's saved config.yaml records what actually ran.
+
+Threads: vLLM's CPU worker replaces `torch.set_num_threads` with a no-op for the rest of the process once an
+in-process engine is built (vllm/v1/worker/cpu_worker.py, 0.32), so `use_all_cores` calls torch's own function
+(`torch._C.set_num_threads`), which the patch does not reach.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import logging
+import os
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# What `auto` resolves to, as config strings: the trainer's autocast dtype ("none": plain float32) and the engine's.
+BF16, FP32 = "bfloat16", "float32"
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the device that runs the model can do; `probe()` fills it in, tests build it by hand."""
+
+    device: str  # "cuda" or "cpu"
+    bf16: bool  # bf16 matmuls run natively (CUDA bf16 support; CPU: oneDNN bf16, AVX512-BF16 or AMX)
+    isa: str  # CPU: torch's dispatch level ("AVX2", "AVX512", ...); CUDA: the device name
+
+    @property
+    def describe(self) -> str:
+        native = "native bf16" if self.bf16 else "no native bf16"
+        return f"{self.device} ({self.isa}, {native})"
+
+
+def probe() -> Capabilities:
+    """The capabilities of the device the trainer uses (the first CUDA device when there is one, else the CPU)."""
+    if torch.cuda.is_available():
+        return Capabilities("cuda", torch.cuda.is_bf16_supported(), torch.cuda.get_device_name())
+    native = (
+        torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        or torch.cpu._is_avx512_bf16_supported()
+        or torch.cpu._is_amx_tile_supported()
+    )
+    return Capabilities("cpu", bool(native), torch.backends.cpu.get_cpu_capability())
+
+
+def auto_dtype(caps: Capabilities) -> str:
+    """bf16 where the device runs it natively, float32 elsewhere."""
+    return BF16 if caps.bf16 else FP32
+
+
+def resolve_autocast(requested: str, caps: Capabilities | None = None) -> str:
+    """A `model.autocast_dtype` with `auto` replaced: bfloat16 where native, else "none" (plain float32)."""
+    if requested != "auto":
+        return requested
+    return BF16 if auto_dtype(caps or probe()) == BF16 else "none"
+
+
+def slow_half_precision_warning(key: str, value: str, caps: Capabilities) -> str | None:
+    """The warning for an explicit 16-bit dtype on a CPU that emulates it; None where it is fine."""
+    if caps.device != "cpu" or caps.bf16 or value not in ("bfloat16", "float16"):
+        return None
+    return (f"{key}={value} on a CPU without native bf16 ({caps.isa}): PyTorch's fallback GEMM runs its matmuls "
+            f"~50x slower than float32 on AVX2-only CPUs (1.1 vs 57 GFLOP/s measured on an AMD EPYC); use "
+            f"{key}=auto (float32 here) unless you need {value}")
+
+
+def resolve_precision(config, caps: Capabilities | None = None) -> list[str]:
+    """Replace `auto` in `config.model.autocast_dtype` and `config.rollout.vllm.dtype` by concrete dtypes (in place).
+
+    The engine's `auto` follows the trainer's compute dtype, so that sampler and trainer run the same precision
+    (`model.autocast_dtype=none` alone forces float32 everywhere). Explicit values stay; an explicit 16-bit dtype on
+    a CPU without native bf16 is kept with a warning. Returns the warnings (also logged). Idempotent.
+    """
+    caps = caps or probe()
+    model, engine = config.model, config.rollout.vllm
+    warnings = [slow_half_precision_warning("model.dtype", model.dtype, caps)]
+    if model.autocast_dtype == "auto":
+        model.autocast_dtype = resolve_autocast("auto", caps)
+    else:
+        warnings.append(slow_half_precision_warning("model.autocast_dtype", model.autocast_dtype, caps))
+    if engine.dtype == "auto":
+        engine.dtype = compute_dtype_name(config)
+    elif config.rollout.engine == "vllm":
+        warnings.append(slow_half_precision_warning("rollout.vllm.dtype", engine.dtype, caps))
+    warnings = [w for w in warnings if w]
+    for warning in warnings:
+        log.warning(warning)
+    return warnings
+
+
+def compute_dtype_name(config) -> str:
+    """The dtype the trainer's matmuls run in (after `resolve_precision`), for the run header."""
+    model = config.model
+    return model.dtype if model.autocast_dtype == "none" else model.autocast_dtype
+
+
+def allowed_cores() -> int:
+    """The cores this process may run on, shared among the processes of this machine (torchrun's LOCAL_WORLD_SIZE)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def use_all_cores() -> int:
+    """Set torch's intra-op threads to every allowed core, even after vLLM disabled `torch.set_num_threads`."""
+    threads = allowed_cores()
+    torch._C.set_num_threads(threads)
+    return threads
