@@ -32,7 +32,7 @@ from sdpo.tracking import read_metrics  # noqa: E402
 
 VARIANTS = {
     "auto": [],
-    "float32": ["model.autocast_dtype=none"],  # the engine's `auto` follows the trainer: float32 everywhere,
+    "float32": ["model.autocast_dtype=none"],  # the engine's `auto` follows the trainer: float32 everywhere
 }
 STAGES = ["generate", "score", "teacher", "update", "sync"]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
