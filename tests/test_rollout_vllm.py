@@ -378,7 +378,7 @@ def test_full_sdpo_step_with_vllm(engine, tmp_path) -> None:
     try:
         assert isinstance(trainer.engine, VLLMEngine)
         before = {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters()}
-        metrics = trainer.training_step()
+        metrics = trainer.training_step().metrics
         assert metrics["sync/seconds"] > 0
         assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values() if isinstance(v, float))
         changed = any(not torch.equal(p, before[n]) for n, p in trainer.unwrapped.named_parameters())
