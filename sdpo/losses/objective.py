@@ -33,7 +33,7 @@ from sdpo.losses.policy import clipped_policy_loss, kl_penalty, truncated_is_wei
 class TokenInputs:
     """Per-token inputs of one micro-batch's loss, response-aligned and right-padded ([B, R]; advantages [B])."""
 
-    logp_BR: Tensor  # log pi_theta(y_t) at the sampling temperature, with gradient
+    logp_BR: Tensor  # log pi_theta(y_t) at the sampling temperature, with gradient (float32 or float64)
     mask_BR: Tensor  # bool; real response tokens
     advantages_B: Tensor  # GRPO group advantages
     entropy_BR: Tensor  # the student's entropy (a metric only)
@@ -66,7 +66,7 @@ class ObjectiveResult:
 
 def objective(x: TokenInputs, counts: StepCounts, algo: AlgorithmConfig, max_response_len: int) -> ObjectiveResult:
     """The loss of one micro-batch, normalised by the step's counts (so micro-batch losses sum to the step's)."""
-    logp_BR, mask_BR = x.logp_BR.float(), x.mask_BR.bool()
+    logp_BR, mask_BR = x.logp_BR, x.mask_BR.bool()
     old_BR = x.old_logp_BR if x.old_logp_BR is not None else logp_BR.detach()
     # Token-level truncated IS between the engine's sampler and the trainer (spec section 3).
     tis_BR = torch.ones_like(logp_BR)
@@ -109,14 +109,14 @@ def objective(x: TokenInputs, counts: StepCounts, algo: AlgorithmConfig, max_res
             out.sums["distill/loss"] = out.sums["distill/is_clip_fraction"] = (0.0, 0.0)
         elif algo.mix == "loss":
             ratio_BR = is_ratio(logp_BR, old_BR, algo.distill.is_clip)
-            per_token_BR = x.distill_BR.float() if x.distill_BR is not None else \
+            per_token_BR = x.distill_BR.to(logp_BR.dtype) if x.distill_BR is not None else \
                 sampled_token_distill(logp_BR, teacher_logp_BR, algo.distill.advantage_clip)
             distill_loss = aggregate(per_token_BR * ratio_BR * tis_BR, distill_mask_BR, num_tokens=counts.distill_tokens,
                                      num_seqs=counts.distill_seqs, **agg)
             out.loss = out.loss + (1.0 - algo.grpo_weight) * distill_loss
             out.sums["distill/loss"] = (distill_loss.detach() * counts.distill_tokens, n_distill)
             out.sums["distill/is_clip_fraction"] = (((ratio_BR >= algo.distill.is_clip) & distill_mask_BR).sum(), n_distill)
-    out.sums["policy/entropy"] = ((x.entropy_BR.float() * mask_BR).sum(), n_tok)
+    out.sums["policy/entropy"] = ((x.entropy_BR * mask_BR).sum(), n_tok)
     if x.sampler_logp_BR is not None:
         # Engine-vs-trainer mismatch on the behaviour policy's log-probs (spec section 9).
         delta_BR = (old_BR - x.sampler_logp_BR).abs() * mask_BR
