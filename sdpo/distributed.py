@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 import contextlib
 import copy as copy_module
+import logging
 import math
 import os
 from pathlib import Path
@@ -33,6 +34,8 @@ from sdpo.config import TrainerConfig
 from sdpo.models import unwrap
 from sdpo.sharding import full_state_dict
 from sdpo.teacher.teacher import frozen_copy
+
+log = logging.getLogger(__name__)
 
 
 class Distributed:
@@ -70,6 +73,18 @@ class Distributed:
         self.trainable: list[Tensor] = []
 
     # -- set-up
+
+    def share(self, items: list) -> list:
+        """This process's share of a list that every process holds alike (questions, held-out problems)."""
+        return items[self.rank :: self.world]
+
+    def local_count(self, count: int) -> int:
+        """A global count of whole groups (questions per mini-batch) as this process's part of it."""
+        return count // self.world
+
+    def sampling_seed(self, seed: int, step: int) -> int:
+        """A sampling seed of its own for every (step, process)."""
+        return seed + step * self.world + self.rank
 
     def shared_value(self, value: Any) -> Any:
         """Rank 0's `value` on every rank (e.g. a timestamped run directory: every rank writes into one)."""
@@ -194,6 +209,18 @@ class Distributed:
         self.accelerator.wait_for_everyone()
 
     # -- checkpoints
+
+    def write_rng_state(self, staging: Path) -> None:
+        ckpt.write_rank_state(staging, self.rank, {"rng": ckpt.rng_state()})
+
+    def restore_rng_state(self, path: Path, saved_world: int) -> None:
+        """This process's RNG streams from a checkpoint; another process count continues from other streams."""
+        rank_state = ckpt.read_rank_state(path, self.rank)
+        if rank_state is None or saved_world != self.world:
+            log.warning("checkpoint %s was written by %d processes, resumed with %d: sampling continues from other "
+                        "RNG streams (not bit-exact)", path, saved_world, self.world)
+            rank_state = rank_state or ckpt.read_rank_state(path, 0)
+        ckpt.set_rng_state(rank_state["rng"])
 
     def policy_state(self, staging: Path) -> tuple[dict[str, Tensor] | None, dict[str, Any] | None]:
         """(whole weights when sharded else None, optimizer state or None under DeepSpeed); every rank calls it.

@@ -68,12 +68,12 @@ class SDPOTrainer:
     def __init__(self, config: SDPOConfig, env: Environment | None = None, engine: RolloutEngine | None = None) -> None:
         self.config = config
         tcfg, acfg = config.trainer, config.algorithm
-        self.dist = Distributed(tcfg)  # the launch: processes, sharding, DeepSpeed
+        self.dist = Distributed(tcfg)  # the launch: processes and how the policy is spread over them
         set_seed(tcfg.seed)
         if not tcfg.output_dir:
             raise ValueError("trainer.output_dir is not set: name the run directory (configs/config.yaml sets a "
                              "timestamped runs/<algorithm>-<env>-<time> one)")
-        self.run_dir = Path(self.dist.shared_value(tcfg.output_dir))  # rank 0's: every rank writes into one directory
+        self.run_dir = Path(self.dist.shared_value(tcfg.output_dir))  # one directory for every process
 
         # -- environment and data
         self.env = env or build_environment(config.env)
@@ -84,7 +84,7 @@ class SDPOTrainer:
         self.sampler = QuestionSampler(len(self.train_problems), tcfg.seed)
 
         # -- policy, teacher, KL reference (with LoRA: the adapter disabled, never a copy), optimizer, schedule.
-        # Copies of the policy are taken before it is prepared (a sharded module cannot be copied), then placed alike.
+        # Copies of the policy are taken before it is prepared (a prepared module may be split), then placed alike.
         model = load_model(config.model, self.model_path)
         reload = lambda: load_model(replace(config.model, gradient_checkpointing=False), self.model_path)  # noqa: E731
         copy_policy = lambda policy: self.dist.frozen_copy(policy, reload)  # noqa: E731
@@ -173,14 +173,14 @@ class SDPOTrainer:
         return batch, problems_B, metrics
 
     def next_questions(self) -> list[Problem]:
-        """This rank's share of the step's questions (every rank draws the same global list, then takes a slice)."""
+        """This process's share of the step's questions (every process draws the same global list)."""
         indices = self.sampler.take(self.config.trainer.questions_per_step)
-        return [self.train_problems[i] for i in indices[self.dist.rank :: self.dist.world]]
+        return [self.train_problems[i] for i in self.dist.share(indices)]
 
     def generate(self, problems: list[Problem]) -> tuple[RolloutBatch, list[Problem]]:
         prompts = [self._prompt_ids[id(p)] for p in problems]
-        seed = self.config.trainer.seed + self.step * self.dist.world + self.dist.rank
-        completions = self.engine.generate(prompts, SamplingSettings.from_config(self.config.rollout, seed=seed))
+        sampling = SamplingSettings.from_config(self.config.rollout, seed=self.dist.sampling_seed(self.config.trainer.seed, self.step))
+        completions = self.engine.generate(prompts, sampling)
         has_logprobs = all(c.logprobs is not None for c in completions)
         batch = RolloutBatch(
             problem_ids=[problems[c.prompt_index].id for c in completions],
@@ -208,8 +208,8 @@ class SDPOTrainer:
         """Reprompts (spec section 2): a sibling's solution and/or the env's feedback; a mask where there is neither."""
         rcfg = self.config.algorithm.reprompt
         rewards, groups = batch.rewards_B.tolist(), batch.group_ids_B.tolist()
-        reprompts = group_reprompts(problems_B, batch.response_text, rewards, batch.feedback, groups, rcfg,
-                                    seed_key=f"{self.config.trainer.seed}:{self.step}")
+        reprompts = group_reprompts(f"{self.config.trainer.seed}:{self.step}", rcfg, problems_B, batch.response_text,
+                                    rewards, batch.feedback, groups)
         stats = reprompt_stats(reprompts, rewards, groups, rcfg.success_reward_threshold)
         if self.teacher is not None:
             batch.teacher_prompt_ids = teacher_prompt_ids(reprompts, batch.prompt_ids, self.tokenizer, rcfg)
@@ -228,7 +228,7 @@ class SDPOTrainer:
         sums = MetricSums()
         generator = torch.Generator().manual_seed(tcfg.seed + self.step)
         for _ in range(tcfg.epochs_per_step):
-            for minibatch in batch.group_minibatches(tcfg.mini_batch_questions // self.dist.world, generator):
+            for minibatch in batch.group_minibatches(self.dist.local_count(tcfg.mini_batch_questions), generator):
                 self.optimizer_step(minibatch, sums)
         means = sums.means(lambda t: self.dist.reduce(t, "sum"), lambda t: self.dist.reduce(t, "max"))
         return means | {"optim/lr": self.scheduler.get_last_lr()[0]}
@@ -280,13 +280,13 @@ class SDPOTrainer:
         return result.loss
 
     def evaluate(self) -> dict[str, float]:
-        """avg@k / pass@k on this rank's share of the held-out questions, averaged over ranks."""
+        """avg@k / pass@k on this process's share of the held-out questions, averaged over processes."""
         ecfg, rcfg = self.config.eval, self.config.rollout
         sampling = SamplingSettings.from_config(
             rcfg, n=ecfg.samples_per_question, temperature=ecfg.temperature, top_p=ecfg.top_p,
             max_new_tokens=ecfg.max_new_tokens, seed=self.config.trainer.seed + 7919,
         )
-        problems = self.eval_problems[self.dist.rank :: self.dist.world]
+        problems = self.dist.share(self.eval_problems)
         result = evaluate(self.engine, self.env, problems, lambda p: self._prompt_ids[id(p)], sampling,
                           ks=ecfg.ks, success_threshold=self.config.algorithm.reprompt.success_reward_threshold)
         return self.dist.reduce_mean(result.metrics)
@@ -295,16 +295,16 @@ class SDPOTrainer:
     # checkpoints
 
     def save(self) -> Path | None:
-        """A checkpoint of everything the next step depends on (sdpo/checkpoint.py); every rank takes part."""
+        """A checkpoint of everything the next step depends on (sdpo/checkpoint.py); every process takes part."""
         root = self.run_dir / "checkpoints"
         self.dist.wait()
         if self.dist.is_main:
             ckpt.start(root, self.step)
         self.dist.wait()
         staging = ckpt.staging_dir(root, self.step)
-        ckpt.write_rank_state(staging, self.dist.rank, {"rng": ckpt.rng_state()})
+        self.dist.write_rng_state(staging)
         self.dist.wait()
-        weights, optimizer = self.dist.policy_state(staging)  # sharded: collectives
+        weights, optimizer = self.dist.policy_state(staging)  # whole weights (None: unsplit) and optimizer state
         teacher = self.teacher.state_dict() if self.teacher is not None else {}
         path = None
         if self.dist.is_main:
@@ -326,12 +326,7 @@ class SDPOTrainer:
         if self.teacher is not None:
             self.teacher.load_state_dict(state["teacher"])
         self.sampler.load_state_dict(state["sampler"])
-        rank_state = ckpt.read_rank_state(path, self.dist.rank)
-        if rank_state is None or state["world_size"] != self.dist.world:
-            log.warning("checkpoint %s was written by %d processes, resumed with %d: sampling continues from other "
-                        "RNG streams (not bit-exact)", path, state["world_size"], self.dist.world)
-            rank_state = rank_state or ckpt.read_rank_state(path, 0)
-        ckpt.set_rng_state(rank_state["rng"])
+        self.dist.restore_rng_state(path, state["world_size"])
         self.step = state["step"]
         log.info("resumed from %s at step %d", path, self.step)
 
@@ -399,7 +394,7 @@ class SDPOTrainer:
         return torch.cat([torch.nn.functional.pad(p, (0, batch.response_width - p.shape[1])) for p in parts])
 
     def step_counts(self, minibatch: RolloutBatch) -> StepCounts:
-        """Loss normalisers for one optimizer step, summed over ranks."""
+        """Loss normalisers for one optimizer step, summed over processes."""
         mask_BR = minibatch.response_mask_BR
         distilled_B = minibatch.distill_mask_B if minibatch.distill_mask_B is not None else torch.zeros(len(minibatch), dtype=torch.bool)
         return StepCounts(**self.dist.sum_counts({
@@ -407,7 +402,7 @@ class SDPOTrainer:
             "distill_tokens": (mask_BR & distilled_B[:, None]).sum(), "distill_seqs": distilled_B.sum()}))
 
     def _log_samples(self, batch: RolloutBatch) -> None:
-        """Every `logging.samples_every` steps: a table of completions with their reward and feedback (main rank)."""
+        """Every `logging.samples_every` steps: a table of completions with their reward and feedback (main process)."""
         lcfg = self.config.logging
         if not lcfg.samples_every or self.step % lcfg.samples_every:
             return

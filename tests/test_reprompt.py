@@ -189,7 +189,7 @@ def test_group_reprompts_seed_each_question_by_its_id_not_its_position():
     problems = [problem(0)] * 4 + [problem(1)] * 4
     responses = [f"answer {i}" for i in range(8)]
     rewards = [1.0, 1.0, 1.0, 0.0] * 2
-    together = group_reprompts(problems, responses, rewards, [""] * 8, [0] * 4 + [1] * 4, CFG, "0:3")
-    alone = group_reprompts(problems[4:], responses[4:], rewards[4:], [""] * 4, [7] * 4, CFG, "0:3")
+    together = group_reprompts("0:3", CFG, problems, responses, rewards, [""] * 8, [0] * 4 + [1] * 4)
+    alone = group_reprompts("0:3", CFG, problems[4:], responses[4:], rewards[4:], [""] * 4, [7] * 4)
     assert together[4:] == alone  # the same demonstrations whichever other questions share the batch
     assert all(r.solution is not None and r.solution != responses[i] for i, r in enumerate(together[:3]))

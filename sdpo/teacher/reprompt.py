@@ -112,13 +112,13 @@ def build_reprompts(
 
 
 def group_reprompts(
+    seed_key: str,
+    config: RepromptConfig,
     problems: Sequence[Problem],
     responses: Sequence[str],
     rewards: Sequence[float],
     feedback: Sequence[str],
     group_ids: Sequence[int],
-    config: RepromptConfig,
-    seed_key: str,
 ) -> list[Reprompt]:
     """One reprompt per rollout, question by question; each question's demonstration is drawn with a generator seeded
     by (`seed_key`, question id): the same choice however the groups are spread over processes, and no RNG state
