@@ -3,7 +3,9 @@
 The memory problem: [B, R, V] float32 logits for R = 8192 response tokens and V ~ 150k are ~5 GB per sample, and
 SDPO needs the teacher's as well as the student's. `chunked_response_terms` applies the LM heads to a chunk of
 positions at a time inside activation checkpointing, so only one chunk's [B, chunk, V] logits exist at once, in
-the forward pass and again (recomputed) in the backward pass.
+the forward pass and again (recomputed) in the backward pass. (Under DeepSpeed ZeRO-3 the forward itself yields a
+micro-batch's logits and the heads are the identity, see `sdpo.models.ResponseFeatures`: there the chunking bounds
+only the log-softmax and distillation temporaries.)
 """
 
 from __future__ import annotations
