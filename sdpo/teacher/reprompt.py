@@ -130,7 +130,7 @@ def group_reprompts(
     for rows in rows_by_group.values():
         rng = random.Random(f"{seed_key}:{problems[rows[0]].id}")
         picked = build_reprompts([problems[i] for i in rows], [responses[i] for i in rows], [rewards[i] for i in rows],
-                                 [feedback[i] for i in rows], [0] * len(rows), config, rng)  # one group: one id
+                                 [feedback[i] for i in rows], [group_ids[i] for i in rows], config, rng)
         for i, reprompt in zip(rows, picked, strict=True):
             reprompts[i] = reprompt
     return reprompts  # type: ignore[return-value]
