@@ -78,8 +78,7 @@ def child(mode: str, args: argparse.Namespace) -> dict:
     times = []
     for _ in range(2):
         start = time.perf_counter()
-        metrics = trainer.training_step()
-        trainer.step += 1
+        metrics = trainer.training_step().metrics
         times.append(time.perf_counter() - start)
     optim_state = [v for s in trainer.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
     return {

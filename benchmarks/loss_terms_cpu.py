@@ -37,7 +37,7 @@ def time_case(distill: dict | None, rows: int, length: int, hidden: int, vocab: 
     head = torch.nn.Linear(hidden, vocab, bias=False)
     student = torch.randn(rows, length, hidden, generator=gen, requires_grad=True)
     ids = torch.randint(0, vocab, (rows, length), generator=gen)
-    teacher = dict(teacher_hidden=[torch.randn(rows, length, hidden, generator=gen)], teacher_heads=[head],
+    teacher = dict(teacher_features=[torch.randn(rows, length, hidden, generator=gen)], teacher_heads=[head],
                    teacher_weights=[1.0]) if distill is not None else {}
     seconds = []
     for _ in range(repeats + 1):  # the first is a warm-up

@@ -12,7 +12,6 @@ A method is a name plus Hydra overrides (see METHODS); --extra adds overrides to
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 from pathlib import Path

@@ -87,12 +87,11 @@ def worker(mode: str, args: argparse.Namespace, out: Path) -> None:
     for _ in range(2):
         start = time.perf_counter()
         trainer.training_step()
-        trainer.step += 1
         times.append(time.perf_counter() - start)
     seen: set = set()
     policy = stored_bytes(trainer.unwrapped.parameters(), seen)
     optimizer, masters = trainer.optimizer.optimizer, []
-    if trainer.deepspeed:
+    if trainer.dist.deepspeed:
         # DeepSpeed's ZeRO optimizer keeps an fp32 master copy of this rank's partition, whatever the parameters'
         # dtype, and steps the AdamW inside it on that copy.
         masters = list(optimizer.fp32_partitioned_groups_flat)
@@ -101,12 +100,12 @@ def worker(mode: str, args: argparse.Namespace, out: Path) -> None:
     optim_bytes = stored_bytes(masters, seen) + stored_bytes(state, seen)
     teacher = stored_bytes(trainer.teacher.owned_parameters(), seen)
     result = {
-        "mode": mode, "rank": trainer.rank, "world": trainer.world,
+        "mode": mode, "rank": trainer.dist.rank, "world": trainer.dist.world,
         "policy_bytes": policy, "optimizer_bytes": optim_bytes, "teacher_bytes": teacher,
         "rss_start_mib": rss_start, "rss_after_init_mib": rss_init, "peak_rss_mib": peak_rss_mib(),
         "step_seconds": times[-1],
     }
-    (out / f"{mode}-rank{trainer.rank}.json").write_text(json.dumps(result))
+    (out / f"{mode}-rank{trainer.dist.rank}.json").write_text(json.dumps(result))
 
 
 def markdown(results: list[dict], args: argparse.Namespace, command: str) -> str:

@@ -26,7 +26,7 @@ def main(config: SDPOConfig) -> None:
     from sdpo.test_time import run_test_time
 
     report = run_test_time(config)
-    out = Path(config.test_time.output_file or Path(config.trainer.output_dir or f"runs/test-time-{config.env.name}") / "test_time.json")
+    out = Path(config.test_time.output_file or Path(config.trainer.output_dir) / "test_time.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     for method, curve in report["discovery"].items():

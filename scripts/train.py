@@ -2,7 +2,7 @@
 
     python scripts/train.py                                   # SDPO on SmolLM2-135M-Instruct, arithmetic, CPU
     python scripts/train.py algorithm=grpo                    # the GRPO baseline on the same setup
-    python scripts/train.py experiment=sciknoweval_chemistry  # a paper preset
+    python scripts/train.py experiment=sciknoweval            # a paper preset (env.domains=[physics] ...)
     python scripts/train.py trainer.optim.lr=3e-6 rollout.num_generations=8   # any field
 
 Every default lives in sdpo/config.py; `--cfg job` prints the composed config without running.
@@ -17,13 +17,9 @@ from sdpo.config import SDPOConfig
 
 
 def main(config: SDPOConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
     from sdpo import console
     from sdpo.trainer import SDPOTrainer
 
-    if config.trainer.output_dir is None:
-        config.trainer.output_dir = HydraConfig.get().runtime.output_dir
     log_file = console.log_path()
     with console.native_output_to(log_file, enabled=not config.logging.verbose and log_file is not None):
         trainer = SDPOTrainer(config)  # vLLM start-up, weight loading: what they print goes to the log

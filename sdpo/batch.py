@@ -89,12 +89,10 @@ class RolloutBatch:
     distill_mask_B: Tensor | None = None  # bool; the sample's reprompt has a solution or feedback
     # log q(y_t) under the reprompt, when the rollout engine scored the teacher (algorithm.teacher.scorer=engine)
     teacher_logp_BR: Tensor | None = None
-    used_feedback_B: Tensor | None = None  # bool
     # -- computed before the update
     advantages_B: Tensor | None = None  # GRPO group advantages
     old_logp_BR: Tensor | None = None  # the policy's log-probs before this generation batch's updates
     ref_logp_BR: Tensor | None = None  # reference-model log-probs (KL penalty only)
-    extras: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -135,14 +133,13 @@ class RolloutBatch:
         values: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None or f.name == "extras":
+            if value is None:
                 values[f.name] = value
             elif isinstance(value, Tensor):
                 value = value[idx]
                 values[f.name] = value[:, :width] if f.name.endswith("_BR") else value
             elif isinstance(value, list):
                 values[f.name] = [value[i] for i in picked] if value else []
-        values["extras"] = dict(self.extras)
         return RolloutBatch(**values)
 
     def group_minibatches(self, questions_per_minibatch: int, generator: torch.Generator | None = None) -> Iterator[RolloutBatch]:
@@ -157,30 +154,3 @@ class RolloutBatch:
     def micro_batches(self, size: int) -> Iterator[RolloutBatch]:
         for start in range(0, len(self), size):
             yield self.select(range(start, min(start + size, len(self))))
-
-    @staticmethod
-    def concat(batches: Sequence[RolloutBatch]) -> RolloutBatch:
-        """Concatenate batches (e.g. from several ranks or engine calls); group ids are renumbered to stay unique."""
-        values: dict[str, Any] = {}
-        offsets, total = [], 0
-        for b in batches:
-            offsets.append(total)
-            total += int(b.group_ids_B.max()) + 1 if len(b) else 0
-        width = max(b.response_width for b in batches)
-        for f in fields(RolloutBatch):
-            parts = [getattr(b, f.name) for b in batches]
-            if f.name == "extras":
-                values[f.name] = {}
-            elif f.name == "group_ids_B":
-                values[f.name] = torch.cat([p + o for p, o in zip(parts, offsets)])
-            elif all(p is None for p in parts):
-                values[f.name] = None
-            elif any(p is None for p in parts):
-                raise ValueError(f"cannot concatenate batches where only some have {f.name}")
-            elif isinstance(parts[0], Tensor):
-                if f.name.endswith("_BR"):
-                    parts = [torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts]
-                values[f.name] = torch.cat(parts)
-            else:
-                values[f.name] = [x for p in parts for x in p]
-        return RolloutBatch(**values)

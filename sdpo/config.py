@@ -1,7 +1,9 @@
-"""The typed config schema: the single source of every default.
+"""The typed config schema: the single source of every default, and the defaults are the paper's (spec section 7).
 
-YAML files under `configs/` only override these values; the paper presets in `configs/experiment/` are a few
-overrides each. Hydra validates every override against these dataclasses (a misspelled key fails at start), and
+YAML files under `configs/` only override these values, and restate none (tests/test_config.py checks every leaf):
+the default run is the CPU-scale preset `configs/experiment/cpu.yaml`, the paper presets in `configs/experiment/`
+are a few overrides each. The name lists below (teacher kinds, distillation modes, ...) are those of the
+registries that implement them (tests/test_config.py checks that too). Hydra validates every override against these dataclasses (a misspelled key fails at start), and
 `__post_init__` checks values and cross-field rules with messages that name the key and the allowed values.
 
 Environments bring their own schema (a subclass of `EnvConfig`, registered by the environment module), so that
@@ -148,6 +150,9 @@ class VLLMConfig:
             check_range("rollout.vllm.kv_cache_gb", self.kv_cache_gb, 0.01)
 
 
+ROLLOUT_ENGINES = ["hf", "vllm"]
+
+
 @dataclass
 class RolloutConfig:
     engine: str = "hf"
@@ -163,7 +168,7 @@ class RolloutConfig:
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
     def __post_init__(self) -> None:
-        check_choice("rollout.engine", self.engine, ["hf", "vllm"])
+        check_choice("rollout.engine", self.engine, ROLLOUT_ENGINES)
         check_range("rollout.num_generations", self.num_generations, 1)
         check_range("rollout.temperature", self.temperature, 1e-6)
         check_range("rollout.top_p", self.top_p, 1e-6, 1.0)
@@ -243,17 +248,30 @@ class DistillConfig:
     alpha: float = 0.5
     # Importance-sampling clip for off-policy mini-batches: min(exp(s - old), is_clip).
     is_clip: float = 2.0
-    # Clip of the sampled-token SDPO advantage (test-time runs use 5.0); None: no clip.
+    # Clip of the sampled-token SDPO advantage A = q(y_t) - s(y_t) to [-clip, clip] (the paper's test-time runs use
+    # 5.0), in the advantage-level hybrid and the sampled-token loss; None: no clip. Logit-level modes have no such
+    # advantage, so the clip is rejected there rather than ignored.
     advantage_clip: float | None = None
 
     def __post_init__(self) -> None:
         check_choice("algorithm.distill.mode", self.mode, DISTILL_MODES)
         check_range("algorithm.distill.topk", self.topk, 1)
         check_range("algorithm.distill.alpha", self.alpha, 0.0, 1.0)
+        if self.advantage_clip is not None:
+            check_range("algorithm.distill.advantage_clip", self.advantage_clip, 1e-6)
+            if self.mode != "sampled_token":
+                raise ConfigError(
+                    f"algorithm.distill.advantage_clip={self.advantage_clip} clips the sampled-token SDPO advantage, "
+                    f"which algorithm.distill.mode={self.mode} does not use: it would do nothing. Remove it "
+                    "(algorithm.distill.advantage_clip=null) or set algorithm.distill.mode=sampled_token"
+                )
         if self.mode == "sampled_token" and self.alpha != 1.0:
             raise ConfigError(
                 "algorithm.distill.mode=sampled_token supports only the reverse KL: set algorithm.distill.alpha=1.0"
             )
+
+
+KL_ESTIMATORS = ["k1", "k2", "k3"]
 
 
 @dataclass
@@ -269,10 +287,11 @@ class PolicyLossConfig:
     def __post_init__(self) -> None:
         check_range("algorithm.policy.clip_eps_low", self.clip_eps_low, 0.0, 1.0)
         check_range("algorithm.policy.clip_eps_high", self.clip_eps_high, 0.0)
-        check_choice("algorithm.policy.kl_estimator", self.kl_estimator, ["k1", "k2", "k3"])
+        check_choice("algorithm.policy.kl_estimator", self.kl_estimator, KL_ESTIMATORS)
 
 
 AGGREGATIONS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+ADVANTAGE_ESTIMATORS = ["grpo"]
 
 
 @dataclass
@@ -310,8 +329,11 @@ class AlgorithmConfig:
     def __post_init__(self) -> None:
         check_range("algorithm.grpo_weight", self.grpo_weight, 0.0, 1.0)
         check_choice("algorithm.mix", self.mix, ["loss", "advantage"])
-        check_choice("algorithm.advantage_estimator", self.advantage_estimator, ["grpo"])
+        check_choice("algorithm.advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS)
         check_choice("algorithm.loss_agg_mode", self.loss_agg_mode, AGGREGATIONS)
+        if self.distill.advantage_clip is not None and not self.uses_teacher:
+            raise ConfigError(f"algorithm.distill.advantage_clip={self.distill.advantage_clip} clips the SDPO advantage, "
+                              "and algorithm.grpo_weight=1.0 (GRPO) has none: remove it")
         if self.mix == "advantage" and self.uses_teacher and self.distill.mode != "sampled_token":
             raise ConfigError(
                 "algorithm.mix=advantage mixes the sampled-token SDPO advantage into the policy gradient: "
@@ -352,7 +374,8 @@ class TrainerConfig:
     # Response positions per chunk of the logits / distillation computation (memory bound, not a result knob).
     logits_chunk_size: int = 512
     optim: OptimConfig = field(default_factory=OptimConfig)
-    # None: runs/<algorithm.name>-<env.name>-<timestamp>
+    # The run directory; configs/config.yaml sets its one default, runs/<algorithm.name>-<env.name>-<timestamp>
+    # (Hydra's run directory too). A config built in Python must name one.
     output_dir: str | None = None
     save_every: int = 0  # 0: final checkpoint only
     keep_last: int = 2
@@ -412,7 +435,7 @@ class TestTimeConfig:
     # What runs on each question: "sdpo" (an SDPO step after each failed batch) and the "best_of_k" baseline
     # (the same number of attempts from the initial weights, no update).
     methods: list[str] = field(default_factory=lambda: ["sdpo", "best_of_k"])
-    # The JSON report; None: <trainer.output_dir or runs/test-time-<env>>/test_time.json.
+    # The JSON report; None: <trainer.output_dir>/test_time.json.
     output_file: str | None = None
 
     def __post_init__(self) -> None:

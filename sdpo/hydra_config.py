@@ -28,9 +28,6 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 def register_configs() -> None:
     from sdpo.envs import ENVIRONMENTS
 
-    # `${sdpo_default:${trainer.output_dir},runs/...}` in config.yaml: the run directory is trainer.output_dir when
-    # set, else a timestamped one (oc.select would keep an explicit null).
-    OmegaConf.register_new_resolver("sdpo_default", lambda value, default: default if value is None else value, replace=True)
     store = ConfigStore.instance()
     store.store(name="sdpo_schema", node=SDPOConfig)
     for name in ENVIRONMENTS.names():

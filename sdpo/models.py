@@ -13,6 +13,7 @@ Three sources, by `model.name_or_path`:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 import importlib.util
 import os
 from pathlib import Path
@@ -209,17 +210,31 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def response_hidden_states(model: torch.nn.Module, inputs) -> torch.Tensor:
-    """Final (normed) hidden states at the positions that predict the response tokens: [B, R, H].
+Head = Callable[[torch.Tensor], torch.Tensor]
 
-    Goes through the model's own forward (so DDP / FSDP / PEFT hooks run) and asks for the logits of one position
-    only: the vocabulary projection happens later, chunk by chunk, in `sdpo.losses.chunked_response_terms`.
 
-    DeepSpeed ZeRO-3 is the exception: there every call of the output head gathers its weight (a collective), and
-    ranks hold responses of different lengths, so a head called once per chunk would be called a different number
-    of times on each rank. The head runs inside the forward instead, once, and this returns the response logits
-    [B, R, V]; `output_head` is then the identity. The price: a micro-batch's whole [B, R, V] logits.
+@dataclass
+class ResponseFeatures:
+    """What one forward yields at the response positions, and the head that turns it into logits.
+
+    Usually the final (normed) hidden states [B, R, H] and the model's output head, so that the vocabulary
+    projection happens later, chunk by chunk (`sdpo.losses.chunked_response_terms`), and full logits are never held.
+    Under DeepSpeed ZeRO-3 (`are_logits`): the response logits [B, R, V] and the identity. There every call of the
+    output head gathers its weight (a collective), and ranks hold responses of different lengths, so a head called
+    once per chunk would be called a different number of times on each rank; the head runs inside the forward, once,
+    at the price of a micro-batch's whole [B, R, V] logits.
     """
+
+    values_BRX: torch.Tensor  # X = H (hidden states) or V (logits, `are_logits`)
+    head: Head
+    are_logits: bool = False
+
+    def detach(self) -> ResponseFeatures:
+        return ResponseFeatures(self.values_BRX.detach(), self.head, self.are_logits)
+
+
+def response_features(model: torch.nn.Module, inputs) -> ResponseFeatures:
+    """The response positions' features through the model's own forward (so DDP / FSDP / PEFT hooks run)."""
     window = inputs.response_hidden_slice
     zero3 = is_zero3(model)
     out = model(
@@ -227,26 +242,32 @@ def response_hidden_states(model: torch.nn.Module, inputs) -> torch.Tensor:
         attention_mask=inputs.attention_mask,
         position_ids=inputs.position_ids,
         output_hidden_states=not zero3,
-        logits_to_keep=inputs.input_ids.shape[1] - window.start if zero3 else 1,
+        logits_to_keep=inputs.input_ids.shape[1] - window.start if zero3 else 1,  # one position: hidden states wanted
         use_cache=False,
     )
     if zero3:
-        return out.logits[:, : window.stop - window.start]
-    return out.hidden_states[-1][:, window]
+        return ResponseFeatures(out.logits[:, : window.stop - window.start], lambda logits: logits, are_logits=True)
+    return ResponseFeatures(out.hidden_states[-1][:, window], _output_head(model))
 
 
-def output_head(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """hidden -> logits with the model's output head, for use after `response_hidden_states`.
+def response_hidden_states(model: torch.nn.Module, inputs) -> torch.Tensor:
+    """Final (normed) hidden states at the positions that predict the response tokens: [B, R, H] (not under ZeRO-3,
+    whose forward yields logits: see `response_features`)."""
+    features = response_features(model, inputs)
+    if features.are_logits:
+        raise ValueError("under DeepSpeed ZeRO-3 the forward yields logits, not hidden states: use response_features")
+    return features.values_BRX
+
+
+def _output_head(model: torch.nn.Module) -> Head:
+    """hidden -> logits with the model's output head.
 
     FSDP2: a function of the head's weight rather than a call of the head module. A module call runs the sharding
     hooks, and calling the output head's unit again after the model's forward breaks torch's backward (a crash in
     2.13). Accelerate keeps that unit gathered from the forward until its backward (reshard_after_forward=False), so
     the weight read here is the whole tensor, and its gradient is reduce-scattered with the unit's at the end of
     the backward.
-    DeepSpeed ZeRO-3: the identity, since `response_hidden_states` returns logits there (see its docstring).
     """
-    if is_zero3(model):
-        return lambda logits: logits
     head = unwrap(model).get_output_embeddings()
     return lambda hidden: torch.nn.functional.linear(hidden, head.weight, head.bias)
 
@@ -255,7 +276,7 @@ def reshard(model: torch.nn.Module) -> None:
     """FSDP2: give back the parameters a no-grad forward left gathered; a no-op for other models (DeepSpeed
     partitions again after each module call).
 
-    Accelerate keeps the output head's unit gathered after the forward until its backward (see `output_head`); a
+    Accelerate keeps the output head's unit gathered after the forward until its backward (see `_output_head`); a
     teacher or reference forward has no backward, so without this its head would stay whole on every rank.
     """
     from torch.distributed.fsdp import FSDPModule

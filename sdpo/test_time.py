@@ -67,13 +67,9 @@ def solve(config: SDPOConfig, env: Environment, problem: Problem, method: str,
     attempts = 0
     try:
         while attempts < config.test_time.budget:
-            if method == "sdpo":
-                trainer.training_step()  # generate, score, reprompt, update, sync
-                batch = trainer._last_batch
-            else:
-                batch, problems_B = trainer.generate(trainer.next_questions())
-                trainer.score(batch, problems_B)
-            trainer.step += 1  # the next step samples with the next seed
+            # SDPO: generate, score, reprompt, update, sync; best-of-k: generate and score. Either advances the
+            # step, so the next batch samples with the next seed.
+            batch = (trainer.training_step() if method == "sdpo" else trainer.sampling_step()).batch
             solved = (batch.rewards_B >= threshold).nonzero().flatten()
             if len(solved):
                 return Discovery(problem.id, method, attempts + len(batch), attempts + int(solved[0]) + 1), trainer.engine

@@ -70,13 +70,14 @@ def run_worker(out: Path, sharding: str = "ddp", resume: bool = False, lora: boo
                           f"trainer.resume={'auto' if resume else 'none'}"])
     engine = ScriptedEngine(load_tokenizer(resolve_checkpoint(ModelConfig(name_or_path="tiny"))), max_len=6)
     trainer = SDPOTrainer(config, env=InlineParityEnv(ParityEnvConfig()), engine=engine)
-    assert trainer.sharded == (sharding in ("fsdp2", "zero3")) and trainer.deepspeed == (sharding in DEEPSPEED)
-    if trainer.deepspeed:  # the learning-rate schedule drives the AdamW that DeepSpeed's ZeRO optimizer steps
+    dist = trainer.dist
+    assert dist.sharded == (sharding in ("fsdp2", "zero3")) and dist.deepspeed == (sharding in DEEPSPEED)
+    if dist.deepspeed:  # the learning-rate schedule drives the AdamW that DeepSpeed's ZeRO optimizer steps
         assert trainer.scheduler.optimizer is trainer.optimizer.optimizer.optimizer
 
     def moments() -> list[torch.Tensor]:
         """Adam's first moments: whole on rank 0, or under DeepSpeed this rank's partitions."""
-        if trainer.deepspeed:
+        if dist.deepspeed:
             return [s["exp_avg"].clone() for s in trainer.optimizer.optimizer.optimizer.state.values()]
         state = optimizer_state_dict(trainer.unwrapped, trainer.optimizer.optimizer)
         return [v["exp_avg"] for v in state.get("state", {}).values()]  # FSDP2: {} on rank 1
@@ -90,16 +91,16 @@ def run_worker(out: Path, sharding: str = "ddp", resume: bool = False, lora: boo
 
     if resume:
         assert trainer.step == 1
-        torch.save(state(), out / f"resumed-rank{trainer.rank}-of-{trainer.world}.pt")
+        torch.save(state(), out / f"resumed-rank{dist.rank}-of-{dist.world}.pt")
         return
-    metrics = trainer.training_step()
-    batch = trainer._last_batch
+    result = trainer.training_step()
+    metrics, batch = result.metrics, result.batch
     after_step = state()  # before the save, which under ZeRO-3 refreshes the whole copies of small parameters
     # What the vLLM weight sync would send (LoRA merged), gathered from the shards / partitions.
     from sdpo.rollout.vllm import engine_weights
 
     after_step["exported"] = {t.name: t.materialize(torch.float32, torch.device("cpu")) for t in engine_weights(trainer.unwrapped)}
-    trainer.step = 1
+    assert trainer.step == 1
     trainer.save()  # every rank writes its RNG state into the checkpoint
     # The transformers engine on the (sharded) policy: rank 0 holds 3 prompts, rank 1 one, one prompt per generate
     # call. Under FSDP2 every call is a collective, so the ranks must decode in lockstep (stand-in calls included).
@@ -108,18 +109,18 @@ def run_worker(out: Path, sharding: str = "ddp", resume: bool = False, lora: boo
     from sdpo.rollout import HFEngine, SamplingSettings
 
     prompts = [[trainer.tokenizer.bos_token_id or 1, 100 + 7 * i, 200 + i] for i in range(4)]
-    mine = {0: prompts[:3], 1: prompts[3:]}[trainer.rank] if trainer.world == 2 else prompts
-    engine = HFEngine(trainer.unwrapped, trainer.tokenizer, replace(config.rollout, hf_batch_size=1), synced=trainer.sharded)
+    mine = {0: prompts[:3], 1: prompts[3:]}[dist.rank] if dist.world == 2 else prompts
+    engine = HFEngine(trainer.unwrapped, trainer.tokenizer, replace(config.rollout, hf_batch_size=1), synced=dist.sharded)
     greedy = [c.token_ids for c in engine.generate(mine, SamplingSettings(n=1, temperature=0.0, max_new_tokens=6))]
     torch.save({
-        "world": trainer.world,
+        "world": dist.world,
         "greedy": greedy,
         "metrics": metrics,
-        "counts": trainer._global_counts(batch),
+        "counts": vars(trainer.step_counts(batch)),
         "groups": sorted({(pid, int(g)) for pid, g in zip(batch.problem_ids, batch.group_ids_B)}),
         "samples_per_problem": {pid: batch.problem_ids.count(pid) for pid in set(batch.problem_ids)},
         **after_step,
-    }, out / f"rank{trainer.rank}-of-{trainer.world}.pt")
+    }, out / f"rank{dist.rank}-of-{dist.world}.pt")
 
 
 @pytest.mark.parametrize("sharding, lora", [("ddp", False), ("fsdp2", False), ("fsdp2", True), ("zero3", False),

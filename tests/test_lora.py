@@ -68,9 +68,9 @@ def test_frozen_teacher_and_reference_are_the_base_model(policy, tiny_path, kind
     x = inputs()
     policy.train()
     trainable_before = [n for n, p in policy.named_parameters() if p.requires_grad]
-    hidden = teacher.hidden_states(policy, x)
+    scored = teacher.features(policy, x)
     base = base_hidden(tiny_path, x)
-    torch.testing.assert_close(hidden.hidden[0], base)
+    torch.testing.assert_close(scored.features[0].values_BRX, base)
     # Afterwards the adapter is on again, trainable, and the policy back in train mode.
     assert policy.training
     assert [n for n, p in policy.named_parameters() if p.requires_grad] == trainable_before
@@ -78,8 +78,8 @@ def test_frozen_teacher_and_reference_are_the_base_model(policy, tiny_path, kind
         live = response_hidden_states(policy.eval(), x)
     assert not torch.allclose(live, base)
     if kind == "trust_region":
-        assert hidden.weights == pytest.approx([0.7, 0.3])
-        torch.testing.assert_close(hidden.hidden[1], live)
+        assert scored.weights == pytest.approx([0.7, 0.3])
+        torch.testing.assert_close(scored.features[1].values_BRX, live)
 
 
 def test_ema_teacher_is_a_second_adapter_updated_by_the_exact_lerp(policy):
@@ -99,7 +99,7 @@ def test_ema_teacher_is_a_second_adapter_updated_by_the_exact_lerp(policy):
 
     # The teacher forward runs the EMA adapter: the same as the policy with the EMA weights in its own adapter.
     x = inputs()
-    hidden = teacher.hidden_states(policy, x).hidden[0]
+    hidden = teacher.features(policy, x).features[0].values_BRX
     assert policy.active_adapter == "default"
     assert all(p.requires_grad for p in trained.values()) and not any(p.requires_grad for p in ema.values())
     saved = {n: p.detach().clone() for n, p in trained.items()}
@@ -118,7 +118,7 @@ def test_lora_training_changes_only_adapter_weights_and_checkpoints_the_adapter(
     trainer = SDPOTrainer(config, env=InlineParityEnv(ParityEnvConfig()))
     policy = trainer.unwrapped
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
-    metrics = trainer.training_step()
+    metrics = trainer.training_step().metrics
     assert metrics["distill/loss"] > 0 and metrics["optim/skipped_steps"] == 0
     changed = {n for n, p in policy.named_parameters() if not torch.equal(p, before[n])}
     assert changed, "the step must move the adapter"
@@ -126,7 +126,7 @@ def test_lora_training_changes_only_adapter_weights_and_checkpoints_the_adapter(
     assert any(f".{EMA_ADAPTER}." in n for n in changed) and any(".default." in n for n in changed)
     assert {id(p) for p in trainer.trainable} == {id(p) for n, p in policy.named_parameters() if ".default." in n}
 
-    trainer.step = 1
+    assert trainer.step == 1
     path = trainer.save()
     assert (path / "adapter_model.safetensors").exists() and (path / "adapter_config.json").exists()
     assert not (path / "model.safetensors").exists() and not (path / EMA_ADAPTER).exists()
@@ -150,8 +150,8 @@ def test_kl_reference_with_lora_is_the_adapter_disabled(tmp_path):
     config = load_config([*TINY_OVERRIDES, *LORA, "algorithm=grpo", "algorithm.policy.kl_coef=0.1",
                           f"trainer.output_dir={tmp_path / 'run'}"])
     trainer = SDPOTrainer(config, env=InlineParityEnv(ParityEnvConfig()))
-    assert trainer.reference is None and trainer.use_reference
-    metrics = trainer.training_step()
+    assert trainer.reference.model is None and trainer.use_reference  # no copy: the adapter disabled
+    metrics = trainer.training_step().metrics
     assert "policy/kl_ref" in metrics and metrics["policy/kl_ref"] >= 0
 
 

@@ -47,7 +47,7 @@ def direct(head, ref_head, hidden, ref_hidden, live_hidden, ids, distill_kwargs)
 def chunked(head, ref_head, hidden, ref_hidden, live_hidden, ids, distill_kwargs, chunk_size):
     return chunked_response_terms(
         hidden, head, ids, TEMPERATURE, chunk_size,
-        teacher_hidden=[ref_hidden, live_hidden], teacher_heads=[ref_head, head],
+        teacher_features=[ref_hidden, live_hidden], teacher_heads=[ref_head, head],
         teacher_weights=[1 - MIX, MIX], distill_kwargs=distill_kwargs)
 
 

@@ -161,3 +161,35 @@ def test_truncation_keeps_question_instruction_and_header(tokenizer, budget):
     assert "Be brief." in text  # the system message survives
     # The lone success has no signal: it keeps its student prompt.
     assert ids[1] == [1, 2, 3]
+
+
+def test_a_reprompt_ends_within_the_limit_even_when_truncation_does_not_converge(tokenizer, monkeypatch):
+    # Issue #10, defect 4: a reprompt still too long after the retries was kept as is. Here the body fitting never
+    # shortens anything, so every retry fails: the reprompt must still end within the limit (bodies dropped).
+    import sdpo.teacher.reprompt as reprompt_module
+
+    monkeypatch.setattr(reprompt_module, "fit_bodies", lambda solution, feedback, *args: (solution, feedback))
+    config = RepromptConfig(max_reprompt_len=120)
+    reprompts = build([0.0, 1.0], feedback=["error " * 300, ""], responses=["bad", "step " * 400], config=config)
+    ids = teacher_prompt_ids(reprompts, [[1, 2, 3]] * 2, tokenizer, config)
+    assert len(ids[0]) <= 120
+    assert tokenizer.decode(ids[0]).endswith("Correctly solve the original question.\n<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_a_reprompt_that_cannot_fit_without_its_bodies_is_an_error_naming_the_limit(tokenizer):
+    config = RepromptConfig(max_reprompt_len=24)  # less than the system message, question and instruction
+    reprompts = build([0.0, 1.0], feedback=["error", ""], config=config)
+    with pytest.raises(ValueError, match=r"over algorithm.reprompt.max_reprompt_len=24: raise it"):
+        teacher_prompt_ids(reprompts, [[1, 2, 3]] * 2, tokenizer, config)
+
+
+def test_group_reprompts_seed_each_question_by_its_id_not_its_position():
+    from sdpo.teacher import group_reprompts
+
+    problems = [problem(0)] * 4 + [problem(1)] * 4
+    responses = [f"answer {i}" for i in range(8)]
+    rewards = [1.0, 1.0, 1.0, 0.0] * 2
+    together = group_reprompts("0:3", CFG, problems, responses, rewards, [""] * 8, [0] * 4 + [1] * 4)
+    alone = group_reprompts("0:3", CFG, problems[4:], responses[4:], rewards[4:], [""] * 4, [7] * 4)
+    assert together[4:] == alone  # the same demonstrations whichever other questions share the batch
+    assert all(r.solution is not None and r.solution != responses[i] for i, r in enumerate(together[:3]))

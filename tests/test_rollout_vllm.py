@@ -382,7 +382,7 @@ def test_full_sdpo_step_with_vllm(engine, tmp_path) -> None:
         assert isinstance(trainer.engine, VLLMEngine)
         assert trainer.threads == torch.get_num_threads() == allowed_cores()  # the update uses every core
         before = {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters()}
-        metrics = trainer.training_step()
+        metrics = trainer.training_step().metrics
         assert metrics["sync/seconds"] > 0
         assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values() if isinstance(v, float))
         changed = any(not torch.equal(p, before[n]) for n, p in trainer.unwrapped.named_parameters())

@@ -51,11 +51,11 @@ def test_live_teacher_scores_with_the_current_weights(policy):
     teacher = Teacher(TeacherConfig(kind="live"), policy)
     assert teacher.model is None
     x = inputs()
-    hidden = teacher.hidden_states(policy, x)
-    assert hidden.weights == [1.0]
-    torch.testing.assert_close(hidden.hidden[0], response_hidden_states(policy, x).detach())
+    scored = teacher.features(policy, x)
+    assert scored.weights == [1.0]
+    torch.testing.assert_close(scored.features[0].values_BRX, response_hidden_states(policy, x).detach())
     perturb(policy)
-    assert not torch.allclose(teacher.hidden_states(policy, x).hidden[0], hidden.hidden[0])
+    assert not torch.allclose(teacher.features(policy, x).features[0].values_BRX, scored.features[0].values_BRX)
 
 
 def test_trust_region_lerps_reference_and_live_logits(policy):
@@ -63,9 +63,9 @@ def test_trust_region_lerps_reference_and_live_logits(policy):
     reference = load_model(ModelConfig(name_or_path="tiny"))  # the initial weights
     perturb(policy)
     x = inputs()
-    hidden = teacher.hidden_states(policy, x)
-    assert hidden.weights == pytest.approx([0.7, 0.3])
-    logits = sum(w * head(h) for h, head, w in zip(hidden.hidden, hidden.heads, hidden.weights))
+    scored = teacher.features(policy, x)
+    assert scored.weights == pytest.approx([0.7, 0.3])
+    logits = sum(w * f.head(f.values_BRX) for f, w in zip(scored.features, scored.weights))
     with torch.no_grad():
         expected = 0.7 * reference.lm_head(response_hidden_states(reference, x)) + 0.3 * policy.lm_head(
             response_hidden_states(policy, x)
@@ -84,8 +84,8 @@ def test_teacher_scores_in_eval_mode_without_grad(tiny_path):
     assert not torch.allclose(response_hidden_states(policy, x), response_hidden_states(policy, x))
     for kind in ("live", "ema"):
         teacher = Teacher(TeacherConfig(kind=kind), policy)
-        a, b = teacher.hidden_states(policy, x), teacher.hidden_states(policy, x)
+        a, b = (teacher.features(policy, x).features[0].values_BRX for _ in range(2))
         # ... the teacher's targets do not, they carry no grad, and the policy is left in train mode.
-        torch.testing.assert_close(a.hidden[0], b.hidden[0])
-        assert not a.hidden[0].requires_grad
+        torch.testing.assert_close(a, b)
+        assert not a.requires_grad
         assert policy.training

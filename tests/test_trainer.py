@@ -30,7 +30,7 @@ def changed(before, model):
 def test_sdpo_step_changes_weights_and_moves_the_ema_teacher(tmp_path):
     trainer = make_trainer(tmp_path, "algorithm.teacher.kind=ema", "algorithm.teacher.update_rate=0.5")
     policy_before, teacher_before = params(trainer.unwrapped), params(trainer.teacher.model)
-    metrics = trainer.training_step()
+    metrics = trainer.training_step().metrics
     assert metrics["teacher/reprompt_fraction"] > 0, "the toy env must give the teacher something to learn from"
     assert metrics["distill/loss"] > 0
     assert changed(policy_before, trainer.unwrapped)
@@ -54,7 +54,7 @@ def test_frozen_teacher_stays_put(tmp_path):
 def test_live_and_trust_region_teachers_train(tmp_path, kind):
     trainer = make_trainer(tmp_path, f"algorithm.teacher.kind={kind}")
     before = params(trainer.unwrapped)
-    metrics = trainer.training_step()
+    metrics = trainer.training_step().metrics
     assert changed(before, trainer.unwrapped)
     assert torch.isfinite(torch.tensor(metrics["distill/loss"]))
 
@@ -63,7 +63,7 @@ def test_grpo_builds_no_teacher_and_learns(tmp_path):
     trainer = make_trainer(tmp_path, "algorithm=grpo")
     assert trainer.teacher is None
     before = params(trainer.unwrapped)
-    metrics = trainer.training_step()
+    metrics = trainer.training_step().metrics
     assert "distill/loss" not in metrics and "policy/loss" in metrics
     assert changed(before, trainer.unwrapped)
 
@@ -72,15 +72,15 @@ def test_grpo_builds_no_teacher_and_learns(tmp_path):
 def test_hybrids_and_several_minibatches_run(tmp_path, algorithm):
     # Two optimizer steps per generation batch: old log-probs are computed and the ratio departs from 1.
     trainer = make_trainer(tmp_path, f"algorithm={algorithm}", "trainer.mini_batch_questions=1")
-    metrics = trainer.training_step()
+    metrics = trainer.training_step().metrics
     assert trainer.optimizer_steps_per_batch == 2
     assert metrics["optim/skipped_steps"] == 0
 
 
 def loss_gradients(trainer, batch, micro_batch_size):
     trainer.optimizer.zero_grad(set_to_none=True)
-    counts = trainer._global_counts(batch)
-    from sdpo.trainer import MetricSums
+    counts = trainer.step_counts(batch)
+    from sdpo.losses.objective import MetricSums
 
     for micro in batch.micro_batches(micro_batch_size):
         trainer.micro_batch_loss(micro, counts, MetricSums()).backward()
@@ -115,7 +115,7 @@ def test_non_finite_gradient_skips_the_step_and_the_teacher_update(tmp_path, mon
 
     monkeypatch.setattr(SDPOTrainer, "micro_batch_loss", nan_loss)
     policy_before, teacher_before = params(trainer.unwrapped), params(trainer.teacher.model)
-    metrics = trainer.training_step()
+    metrics = trainer.training_step().metrics
     assert metrics["optim/skipped_steps"] == 1
     assert not changed(policy_before, trainer.unwrapped)
     assert not changed(teacher_before, trainer.teacher.model)

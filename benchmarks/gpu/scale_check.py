@@ -131,8 +131,7 @@ def run_variant(name: str, model_dir: Path, args: argparse.Namespace) -> dict:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         start = time.perf_counter()
-        metrics = trainer.training_step()
-        trainer.step += 1
+        metrics = trainer.training_step().metrics
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         if i > 0:
@@ -153,7 +152,7 @@ def run_variant(name: str, model_dir: Path, args: argparse.Namespace) -> dict:
         "distill_loss": metrics.get("distill/loss"),
         "reprompt_fraction": metrics.get("teacher/reprompt_fraction"),
     }
-    trainer.accelerator.free_memory()  # the Accelerator keeps references to what it prepared
+    trainer.dist.accelerator.free_memory()  # the Accelerator keeps references to what it prepared
     del trainer, engine
     gc.collect()
     if torch.cuda.is_available():

@@ -108,12 +108,11 @@ def run_row(name: str, checkpoint: Path, overrides: list[str], steps: int, out_d
     seconds, stages = [], []
     for _ in range(steps):
         start = time.perf_counter()
-        metrics = trainer.training_step()
+        metrics = trainer.training_step().metrics
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
         stages.append({k.removeprefix("time/"): v for k, v in metrics.items() if k.startswith("time/")})
-        trainer.step += 1
     row = {
         "row": name,
         "step_s": statistics.median(seconds),

@@ -9,6 +9,9 @@ The trainer maps config names to functions through the registries: ADVANTAGE_EST
 AGGREGATIONS ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"), DISTILL_MODES ("sampled_token",
 "full_logits", "topk_logits") and KL_ESTIMATORS ("k1", "k2", "k3"), each via `.get(name)`.
 
+The whole objective of a micro-batch (GRPO, pure SDPO, both hybrids) is one function of per-token tensors,
+`sdpo.losses.objective.objective`.
+
 Two ways to combine GRPO and SDPO (spec sec. 3):
 - advantage level (paper Eq. 3): `mix_advantages(A_GRPO, sdpo_token_advantages(q, s), grpo_weight=lambda)` goes
   into `clipped_policy_loss`; the SDPO part is then sampled-token only and subject to PPO clipping.
@@ -52,4 +55,5 @@ __all__ = [
     "sdpo_token_advantages",
     "token_logprobs",
     "topk_support",
+    "truncated_is_weights",
 ]

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sdpo.losses.advantages import sdpo_token_advantages
 from sdpo.registry import Registry
 
 # Entries take (student_logits_BRV, teacher_logits_BRV, response_ids_BR, *, alpha, topk, tail, temperature) with the
@@ -111,9 +112,10 @@ def _sampled_token(student_logits_BRV, teacher_logits_BRV, response_ids_BR, *, a
     return sampled_token_distill(s_BR, q_BR)
 
 
-def sampled_token_distill(student_logp_BR: Tensor, teacher_logp_BR: Tensor) -> Tensor:
-    """The sampled-token loss from the two log-probs of the sampled tokens (also when an engine scored the teacher)."""
-    return (student_logp_BR - teacher_logp_BR).detach() * student_logp_BR
+def sampled_token_distill(student_logp_BR: Tensor, teacher_logp_BR: Tensor, advantage_clip: float | None = None) -> Tensor:
+    """The sampled-token loss from the two log-probs of the sampled tokens (also when an engine scored the teacher):
+    -A_SDPO * s with A_SDPO = q - s detached, clipped to [-advantage_clip, advantage_clip] when given (spec sec. 3)."""
+    return -sdpo_token_advantages(teacher_logp_BR, student_logp_BR, advantage_clip) * student_logp_BR
 
 
 @DISTILL_MODES.register("full_logits")

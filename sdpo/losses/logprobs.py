@@ -1,9 +1,11 @@
-"""Per-token log-probs, entropy and distillation terms from hidden states, one chunk of positions at a time.
+"""Per-token log-probs, entropy and distillation terms from response features, one chunk of positions at a time.
 
 The memory problem: [B, R, V] float32 logits for R = 8192 response tokens and V ~ 150k are ~5 GB per sample, and
 SDPO needs the teacher's as well as the student's. `chunked_response_terms` applies the LM heads to a chunk of
 positions at a time inside activation checkpointing, so only one chunk's [B, chunk, V] logits exist at once, in
-the forward pass and again (recomputed) in the backward pass.
+the forward pass and again (recomputed) in the backward pass. (Under DeepSpeed ZeRO-3 the forward itself yields a
+micro-batch's logits and the heads are the identity, see `sdpo.models.ResponseFeatures`: there the chunking bounds
+only the log-softmax and distillation temporaries.)
 """
 
 from __future__ import annotations
@@ -31,22 +33,22 @@ def entropy_from_logits(logits_BRV: Tensor, temperature: float) -> Tensor:
     return -(logp_BRV.exp() * logp_BRV.clamp(min=torch.finfo(logp_BRV.dtype).min)).sum(-1)
 
 
-def _teacher_logits(hidden_list: Sequence[Tensor], heads: Sequence[Head], weights: Sequence[float]) -> Tensor:
-    """sum_i w_i head_i(hidden_i), without gradient: one entry for a plain teacher, two for the trust region's
+def _teacher_logits(features: Sequence[Tensor], heads: Sequence[Head], weights: Sequence[float]) -> Tensor:
+    """sum_i w_i head_i(features_i), without gradient: one entry for a plain teacher, two for the trust region's
     lerp(ref_logits, live_logits, mix) (spec sec. 4)."""
     with torch.no_grad():
-        return sum(w * head(h.detach()) for h, head, w in zip(hidden_list, heads, weights, strict=True))
+        return sum(w * head(f.detach()) for f, head, w in zip(features, heads, weights, strict=True))
 
 
 def _chunk_terms(student_head, temperature, distill_kwargs, teacher_heads, teacher_weights,
-                 hidden_BCH, ids_BC, *teacher_hidden_BCH):
+                 features_BCX, ids_BC, *teacher_features_BCX):
     """All per-token outputs for one chunk of C positions. Positional tensors only, as checkpoint() wants."""
-    logits_BCV = student_head(hidden_BCH)
+    logits_BCV = student_head(features_BCX)
     out = {"logp": token_logprobs(logits_BCV, ids_BC, temperature)}
     with torch.no_grad():
         out["entropy"] = entropy_from_logits(logits_BCV, temperature)
-    if teacher_hidden_BCH:
-        teacher_logits_BCV = _teacher_logits(teacher_hidden_BCH, teacher_heads, teacher_weights)
+    if teacher_features_BCX:
+        teacher_logits_BCV = _teacher_logits(teacher_features_BCX, teacher_heads, teacher_weights)
         out["teacher_logp"] = token_logprobs(teacher_logits_BCV, ids_BC, temperature)
         if distill_kwargs is not None:
             out["distill"] = distill_per_token(logits_BCV, teacher_logits_BCV, ids_BC,
@@ -55,22 +57,23 @@ def _chunk_terms(student_head, temperature, distill_kwargs, teacher_heads, teach
 
 
 def chunked_response_terms(
-    student_hidden_BRH: Tensor,
+    student_features_BRX: Tensor,
     student_head: Head,
     response_ids_BR: Tensor,
     temperature: float,
     chunk_size: int,
-    teacher_hidden: Sequence[Tensor] | None = None,
+    teacher_features: Sequence[Tensor] | None = None,
     teacher_heads: Sequence[Head] | None = None,
     teacher_weights: Sequence[float] | None = None,
     distill_kwargs: dict | None = None,
 ) -> dict[str, Tensor]:
     """Per-token terms of the response, computed `chunk_size` positions at a time.
 
-    student_hidden_BRH: the student's final hidden states at the positions that predict response tokens (so that
-    student_head(h)[b, t] scores response_ids_BR[b, t]). Teacher: `teacher_hidden` ([B, R, H] each, aligned the same
-    way under the teacher's context), `teacher_heads` (hidden -> logits) and `teacher_weights`; its logits are
-    sum_i w_i head_i(hidden_i), always without gradient.
+    student_features_BRX: the student's features at the positions that predict response tokens (so that
+    student_head(f)[b, t] scores response_ids_BR[b, t]): final hidden states [B, R, H] with the output head, or
+    logits [B, R, V] with the identity (`sdpo.models.ResponseFeatures`). Teacher: `teacher_features` (each aligned
+    the same way under the teacher's context), `teacher_heads` (features -> logits) and `teacher_weights`; its logits
+    are sum_i w_i head_i(features_i), always without gradient.
 
     Returns [B, R] tensors: "logp" (with grad) and "entropy" (detached); with a teacher also "teacher_logp"
     (detached) and, when `distill_kwargs` (mode, alpha, topk, tail; see `distill_per_token`) is given, "distill"
@@ -79,23 +82,23 @@ def chunked_response_terms(
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    teacher_hidden = list(teacher_hidden or [])
-    if teacher_hidden and not (len(teacher_hidden) == len(teacher_heads or []) == len(teacher_weights or [])):
-        raise ValueError("teacher_hidden, teacher_heads and teacher_weights must have the same length")
+    teacher_features = list(teacher_features or [])
+    if teacher_features and not (len(teacher_features) == len(teacher_heads or []) == len(teacher_weights or [])):
+        raise ValueError("teacher_features, teacher_heads and teacher_weights must have the same length")
     if distill_kwargs is not None and "temperature" in distill_kwargs:
         raise ValueError("pass the temperature once, as chunked_response_terms(temperature=...)")
-    if distill_kwargs is not None and not teacher_hidden:
-        raise ValueError("distill_kwargs given without a teacher (teacher_hidden, teacher_heads, teacher_weights)")
+    if distill_kwargs is not None and not teacher_features:
+        raise ValueError("distill_kwargs given without a teacher (teacher_features, teacher_heads, teacher_weights)")
 
     def run_chunk(*tensors: Tensor) -> dict[str, Tensor]:
         return _chunk_terms(student_head, temperature, distill_kwargs, teacher_heads, teacher_weights, *tensors)
 
     pieces: list[dict[str, Tensor]] = []
     # max(R, 1): an empty response still yields one (empty) chunk, so every key is present with shape [B, 0].
-    starts = range(0, max(student_hidden_BRH.shape[1], 1), chunk_size)
+    starts = range(0, max(student_features_BRX.shape[1], 1), chunk_size)
     for start in starts:
         window = slice(start, start + chunk_size)
-        tensors = [student_hidden_BRH[:, window], response_ids_BR[:, window], *(h[:, window] for h in teacher_hidden)]
+        tensors = [student_features_BRX[:, window], response_ids_BR[:, window], *(f[:, window] for f in teacher_features)]
         if torch.is_grad_enabled() and len(starts) > 1:
             # Keep only the chunk's inputs; the [B, C, V] logits are recomputed in backward, one chunk at a time.
             # (A single chunk is not recomputed: its backward would rebuild the same tensors at the same peak.)

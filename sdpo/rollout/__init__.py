@@ -8,7 +8,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sdpo.config import RolloutConfig
-from sdpo.rollout.base import ENGINES, Completion, RolloutEngine, SamplingSettings, SyncStats
+from sdpo.rollout.base import ENGINES, Completion, RolloutEngine, SamplingSettings, SyncStats, TeacherScores
 from sdpo.rollout.hf import HFEngine
 
 
@@ -31,4 +31,4 @@ def build_engine(
     return ENGINES.get(config.engine)(model_path, tokenizer, config, max_model_len=max_model_len)  # type: ignore[call-arg]
 
 
-__all__ = ["ENGINES", "Completion", "HFEngine", "RolloutEngine", "SamplingSettings", "SyncStats", "build_engine"]
+__all__ = ["ENGINES", "Completion", "HFEngine", "RolloutEngine", "SamplingSettings", "SyncStats", "TeacherScores", "build_engine"]

@@ -1,7 +1,8 @@
 """The rollout-engine interface: token prompts in, n sampled completions per prompt out.
 
 Engines: `hf` (transformers `generate` on the policy itself, so weight sync is free) and `vllm` (a colocated vLLM
-`LLM`, synced after every optimizer step). The trainer only calls `generate` and `sync_weights`.
+`LLM`, synced after every optimizer step). The trainer calls `generate` and `sync_weights`; an engine that declares
+`scores_teacher` also offers `score_teacher` (algorithm.teacher.scorer=engine).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from sdpo.config import RolloutConfig
 from sdpo.registry import Registry
@@ -60,7 +62,20 @@ class SyncStats:
     extra: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class TeacherScores:
+    """Log-probs of each response token under its reprompt, from the engine (right-padded, `mask_BR` marks tokens)."""
+
+    token_logp_BR: Tensor  # float32; log q(y_t), 0 at padding
+    topk_ids_BRK: Tensor  # long; the teacher's own top-k tokens by rank (K = topk; empty when topk = 0)
+    topk_logp_BRK: Tensor  # float32; their log-probs, -inf at padding
+    mask_BR: Tensor  # bool
+
+
 class RolloutEngine(ABC):
+    # An optional capability: True where `score_teacher` works (the vLLM engine).
+    scores_teacher: bool = False
+
     @abstractmethod
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingSettings) -> list[Completion]:
         """n completions per prompt, prompt-major: completions[i * n + j] belongs to prompts[i]."""
@@ -68,6 +83,11 @@ class RolloutEngine(ABC):
     def sync_weights(self, model: torch.nn.Module) -> SyncStats:
         """Make the next `generate` use `model`'s current weights."""
         return SyncStats()
+
+    def score_teacher(self, teacher_prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                      topk: int = 0) -> TeacherScores:
+        """Log-probs of each response token under its teacher prompt (engines with `scores_teacher` only)."""
+        raise NotImplementedError(f"the {type(self).__name__} engine cannot score the teacher")
 
     def close(self) -> None:
         """Free the engine's memory."""

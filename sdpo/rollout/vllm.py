@@ -47,7 +47,7 @@ from torch.distributed.tensor import DTensor
 
 from sdpo.config import RolloutConfig
 from sdpo.precision import auto_dtype, probe
-from sdpo.rollout.base import ENGINES, Completion, RolloutEngine, SamplingSettings, SyncStats
+from sdpo.rollout.base import ENGINES, Completion, RolloutEngine, SamplingSettings, SyncStats, TeacherScores
 from sdpo.sharding import gathered, is_zero3_param, numel
 
 log = logging.getLogger(__name__)
@@ -205,16 +205,6 @@ def stream_in_buckets(
 # teacher scoring
 
 
-@dataclass
-class TeacherScores:
-    """Log-probs of each response token under its reprompt, from the engine (right-padded, `mask_BR` marks tokens)."""
-
-    token_logp_BR: Tensor  # float32; log q(y_t), 0 at padding
-    topk_ids_BRK: Tensor  # long; the teacher's own top-k tokens by rank (K = topk; empty when topk = 0)
-    topk_logp_BRK: Tensor  # float32; their log-probs, -inf at padding
-    mask_BR: Tensor  # bool
-
-
 class _QuietReload(logging.Filter):
     """Drop vLLM's per-sync warning for layers that have nothing to reload (rotary caches): not an error here."""
 
@@ -254,6 +244,8 @@ def _preserve_rng() -> Iterator[None]:
 @ENGINES.register("vllm")
 class VLLMEngine(RolloutEngine):
     """A colocated `vllm.LLM` built from the policy's checkpoint; `sync_weights` after every optimizer step."""
+
+    scores_teacher = True
 
     _live = 0  # engines alive in this process (they share vLLM's process-global parallel state)
 

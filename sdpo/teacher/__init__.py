@@ -1,16 +1,28 @@
-"""The self-teacher: reprompt construction (pure, string level) and the teacher weights that score it."""
+"""The self-teacher: reprompt construction and rendering (pure) and the teacher weights that score it."""
 
-from sdpo.teacher.reprompt import Reprompt, RepromptStats, build_reprompts, fit_bodies, reprompt_stats, strip_thinking
-from sdpo.teacher.teacher import Teacher, TeacherHidden, eval_mode, teacher_prompt_ids
+from sdpo.teacher.reprompt import (
+    Reprompt,
+    RepromptStats,
+    build_reprompts,
+    fit_bodies,
+    group_reprompts,
+    reprompt_stats,
+    strip_thinking,
+    teacher_prompt_ids,
+)
+from sdpo.teacher.teacher import TEACHER_KINDS, InitialWeights, Teacher, TeacherFeatures, eval_mode
 
 __all__ = [
+    "TEACHER_KINDS",
+    "InitialWeights",
     "Reprompt",
     "RepromptStats",
     "Teacher",
-    "TeacherHidden",
+    "TeacherFeatures",
     "build_reprompts",
     "eval_mode",
     "fit_bodies",
+    "group_reprompts",
     "reprompt_stats",
     "strip_thinking",
     "teacher_prompt_ids",

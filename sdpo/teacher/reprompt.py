@@ -1,4 +1,7 @@
-"""Turning a group's results into the self-teacher's context (spec section 2). Pure functions over strings.
+"""Turning a group's results into the self-teacher's context (spec section 2): pure functions, no model.
+
+`group_reprompts` builds one `Reprompt` per rollout, seeded per question; `teacher_prompt_ids` renders them into
+token ids within `max_reprompt_len`. Both are functions of their arguments only (strings, a tokenizer, a seed key).
 
 For each rollout y_i of a question x the teacher sees
     reprompt_template.format(prompt=x, solution=<a successful sibling>, feedback=<the env's feedback on y_i>)
@@ -10,13 +13,17 @@ feedback gets no distillation signal (`has_signal` is False).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 import random
 import re
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
 
 from sdpo.config import RepromptConfig
 from sdpo.envs.base import Problem
+from sdpo.models import render_chat
 
 _THINKING = re.compile(r"<think>.*?</think>\s*", flags=re.DOTALL)
 TRUNCATION_MARK = "\n[...truncated...]\n"
@@ -105,6 +112,31 @@ def build_reprompts(
     return reprompts
 
 
+def group_reprompts(
+    seed_key: str,
+    config: RepromptConfig,
+    problems: Sequence[Problem],
+    responses: Sequence[str],
+    rewards: Sequence[float],
+    feedback: Sequence[str],
+    group_ids: Sequence[int],
+) -> list[Reprompt]:
+    """One reprompt per rollout, question by question; each question's demonstration is drawn with a generator seeded
+    by (`seed_key`, question id): the same choice however the groups are spread over processes, and no RNG state
+    to checkpoint. The trainer's `seed_key` is "<trainer.seed>:<step>"."""
+    rows_by_group: dict[int, list[int]] = defaultdict(list)
+    for i, group in enumerate(group_ids):
+        rows_by_group[group].append(i)
+    reprompts: list[Reprompt | None] = [None] * len(problems)
+    for rows in rows_by_group.values():
+        rng = random.Random(f"{seed_key}:{problems[rows[0]].id}")
+        picked = build_reprompts([problems[i] for i in rows], [responses[i] for i in rows], [rewards[i] for i in rows],
+                                 [feedback[i] for i in rows], [group_ids[i] for i in rows], config, rng)
+        for i, reprompt in zip(rows, picked, strict=True):
+            reprompts[i] = reprompt
+    return reprompts  # type: ignore[return-value]
+
+
 def fit_bodies(
     solution: str | None,
     feedback: str | None,
@@ -156,3 +188,54 @@ def reprompt_stats(reprompts: Sequence[Reprompt], rewards: Sequence[float], grou
         feedback_fraction=sum(r.feedback is not None for r in reprompts) / n,
         solution_fraction=sum(r.solution is not None for r in reprompts) / n,
     )
+
+
+def teacher_prompt_ids(
+    reprompts: Sequence[Reprompt],
+    student_prompt_ids: Sequence[list[int]],
+    tokenizer: PreTrainedTokenizerBase,
+    config: RepromptConfig,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+) -> list[list[int]]:
+    """Render each reprompt with the chat template (and `model.chat_template_kwargs`) within `max_reprompt_len`
+    tokens.
+
+    Only the demonstration and the feedback are shortened; the question, the instruction and the assistant header
+    stay intact, and a reprompt that cannot fit even without them is an error that says so. Rollouts without a
+    signal keep their student prompt (their distillation loss is masked anyway).
+    """
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids)
+
+    limit = config.max_reprompt_len
+    out = []
+    for reprompt, student_ids in zip(reprompts, student_prompt_ids, strict=True):
+        if not reprompt.has_signal:
+            out.append(list(student_ids))
+            continue
+        ids = render_chat(tokenizer, reprompt.messages(config), chat_template_kwargs)
+        if len(ids) > limit:
+            empty = {"solution": None if reprompt.solution is None else "",
+                     "feedback": None if reprompt.feedback is None else ""}
+            bare = render_chat(tokenizer, reprompt.messages(config, **empty), chat_template_kwargs)
+            if len(bare) > limit:
+                raise ValueError(f"a reprompt without its demonstration and feedback is {len(bare)} tokens, over "
+                                 f"algorithm.reprompt.max_reprompt_len={limit}: raise it (the question, the "
+                                 f"instruction and the chat header are never cut; problem {reprompt.problem.id!r})")
+            budget = limit - len(bare)
+            # Token boundaries can merge differently once the bodies are cut and re-rendered: tighten and retry,
+            # and if that does not converge, keep the bodies empty (which fits, checked above).
+            for _ in range(4):
+                solution, feedback = fit_bodies(reprompt.solution, reprompt.feedback, budget, encode, decode)
+                ids = render_chat(tokenizer, reprompt.messages(config, solution, feedback), chat_template_kwargs)
+                if len(ids) <= limit:
+                    break
+                budget -= len(ids) - limit
+            else:
+                ids = bare
+        out.append(ids)
+    return out

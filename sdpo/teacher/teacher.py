@@ -1,25 +1,30 @@
 """The self-teacher: which weights re-score the rollouts under the reprompt (spec section 4), and that scoring.
 
-One object with a `kind`, not four code paths through the trainer:
+One object with a `kind`, not four code paths through the trainer. A kind names the weights whose logits the teacher
+mixes (`TEACHER_KINDS`, a registry: a new kind is one entry):
 - live: the current policy weights (unstable in the paper, Table 4);
 - frozen: the initial weights;
 - ema: teacher <- (1 - tau) teacher + tau policy after each optimizer step with a finite grad norm;
-- trust_region: teacher logits = lerp(reference logits, live logits, mix), i.e. q ~ exp((1-mix) log q_ref + mix log q).
+- trust_region: teacher logits = lerp(initial logits, live logits, mix), i.e. q ~ exp((1-mix) log q_ref + mix log q).
 
-Where the teacher's weights live depends on the policy:
-- a plain model: frozen / ema / the trust-region reference are one full copy (`self.model`);
-- a LoRA policy (PEFT): never a copy of the base weights. frozen and the trust-region reference are the policy with
-  its adapter disabled (the base model: the initial weights, since a fresh LoRA adapter starts at zero); ema is a
-  second adapter, "sdpo_ema", an EMA of the trainable adapter's weights, switched in for the teacher forward only.
+Where the weights live depends on the policy:
+- a plain model: the initial weights (`InitialWeights`) and the EMA weights (`EMAWeights`) are full copies;
+- a LoRA policy (PEFT): never a copy of the base weights. The initial weights are the policy with its adapter
+  disabled (a fresh LoRA adapter starts at zero); the EMA weights are a second adapter, "sdpo_ema", switched in for
+  the teacher forward only. The KL reference of the policy loss is an `InitialWeights` too.
 
-The teacher returns hidden states and output heads instead of logits, so that the loss can project to the
-vocabulary one sequence chunk at a time (`sdpo.losses.chunked_response_terms`). Every teacher forward runs in eval
-mode (no dropout noise in the targets) under no_grad.
+Who scores (`algorithm.teacher.scorer`): "trainer", a forward pass inside the update (`micro_batch_features`), or
+"engine", the rollout engine's prompt log-probs once per generation batch (`score_with_engine`), for engines that
+declare the capability (`RolloutEngine.scores_teacher`).
+
+The teacher returns features and heads instead of logits (`sdpo.models.ResponseFeatures`), so that the loss can
+project to the vocabulary one sequence chunk at a time (`sdpo.losses.chunked_response_terms`). Every teacher forward
+runs in eval mode (no dropout noise in the targets) under no_grad.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 import contextlib
 import copy
 from dataclasses import dataclass
@@ -27,15 +32,15 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedTokenizerBase
 
-from sdpo.batch import ModelInputs
-from sdpo.config import RepromptConfig, TeacherConfig
-from sdpo.models import is_peft_model, output_head, render_chat, reshard, response_hidden_states
+from sdpo.batch import ModelInputs, RolloutBatch
+from sdpo.config import TeacherConfig
+from sdpo.models import ResponseFeatures, is_peft_model, reshard, response_features
+from sdpo.registry import Registry
 from sdpo.sharding import copy_whole_into, full_state_dict, lerp_, load_full_state_dict, whole
-from sdpo.teacher.reprompt import Reprompt, fit_bodies
 
 EMA_ADAPTER = "sdpo_ema"
+
 
 
 @contextlib.contextmanager
@@ -64,15 +69,6 @@ def active_adapter(policy: nn.Module, name: str) -> Iterator[nn.Module]:
         yield policy
     finally:
         policy.set_adapter(trained)  # makes the trained adapter trainable again, `name` frozen
-
-
-@dataclass
-class TeacherHidden:
-    """Teacher logits = sum_i weights[i] * heads[i](hidden[i]); one entry except for the trust-region teacher."""
-
-    hidden: list[Tensor]  # each [B, R, H], detached
-    heads: list[Callable[[Tensor], Tensor]]
-    weights: list[float]
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -105,156 +101,211 @@ def ema_adapter_pairs(policy: nn.Module, name: str = EMA_ADAPTER) -> dict[str, t
     return {key: (param, params[key.replace(f".{name}.", f".{trained}.")]) for key, param in params.items() if f".{name}." in key}
 
 
-class Teacher:
-    """`copy_policy`: how to take a frozen copy of the policy (`frozen_copy` unless the policy is partitioned at load
-    time, as under DeepSpeed ZeRO-3, where the trainer loads the initial weights again)."""
+class InitialWeights:
+    """The policy's initial weights (frozen and trust-region teachers, the KL reference): a frozen full copy, or for
+    a LoRA policy the policy itself with its adapter disabled."""
 
-    def __init__(self, config: TeacherConfig, policy: nn.Module,
-                 copy_policy: Callable[[nn.Module], nn.Module] = frozen_copy) -> None:
-        self.config = config
-        self.kind = config.kind
-        self.lora = is_peft_model(policy)
-        self.model: nn.Module | None = None  # a full copy (plain policies only)
-        self._ema_pairs: dict[str, tuple[Tensor, Tensor]] = {}  # LoRA ema: name -> (teacher param, trained param)
-        if self.lora and self.kind == "ema":
-            self._ema_pairs = add_ema_adapter(policy)
-        elif not self.lora and self.kind in ("frozen", "ema", "trust_region"):
-            self.model = copy_policy(policy)
+    def __init__(self, policy: nn.Module, copy_policy: Callable[[nn.Module], nn.Module] = frozen_copy) -> None:
+        self.model: nn.Module | None = None if is_peft_model(policy) else copy_policy(policy)
 
     def place(self, policy: nn.Module, prepare_copy: Callable[[nn.Module], nn.Module]) -> None:
-        """After `Accelerator.prepare(policy)`: put the teacher where the prepared policy lives.
-
-        The teacher is built from the policy before `prepare`, because a sharded module cannot be copied. Its own
-        copy is prepared like the policy (`prepare_copy`: a device, FSDP2 shards, or a DeepSpeed ZeRO-3 engine); a
-        LoRA EMA adapter is paired again with the policy's parameters, which FSDP2 replaced by shards. The EMA
-        update then pairs shards with shards.
-        """
         if self.model is not None:
             self.model = prepare_copy(self.model)
-        if self._ema_pairs:
-            self._ema_pairs = ema_adapter_pairs(policy)
+
+    def use(self, policy: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
+        return contextlib.nullcontext(self.model) if self.model is not None else base_weights(policy)
+
+    def parameters(self) -> list[Tensor]:
+        return list(self.model.parameters()) if self.model is not None else []
 
     def release(self) -> None:
-        """After the loss's backward: under FSDP2, free the teacher's gathered output head (`sdpo.models.reshard`)."""
+        """Under FSDP2, free the output head a no-grad forward left gathered (`sdpo.models.reshard`)."""
         if self.model is not None:
             reshard(self.model)
 
-    def owned_parameters(self) -> list[Tensor]:
-        """The tensors this teacher holds besides the policy's own (a full copy, an adapter, or nothing)."""
+
+class EMAWeights:
+    """The EMA teacher's weights: a full copy, or for a LoRA policy a second adapter (never the base weights)."""
+
+    def __init__(self, policy: nn.Module, copy_policy: Callable[[nn.Module], nn.Module], rate: float) -> None:
+        self.rate, self.lora = rate, is_peft_model(policy)
+        self.model: nn.Module | None = None if self.lora else copy_policy(policy)
+        self._pairs = add_ema_adapter(policy) if self.lora else {}  # name -> (EMA param, trained param)
+
+    def place(self, policy: nn.Module, prepare_copy: Callable[[nn.Module], nn.Module]) -> None:
+        """A full copy is placed like the policy; an adapter is paired again with the policy's parameters, which
+        FSDP2 replaced by shards (the update then pairs shards with shards)."""
         if self.model is not None:
-            return list(self.model.parameters())
-        return [teacher for teacher, _ in self._ema_pairs.values()]
+            self.model = prepare_copy(self.model)
+        if self._pairs:
+            self._pairs = ema_adapter_pairs(policy)
 
-    def _weights(self, policy: nn.Module, which: str) -> contextlib.AbstractContextManager[nn.Module]:
-        """A context that yields the module to run for `which` in {live, reference, teacher}."""
-        if which == "live":
-            return contextlib.nullcontext(policy)
+    def use(self, policy: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
+        return contextlib.nullcontext(self.model) if self.model is not None else active_adapter(policy, EMA_ADAPTER)
+
+    def parameters(self) -> list[Tensor]:
+        return list(self.model.parameters()) if self.model is not None else [t for t, _ in self._pairs.values()]
+
+    def release(self) -> None:
         if self.model is not None:
-            return contextlib.nullcontext(self.model)
-        assert self.lora, f"teacher kind {self.kind!r} has no weights of its own"
-        if which == "teacher" and self.kind == "ema":
-            return active_adapter(policy, EMA_ADAPTER)
-        return base_weights(policy)
-
-    def _sources(self) -> list[tuple[str, float]]:
-        if self.kind == "live":
-            return [("live", 1.0)]
-        if self.kind == "trust_region":
-            mix = self.config.trust_region_mix
-            return [("reference", 1.0 - mix), ("live", mix)]
-        return [("teacher" if self.kind == "ema" else "reference", 1.0)]
-
-    @torch.no_grad()
-    def hidden_states(self, policy: nn.Module, inputs: ModelInputs) -> TeacherHidden:
-        hidden, heads, weights = [], [], []
-        for which, weight in self._sources():
-            if weight == 0.0:
-                continue
-            with self._weights(policy, which) as model, eval_mode(model):
-                hidden.append(response_hidden_states(model, inputs).detach())
-                # The output head is never adapted (LoRAConfig forbids it), so it is the same outside the context.
-                heads.append(output_head(model))
-            weights.append(weight)
-        return TeacherHidden(hidden, heads, weights)
+            reshard(self.model)
 
     @torch.no_grad()
     def update(self, policy: nn.Module) -> None:
-        """EMA step; call after each optimizer step whose grad norm was finite.
-
-        Sharded teacher and policy are partitioned alike, so each rank lerps the part it holds (`local_part`).
-        """
-        if self.kind != "ema" or self.config.update_rate == 0.0:
+        """Sharded teacher and policy are partitioned alike, so each rank lerps the part it holds (`lerp_`)."""
+        if self.rate == 0.0:
             return
-        tau = self.config.update_rate
-        if self.lora:
-            pairs = list(self._ema_pairs.values())
-        else:
-            assert self.model is not None
-            pairs = list(zip(self.model.parameters(), policy.parameters(), strict=True))
+        pairs = list(self._pairs.values()) if self.lora else list(zip(self.parameters(), policy.parameters(), strict=True))
         for teacher_param, policy_param in pairs:
-            lerp_(teacher_param, policy_param, tau)
+            lerp_(teacher_param, policy_param, self.rate)
 
     def state_dict(self) -> dict[str, Tensor]:
-        """What a checkpoint must keep: only the EMA teacher moves (frozen weights are the initial ones)."""
-        if self.kind != "ema":
-            return {}
         if self.lora:
-            return {name: whole(t) for name, (t, _) in self._ema_pairs.items()}  # sharded: gathered, on every rank
-        assert self.model is not None
+            return {name: whole(t) for name, (t, _) in self._pairs.items()}  # sharded: gathered, on every rank
         return full_state_dict(self.model)  # sharded: a collective, every rank calls it
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        if not state:
-            return
-        if self.lora:
-            if set(state) != set(self._ema_pairs):
-                mismatch = sorted(set(state) ^ set(self._ema_pairs))[:3]
-                raise RuntimeError(f"the checkpoint's EMA adapter does not match the model's: {mismatch}")
-            for name, (teacher_param, _) in self._ema_pairs.items():
-                copy_whole_into(teacher_param, state[name])
-        elif self.model is not None:
+        if not self.lora:
             load_full_state_dict(self.model, state)
+            return
+        if set(state) != set(self._pairs):
+            raise RuntimeError(f"the checkpoint's EMA adapter does not match the model's: {sorted(set(state) ^ set(self._pairs))[:3]}")
+        for name, (teacher_param, _) in self._pairs.items():
+            copy_whole_into(teacher_param, state[name])
 
 
-def teacher_prompt_ids(
-    reprompts: Sequence[Reprompt],
-    student_prompt_ids: Sequence[list[int]],
-    tokenizer: PreTrainedTokenizerBase,
-    config: RepromptConfig,
-    chat_template_kwargs: Mapping[str, Any] | None = None,
-) -> list[list[int]]:
-    """Render each reprompt with the chat template (and `model.chat_template_kwargs`), fitting it into
-    `max_reprompt_len` tokens.
+# kind -> the weights whose logits the teacher mixes: [(source, weight)], sources "live", "initial" and "ema".
+TeacherKind = Callable[[TeacherConfig], list[tuple[str, float]]]
+TEACHER_KINDS: Registry[TeacherKind] = Registry("teacher kind")
+TEACHER_KINDS.register("live")(lambda config: [("live", 1.0)])
+TEACHER_KINDS.register("frozen")(lambda config: [("initial", 1.0)])
+TEACHER_KINDS.register("ema")(lambda config: [("ema", 1.0)])
+TEACHER_KINDS.register("trust_region")(
+    lambda config: [("initial", 1.0 - config.trust_region_mix), ("live", config.trust_region_mix)])
 
-    Only the demonstration and the feedback are shortened; the question, the instruction and the assistant header
-    stay intact. Rollouts without a signal keep their student prompt (their distillation loss is masked anyway).
-    """
 
-    def encode(text: str) -> list[int]:
-        return tokenizer.encode(text, add_special_tokens=False)
+@dataclass
+class TeacherFeatures:
+    """Teacher logits = sum_i weights[i] * features[i].head(features[i].values_BRX), detached."""
 
-    def decode(ids: list[int]) -> str:
-        return tokenizer.decode(ids)
+    features: list[ResponseFeatures]
+    weights: list[float]
 
-    out = []
-    for reprompt, student_ids in zip(reprompts, student_prompt_ids, strict=True):
-        if not reprompt.has_signal:
-            out.append(list(student_ids))
-            continue
-        ids = render_chat(tokenizer, reprompt.messages(config), chat_template_kwargs)
-        if len(ids) > config.max_reprompt_len:
-            empty = {
-                "solution": None if reprompt.solution is None else "",
-                "feedback": None if reprompt.feedback is None else "",
-            }
-            empty_ids = render_chat(tokenizer, reprompt.messages(config, **empty), chat_template_kwargs)
-            budget = config.max_reprompt_len - len(empty_ids)
-            # Token boundaries can merge differently once the bodies are cut and re-rendered: tighten and retry.
-            for _ in range(4):
-                solution, feedback = fit_bodies(reprompt.solution, reprompt.feedback, budget, encode, decode)
-                ids = render_chat(tokenizer, reprompt.messages(config, solution, feedback), chat_template_kwargs)
-                if len(ids) <= config.max_reprompt_len:
-                    break
-                budget -= len(ids) - config.max_reprompt_len
-        out.append(ids)
-    return out
+    def chunk_kwargs(self) -> dict[str, Any]:
+        """The teacher arguments of `sdpo.losses.chunked_response_terms`."""
+        return {"teacher_features": [f.values_BRX for f in self.features],
+                "teacher_heads": [f.head for f in self.features], "teacher_weights": self.weights}
+
+    def scattered(self, rows: Tensor, num_rows: int, width: int) -> TeacherFeatures:
+        """Features of a row selection put back at `rows` of a [num_rows, width] batch (zeros elsewhere)."""
+        out = []
+        for f in self.features:
+            full = f.values_BRX.new_zeros(num_rows, width, f.values_BRX.shape[-1])
+            full[rows.to(full.device), : f.values_BRX.shape[1]] = f.values_BRX
+            out.append(ResponseFeatures(full, f.head, f.are_logits))
+        return TeacherFeatures(out, self.weights)
+
+
+class Teacher:
+    """`copy_policy`: how to take a frozen copy of the policy before it is prepared (`frozen_copy` unless the policy is
+    partitioned at load time, as under DeepSpeed ZeRO-3; see `sdpo.distributed.Distributed.frozen_copy`)."""
+
+    def __init__(self, config: TeacherConfig, policy: nn.Module,
+                 copy_policy: Callable[[nn.Module], nn.Module] = frozen_copy) -> None:
+        self.config, self.kind = config, config.kind
+        sources = TEACHER_KINDS.get(config.kind)(config)
+        needed = {source for source, _ in sources}
+        self.initial = InitialWeights(policy, copy_policy) if "initial" in needed else None
+        self.ema = EMAWeights(policy, copy_policy, config.update_rate) if "ema" in needed else None
+        self._sources = [(source, weight) for source, weight in sources if weight != 0.0]
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The teacher's own full copy of the weights (EMA or initial), or None (live, LoRA)."""
+        stores = [s for s in (self.ema, self.initial) if s is not None and s.model is not None]
+        return stores[0].model if stores else None
+
+    def _stores(self) -> list[InitialWeights | EMAWeights]:
+        return [s for s in (self.initial, self.ema) if s is not None]
+
+    def place(self, policy: nn.Module, prepare_copy: Callable[[nn.Module], nn.Module]) -> None:
+        """After the policy is prepared: put the teacher's weights where the prepared policy lives (`prepare_copy`:
+        a device, FSDP2 shards, or a DeepSpeed ZeRO-3 engine). Copies are taken before, since a sharded module
+        cannot be copied."""
+        for store in self._stores():
+            store.place(policy, prepare_copy)
+
+    def release(self) -> None:
+        """After the loss's backward: under FSDP2, free the teacher's gathered output head."""
+        for store in self._stores():
+            store.release()
+
+    def owned_parameters(self) -> list[Tensor]:
+        """The tensors this teacher holds besides the policy's own (a full copy, an adapter, or nothing)."""
+        return [p for store in self._stores() for p in store.parameters()]
+
+    def _weights(self, policy: nn.Module, source: str) -> contextlib.AbstractContextManager[nn.Module]:
+        if source == "live":
+            return contextlib.nullcontext(policy)
+        return {"initial": self.initial, "ema": self.ema}[source].use(policy)
+
+    @torch.no_grad()
+    def features(self, policy: nn.Module, inputs: ModelInputs) -> TeacherFeatures:
+        """The teacher's features of the response tokens under the reprompt (`inputs`), one entry per source."""
+        features, weights = [], []
+        for source, weight in self._sources:
+            with self._weights(policy, source) as model, eval_mode(model):
+                features.append(response_features(model, inputs).detach())
+            weights.append(weight)
+        return TeacherFeatures(features, weights)
+
+    def update(self, policy: nn.Module) -> None:
+        """EMA step; call after each optimizer step whose grad norm was finite."""
+        if self.ema is not None:
+            self.ema.update(policy)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """What a checkpoint must keep: only the EMA teacher moves (frozen weights are the initial ones)."""
+        return self.ema.state_dict() if self.ema is not None else {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if state and self.ema is not None:
+            self.ema.load_state_dict(state)
+
+    # -- scoring
+
+    def check_engine(self, engine: Any) -> None:
+        if self.config.scorer == "engine" and not engine.scores_teacher:
+            raise ValueError(f"algorithm.teacher.scorer=engine: the {type(engine).__name__} engine cannot score "
+                             "the teacher (use rollout=vllm, or algorithm.teacher.scorer=trainer)")
+
+    def score_with_engine(self, batch: RolloutBatch, engine: Any) -> None:
+        """scorer=engine: log q(y_t) under the reprompt for the rows with a signal (0 elsewhere), before the update."""
+        if self.config.scorer != "engine":
+            return
+        rows = batch.distill_mask_B.nonzero().flatten().tolist()
+        batch.teacher_logp_BR = torch.zeros(len(batch), batch.response_width)
+        if rows:
+            scores = engine.score_teacher([batch.teacher_prompt_ids[i] for i in rows], [batch.response_ids[i] for i in rows])
+            batch.teacher_logp_BR[rows, : scores.token_logp_BR.shape[1]] = scores.token_logp_BR
+
+    def micro_batch_features(self, policy: nn.Module, micro: RolloutBatch, pad_id: int, device: torch.device,
+                             any_rank: Callable[[bool], bool]) -> TeacherFeatures | None:
+        """scorer=trainer: the teacher forward for the micro-batch's rows with a distillation signal (zeros elsewhere:
+        those rows are masked), or None when no rank needs one (`any_rank`: sharded, the forward is a collective)."""
+        if self.config.scorer != "trainer" or not any_rank(bool(micro.distill_mask_B.any())):
+            return None
+        rows = micro.distill_mask_B.nonzero().flatten()
+        if len(rows) == 0:  # sharded, another rank needs the teacher: join its forward with a stand-in row (masked)
+            rows = torch.zeros(1, dtype=torch.long)
+        features = self.features(policy, micro.select(rows).teacher_inputs(pad_id).to(device))
+        return features.scattered(rows, len(micro), micro.response_width)
+
+    @staticmethod
+    def token_logp(micro: RolloutBatch, terms: dict[str, Tensor], distill_mask_BR: Tensor) -> Tensor | None:
+        """log q(y_t): from the trainer's teacher forward (`terms`) or the engine's scores; None: nothing scored."""
+        if "teacher_logp" in terms:
+            return terms["teacher_logp"].float()
+        if micro.teacher_logp_BR is not None and distill_mask_BR.any():
+            return micro.teacher_logp_BR.to(distill_mask_BR.device)[:, : distill_mask_BR.shape[1]]
+        return None
