@@ -174,3 +174,17 @@ def summary(run_dir: str | Path, log_file: str | Path | None = None) -> str:
     if log_file:
         where.append(f"log {log_file}")
     return f"done: {steps} step{'s' if steps != 1 else ''}; {accuracy}\n" + " · ".join(where)
+
+
+def progress_postfix(metrics: dict[str, Any], shown: dict[str, str]) -> dict[str, str]:
+    """The progress bar's fields after a step: its reward, the latest held-out accuracy (kept between evaluations)
+    and the step's own wall time. `shown` carries the fields over from step to step."""
+    if "reward/mean" in metrics:
+        shown["reward"] = f"{metrics['reward/mean']:.3f}"
+    key = _eval_key([metrics])
+    if key is not None:
+        shown["held-out"] = f"{metrics[key]:.3f}"
+    seconds = sum(v for k, v in metrics.items() if k.startswith("time/"))
+    if seconds:
+        shown["step"] = f"{seconds:.1f}s"
+    return shown

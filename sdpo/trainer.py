@@ -38,6 +38,7 @@ from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_
 from sdpo import checkpoint as ckpt
 from sdpo.batch import RolloutBatch, pad_right
 from sdpo.config import SDPOConfig
+from sdpo.console import progress_postfix
 from sdpo.distributed import Distributed
 from sdpo.envs import Environment, Problem, build_environment
 from sdpo.envs.sampler import QuestionSampler
@@ -128,6 +129,7 @@ class SDPOTrainer:
         if cfg.eval.every and cfg.eval.at_start and self.step == 0:
             self.tracker.log(self.evaluate(), self.step)
         metrics: dict[str, float] = {}
+        shown: dict[str, str] = {}  # the progress bar's fields
         while self.step < cfg.trainer.total_steps:
             result = self.training_step()
             metrics = result.metrics
@@ -136,7 +138,7 @@ class SDPOTrainer:
                 metrics.update(self.evaluate())
             self.tracker.log(metrics, self.step)
             bar.update(1)
-            bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in metrics.items() if k in ("reward/mean", "eval/avg@" + str(cfg.eval.samples_per_question))})
+            bar.set_postfix(progress_postfix(metrics, shown))
             if cfg.trainer.save_every and self.step % cfg.trainer.save_every == 0:
                 self.save()
         bar.close()
