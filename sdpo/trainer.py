@@ -42,8 +42,9 @@ from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_
 from sdpo import checkpoint as ckpt
 from sdpo.batch import RolloutBatch, pad_right
 from sdpo.config import SDPOConfig
-from sdpo.envs import Environment, Problem, build_environment
+from sdpo.envs import Environment, Problem
 from sdpo.evaluation import evaluate
+from sdpo.inputs import resolve_inputs
 from sdpo.losses import (
     aggregate,
     chunked_response_terms,
@@ -57,8 +58,7 @@ from sdpo.losses import (
     truncated_is_weights,
 )
 from sdpo.models import (
-    DTYPES, load_model, load_tokenizer, output_head, render_chat, reshard, resolve_checkpoint, response_hidden_states,
-    unwrap,
+    DTYPES, load_model, output_head, render_chat, reshard, response_hidden_states, unwrap,
 )
 from sdpo.rollout import RolloutEngine, SamplingSettings, build_engine
 from sdpo.sharding import full_state_dict
@@ -125,10 +125,17 @@ class MetricSums:
 
 
 class SDPOTrainer:
-    """`env` and `engine` replace the ones the config would build (a researcher's own objects, scripted tests)."""
+    """`config` (or the defaults) with `overrides`; a model, datasets and reward functions of one's own
+    (sdpo/inputs.py, docs/own_data.md). `env` and `engine` replace the ones the config would build (a researcher's
+    own objects, scripted tests)."""
 
-    def __init__(self, config: SDPOConfig, env: Environment | None = None, engine: RolloutEngine | None = None) -> None:
-        self.config = config
+    def __init__(self, config: SDPOConfig | None = None, *, model: Any = None, tokenizer: Any = None,
+                 train_dataset: Any = None, eval_dataset: Any = None, reward_funcs: Any = None,
+                 overrides: list[str] | None = None, env: Environment | None = None,
+                 engine: RolloutEngine | None = None) -> None:
+        inputs = resolve_inputs(config, model=model, tokenizer=tokenizer, train_dataset=train_dataset,
+                                eval_dataset=eval_dataset, reward_funcs=reward_funcs, overrides=overrides, env=env)
+        self.config = config = inputs.config
         tcfg, acfg = config.trainer, config.algorithm
         # Launched with torchrun on a machine without GPUs: Accelerate needs `cpu` to set up gloo (not under
         # DeepSpeed, which `cpu` would switch off).
@@ -164,9 +171,7 @@ class SDPOTrainer:
             log.warning("trainer.resume=auto without trainer.output_dir looks in a fresh timestamped directory")
 
         # -- environment and data
-        self.env = env or build_environment(config.env)
-        self.model_path = resolve_checkpoint(config.model)
-        self.tokenizer = load_tokenizer(self.model_path)
+        self.env, self.model_path, self.tokenizer = inputs.env, inputs.model_path, inputs.tokenizer
         self.train_problems = self._renderable(self.env.load(config.env.train_split))
         self.eval_problems = self._renderable(self.env.load(config.env.eval_split))[: config.eval.num_questions]
         self.sampler = QuestionSampler(len(self.train_problems), tcfg.seed)
@@ -174,7 +179,7 @@ class SDPOTrainer:
         # -- policy, teacher, reference (with LoRA: the adapter disabled, never a copy), optimizer, schedule
         if self.deepspeed:
             self._configure_deepspeed()
-        model = load_model(config.model, self.model_path)
+        model = inputs.load_policy()
         # Copies of the policy are taken before `prepare`: FSDP2 cannot copy a sharded module, so they are sharded
         # the same way afterwards (`_place_copy`).
         self.teacher = Teacher(acfg.teacher, model, self._frozen_copy) if acfg.uses_teacher else None
