@@ -251,6 +251,24 @@ def test_feedback_and_exceptions_reach_the_teachers_reprompt(tmp_path):
     assert any("JUDGE-CRASHED" in f for f in batch.feedback) == any(len(t) % 3 == 0 for t in batch.response_text)
 
 
+def test_a_config_from_the_command_line_trains_and_evaluates_on_a_held_out_slice(tmp_path):
+    path = write_rows(tmp_path / "data.jsonl", ROWS)
+    config = load_config(["env=dataset", f"env.path={path}", "env.train_split='train[:4]'", "env.eval_split='train[4:]'",
+                          "env.rewards=[own_rewards:contains_word]", *overrides(tmp_path, "eval.every=1",
+                                                                                  "eval.samples_per_question=2")])
+    trainer = SDPOTrainer(config)
+    assert [p.id for p in trainer.eval_problems] == ["train[4:]/0", "train[4:]/1"]
+    metrics = trainer.train()
+    assert "eval/avg@2" in metrics and "reward/mean" in metrics
+
+
+def test_no_held_out_problems_give_no_eval_metrics():
+    from sdpo.evaluation import evaluate
+    from sdpo.rollout.base import SamplingSettings
+
+    assert evaluate(None, env_over(Dataset.from_list(ROWS)), [], lambda p: [1], SamplingSettings(n=2)).metrics == {}
+
+
 def test_model_object_and_path_give_the_same_trainer(tmp_path, tiny_path):
     from transformers import AutoModelForCausalLM
 

@@ -6,7 +6,7 @@
 Data: `env.path` is a .json / .jsonl / .parquet / .csv file (compressed too), a folder of such files (splits from
 the file names, as `datasets` infers them) or a dataset saved with `save_to_disk`; or a `datasets.Dataset` handed to
 the trainer. `env.train_split` / `env.eval_split` are split names of that dataset, with `datasets`' slicing for
-files (`env.train_split=train[:90%] env.eval_split=train[90%:]`); `env.eval_path` points the eval split elsewhere.
+files (`"env.train_split='train[:90%]'" "env.eval_split='train[90%:]'"`); `env.eval_path` points the eval split elsewhere.
 A single file has one split, "train": without an eval split or `env.eval_path` there is no held-out set.
 
 Prompts: the prompt column holds text (it becomes the user message, after `env.system_prompt` when set) or a chat
