@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 import dataclasses
 from dataclasses import dataclass
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,6 @@ from sdpo.config import ConfigError, SDPOConfig
 from sdpo.envs import Environment, build_environment
 from sdpo.envs.dataset import DatasetEnv, DatasetEnvConfig
 from sdpo.envs.rewards import qualified_name, resolve_reward
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -101,7 +98,8 @@ def _model_source(config: SDPOConfig, model: Any) -> tuple[Path | None, Any]:
             config.model = dataclasses.replace(config.model, name_or_path=str(model))
         return resolve_checkpoint(config.model), None
     if not hasattr(model, "config") or not hasattr(model, "generate"):
-        raise TypeError(f"model= takes a path, a transformers PreTrainedModel or a PEFT model, not {type(model).__name__}")
+        raise TypeError(f"model= takes a path, a transformers PreTrainedModel or a PEFT model, not "
+                        f"{type(model).__name__}")
     if is_peft_model(model):
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("the PEFT model has no trainable parameters: load its adapter with "
@@ -145,14 +143,5 @@ def _dataset_env(config: SDPOConfig, train_dataset: Any, eval_dataset: Any, rewa
         given = [reward_funcs] if callable(reward_funcs) or isinstance(reward_funcs, str) else list(reward_funcs)
         funcs = [resolve_reward(f, env_cfg.answer_column) if isinstance(f, str) else f for f in given]
         env_cfg.rewards = [f if isinstance(f, str) else qualified_name(f) for f in given]  # a record, for config.yaml
-    has_eval = eval_dataset is not None or env_cfg.eval_path is not None or (
-        train_dataset is not None and not _is_single(train_dataset)) or (train_dataset is None and env_cfg.path)
-    if config.eval.every and not has_eval:
-        log.info("no eval_dataset: validation during training is off (eval.every=0)")
-        config.eval = dataclasses.replace(config.eval, every=0)
     return DatasetEnv(env_cfg, train_dataset=train_dataset, eval_dataset=eval_dataset, reward_funcs=funcs)
 
-
-def _is_single(dataset: Any) -> bool:
-    """A Dataset or a list of rows (training data only), as opposed to a dict of splits."""
-    return isinstance(dataset, list) or not hasattr(dataset, "keys")

@@ -109,6 +109,8 @@ def test_unknown_reward_name_lists_the_builtins():
         env_over(path="x.jsonl", reward_funcs=(), rewards=["exact_matsh"])
     with pytest.raises(ConfigError, match="cannot import module 'no_such_module'"):
         env_over(path="x.jsonl", reward_funcs=(), rewards=["no_such_module:f"])
+    with pytest.raises(ConfigError, match="no reward function"):
+        env_over(Dataset.from_list(ROWS), reward_funcs=()).load("train")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from sdpo.config import EnvConfig
+from sdpo.config import ConfigError, EnvConfig
 from sdpo.envs.base import ENVIRONMENTS, DataError, Environment, Problem, Score
 from sdpo.envs.rewards import RewardFunction, Rewards, resolve_reward, why_not_in_processes
 
@@ -65,8 +65,9 @@ class DatasetEnv(Environment):
                  reward_funcs: list[RewardFunction] | None = None) -> None:
         super().__init__(config)
         self._given = {"train": train_dataset, "eval": eval_dataset}
-        funcs = reward_funcs if reward_funcs is not None else [resolve_reward(n, config.answer_column) for n in config.rewards]
-        self.rewards = Rewards(funcs, config.reward_weights)
+        if reward_funcs is None:
+            reward_funcs = [resolve_reward(name, config.answer_column) for name in config.rewards]
+        self.rewards = Rewards(reward_funcs, config.reward_weights)
         reason = why_not_in_processes(self.rewards.funcs)
         self.scoring_mode = "process" if reason is None else "thread"
         if reason is not None:
@@ -83,6 +84,9 @@ class DatasetEnv(Environment):
 
     def load(self, split: str) -> list[Problem]:
         cfg: DatasetEnvConfig = self.config  # type: ignore[assignment]
+        if not self.rewards.funcs:  # checked here, at the start of training, so that an env without them still builds
+            raise ConfigError("env=dataset has no reward function: pass reward_funcs=[...] to SDPOTrainer or set "
+                              "env.rewards (e.g. [math_verify], [exact_match] or [my_module:my_reward])")
         is_eval = split == cfg.eval_split and split != cfg.train_split
         dataset, where = self._split(split, is_eval)
         if dataset is None:

@@ -162,7 +162,8 @@ def _as_score(value: Any, name: str) -> Score:
         return value
     if value is None or isinstance(value, numbers.Real):
         return Score(0.0 if value is None else float(value))
-    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], numbers.Real | None) and isinstance(value[1], str | None):
+    if (isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], numbers.Real | None)
+            and isinstance(value[1], str | None)):
         return Score(0.0 if value[0] is None else float(value[0]), value[1] or "")
     raise TypeError(f"reward function {name} returned {value!r}: expected a number, None, a (reward, feedback) "
                     "tuple or an sdpo.Score")
@@ -172,9 +173,6 @@ class Rewards:
     """Several reward functions with weights, scoring one completion at a time. Picklable when its functions are."""
 
     def __init__(self, funcs: Sequence[RewardFunction], weights: Sequence[float] | None = None) -> None:
-        if not funcs:
-            raise ConfigError("no reward function: pass reward_funcs=[...] or set env.rewards (e.g. "
-                              "[math_verify], [exact_match] or [my_module:my_reward])")
         weights = [1.0] * len(funcs) if weights is None else list(weights)
         if len(weights) != len(funcs):
             raise ConfigError(f"env.reward_weights has {len(weights)} entries for {len(funcs)} reward functions")
