@@ -81,8 +81,9 @@ def test_in_memory_forms_and_chat_prompts():
     chat = [{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": r["prompt"]}],
              "word": r["word"]} for r in ROWS]
     for given in (Dataset.from_list(chat), chat, DatasetDict({"train": Dataset.from_list(chat)})):
-        problems = env_over(given).load("train")
-        assert problems[0].messages == chat[0]["prompt"]
+        env = env_over(given)
+        assert env.load("train")[0].messages == chat[0]["prompt"]
+        assert env.load("test") == []  # training data only: no held-out split
     # A chat prompt gets a chat completion (TRL's convention), text gets text.
     seen = []
     env = env_over(Dataset.from_list(chat), reward_funcs=[lambda prompts, completions, **kw: seen.append(completions) or [1.0]])
@@ -102,6 +103,15 @@ def test_command_line_dataset_env_with_a_builtin_and_a_module_reward(tmp_path):
     assert scores[0].reward == 3.0 and scores[0].feedback == ""
     assert scores[1].reward == 0.0
     assert "exact answer only" in scores[1].feedback and "'river'" in scores[1].feedback
+
+
+def test_builtin_math_verify_checks_equivalence_and_says_when_no_answer_is_found():
+    rows = [{"prompt": "What is 1/2 + 1/4?", "solution": "\\frac{3}{4}"}]
+    env = DatasetEnv(DatasetEnvConfig(rewards=["math_verify"], answer_column="solution"), train_dataset=rows)
+    problem = env.load("train")[0]
+    assert env.score(problem, "So it is $\\boxed{0.75}$.").reward == 1.0
+    assert env.score(problem, "$\\boxed{\\frac{2}{3}}$").reward == 0.0
+    assert "No final answer found" in env.score(problem, "I do not know.").feedback
 
 
 def test_unknown_reward_name_lists_the_builtins():

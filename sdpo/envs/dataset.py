@@ -163,11 +163,12 @@ def chat_messages(prompt: Any, system_prompt: str | None, where: str, line: int,
 
 
 def _given_split(given: Any, split: str, is_eval: bool, where: str) -> Any:
-    """A handed-in dataset: a `Dataset` is the split itself; a `DatasetDict` (or dict) is looked up by name."""
+    """A handed-in dataset: a `Dataset` (or a list of rows) is the split itself; a `DatasetDict` (or dict) is looked
+    up by name."""
     from datasets import Dataset
 
     if isinstance(given, list):
-        return Dataset.from_list(given)
+        given = Dataset.from_list(given)
     if isinstance(given, Dataset):
         if is_eval and where == "train_dataset":
             return None  # one Dataset is the training data only
