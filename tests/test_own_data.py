@@ -310,7 +310,8 @@ def test_peft_model_trains_its_adapter_and_the_teacher_uses_it(tmp_path, tiny_pa
     trainer = SDPOTrainer(model=model, train_dataset=Dataset.from_list(ROWS), reward_funcs=[contains_word],
                           overrides=overrides(tmp_path, "algorithm.teacher.kind=ema"))
     assert trainer.config.model.lora.enabled
-    assert trainer.teacher.model is None or trainer.teacher.model is not model  # no full copy of the weights
+    # No full copy of the weights: the EMA teacher is a second adapter on the handed-in model.
+    assert trainer.teacher.model is None and "sdpo_ema" in model.peft_config
     lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad and "lora" not in n}
     trainer.training_step()
