@@ -72,7 +72,7 @@ def summarize(run_dir: Path, seconds: float | None) -> None:
                      f"{step_time(r):.0f} |")
     text = f"""# The own-data example on SmolLM2-135M-Instruct
 
-Date: {time.strftime('%Y-%m-%d')}. Machine: {describe()}; shared with other jobs during the run (load average 8-11
+Date: {time.strftime('%Y-%m-%d')}. Machine: {describe()}; shared with other jobs during the run (load average 8-14
 on 2 cores), so the step times are not a speed measurement.
 Command: `python benchmarks/own_data_example.py` (executes examples/own_data.ipynb in place with nbclient, its
 default parameters: SmolLM2-135M-Instruct, 6 steps, held-out avg@4 every 3; the committed notebook holds this run's outputs).
