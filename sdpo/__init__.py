@@ -3,6 +3,9 @@
     from sdpo import SDPOTrainer, load_config
     trainer = SDPOTrainer(load_config(["model=tiny", "trainer.total_steps=2"]))
     trainer.train()
+
+    # or a model, data and reward of one's own (docs/own_data.md)
+    trainer = SDPOTrainer(model="tiny", train_dataset=Dataset.from_list(rows), reward_funcs=[my_reward])
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from sdpo.config import SDPOConfig
+    from sdpo.envs.base import Score
     from sdpo.hydra_config import load_config
     from sdpo.trainer import SDPOTrainer
 
@@ -31,7 +35,11 @@ def __getattr__(name: str) -> Any:
         from sdpo.config import SDPOConfig
 
         return SDPOConfig
+    if name == "Score":  # what a reward function may return per completion: reward, feedback, info
+        from sdpo.envs.base import Score
+
+        return Score
     raise AttributeError(f"module 'sdpo' has no attribute {name!r}")
 
 
-__all__ = ["SDPOConfig", "SDPOTrainer", "__version__", "load_config"]
+__all__ = ["SDPOConfig", "SDPOTrainer", "Score", "__version__", "load_config"]

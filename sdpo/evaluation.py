@@ -54,7 +54,11 @@ def evaluate(
     success_threshold: float = 1.0,
     prefix: str = "eval",
 ) -> EvalResult:
-    """Sample `sampling.n` responses per problem and report avg@n, pass@k for each k <= n, maj@n, response length."""
+    """Sample `sampling.n` responses per problem and report avg@n, pass@k for each k <= n, maj@n, response length.
+
+    No problems (a dataset without held-out data): no metrics, rather than zeros that read as a score."""
+    if not problems:
+        return EvalResult({}, [])
     completions = engine.generate([render(p) for p in problems], sampling)
     n = sampling.n
     flat_problems = [problems[c.prompt_index] for c in completions]

@@ -153,10 +153,19 @@ def load_model(config: ModelConfig, path: str | Path | None = None) -> PreTraine
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=DTYPES[config.dtype], attn_implementation=config.attn_implementation
     )
+    return prepare_policy(model, config)
+
+
+def prepare_policy(model: PreTrainedModel, config: ModelConfig) -> PreTrainedModel:
+    """What the policy gets after loading, whether the trainer loaded it or a researcher passed it in: the
+    master-weight dtype, gradient checkpointing, and LoRA adapters when `model.lora.enabled` (a PEFT model keeps
+    the adapters it has)."""
+    if model.dtype != DTYPES[config.dtype]:  # only then: a no-op `.to` still touches every (ZeRO-3) parameter
+        model = model.to(DTYPES[config.dtype])
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    if config.lora.enabled:
+    if config.lora.enabled and not is_peft_model(model):
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(

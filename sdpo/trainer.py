@@ -27,6 +27,7 @@ import contextlib
 from dataclasses import dataclass, replace
 import logging
 from pathlib import Path
+from typing import Any
 
 from accelerate.utils import set_seed
 from omegaconf import OmegaConf
@@ -40,12 +41,13 @@ from sdpo.batch import RolloutBatch, pad_right
 from sdpo.config import SDPOConfig
 from sdpo.console import progress_postfix
 from sdpo.distributed import Distributed
-from sdpo.envs import Environment, Problem, build_environment
+from sdpo.envs import Environment, Problem
 from sdpo.envs.sampler import QuestionSampler
 from sdpo.evaluation import evaluate
+from sdpo.inputs import resolve_inputs
 from sdpo.losses import chunked_response_terms, group_advantages
 from sdpo.losses.objective import MetricSums, StepCounts, TokenInputs, objective
-from sdpo.models import DTYPES, load_model, load_tokenizer, render_chat, reshard, resolve_checkpoint, response_features, unwrap
+from sdpo.models import DTYPES, load_model, render_chat, reshard, response_features, unwrap
 from sdpo.precision import resolve_precision, use_all_cores
 from sdpo.rollout import RolloutEngine, SamplingSettings, build_engine
 from sdpo.teacher import InitialWeights, Teacher, group_reprompts, reprompt_stats, teacher_prompt_ids
@@ -65,10 +67,17 @@ def _on(tensor: Tensor | None, device: torch.device) -> Tensor | None:
 
 
 class SDPOTrainer:
-    """`env` and `engine` replace the ones the config would build (a researcher's own objects, scripted tests)."""
+    """`config` (or the defaults) with `overrides`; a model, datasets and reward functions of one's own
+    (sdpo/inputs.py, docs/own_data.md). `env` and `engine` replace the ones the config would build (a researcher's
+    own objects, scripted tests)."""
 
-    def __init__(self, config: SDPOConfig, env: Environment | None = None, engine: RolloutEngine | None = None) -> None:
-        self.config = config
+    def __init__(self, config: SDPOConfig | None = None, *, model: Any = None, tokenizer: Any = None,
+                 train_dataset: Any = None, eval_dataset: Any = None, reward_funcs: Any = None,
+                 overrides: list[str] | None = None, env: Environment | None = None,
+                 engine: RolloutEngine | None = None) -> None:
+        inputs = resolve_inputs(config, model=model, tokenizer=tokenizer, train_dataset=train_dataset,
+                                eval_dataset=eval_dataset, reward_funcs=reward_funcs, overrides=overrides, env=env)
+        self.config = config = inputs.config
         resolve_precision(config)  # `auto` dtypes -> what this machine runs natively (saved in config.yaml)
         tcfg, acfg = config.trainer, config.algorithm
         self.dist = Distributed(tcfg)  # the launch: processes and how the policy is spread over them
@@ -79,16 +88,14 @@ class SDPOTrainer:
         self.run_dir = Path(self.dist.shared_value(tcfg.output_dir))  # one directory for every process
 
         # -- environment and data
-        self.env = env or build_environment(config.env)
-        self.model_path = resolve_checkpoint(config.model)
-        self.tokenizer = load_tokenizer(self.model_path)
+        self.env, self.model_path, self.tokenizer = inputs.env, inputs.model_path, inputs.tokenizer
         self.train_problems = self._renderable(self.env.load(config.env.train_split))
         self.eval_problems = self._renderable(self.env.load(config.env.eval_split))[: config.eval.num_questions]
         self.sampler = QuestionSampler(len(self.train_problems), tcfg.seed)
 
         # -- policy, teacher, KL reference (with LoRA: the adapter disabled, never a copy), optimizer, schedule.
         # Copies of the policy are taken before it is prepared (a prepared module may be split), then placed alike.
-        model = load_model(config.model, self.model_path)
+        model = inputs.load_policy()
         reload = lambda: load_model(replace(config.model, gradient_checkpointing=False), self.model_path)  # noqa: E731
         copy_policy = lambda policy: self.dist.frozen_copy(policy, reload)  # noqa: E731
         self.teacher = Teacher(acfg.teacher, model, copy_policy) if acfg.uses_teacher else None

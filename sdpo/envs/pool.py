@@ -65,6 +65,7 @@ def _score_here(env: Environment, problem: Problem, response: str, truncated: bo
     try:
         score = env.score(problem, response, truncated)
     except Exception as exc:  # noqa: BLE001 - a broken scorer must not kill training
+        log.warning("scoring %s raised:\n%s", problem.id, traceback.format_exc(limit=-5))
         score = env.failure_score(problem, f"{type(exc).__name__}: {exc}")
     score.info["score_s"] = time.monotonic() - start
     return score

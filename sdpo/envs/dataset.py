@@ -1,0 +1,209 @@
+"""`env=dataset`: any local dataset, read through `datasets`, scored by reward functions in TRL's style.
+
+    python scripts/train.py env=dataset env.path=my_data.jsonl env.prompt_column=question env.rewards=[math_verify]
+    SDPOTrainer(train_dataset=Dataset.from_list(rows), reward_funcs=[my_reward])     # the same, from a notebook
+
+Data: `env.path` is a .json / .jsonl / .parquet / .csv file (compressed too), a folder of such files (splits from
+the file names, as `datasets` infers them) or a dataset saved with `save_to_disk`; or a `datasets.Dataset` handed to
+the trainer. `env.train_split` / `env.eval_split` are split names of that dataset, with `datasets`' slicing for
+files (`"env.train_split='train[:90%]'" "env.eval_split='train[90%:]'"`); `env.eval_path` points the eval split elsewhere.
+A single file has one split, "train": without an eval split or `env.eval_path` there is no held-out set.
+
+Prompts: the prompt column holds text (it becomes the user message, after `env.system_prompt` when set) or a chat
+(a list of {"role", "content"} messages). Every other column reaches the reward functions (sdpo/envs/rewards.py).
+A missing column fails at load time, naming the columns the dataset has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+import logging
+from pathlib import Path
+from typing import Any
+
+from sdpo.config import ConfigError, EnvConfig
+from sdpo.envs.base import ENVIRONMENTS, DataError, Environment, Problem, Score
+from sdpo.envs.rewards import RewardFunction, Rewards, resolve_reward, why_not_in_processes
+
+log = logging.getLogger(__name__)
+
+_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+_COMPRESSION = {".gz", ".bz2", ".xz", ".zst", ".zip"}
+_ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class DatasetEnvConfig(EnvConfig):
+    _target_: str = "sdpo.envs.dataset.DatasetEnv"
+    name: str = "dataset"
+    # A local file, folder or saved dataset (relative paths: from the working directory). None: the trainer's
+    # train_dataset= argument.
+    path: str | None = None
+    eval_path: str | None = None  # None: the eval split of `path`
+    prompt_column: str = "prompt"
+    id_column: str | None = None  # None: ids are "<split>/<row>"
+    system_prompt: str | None = None
+    # Reward functions: built-in names (math_verify, exact_match) or module:function; summed with reward_weights.
+    rewards: list[str] = field(default_factory=list)
+    reward_weights: list[float] | None = None
+    answer_column: str = "answer"  # what the built-in rewards compare with
+
+
+@ENVIRONMENTS.register("dataset")
+class DatasetEnv(Environment):
+    """Rows of a dataset as problems; the reward functions score one completion at a time.
+
+    `train_dataset` / `eval_dataset` (a `datasets.Dataset`, or a `DatasetDict` holding the configured splits) and
+    `reward_funcs` (callables) stand in for `config.path` / `config.eval_path` / `config.rewards`.
+    Picklable reward functions of importable modules run in killable worker processes; others (lambdas, closures,
+    notebook functions) in threads, which cannot be stopped after a timeout.
+    """
+
+    config_class = DatasetEnvConfig
+
+    def __init__(self, config: DatasetEnvConfig, train_dataset: Any = None, eval_dataset: Any = None,
+                 reward_funcs: list[RewardFunction] | None = None) -> None:
+        super().__init__(config)
+        self._given = {"train": train_dataset, "eval": eval_dataset}
+        if reward_funcs is None:
+            reward_funcs = [resolve_reward(name, config.answer_column) for name in config.rewards]
+        self.rewards = Rewards(reward_funcs, config.reward_weights)
+        reason = why_not_in_processes(self.rewards.funcs)
+        self.scoring_mode = "process" if reason is None else "thread"
+        if reason is not None:
+            log.warning("reward functions run in threads, not worker processes: %s. A thread cannot be stopped: a call "
+                        "that takes longer than env.score_timeout_s=%g s gives its sample reward 0 and keeps running in "
+                        "the background. Define the functions in an importable .py module to run them in worker "
+                        "processes, which are killed on a timeout.", reason, config.score_timeout_s)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Scoring workers need the reward functions, not the data.
+        return {**self.__dict__, "_given": {"train": None, "eval": None}}
+
+    # -- data
+
+    def load(self, split: str) -> list[Problem]:
+        cfg: DatasetEnvConfig = self.config  # type: ignore[assignment]
+        if not self.rewards.funcs:  # checked here, at the start of training, so that an env without them still builds
+            raise ConfigError("env=dataset has no reward function: pass reward_funcs=[...] to SDPOTrainer or set "
+                              "env.rewards (e.g. [math_verify], [exact_match] or [my_module:my_reward])")
+        is_eval = split == cfg.eval_split and split != cfg.train_split
+        dataset, where = self._split(split, is_eval)
+        if dataset is None:
+            # Expected when a notebook hands in training data only; worth a warning when a file lacks the split.
+            log.log(logging.INFO if where == "train_dataset" else logging.WARNING,
+                    "no held-out data: %s has no split %r; set env.eval_path, or env.eval_split (e.g. "
+                    "env.train_split='train[:90%%]' env.eval_split='train[90%%:]'), or pass eval_dataset=", where, split)
+            return []
+        self._check_columns(dataset.column_names, where)
+        problems = [self._problem(row, index, split, where) for index, row in enumerate(dataset)]
+        return problems[: cfg.max_eval_rows if is_eval else cfg.max_train_rows]
+
+    def _split(self, split: str, is_eval: bool) -> tuple[Any, str]:
+        """(the split as a `datasets.Dataset` or None when the source has no such split, a name for messages)."""
+        cfg: DatasetEnvConfig = self.config  # type: ignore[assignment]
+        if is_eval and self._given["eval"] is not None:
+            return _given_split(self._given["eval"], split, True, "eval_dataset"), "eval_dataset"
+        if is_eval and cfg.eval_path:
+            path = Path(cfg.eval_path).expanduser()
+            # A file has one split, "train": that is the held-out data when it has no split named eval_split.
+            dataset = read_split(path, split, required=False)
+            return (read_split(path, "train") if dataset is None else dataset), cfg.eval_path
+        if self._given["train"] is not None:
+            return _given_split(self._given["train"], split, is_eval, "train_dataset"), "train_dataset"
+        if cfg.path is None:
+            raise ValueError("env=dataset needs data: set env.path (a .jsonl/.json/.parquet/.csv file, a folder of "
+                             "them, or a save_to_disk folder) or pass train_dataset= to SDPOTrainer")
+        return read_split(Path(cfg.path).expanduser(), split, required=not is_eval), cfg.path
+
+    def _check_columns(self, columns: list[str], where: str) -> None:
+        cfg: DatasetEnvConfig = self.config  # type: ignore[assignment]
+        needed = {cfg.prompt_column: "env.prompt_column"}
+        if cfg.id_column:
+            needed[cfg.id_column] = "env.id_column"
+        for name, wanted in self.rewards.required_columns().items():
+            needed |= {c: f"reward function {name}" for c in wanted if c not in needed}
+        missing = [f"{c!r} (named by {who})" for c, who in needed.items() if c not in columns]
+        if missing:
+            raise ValueError(f"{where}: no column {', '.join(missing)}; its columns are: {', '.join(columns)}")
+
+    def _problem(self, row: dict[str, Any], index: int, split: str, where: str) -> Problem:
+        cfg: DatasetEnvConfig = self.config  # type: ignore[assignment]
+        prompt = row[cfg.prompt_column]
+        line = index + 1  # the line of a JSON Lines file; the row number otherwise
+        messages = chat_messages(prompt, cfg.system_prompt, where, line, cfg.prompt_column)
+        problem_id = str(row[cfg.id_column]) if cfg.id_column else f"{split}/{index}"
+        columns = {k: v for k, v in row.items() if k != cfg.prompt_column}
+        return Problem(id=problem_id, messages=messages, data={"prompt": prompt, "columns": columns})
+
+    # -- scoring
+
+    def score(self, problem: Problem, response: str, truncated: bool = False) -> Score:
+        prompt = problem.data["prompt"]
+        completion = response if isinstance(prompt, str) else [{"role": "assistant", "content": response}]
+        return self.rewards.score(prompt, completion, problem.data["columns"])
+
+
+def chat_messages(prompt: Any, system_prompt: str | None, where: str, line: int, column: str) -> list[dict[str, str]]:
+    """The chat the policy sees: a text prompt as the user message, or the row's own messages checked."""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise DataError(where, line, column, "empty")
+        return [*system, {"role": "user", "content": prompt}]
+    if not isinstance(prompt, list) or not prompt:
+        raise DataError(where, line, column, f"expected text or a list of chat messages, got {type(prompt).__name__}")
+    for i, message in enumerate(prompt):
+        if not (isinstance(message, dict) and message.get("role") in _ROLES and isinstance(message.get("content"), str)):
+            raise DataError(where, line, f"{column}[{i}]", 'expected {"role": system/user/assistant, "content": text}')
+    if not any(m["role"] == "user" for m in prompt):
+        raise DataError(where, line, column, "the chat has no user message")
+    messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
+    return system + messages if system and messages[0]["role"] != "system" else messages
+
+
+def _given_split(given: Any, split: str, is_eval: bool, where: str) -> Any:
+    """A handed-in dataset: a `Dataset` (or a list of rows) is the split itself; a `DatasetDict` (or dict) is looked
+    up by name."""
+    from datasets import Dataset
+
+    if isinstance(given, list):
+        given = Dataset.from_list(given)
+    if isinstance(given, Dataset):
+        if is_eval and where == "train_dataset":
+            return None  # one Dataset is the training data only
+        return given
+    if split in given:
+        return given[split]
+    if is_eval:
+        return None
+    raise ValueError(f"{where} has no split {split!r} (it has: {', '.join(given)}); set env.train_split")
+
+
+def read_split(path: Path, split: str, required: bool = True) -> Any:
+    """One split of a local dataset as a `datasets.Dataset` (None if the source lacks it and it is not required)."""
+    import datasets
+
+    if not path.exists():
+        raise FileNotFoundError(f"env.path: {path.resolve()} does not exist (a .jsonl/.json/.parquet/.csv file, a "
+                                "folder of them, or a folder written by save_to_disk)")
+    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+        saved = datasets.load_from_disk(str(path))
+        if isinstance(saved, datasets.Dataset):  # a single saved Dataset: the training data
+            return saved if required else None
+        return _given_split(saved, split, not required, str(path))
+    suffixes = [s for s in path.suffixes if s not in _COMPRESSION]
+    if path.is_dir():
+        args: dict[str, Any] = {"path": str(path)}
+    elif suffixes and suffixes[-1] in _BUILDERS:
+        args = {"path": _BUILDERS[suffixes[-1]], "data_files": str(path)}
+    else:
+        raise ValueError(f"env.path: {path} is not a .jsonl, .json, .parquet or .csv file")
+    try:
+        return datasets.load_dataset(**args, split=split)
+    except ValueError as exc:
+        if "Unknown split" not in str(exc) and "Bad split" not in str(exc):
+            raise
+        if required:
+            raise ValueError(f"{path}: no split {split!r} ({exc}); set env.train_split") from None
+        return None
