@@ -1,8 +1,9 @@
 """Test harness for function-call and assert tests; runs *inside* the sandbox, next to the candidate program.
 
-Standalone on purpose (stdlib only): it is copied into the sandbox as harness.py. It reads its spec as JSON from
-stdin and then closes stdin, so that the tests are not left lying around as a file the program could open. It
-writes one JSON record per line to the original stdout; the program's own prints go to stderr instead.
+Standalone on purpose (stdlib only, and launcher.py next to it): it is copied into the sandbox as harness.py. It
+reads its spec as JSON from stdin and then closes stdin, so that the tests are not left lying around as a file the
+program could open. It writes one JSON record per line to the original stdout; the program's own prints go to
+stderr instead.
 
 Spec keys: `mode` ("stdin", "call" or "assert"), `program` (file name of the program, next to this file),
 `setup` (trusted code run first, e.g. the data set's imports), `func_name` (call mode), `candidate` (assert mode:
@@ -304,9 +305,9 @@ def _exceeded(stdout_fd, stderr_fd, cap):
 def _run_stdin_tests(spec, program, path, records_fd, emit):
     # Each test's leftovers (a daemon, a shell's background job in its own session) die before the next test:
     # this harness is their subreaper, so they come back here when their parents end.
-    from launcher import PR_SET_CHILD_SUBREAPER, _prctl, kill_descendants  # next to this file in the sandbox
+    from launcher import PR_SET_CHILD_SUBREAPER, kill_descendants, prctl  # next to this file in the sandbox
 
-    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
     limit = float(spec["time_limit_s"])
     for i, test in enumerate(spec["tests"]):
         emit(event="start", i=i)

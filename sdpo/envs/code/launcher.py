@@ -35,7 +35,7 @@ def _limit(kind: int, value: int) -> None:
     resource.setrlimit(kind, (value, value))
 
 
-def _prctl(option: int, value: int) -> bool:
+def prctl(option: int, value: int) -> bool:
     try:
         return ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0) == 0
     except (OSError, AttributeError):
@@ -106,7 +106,7 @@ def _run_program(limits: dict, program: list[str]) -> None:
             os.setuid(uid)
             if os.getuid() == 0 or os.geteuid() == 0:  # never run the program as root
                 raise SystemExit("sandbox launcher: could not drop root")
-        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         os.umask(0o077)
         os.execv(program[0], program)
     except BaseException as exc:  # noqa: BLE001 - report and exit; never fall back into the reaper's code
@@ -123,7 +123,7 @@ def main() -> None:
     limits = json.loads(sys.argv[1])
     program = sys.argv[2:]
     _limit(resource.RLIMIT_CORE, 0)
-    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
     signal.signal(signal.SIGTERM, _on_term)
     status = None
     try:

@@ -152,8 +152,8 @@ class Sandbox:
             stage.chmod(0o711)  # the dropped uid may enter, not list
             code_dir = stage / "code"
             code_dir.mkdir()
-            library = {name: text.encode() for name, text in {**files, "launcher.py": _LAUNCHER.read_text()}.items()}
-            for name, data in {**judge_library(), **library}.items():
+            run_files = {name: text.encode() for name, text in {**files, "launcher.py": _LAUNCHER.read_text()}.items()}
+            for name, data in {**judge_library(), **run_files}.items():
                 path = code_dir / name
                 for parent in reversed(path.relative_to(code_dir).parents[:-1]):
                     (code_dir / parent).mkdir(mode=0o755, exist_ok=True)
