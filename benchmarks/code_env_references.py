@@ -1,12 +1,13 @@
 """Reference solutions and broken variants on the full code data sets: pass counts and time per program.
 
     python benchmarks/code_env_references.py [--datasets leetcode,humaneval] [--limit N] [--loop-sample 10]
-        [--workers 2] [--out benchmarks/results/code_env_references.md]
+        [--variant-limit N] [--workers 2] [--out benchmarks/results/code_env_references.md]
 
 For every data set the reference of each problem (eval split: all tests) should get reward 1; a wrong-answer
 variant (the reference with its result perturbed, or an extra output line), a crash (an exception before the
 reference) and an infinite loop should get 0 with "Wrong Answer", "Runtime Error" and "Time Limit Exceeded"
-feedback. The loop variant costs the full time limit, so it runs on the first `--loop-sample` problems only.
+feedback. The loop variant costs the full time limit, so it runs on the first `--loop-sample` problems only; the
+wrong and crash variants run on the first `--variant-limit` problems (default: all).
 CodeContests ships no reference programs: its row uses the hand-written solutions of tests/test_env_code.py, and
 the `codecontests-all` row runs the broken variants of an empty program on every problem.
 Scoring goes through `env.score_batch` (the process pool and the sandbox), as in training.
@@ -30,6 +31,7 @@ import time
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.machine import cpu_name  # noqa: E402
 from sdpo.envs import ENVIRONMENTS  # noqa: E402
 from tests.test_env_code import CODECONTESTS_SOLUTIONS, fenced, wrong_variant  # noqa: E402
 
@@ -70,7 +72,8 @@ def run_dataset(name: str, args) -> dict:
     problems, programs = problems[: args.limit], programs[: args.limit]
     result = {"problems": len(problems), "isolation": None}
     for kind in kinds:
-        chosen = list(zip(problems, programs))[: args.loop_sample if kind == "loop" else None]
+        sample = {"reference": None, "loop": args.loop_sample}.get(kind, args.variant_limit)
+        chosen = list(zip(problems, programs))[:sample]
         responses = [fenced(variants(p, prog)[kind]) for p, prog in chosen]
         start = time.monotonic()
         scores = env.score_batch([p for p, _ in chosen], responses, [False] * len(chosen))
@@ -96,15 +99,17 @@ def report(results: dict, args, started: dt.datetime, elapsed: float) -> str:
         "# Code environments: references and broken variants on the full data sets",
         "",
         f"- Date: {started:%Y-%m-%d %H:%M} UTC; total wall time {elapsed / 60:.1f} min",
-        f"- Machine: {platform.node()}, {os.cpu_count()} CPU cores, {platform.platform()}, Python {platform.python_version()}",
+        f"- Machine: {cpu_name()}, {os.cpu_count()} logical cores, {platform.platform()}, Python {platform.python_version()}",
         f"- Command: `python benchmarks/code_env_references.py {' '.join(sys.argv[1:])}`".rstrip(),
         f"- Scoring: `env.score_batch`, {args.workers} pool workers; sandbox isolation: "
         f"{next(iter(results.values()))['isolation']}; limits: 6 s per test, 1024 MiB, 32 processes (defaults)",
-        f"- Loop variant: first {args.loop_sample} problems per data set (each costs the 6 s time limit)",
+        f"- Loop variant: first {args.loop_sample} problems per data set (each costs the 6 s time limit); wrong and crash "
+        f"variants: {'all problems' if args.variant_limit is None else f'first {args.variant_limit} problems'} per data set",
         "",
         "Seconds per program are the pool's `score_s`: one response, all of its tests, sandbox start-up included.",
         "CodeContests ships no reference programs: its row scores the 3 hand-written solutions of "
-        "tests/test_env_code.py; `codecontests-all` runs the broken variants of an empty program on all 224 problems.",
+        "tests/test_env_code.py; `codecontests-all` runs the broken variants of an empty program on the 224 problems "
+        "(as many as the variant limit allows).",
         "",
         "| data set | problems | reference: reward 1 | s/program mean (median, p95) | wrong -> Wrong Answer | crash -> Runtime Error | loop -> Time Limit |",
         "|---|---|---|---|---|---|---|",
@@ -132,6 +137,7 @@ def main() -> None:
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--limit", type=int, default=None, help="first N problems per data set (default: all)")
     parser.add_argument("--loop-sample", type=int, default=10)
+    parser.add_argument("--variant-limit", type=int, default=None, help="wrong/crash variants on the first N problems")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "code_env_references.md"))
     args = parser.parse_args()

@@ -69,7 +69,7 @@ def resolve_inputs(
 
 
 def _compose(config: SDPOConfig | None, overrides: list[str], own_data: bool) -> SDPOConfig:
-    from sdpo.hydra_config import check_override_keys, load_config
+    from sdpo.hydra_config import check_overrides, load_config
 
     if config is None:
         picks_env = any(o.startswith("env=") for o in overrides)
@@ -84,7 +84,7 @@ def _compose(config: SDPOConfig | None, overrides: list[str], own_data: bool) ->
     if groups:
         raise ConfigError(f"overrides {groups} choose config groups, which need composing from the defaults: pass "
                           "them to load_config (or pass config=None and put everything in overrides)")
-    check_override_keys([f"env={config.env.name}", *overrides])
+    check_overrides([f"env={config.env.name}", *overrides])
     merged = OmegaConf.merge(OmegaConf.structured(config), OmegaConf.from_dotlist(overrides))
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 

@@ -1,10 +1,11 @@
-"""Hostile programs, run only inside the bubblewrap sandbox (issue #4).
+"""Hostile programs, run only inside the bubblewrap sandbox (issue #4); the process-tree kill in every mode (#11).
 
 Each program is a stdin problem whose expected output is what a successful escape would print, so containment
 shows as reward 0 with the matching feedback. Every test also checks: finished within the time limit plus a
 margin, no process left behind, nothing written outside, and the next program still scores normally.
 
 These tests never run hostile code bare: if bwrap is missing they FAIL (install: apt-get install -y bubblewrap).
+The one test that also runs in the weaker process mode runs a harmless program (a detached `sleep`).
 """
 
 from __future__ import annotations
@@ -57,6 +58,14 @@ def processes_with(marker: str) -> list[int]:
     return found
 
 
+def left_after_a_moment(marker: str) -> list[int]:
+    """Processes with `marker` still there after up to a second (a kill is not instant)."""
+    deadline = time.monotonic() + 1.0
+    while processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return processes_with(marker)
+
+
 def sandbox_dirs(env: CodeContestsEnv) -> set[str]:
     return {p.name for p in Path(env.config.sandbox_scratch_dir).iterdir()}
 
@@ -71,10 +80,7 @@ def run_hostile(env: CodeContestsEnv, program: str, expected: str = "ESCAPED", m
     assert score.feedback, score
     assert elapsed <= TIME_LIMIT_S + MARGIN_S, f"took {elapsed:.2f} s"
     if marker is not None:
-        deadline = time.monotonic() + 1.0
-        while processes_with(marker) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert processes_with(marker) == [], "a process of the program outlived it"
+        assert left_after_a_moment(marker) == [], "a process of the program outlived it"
     assert sandbox_dirs(env) - before == set(), "scratch directories left behind"
     after = env.score_program(stdin_problem("3", "1 2"), "print(sum(map(int, input().split())))")
     assert after.reward == 1.0, f"the next program did not score normally: {after}"
@@ -211,3 +217,55 @@ print('parent done')
 """
     score = run_hostile(env, program, marker=marker)
     assert score.info["status"] == "wrong_answer"
+
+
+# -- every isolation mode kills the whole process tree (issue #11) ---------------------------------------------
+
+# A shell starts a shell in a session (so a process group) of its own and exits: the second shell is re-parented.
+# The program prints "started" only once that shell runs, so a pass proves there was something to kill.
+DETACHED_CHILD = """
+import os, subprocess
+daemon = "setsid sh -c 'echo $$; while :; do sleep 1; done' {marker} &"
+shell = subprocess.Popen(["sh", "-c", daemon], stdout=subprocess.PIPE, text=True)
+pid = int(shell.stdout.readline())  # the detached shell keeps the pipe open: read its line, not to the end
+shell.wait()
+detached = os.getsid(pid) != os.getsid(0) and b"{marker}" in open(f"/proc/{{pid}}/cmdline", "rb").read()
+print("started" if detached else "no")
+"""
+
+
+def detached_runs(marker: str) -> list[tuple[str, Problem, str, str]]:
+    """(what, problem, program, status): ends normally / stopped by the harness's per-test limit, both test kinds."""
+    program = DETACHED_CHILD.format(marker=marker)
+    as_call = program.replace('print("started"', 'RESULT = ("started"') + "\ndef f():\n    return RESULT\n"
+    call = Problem(id="call", messages=[], data={"mode": "call", "tests": [{"args": [], "expected_value": "started"}],
+                                                 "total_tests": 1, "func_name": "f"})
+    return [
+        ("stdin", stdin_problem("started"), program, "passed"),
+        ("stdin, loops", stdin_problem("started"), program + "while True:\n    pass\n", "time_limit"),
+        ("call", call, as_call, "passed"),
+    ]
+
+
+@pytest.mark.parametrize("mode", ["bwrap", "process", "process-unprivileged"])
+def test_a_detached_process_tree_dies_in_every_mode(mode, monkeypatch):
+    from sdpo.envs.code import sandbox as sandbox_module
+
+    if mode == "bwrap" and bwrap_problem() is not None:
+        pytest.fail(f"bubblewrap does not work here: {bwrap_problem()}")
+    if mode == "process" and os.geteuid() != 0:
+        pytest.skip("the uid drop of the process sandbox needs root")
+    if mode == "process-unprivileged":  # no uid of its own to kill: the launcher's subreaper alone must do it
+        monkeypatch.setattr(sandbox_module.os, "geteuid", lambda: 1000)
+    isolation = mode.split("-")[0]
+    env = CodeContestsEnv(CodeContestsConfig(sandbox=isolation, time_limit_s=TIME_LIMIT_S))
+    marker = f"sdpo-detached-{uuid.uuid4().hex}"
+    runs = detached_runs(marker)
+    if mode == "process-unprivileged":  # the harness cannot stop this one: the sandbox's deadline does (SIGTERM)
+        what, problem, program, _ = runs[-1]
+        deaf = "import signal\nsignal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGALRM])\n" + program
+        runs.append(("call, deaf to the harness's timer", problem, deaf + "while True:\n    pass\n", "time_limit"))
+    for what, problem, program, status in runs:
+        score = env.score_program(problem, program)
+        assert score.info["status"] == status and score.info["isolation"] == isolation, (what, score)
+        assert left_after_a_moment(marker) == [], f"{mode}, {what}: a detached process outlived the program"

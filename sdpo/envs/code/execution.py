@@ -140,8 +140,14 @@ def _exited_outcome(i: int, record: dict, shown: tuple[str, str], want: str, num
         return TestOutcome(i, status, *shown, output=stdout)
     if code == -signal.SIGXCPU:
         return TestOutcome(i, "time_limit", *shown, output=stdout, error="CPU time limit")
-    if code == -signal.SIGXFSZ:
-        return TestOutcome(i, "output_limit", *shown, error="the program printed far more than the expected output")
+    if code == -signal.SIGXFSZ:  # stdout, stderr and files share one size limit in a stdin test
+        exceeded, limit = record.get("exceeded", "stdout"), record.get("limit_bytes")
+        if exceeded == "stdout":
+            return TestOutcome(i, "output_limit", *shown, error="the program printed far more than the expected output")
+        if exceeded == "stderr":
+            return TestOutcome(i, "output_limit", *shown, error=f"the program wrote more than {limit} bytes to stderr")
+        error = f"File size limit exceeded: the program wrote a file larger than the limit of {limit} bytes"
+        return TestOutcome(i, "runtime_error", *shown, output=stdout, error=error)
     if stderr.rsplit("\n", 1)[-1].startswith("MemoryError"):
         return TestOutcome(i, "memory_limit", *shown, output=stdout, error=stderr)
     reason = f"killed by signal {signal.Signals(-code).name}" if isinstance(code, int) and code < 0 else f"exit code {code}"

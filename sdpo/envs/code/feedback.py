@@ -8,6 +8,7 @@ Limits (the paper's): 2000 characters in all, 250 per field, 8 lines of input.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import re
 
 FATAL_HEADINGS = {
     "compile_error": "Compile Error",
@@ -65,6 +66,44 @@ def clip(text: str, max_chars: int, max_lines: int | None = None, keep: str = "h
     return text[: max_chars - 3] + "..."
 
 
+_TRACEBACK = "Traceback (most recent call last):"
+_FRAME = re.compile(r'^\s*File ".*", line \d+')
+
+
+def clip_error(text: str, max_chars: int) -> str:
+    """Shorten an error for feedback, keeping what says what went wrong.
+
+    A traceback keeps its last frame in solution.py (the failing line of the program) and the head of the exception
+    line (its type and the start of the message); a long message is cut at its end, not its start. Other text (a
+    reason, a program's stderr without a traceback) keeps its tail.
+    """
+    text = text.strip("\n")
+    if len(text) <= max_chars:
+        return text
+    start = text.rfind(_TRACEBACK)  # the last one: the exception that ended the program
+    if start < 0:
+        return clip(text, max_chars, keep="tail")
+    lines = text[start:].split("\n")[1:]
+    frame_starts = [k for k, line in enumerate(lines) if _FRAME.match(line)]
+    if not frame_starts:
+        return clip(text, max_chars, keep="tail")
+    exception_at = frame_starts[-1] + 1
+    while exception_at < len(lines) and lines[exception_at].startswith("    "):  # the frame's source line(s)
+        exception_at += 1
+    exception = "\n".join(lines[exception_at:]).strip() or "(no exception line)"
+    at = ([k for k in frame_starts if '"solution.py"' in lines[k]] or frame_starts)[-1]
+    kept = [_TRACEBACK, "  ..."] if len(frame_starts) > 1 else [_TRACEBACK]
+    kept.append(clip(lines[at], 100))
+    if at + 1 < len(lines) and lines[at + 1].startswith("    "):
+        kept.append(clip(lines[at + 1], 100))
+    if at != frame_starts[-1]:  # raised inside a library the program called
+        kept.append("  ...")
+    head = "\n".join(kept) + "\n"
+    if len(head) > max_chars - 40:
+        return clip(exception, max_chars)
+    return head + clip(exception, max_chars - len(head))
+
+
 def format_feedback(outcomes: list[TestOutcome], limits: FeedbackLimits = FeedbackLimits()) -> str:
     """"" when every test passed."""
     fatal = next((o for o in outcomes if o.fatal), None)
@@ -80,7 +119,7 @@ def format_feedback(outcomes: list[TestOutcome], limits: FeedbackLimits = Feedba
 def _fatal_case(outcome: TestOutcome, limits: FeedbackLimits) -> str:
     parts = [FATAL_HEADINGS[outcome.status]]
     if outcome.error:
-        parts.append(clip(outcome.error, limits.field_chars, keep="tail"))
+        parts.append(clip_error(outcome.error, limits.field_chars))
     if outcome.status != "compile_error":
         parts += ["Last Executed Input", clip(outcome.input, limits.field_chars, limits.input_lines)]
     return "\n".join(parts)

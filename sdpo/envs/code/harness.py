@@ -1,8 +1,9 @@
 """Test harness for function-call and assert tests; runs *inside* the sandbox, next to the candidate program.
 
-Standalone on purpose (stdlib only): it is copied into the sandbox as harness.py. It reads its spec as JSON from
-stdin and then closes stdin, so that the tests are not left lying around as a file the program could open. It
-writes one JSON record per line to the original stdout; the program's own prints go to stderr instead.
+Standalone on purpose (stdlib only, and launcher.py next to it): it is copied into the sandbox as harness.py. It
+reads its spec as JSON from stdin and then closes stdin, so that the tests are not left lying around as a file the
+program could open. It writes one JSON record per line to the original stdout; the program's own prints go to
+stderr instead.
 
 Spec keys: `mode` ("stdin", "call" or "assert"), `program` (file name of the program, next to this file),
 `setup` (trusted code run first, e.g. the data set's imports), `func_name` (call mode), `candidate` (assert mode:
@@ -17,6 +18,7 @@ asserts here, so their expected values are in this process: documented as a limi
 """
 
 import ast
+import errno
 import io
 import json
 import math
@@ -25,12 +27,17 @@ import resource
 import select
 import signal
 import sys
+import sysconfig
 import threading
 import time
 import traceback
 
 _MAX_SHOWN = 1000  # characters of a repr sent back for feedback
-_STDERR_TAIL = 4096  # bytes of a stdin-mode test's stderr sent back
+_STDERR_TAIL = 4096  # bytes of a stdin-mode test's stderr sent back (a traceback fits: see _short_trace)
+_MAX_INT_BITS = 13_300  # about 4000 decimal digits: larger ints travel as a (short) repr
+_TRACE_FRAMES = 5  # the program's last frames in a traceback
+_TRACE_LINE = 200  # characters per traceback line (a frame's source line can be a whole one-liner program)
+_TRACE_MESSAGE = 1000  # characters of the exception line(s): the type and the start of the message
 
 
 class _TestTimeout(BaseException):
@@ -47,8 +54,8 @@ def encode(value, depth=0):
         return {"__repr__": _short_repr(value)}
     if value is None or isinstance(value, (bool, str)):
         return value
-    if isinstance(value, int):
-        return int(value) if abs(value) < 10**4000 else {"__repr__": _short_repr(value)}
+    if isinstance(value, int):  # bit_length, not a comparison with 10**4000: that power costs 30 us per call
+        return int(value) if value.bit_length() <= _MAX_INT_BITS else {"__repr__": _short_repr(value)}
     if isinstance(value, float):
         return value if math.isfinite(value) else {"__float__": repr(value)}
     if isinstance(value, list):
@@ -117,13 +124,42 @@ def _short_repr(value):
     return text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN] + "..."
 
 
+def _path_labels():
+    """Host paths a traceback may show, longest first, and what to show instead ("" makes a path relative)."""
+    paths = sysconfig.get_paths()
+    labels = {sys.base_prefix: "<python>", sys.prefix: "<python>"}
+    labels.update({paths[key]: "<site-packages>" for key in ("platlib", "purelib")})
+    labels.update({paths[key]: "<stdlib>" for key in ("platstdlib", "stdlib")})
+    labels.update({os.path.dirname(os.path.abspath(__file__)): "", os.getcwd(): ""})
+    pairs = [(path.rstrip(os.sep) + os.sep, label) for path, label in labels.items() if path]
+    return sorted(pairs, key=lambda pair: -len(pair[0]))
+
+
+def _hide_paths(text):
+    for path, label in _path_labels():
+        text = text.replace(path, label + os.sep if label else "")
+    return text
+
+
+def _clip(text, limit):
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _short_trace(exc):
-    """The program's frames only (the harness's own are noise in feedback)."""
+    """The program's last frames (the harness's own are noise in feedback), no host path, every part bounded.
+
+    The exception line keeps its head (the type and the start of the message): a long message must not push the
+    type out of the stderr tail or the feedback.
+    """
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename not in (__file__, "test", "candidate")]
-    lines = ["Traceback (most recent call last):\n"] if frames else []
-    lines += traceback.format_list(frames[-5:])
-    lines += traceback.format_exception_only(type(exc), exc)
-    return "".join(lines)
+    lines = ["Traceback (most recent call last):"] if frames else []
+    for line in traceback.format_list(frames[-_TRACE_FRAMES:]):
+        lines += [_clip(part, _TRACE_LINE) for part in line.rstrip("\n").split("\n")]
+    lines.append(_clip("".join(traceback.format_exception_only(type(exc), exc)).rstrip("\n"), _TRACE_MESSAGE))
+    if isinstance(exc, OSError) and exc.errno == errno.EFBIG:
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        lines.append(f"(a file grew past the sandbox's file size limit of {limit} bytes)")
+    return _hide_paths("\n".join(lines)) + "\n"
 
 
 def _timed(limit_s, fn):
@@ -159,7 +195,7 @@ def _run_assert(source, ns):
     return {"status": "passed"}
 
 
-def _run_call(test, ns, func_name):
+def _run_call(args, ns, func_name):
     solution_class = ns.get("Solution")
     if isinstance(solution_class, type) and hasattr(solution_class, func_name):
         target = getattr(solution_class(), func_name)  # a fresh instance per test, like a new submission run
@@ -167,7 +203,8 @@ def _run_call(test, ns, func_name):
         target = ns[func_name]
     else:
         raise NameError(f"the program defines no function or Solution method named {func_name!r}")
-    return {"status": "returned", "value": encode(target(*decode(test["args"])))}
+    # encode stays inside the timer: it may call the program's own __repr__ (which may loop); it is linear.
+    return {"status": "returned", "value": encode(target(*args))}
 
 
 def _memfd(name, data=b""):
@@ -257,20 +294,37 @@ def _wait_child(pid, limit_s):
     return None
 
 
+def _exceeded(stdout_fd, stderr_fd, cap):
+    """Which file hit the size limit (RLIMIT_FSIZE = the output cap) when a test died of SIGXFSZ."""
+    for name, fd in (("stdout", stdout_fd), ("stderr", stderr_fd)):
+        if os.fstat(fd).st_size >= cap:
+            return name
+    return "file"  # a file the program wrote
+
+
 def _run_stdin_tests(spec, program, path, records_fd, emit):
+    # Each test's leftovers (a daemon, a shell's background job in its own session) die before the next test:
+    # this harness is their subreaper, so they come back here when their parents end.
+    from launcher import PR_SET_CHILD_SUBREAPER, kill_descendants, prctl  # next to this file in the sandbox
+
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
     limit = float(spec["time_limit_s"])
     for i, test in enumerate(spec["tests"]):
         emit(event="start", i=i)
+        cap = int(test["output_cap"])
         fds = (_memfd("stdin", test["input"].encode()), _memfd("stdout"), _memfd("stderr"), records_fd)
         pid = os.fork()
         if pid == 0:
-            _stdin_child(program, path, fds, limit, int(test["output_cap"]))
+            _stdin_child(program, path, fds, limit, cap)
         code = _wait_child(pid, limit)
+        kill_descendants()
         if code is None:
             record = {"status": "timeout"}
         else:
-            stdout = _read_fd(fds[1], int(test["output_cap"]))
+            stdout = _read_fd(fds[1], cap)
             record = {"status": "exited", "code": code, "stdout": stdout, "stderr": _read_fd(fds[2], _STDERR_TAIL, tail=True)}
+            if code == -signal.SIGXFSZ:
+                record.update(exceeded=_exceeded(fds[1], fds[2], cap), limit_bytes=cap)
         for fd in fds[:3]:
             os.close(fd)
         emit(event="result", i=i, **record)
@@ -331,7 +385,8 @@ def main():
             if spec["mode"] == "assert":
                 record = _timed(limit, lambda: _run_assert(test["source"], ns))
             else:
-                record = _timed(limit, lambda: _run_call(test, ns, spec["func_name"]))
+                args = decode(test["args"])  # the judge's work, not the program's: outside the timer
+                record = _timed(limit, lambda: _run_call(args, ns, spec["func_name"]))
         except _TestTimeout:
             record = {"status": "timeout"}
         except MemoryError as exc:

@@ -1,8 +1,10 @@
 """LeetCodeDataset v0.2.0 (1890 LeetCode problems, `Solution().method` calls): the LeetCode-style stand-in.
 
 Each assert of the data set's `check(candidate)` is one test; its `input_output` entry (same order, checked at
-load time) gives the Input / Expected texts for feedback. The data set's `prompt` (imports plus the ListNode /
-TreeNode helpers) runs before the program, as in the data set's own evaluation.
+load time) gives the Input / Expected texts for feedback. `LEETCODE_PREAMBLE` runs before the program: the one
+preamble of every LeetCode-style function problem (this data set and LiveCodeBench's LeetCode problems). It covers
+what the data set's own `prompt` defines (imports, ListNode / TreeNode and the helpers its asserts call; a test
+checks every row's prompt against it) and what LeetCode preloads besides, `sortedcontainers` above all.
 """
 
 from __future__ import annotations
@@ -14,6 +16,82 @@ from sdpo.envs.base import ENVIRONMENTS, DataError
 from sdpo.envs.code.env import CodeEnv, CodeEnvConfig, CodeTask
 from sdpo.envs.rows import data_file, get_field, read_jsonl
 
+# What a LeetCode submission may take for granted. `sortedcontainers` reaches the sandbox as a judge library
+# (sdpo/envs/code/sandbox.py, JUDGE_PACKAGES).
+LEETCODE_PREAMBLE = """\
+from typing import *
+from collections import *
+from functools import *
+from itertools import *
+from heapq import *
+from bisect import *
+from string import *
+from operator import *
+from math import *
+from sortedcontainers import SortedDict, SortedKeyList, SortedList, SortedSet
+import bisect, collections, copy, datetime, functools, heapq, itertools, math, operator, random, re, string, sys
+from builtins import pow  # the star imports of math and operator would hide the three-argument pow
+
+inf = float("inf")
+
+
+class ListNode:
+    def __init__(self, val=0, next=None):
+        self.val = val
+        self.next = next
+
+
+class TreeNode:
+    def __init__(self, val=0, left=None, right=None):
+        self.val = val
+        self.left = left
+        self.right = right
+
+
+def list_node(values):
+    head = None
+    for value in reversed(values or []):
+        head = ListNode(value, head)
+    return head
+
+
+def is_same_list(a, b):
+    while a is not None and b is not None:
+        if a.val != b.val:
+            return False
+        a, b = a.next, b.next
+    return a is None and b is None
+
+
+def tree_node(values):  # LeetCode's level-order list, None marking a missing child
+    if not values:
+        return None
+    root = TreeNode(values[0])
+    parents, k = deque([root]), 1
+    while parents and k < len(values):
+        node = parents.popleft()
+        for side in ("left", "right"):
+            if k < len(values) and values[k] is not None:
+                child = TreeNode(values[k])
+                setattr(node, side, child)
+                parents.append(child)
+            k += 1
+    return root
+
+
+def is_same_tree(a, b):
+    pairs = [(a, b)]
+    while pairs:
+        a, b = pairs.pop()
+        if a is None or b is None:
+            if a is not b:
+                return False
+        elif a.val != b.val:
+            return False
+        else:
+            pairs += [(a.left, b.left), (a.right, b.right)]
+    return True
+"""
 FUNCTION_INSTRUCTION = "End your answer with the complete solution in a single ```python code block."
 
 
@@ -64,7 +142,7 @@ class LeetCodeEnv(CodeEnv):
                     mode="assert",
                     tests=tests,
                     reference=get_field(row, "completion", str, path, line),
-                    setup=get_field(row, "prompt", str, path, line),
+                    setup=LEETCODE_PREAMBLE,
                     candidate=get_field(row, "entry_point", str, path, line),
                     meta={"difficulty": (row.get("meta") or {}).get("difficulty")},
                 )

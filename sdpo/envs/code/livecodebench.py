@@ -5,7 +5,8 @@ Each row: `question_id`, `question_title`, `question_content`, `platform`, `cont
 the JSON text), `metadata` (JSON text; `func_name` for LeetCode problems). Tests are `{input, output, testtype}`:
 "stdin" tests run the program on stdin (output lines also match when their tokens are equal as decimal numbers,
 as in LiveCodeBench's grader); "functional" tests call `Solution().<func_name>` (or a top-level function) with one
-JSON value per input line, and compare with the JSON output.
+JSON value per input line, after the LeetCode preamble (sdpo/envs/code/leetcode.py), and compare with the JSON
+output.
 
 The paper's window is 2025-02-01 to 2025-05-01 (131 problems of release v6); both ends inclusive. The files are
 not in ../shared/data (Git LFS / Hugging Face only): point `env.path` at a local copy.
@@ -26,14 +27,9 @@ from typing import Any
 from sdpo.config import ConfigError
 from sdpo.envs.base import ENVIRONMENTS, DataError
 from sdpo.envs.code.env import CodeEnv, CodeEnvConfig, CodeTask
+from sdpo.envs.code.leetcode import LEETCODE_PREAMBLE
 from sdpo.envs.rows import data_file, get_field, read_jsonl
 
-# Imports a LeetCode-style solution may take for granted (the judge's preamble).
-CALL_SETUP = (
-    "from typing import *\nfrom collections import *\nfrom functools import *\nfrom itertools import *\n"
-    "from heapq import *\nfrom bisect import *\nfrom math import *\nimport collections, functools, heapq, "
-    "itertools, math, bisect, string, re, sys\n"
-)
 STDIN_FORMAT = (
     "Read the input from standard input and write the answer to standard output. End your answer with the "
     "complete program in a single ```python code block."
@@ -93,13 +89,21 @@ class LiveCodeBenchEnv(CodeEnv):
         files = sorted(root.glob("*.jsonl")) if root.is_dir() else [root]
         start = dt.date.fromisoformat(cfg.contest_date_start) if cfg.contest_date_start else None
         end = dt.date.fromisoformat(cfg.contest_date_end) if cfg.contest_date_end else None
-        tasks = []
+        tasks, days = [], []
         for path in files:
             for line, row in read_jsonl(path):
                 task = self._task(row, path, line)
                 day = dt.date.fromisoformat(task.meta["contest_date"])
+                days.append(day)
                 if (start is None or day >= start) and (end is None or day <= end):
                     tasks.append(task)
+        if days and not tasks:
+            raise ConfigError(
+                f"none of the {len(days)} problems in {root} falls in the contest-date window "
+                f"env.contest_date_start={cfg.contest_date_start} .. env.contest_date_end={cfg.contest_date_end} "
+                f"(the paper's); its contest dates run from {min(days)} to {max(days)}: set env.contest_date_start "
+                f"and env.contest_date_end to cover them (null: no bound)"
+            )
         return tasks
 
     def _task(self, row: dict, path: Path, line: int) -> CodeTask:
@@ -141,7 +145,7 @@ class LiveCodeBenchEnv(CodeEnv):
             prompt=prompt,
             mode=mode,
             tests=tests,
-            setup=CALL_SETUP if mode == "call" else "",
+            setup=LEETCODE_PREAMBLE if mode == "call" else "",
             func_name=func_name,
             compare={"strict_types": False, "numeric_tokens": True},
             meta={"contest_date": day.isoformat(), "difficulty": row.get("difficulty"), "platform": row.get("platform")},

@@ -5,6 +5,10 @@ Every run gets its own processes, its own scratch directory and these limits (se
 program that prints more is killed) and stderr (the tail is kept: that is where the traceback is). The program
 never sees the trainer's environment variables. When it ends or times out, everything it started dies with it.
 
+The program's directory also holds the judge's libraries (`JUDGE_PACKAGES`: what LeetCode provides beyond the
+standard library, `sortedcontainers`), copied from the trainer's environment, where sdpo's dependencies put them:
+the sandbox's interpreter sees the same version in every isolation mode, whatever that interpreter has installed.
+
 Two isolation levels (docs/environments.md has the full guarantee list):
 
 - `bwrap` (bubblewrap, preferred): a read-only view of /usr and the interpreter only, a private size-limited
@@ -13,7 +17,10 @@ Two isolation levels (docs/environments.md has the full guarantee list):
   every process left in it, including daemonised grandchildren.
 - `process` (fallback where bwrap is missing or cannot create namespaces): a plain child process in its own
   session with the same rlimits. It shares the host filesystem (subject to Unix permissions), the network and the
-  PID namespace; a descendant that calls setsid() escapes the group kill. Weaker, and said so in a warning.
+  PID namespace. Weaker, and said so in a warning.
+
+In both, the launcher stays behind as the run's reaper (PR_SET_CHILD_SUBREAPER): orphans of the program's tree are
+re-parented to it, and it kills them all when the program ends or the supervisor's deadline passes (launcher.py).
 
 As root, the launcher drops to a random unprivileged uid after setting the limits: root ignores RLIMIT_NPROC, and
 a random uid per run means concurrent sandboxes do not share one process budget or signal each other.
@@ -23,11 +30,14 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from functools import lru_cache
+import importlib.util
 import json
 import logging
 import math
 import os
 from pathlib import Path
+import py_compile
 import random
 import selectors
 import shutil
@@ -46,6 +56,9 @@ _SANDBOX_WORK_DIR = "/sandbox"  # writable tmpfs, the working directory (bwrap v
 _UID_RANGE = (200_000, 2_000_000_000)  # unprivileged uids that no account uses
 _MIB = 1 << 20
 _DRAIN_S = 0.5  # after the program exits, how long its pipes may stay open before we stop reading
+_REAP_S = 1.0  # after the deadline, how long the launcher may take to kill the program's tree before SIGKILL
+# Importable by every program, next to it in the sandbox (sys.path[0]); declared in pyproject.toml.
+JUDGE_PACKAGES = ("sortedcontainers",)
 
 
 class SandboxUnavailable(RuntimeError):
@@ -139,9 +152,13 @@ class Sandbox:
             stage.chmod(0o711)  # the dropped uid may enter, not list
             code_dir = stage / "code"
             code_dir.mkdir()
-            for name, text in {**files, "launcher.py": _LAUNCHER.read_text()}.items():
-                (code_dir / name).write_text(text)
-                (code_dir / name).chmod(0o644)
+            run_files = {name: text.encode() for name, text in {**files, "launcher.py": _LAUNCHER.read_text()}.items()}
+            for name, data in {**judge_library(), **run_files}.items():
+                path = code_dir / name
+                for parent in reversed(path.relative_to(code_dir).parents[:-1]):
+                    (code_dir / parent).mkdir(mode=0o755, exist_ok=True)
+                path.write_bytes(data)
+                path.chmod(0o644)
             code_dir.chmod(0o755)
             uid = random.randint(*_UID_RANGE) if os.geteuid() == 0 else None
             if isolation == "bwrap":
@@ -156,9 +173,10 @@ class Sandbox:
                 cwd = str(work)
             data = stdin.encode() if isinstance(stdin, str) else stdin
             result = _supervise(argv, cwd, data, limits)
-            # Tracebacks name "solution.py", not a path that differs between isolation levels.
+            # Tracebacks name "solution.py", not a path that differs between isolation levels or shows the host's.
             inside = _SANDBOX_CODE_DIR if isolation == "bwrap" else str(code_dir)
-            result.stderr = result.stderr.replace(f'File "{inside}/', 'File "')
+            result.stderr = hide_host_paths(result.stderr, {inside: "", cwd or _SANDBOX_WORK_DIR: "", str(stage): "",
+                                                            str(Path(self.python).parent.parent): "<python>"})
             return result
         finally:
             shutil.rmtree(stage, ignore_errors=True)
@@ -180,6 +198,38 @@ class Sandbox:
         if uid is not None:  # privileged bwrap: the launcher needs these two to drop to `uid`, then has none
             argv += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
         return [*argv, "--", *self._python_argv(_SANDBOX_CODE_DIR, main, limits, uid)]
+
+
+def hide_host_paths(text: str, labels: dict[str, str]) -> str:
+    """`text` with each path prefix in `labels` (longest first) replaced by its label ("" makes it relative)."""
+    for prefix in sorted(labels, key=len, reverse=True):
+        text = text.replace(prefix.rstrip("/") + "/", labels[prefix] + "/" if labels[prefix] else "")
+    return text
+
+
+@lru_cache(maxsize=1)
+def judge_library() -> dict[str, bytes]:
+    """The files of `JUDGE_PACKAGES` (relative path -> bytes), with unchecked-hash bytecode: no compile per run."""
+    files = {}
+    for package in JUDGE_PACKAGES:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise SandboxUnavailable(
+                f"the judge's library {package!r} is not installed in the trainer's environment; it is a dependency "
+                f"of sdpo: pip install {package} (pinned in constraints-cpu.txt)"
+            )
+        root = Path(next(iter(spec.submodule_search_locations)))
+        for source in sorted(root.rglob("*.py")):
+            name = source.relative_to(root.parent)
+            files[str(name)] = source.read_bytes()
+            with tempfile.TemporaryDirectory() as tmp:
+                compiled = py_compile.compile(
+                    str(source), cfile=f"{tmp}/c.pyc", dfile=str(name), doraise=True,
+                    invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
+                )
+                cache = Path(importlib.util.cache_from_source(str(name)))
+                files[str(cache)] = Path(compiled).read_bytes()
+    return files
 
 
 def _bwrap_base_args(python: str) -> list[str]:
@@ -284,6 +334,8 @@ def _supervise(argv: list[str], cwd: str | None, stdin: bytes, limits: SandboxLi
             if exited_at is None and proc.poll() is not None:
                 exited_at = time.monotonic()
                 _kill_group(proc)  # process mode: children still in the group go now
+    if reason is not None:
+        _stop(proc)
     _kill_group(proc)
     proc.wait()
     wall = time.monotonic() - start
@@ -292,6 +344,15 @@ def _supervise(argv: list[str], cwd: str | None, stdin: bytes, limits: SandboxLi
     err_text = b"".join(stderr)[-limits.stderr_bytes :].decode(errors="replace")
     out_text = bytes(stdout[: limits.stdout_bytes]).decode(errors="replace")
     return _classify(proc.returncode, reason, out_text, err_text, wall)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Ask the launcher (the run's reaper) to kill the program's whole tree, then wait for it a moment."""
+    try:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=_REAP_S)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
