@@ -253,8 +253,8 @@ def test_feedback_and_exceptions_reach_the_teachers_reprompt(tmp_path):
     trainer = SDPOTrainer(train_dataset=Dataset.from_list(ROWS), reward_funcs=judge,
                           overrides=overrides(tmp_path, "model=tiny", "trainer.questions_per_step=4",
                                               "trainer.mini_batch_questions=4"))
-    metrics = trainer.training_step()  # training goes on past the crashed samples
-    batch = trainer._last_batch
+    result = trainer.training_step()  # training goes on past the crashed samples
+    metrics, batch = result.metrics, result.batch
     teacher_texts = [trainer.tokenizer.decode(ids) for ids in batch.teacher_prompt_ids]
     for text, feedback in zip(teacher_texts, batch.feedback, strict=True):
         assert feedback.split(" for ")[0] in text  # each rollout's own feedback is in its reprompt
