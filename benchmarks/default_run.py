@@ -13,14 +13,17 @@ the float32 path has numbers even on a machine with native bf16). `--variant NAM
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 from pathlib import Path
 import pty
 import re
 import shlex
 import statistics
+import struct
 import subprocess
 import sys
+import termios
 import time
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +45,8 @@ PROGRESS = re.compile(r"\d+/\d+ \[")
 def run_in_terminal(command: list[str], log_path: Path) -> tuple[float, str]:
     """Run `command` with a pseudo-terminal as its stdout and stderr; (wall seconds, everything it wrote)."""
     controller, terminal = pty.openpty()
+    # A terminal of 120 x 48 characters: a new pseudo-terminal has 0 columns, where tqdm draws an empty bar.
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 48, 120, 0, 0))
     start = time.perf_counter()
     proc = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal)
     os.close(terminal)
