@@ -64,6 +64,18 @@ def parse_answer(text: str, gold: bool = False) -> list:
     return parse(text, extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()], parsing_timeout=_verify_timeout())
 
 
+def verify_answer(response: str, gold: str) -> tuple[list, bool]:
+    """(the response's parsed final answer, its `<think>` part dropped; whether math-verify finds it equivalent to
+    `gold`). The gold answer is parsed only when the response has an answer."""
+    from math_verify import verify
+
+    predicted = parse_answer(response.rsplit("</think>", 1)[-1])
+    if not predicted:
+        return predicted, False
+    parsed_gold = parse_answer(gold, gold=True)
+    return predicted, bool(parsed_gold) and bool(verify(parsed_gold, predicted, timeout_seconds=_verify_timeout()))
+
+
 class MathEnv(Environment):
     """Shared scoring; subclasses read their files into (id, problem, answer) rows."""
 
@@ -101,14 +113,11 @@ class MathEnv(Environment):
         return problems[:limit]
 
     def score(self, problem: Problem, response: str, truncated: bool = False) -> Score:
-        from math_verify import verify
-
         level = self.config.feedback
-        predicted = parse_answer(response.rsplit("</think>", 1)[-1])
+        predicted, correct = verify_answer(response, problem.data["answer"])
         if not predicted:
             return Score(0.0, NO_ANSWER_FEEDBACK if level != "none" else "", {"status": "no_answer"})
-        gold = parse_answer(problem.data["answer"], gold=True)
-        if gold and verify(gold, predicted, timeout_seconds=_verify_timeout()):
+        if correct:
             return Score(1.0, "", {"status": "correct"})
         shown = str(predicted[-1])[:100]
         feedback = f"The final answer {shown} is not correct." if level == "full" else ""

@@ -51,18 +51,12 @@ class MathVerify:
         self.required_columns = [column]
 
     def __call__(self, prompts: list, completions: list, **columns: list) -> list[tuple[float, str]]:
-        from math_verify import verify
-
-        from sdpo.envs.math import NO_ANSWER_FEEDBACK, _verify_timeout, parse_answer
+        from sdpo.envs.math import NO_ANSWER_FEEDBACK, verify_answer
 
         out = []
         for completion, gold in zip(completions, columns[self.required_columns[0]], strict=True):
-            predicted = parse_answer(completion_text(completion).rsplit("</think>", 1)[-1])
-            if not predicted:
-                out.append((0.0, NO_ANSWER_FEEDBACK))
-                continue
-            parsed_gold = parse_answer(str(gold), gold=True)
-            out.append((float(bool(parsed_gold) and verify(parsed_gold, predicted, timeout_seconds=_verify_timeout())), ""))
+            predicted, correct = verify_answer(completion_text(completion), str(gold))
+            out.append((float(correct), "") if predicted else (0.0, NO_ANSWER_FEEDBACK))
         return out
 
 
