@@ -38,7 +38,7 @@ def test_sdpo_step_changes_weights_and_moves_the_ema_teacher(tmp_path):
         torch.testing.assert_close(t1, 0.5 * t0 + 0.5 * p1)
     for key in ("reward/mean", "teacher/success_group_fraction", "teacher/feedback_fraction", "policy/entropy",
                 "distill/student_teacher_kl", "optim/grad_norm", "response/length_mean",
-                "time/generate", "time/score", "time/teacher", "time/update"):
+                "time/generate", "time/score", "time/teacher_context", "time/teacher_forward", "time/update"):
         assert key in metrics, key
 
 
