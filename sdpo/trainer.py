@@ -249,7 +249,7 @@ class SDPOTrainer:
 
     def optimizer_step(self, minibatch: RolloutBatch, sums: MetricSums) -> None:
         counts = self.step_counts(minibatch)
-        micro_batches = list(minibatch.micro_batches(self.config.trainer.micro_batch_size))
+        micro_batches = list(minibatch.by_length().micro_batches(self.config.trainer.micro_batch_size))
         for i, micro in enumerate(micro_batches):
             with self.dist.micro_batch(last=i == len(micro_batches) - 1):
                 self.dist.backward(self.micro_batch_loss(micro, counts, sums))
