@@ -26,9 +26,23 @@ def token_logprobs(logits_BRV: Tensor, ids_BR: Tensor, temperature: float) -> Te
     return gather_token(log_softmax_temperature(logits_BRV, temperature), ids_BR)
 
 
+def sampled_token_logprobs(logits_BRV: Tensor, ids_BR: Tensor, temperature: float) -> Tensor:
+    """`token_logprobs` as z[ids] - logsumexp(z), z = logits / temperature: a reduction instead of a whole [B, R, V]
+    log-softmax, for logits that need no gradient (the teacher's, when only its sampled-token log-prob is used)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    z_BRV = logits_BRV.float() if logits_BRV.dtype in (torch.float16, torch.bfloat16) else logits_BRV
+    z_BRV = z_BRV if temperature == 1.0 else z_BRV / temperature
+    return gather_token(z_BRV, ids_BR) - torch.logsumexp(z_BRV, dim=-1)
+
+
 def entropy_from_logits(logits_BRV: Tensor, temperature: float) -> Tensor:
     """Entropy of the temperature-scaled distribution at each position -> [B, R]."""
-    logp_BRV = log_softmax_temperature(logits_BRV, temperature)
+    return entropy_from_logprobs(log_softmax_temperature(logits_BRV, temperature))
+
+
+def entropy_from_logprobs(logp_BRV: Tensor) -> Tensor:
+    """Entropy from log-probs over the last dim -> [B, R]."""
     # A -inf logit (a banned token) has p = 0; clamping its log-prob keeps 0 * log 0 at 0 instead of NaN.
     return -(logp_BRV.exp() * logp_BRV.clamp(min=torch.finfo(logp_BRV.dtype).min)).sum(-1)
 
@@ -44,12 +58,13 @@ def _chunk_terms(student_head, temperature, distill_kwargs, teacher_heads, teach
                  features_BCX, ids_BC, *teacher_features_BCX):
     """All per-token outputs for one chunk of C positions. Positional tensors only, as checkpoint() wants."""
     logits_BCV = student_head(features_BCX)
-    out = {"logp": token_logprobs(logits_BCV, ids_BC, temperature)}
+    logp_BCV = log_softmax_temperature(logits_BCV, temperature)  # once, for the log-probs and the entropy
+    out = {"logp": gather_token(logp_BCV, ids_BC)}
     with torch.no_grad():
-        out["entropy"] = entropy_from_logits(logits_BCV, temperature)
+        out["entropy"] = entropy_from_logprobs(logp_BCV)
     if teacher_features_BCX:
         teacher_logits_BCV = _teacher_logits(teacher_features_BCX, teacher_heads, teacher_weights)
-        out["teacher_logp"] = token_logprobs(teacher_logits_BCV, ids_BC, temperature)
+        out["teacher_logp"] = sampled_token_logprobs(teacher_logits_BCV, ids_BC, temperature)
         if distill_kwargs is not None:
             out["distill"] = distill_per_token(logits_BCV, teacher_logits_BCV, ids_BC,
                                                temperature=temperature, **distill_kwargs)
