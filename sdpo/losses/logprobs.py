@@ -54,7 +54,14 @@ def _teacher_logits(features: Sequence[Tensor], heads: Sequence[Head], weights: 
         return sum(w * head(f.detach()) for f, head, w in zip(features, heads, weights, strict=True))
 
 
-def _chunk_terms(student_head, temperature, distill_kwargs, teacher_heads, teacher_weights,
+def _on_rows(values_bC: Tensor, rows: Tensor | None, num_rows: int) -> Tensor:
+    """Per-row values of a row selection as [num_rows, C] (zeros elsewhere; differentiable)."""
+    if rows is None:
+        return values_bC
+    return values_bC.new_zeros(num_rows, values_bC.shape[1]).index_copy(0, rows, values_bC)
+
+
+def _chunk_terms(student_head, temperature, distill_kwargs, teacher_heads, teacher_weights, teacher_rows,
                  features_BCX, ids_BC, *teacher_features_BCX):
     """All per-token outputs for one chunk of C positions. Positional tensors only, as checkpoint() wants."""
     logits_BCV = student_head(features_BCX)
@@ -63,11 +70,15 @@ def _chunk_terms(student_head, temperature, distill_kwargs, teacher_heads, teach
     with torch.no_grad():
         out["entropy"] = entropy_from_logprobs(logp_BCV)
     if teacher_features_BCX:
-        teacher_logits_BCV = _teacher_logits(teacher_features_BCX, teacher_heads, teacher_weights)
-        out["teacher_logp"] = sampled_token_logprobs(teacher_logits_BCV, ids_BC, temperature)
+        # The teacher's rows only (`teacher_rows`); the other rows' teacher terms are zeros.
+        num_rows = ids_BC.shape[0]
+        ids_bC = ids_BC if teacher_rows is None else ids_BC[teacher_rows]
+        teacher_logits_bCV = _teacher_logits(teacher_features_BCX, teacher_heads, teacher_weights)
+        out["teacher_logp"] = _on_rows(sampled_token_logprobs(teacher_logits_bCV, ids_bC, temperature), teacher_rows, num_rows)
         if distill_kwargs is not None:
-            out["distill"] = distill_per_token(logits_BCV, teacher_logits_BCV, ids_BC,
-                                               temperature=temperature, **distill_kwargs)
+            student_bCV = logits_BCV if teacher_rows is None else logits_BCV[teacher_rows]
+            distill_bC = distill_per_token(student_bCV, teacher_logits_bCV, ids_bC, temperature=temperature, **distill_kwargs)
+            out["distill"] = _on_rows(distill_bC, teacher_rows, num_rows)
     return out
 
 
@@ -81,6 +92,7 @@ def chunked_response_terms(
     teacher_heads: Sequence[Head] | None = None,
     teacher_weights: Sequence[float] | None = None,
     distill_kwargs: dict | None = None,
+    teacher_rows: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Per-token terms of the response, computed `chunk_size` positions at a time.
 
@@ -88,7 +100,9 @@ def chunked_response_terms(
     student_head(f)[b, t] scores response_ids_BR[b, t]): final hidden states [B, R, H] with the output head, or
     logits [B, R, V] with the identity (`sdpo.models.ResponseFeatures`). Teacher: `teacher_features` (each aligned
     the same way under the teacher's context), `teacher_heads` (features -> logits) and `teacher_weights`; its logits
-    are sum_i w_i head_i(features_i), always without gradient.
+    are sum_i w_i head_i(features_i), always without gradient. `teacher_rows` (long, [b]): the teacher features are
+    those of these rows of the batch only ([b, R, X]); the other rows' teacher terms are zeros (they are masked), and
+    neither model's logits are projected for them on the teacher's account.
 
     Returns [B, R] tensors: "logp" (with grad) and "entropy" (detached); with a teacher also "teacher_logp"
     (detached) and, when `distill_kwargs` (mode, alpha, topk, tail; see `distill_per_token`) is given, "distill"
@@ -106,7 +120,8 @@ def chunked_response_terms(
         raise ValueError("distill_kwargs given without a teacher (teacher_features, teacher_heads, teacher_weights)")
 
     def run_chunk(*tensors: Tensor) -> dict[str, Tensor]:
-        return _chunk_terms(student_head, temperature, distill_kwargs, teacher_heads, teacher_weights, *tensors)
+        return _chunk_terms(student_head, temperature, distill_kwargs, teacher_heads, teacher_weights, teacher_rows,
+                            *tensors)
 
     pieces: list[dict[str, Tensor]] = []
     # max(R, 1): an empty response still yields one (empty) chunk, so every key is present with shape [B, 0].
