@@ -156,6 +156,21 @@ def instrumented(trainer, flops: FlopCounter):
             setattr(module, name, fn)
 
 
+def force_length() -> None:
+    """Every training rollout runs to rollout.max_new_tokens (vLLM's min_tokens = max_tokens: EOS is held back), so
+    that a step's cost is measured at that length (the cost-growth runs)."""
+    from sdpo.rollout.vllm import VLLMEngine
+
+    params = VLLMEngine._sampling_params
+
+    def forced(self, sampling, prompt_index):
+        out = params(self, sampling, prompt_index)
+        out.min_tokens = out.max_tokens
+        return out
+
+    VLLMEngine._sampling_params = forced
+
+
 def make_trainer(overrides: list[str]):
     from sdpo.trainer import SDPOTrainer
 
@@ -241,7 +256,8 @@ def report(results: dict[str, dict], args: argparse.Namespace, command: str) -> 
         "Workload: the default run (configs/experiment/cpu.yaml: SmolLM2-135M-Instruct, 8 questions x 4 rollouts, at most "
         "48 new tokens, lambda = 0.9 hybrid with the EMA teacher, vLLM engine in-process, one optimizer step of 4 "
         f"micro-batches of 8), no evaluation; median of {args.steps} steps after one warm-up step. Each precision "
-        "ran in its own process.",
+        f"ran in its own process. Overrides on top: {' '.join(args.extra) or 'none'}"
+        f"{'; every rollout forced to rollout.max_new_tokens' if args.force_length else ''}.",
         "",
         "## Per stage and inside the update (seconds per step, median)",
         "",
@@ -327,12 +343,16 @@ def main() -> None:
     parser.add_argument("--results", default=None, help="markdown file to write")
     parser.add_argument("--colocation", action="store_true", help="time the update without/with an in-process engine")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--force-length", action="store_true", help="every rollout runs to rollout.max_new_tokens")
+    parser.add_argument("--json", default=None, help="also write the raw per-step rows here")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one precision, JSON to this path
     args = parser.parse_args()
     command = shlex.join(["python", "benchmarks/profile_step.py", *sys.argv[1:]])
     if args.one:
         precision = args.one.split(":", 1)[0]
         overrides = [PRECISIONS[precision], *args.extra]
+        if args.force_length:
+            force_length()
         result = colocation(overrides, args.repeats) if args.colocation else profile_one(overrides, args.steps)
         Path(args.one.split(":", 1)[1]).write_text(json.dumps(result))
         return
@@ -344,11 +364,14 @@ def main() -> None:
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             subprocess.run([sys.executable, __file__, "--one", f"{precision}:{f.name}", "--steps", str(args.steps),
                             "--repeats", str(args.repeats), *(["--colocation"] if args.colocation else []),
+                            *(["--force-length"] if args.force_length else []),
                             "--extra", *args.extra], check=True)
             results[precision] = json.loads(Path(f.name).read_text())
     text = "\n\n".join(colocation_report(r, command) + f"\n(precision: {n})" for n, r in results.items()) \
         if args.colocation else report(results, args, command)
     print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results))
     if args.results:
         Path(args.results).write_text(text)
 

@@ -51,7 +51,14 @@ def _teacher_logits(features: Sequence[Tensor], heads: Sequence[Head], weights: 
     """sum_i w_i head_i(features_i), without gradient: one entry for a plain teacher, two for the trust region's
     lerp(ref_logits, live_logits, mix) (spec sec. 4)."""
     with torch.no_grad():
-        return sum(w * head(f.detach()) for f, head, w in zip(features, heads, weights, strict=True))
+        terms = [(head(f.detach()), w) for f, head, w in zip(features, heads, weights, strict=True)]
+        if len(terms) == 1 and terms[0][1] == 1.0:
+            return terms[0][0]  # a plain teacher: no [B, C, V] copies
+        # A fresh tensor first (the identity head under ZeRO-3 returns the features themselves), then in place.
+        logits = terms[0][0] * terms[0][1]
+        for term, w in terms[1:]:
+            logits.add_(term, alpha=w)
+        return logits
 
 
 def _on_rows(values_bC: Tensor, rows: Tensor | None, num_rows: int) -> Tensor:
