@@ -234,7 +234,18 @@ def colocation(overrides: list[str], repeats: int) -> dict:
     from sdpo.precision import use_all_cores
     out["threads_after_use_all_cores"] = use_all_cores()
     out["with_engine_all_cores"] = [one_update() for _ in range(repeats)]
+    out["mempolicy_reset"] = default_memory_policy()
+    out["with_engine_default_mempolicy"] = [one_update() for _ in range(repeats)]
     return out
+
+
+def default_memory_policy() -> int:
+    """Undo the strict NUMA MEMBIND that vLLM's CPU worker sets for the whole process (set_mempolicy(MPOL_DEFAULT));
+    0 on success."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(238, 0, None, 0)  # x86-64 SYS_set_mempolicy, MPOL_DEFAULT
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -332,6 +343,8 @@ def colocation_report(result: dict, command: str) -> str:
         f"| no engine in the process | {stats(result['without_engine'])} | {result['threads_before']} |",
         f"| after building a vLLM engine in-process | {stats(result['with_engine'])} | {result['threads_after_engine']} |",
         f"| same, after `use_all_cores()` | {stats(result['with_engine_all_cores'])} | {result['threads_after_use_all_cores']} |",
+        *([f"| same, NUMA memory policy back to default (rc {result['mempolicy_reset']}) | "
+           f"{stats(result['with_engine_default_mempolicy'])} | |"] if "mempolicy_reset" in result else []),
         "", f"CPU affinity after the engine: {result['affinity_after_engine']}", ""])
 
 
