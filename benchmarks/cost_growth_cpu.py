@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import machine  # noqa: E402
-from benchmarks.profile_step import UPDATE_PARTS  # noqa: E402
+from benchmarks import machine
+from benchmarks.profile_step import UPDATE_PARTS
 
 ALGORITHMS = {"grpo": ["algorithm=grpo"], "hybrid": ["algorithm=sdpo_grpo"]}
 SIZES = {  # name -> overrides

@@ -27,21 +27,21 @@ import copy
 import functools
 import json
 import os
-from pathlib import Path
 import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks import machine  # noqa: E402
+from benchmarks import machine
 
 PRECISIONS = {"float32": "model.autocast_dtype=none", "bf16": "model.autocast_dtype=bfloat16"}
 STAGES = ["generate", "score", "teacher_context", "teacher_forward", "update", "sync"]
