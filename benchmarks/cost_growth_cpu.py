@@ -55,8 +55,8 @@ def main() -> None:
                                 f"{args.precision}:{f.name}", "--steps", str(args.steps), "--force-length",
                                 "--extra", *overrides, *SIZES[size]], check=True)
                 rows[f"{size} | {algorithm}"] = json.loads(Path(f.name).read_text())
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows))
+            if args.json:  # after every variant: a long sweep cut short keeps what it measured
+                Path(args.json).write_text(json.dumps(rows))
     text = report(rows, args, command)
     print(text)
     if args.results:
