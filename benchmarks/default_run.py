@@ -37,7 +37,7 @@ VARIANTS = {
     "auto": [],
     "float32": ["model.autocast_dtype=none"],  # the engine's `auto` follows the trainer: float32 everywhere
 }
-STAGES = ["generate", "score", "teacher", "update", "sync"]
+STAGES = ["generate", "score", "teacher_context", "teacher_forward", "update", "sync"]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 PROGRESS = re.compile(r"\d+/\d+ \[")
 

@@ -27,7 +27,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 from sdpo.hydra_config import load_config  # noqa: E402
 from sdpo.tracking import plot_curves, read_metrics  # noqa: E402
 
-STAGES = ["generate", "score", "teacher", "update", "sync"]  # the trainer's stage timers (time/<stage>)
+STAGES = ["generate", "score", "teacher_context", "teacher_forward", "update", "sync"]  # the trainer's stage timers (time/<stage>)
 METHODS: dict[str, list[str]] = {
     "grpo": ["algorithm=grpo"],
     "sdpo": ["algorithm=sdpo"],

@@ -154,3 +154,10 @@ class RolloutBatch:
     def micro_batches(self, size: int) -> Iterator[RolloutBatch]:
         for start in range(0, len(self), size):
             yield self.select(range(start, min(start + size, len(self))))
+
+    def by_length(self) -> RolloutBatch:
+        """The same samples ordered by (response length, prompt length), so that micro-batches cut from it pad
+        little: a forward's width is its longest prompt plus its longest response. The update's loss is a sum over
+        micro-batches normalised by the optimizer step's counts, so the order changes only floating-point rounding."""
+        order = sorted(range(len(self)), key=lambda i: (len(self.response_ids[i]), len(self.prompt_ids[i])))
+        return self.select(order)

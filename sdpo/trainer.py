@@ -158,7 +158,7 @@ class SDPOTrainer:
     def training_step(self) -> StepResult:
         """One generation batch: rollouts, rewards, teacher context, then the optimizer steps over it."""
         batch, problems_B, metrics = self.sample_and_score()
-        with self.timer("teacher"):
+        with self.timer("teacher_context"):  # reprompts and their token ids (and engine-side teacher scoring)
             metrics |= self.build_teacher_context(batch, problems_B)
         batch.advantages_B = group_advantages(batch.rewards_B, batch.group_ids_B, self.config.algorithm.norm_adv_by_std)
         with self.timer("update"):
@@ -249,7 +249,7 @@ class SDPOTrainer:
 
     def optimizer_step(self, minibatch: RolloutBatch, sums: MetricSums) -> None:
         counts = self.step_counts(minibatch)
-        micro_batches = list(minibatch.micro_batches(self.config.trainer.micro_batch_size))
+        micro_batches = list(minibatch.by_length().micro_batches(self.config.trainer.micro_batch_size))
         for i, micro in enumerate(micro_batches):
             with self.dist.micro_batch(last=i == len(micro_batches) - 1):
                 self.dist.backward(self.micro_batch_loss(micro, counts, sums))
@@ -272,7 +272,7 @@ class SDPOTrainer:
         distill_mask_BR = mask_BR & micro.distill_mask_B.to(device)[:, None] if self.teacher is not None else None
         teacher = None
         if self.teacher is not None:
-            with self.timer("teacher"), self._autocast():
+            with self.timer("teacher_forward"), self._autocast():  # counted apart from time/update
                 teacher = self.teacher.micro_batch_features(self.unwrapped, micro, pad_id, device, self.dist.any_rank)
         # Logit-level distillation (full / top-k) needs both models' logits, so it is computed chunk by chunk here;
         # the sampled-token forms need only log q(y_t) and live in the objective.

@@ -248,6 +248,23 @@ def test_token_logprobs_and_entropy_match_reference():
     assert torch.isfinite(entropy_from_logits(banned, 1.0)).all()
 
 
+@pytest.mark.parametrize("temperature", [0.6, 1.0])
+def test_sampled_token_logprobs_match_reference(temperature):
+    # The teacher's log q(y_t) via logsumexp, and the student's via log-softmax (temperature 1 skips the division).
+    from sdpo.losses.logprobs import sampled_token_logprobs
+
+    logits = rand(B, R, V, seed=18)
+    ids = torch.randint(0, V, (B, R), generator=torch.Generator().manual_seed(19))
+    reference = torch.stack([torch.stack([ref_log_softmax(list(logits[b, r]), temperature)[int(ids[b, r])]
+                                          for r in range(R)]) for b in range(B)])
+    close(sampled_token_logprobs(logits, ids, temperature), reference, 1e-12)
+    close(token_logprobs(logits, ids, temperature), reference, 1e-12)
+    half = logits.to(torch.bfloat16)
+    close(sampled_token_logprobs(half, ids, temperature), token_logprobs(half, ids, temperature), 1e-5)
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        sampled_token_logprobs(logits, ids, 0.0)
+
+
 def test_half_precision_logits_are_scored_in_float32():
     logits = torch.randn(B, R, V).to(torch.bfloat16)
     ids = torch.zeros(B, R, dtype=torch.long)

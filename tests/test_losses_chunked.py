@@ -113,3 +113,25 @@ def test_chunked_never_keeps_whole_sequence_logits_for_backward():
     chunked_saved = max_saved_numel(lambda: chunked(head, ref_head, hidden, ref_hidden, live_hidden, ids, kwargs, 2))
     assert direct_saved >= full_logits  # the check below can fail: the plain path does keep [B, R, V] tensors
     assert chunked_saved < B * 2 * V  # only chunk inputs (hidden slices), no logits at all
+
+
+@pytest.mark.parametrize("distill_kwargs", DISTILL, ids=lambda d: f"{d['mode']}-{d['alpha']}-{d['tail']}")
+@pytest.mark.parametrize("chunk_size", [3, R])
+def test_teacher_rows_equal_the_whole_batch_on_those_rows_and_zeros_elsewhere(distill_kwargs, chunk_size):
+    # The trainer passes the teacher features of the rows with a signal only (`teacher_rows`): their values and
+    # gradients must be the whole-batch ones, the other rows' teacher terms zeros.
+    head, ref_head, hidden, ref_hidden, live_hidden, ids = setup(seed=3)
+    rows = torch.tensor([1])
+    keep = torch.zeros(B, 1, dtype=F64)
+    keep[rows] = 1.0
+    expected = direct(head, ref_head, hidden, ref_hidden, live_hidden, ids, distill_kwargs)
+    expected["teacher_logp"] = expected["teacher_logp"] * keep
+    expected["distill"] = expected["distill"] * keep
+    got = chunked_response_terms(
+        hidden, head, ids, TEMPERATURE, chunk_size, teacher_features=[ref_hidden[rows], live_hidden[rows]],
+        teacher_heads=[ref_head, head], teacher_weights=[1 - MIX, MIX], distill_kwargs=distill_kwargs,
+        teacher_rows=rows)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-12, atol=1e-12)
+    for g_got, g_exp in zip(loss_and_grads(got, head, hidden), loss_and_grads(expected, head, hidden)):
+        torch.testing.assert_close(g_got, g_exp, rtol=1e-12, atol=1e-12)

@@ -38,7 +38,7 @@ def test_sdpo_step_changes_weights_and_moves_the_ema_teacher(tmp_path):
         torch.testing.assert_close(t1, 0.5 * t0 + 0.5 * p1)
     for key in ("reward/mean", "teacher/success_group_fraction", "teacher/feedback_fraction", "policy/entropy",
                 "distill/student_teacher_kl", "optim/grad_norm", "response/length_mean",
-                "time/generate", "time/score", "time/teacher", "time/update"):
+                "time/generate", "time/score", "time/teacher_context", "time/teacher_forward", "time/update"):
         assert key in metrics, key
 
 
@@ -151,3 +151,30 @@ def test_hf_engine_greedy_with_several_samples_repeats_the_greedy_answer(tmp_pat
     assert completions[0].token_ids == completions[1].token_ids == completions[2].token_ids
     single = trainer.engine.generate(prompts[:1], SamplingSettings(n=1, temperature=0.0, max_new_tokens=5))
     assert single[0].token_ids == completions[0].token_ids
+
+
+@pytest.mark.parametrize("algorithm", ["sdpo", "sdpo_grpo"])
+def test_length_sorted_micro_batches_give_the_same_loss_gradient(tmp_path, algorithm):
+    # The update cuts micro-batches from the mini-batch ordered by length (less padding); in float64 the gradient
+    # must be that of the unsorted micro-batches up to rounding.
+    trainer = make_trainer(tmp_path, f"algorithm={algorithm}", "model.dtype=float32", "rollout.max_new_tokens=12")
+    trainer.unwrapped.double()
+    trainer.teacher.model.double()
+    batch, problems_B = trainer.generate(trainer.next_questions())
+    # The random-init model never stops early: give the responses the ragged lengths real rollouts have.
+    batch.response_ids = [r[: 2 + (5 * i) % 11] for i, r in enumerate(batch.response_ids)]
+    trainer.score(batch, problems_B)
+    trainer.build_teacher_context(batch, problems_B)
+    from sdpo.losses import group_advantages
+
+    batch.advantages_B = group_advantages(batch.rewards_B, batch.group_ids_B)
+    ordered = batch.by_length()
+    lengths = [len(r) for r in ordered.response_ids]
+    assert lengths == sorted(lengths) and sorted(ordered.problem_ids) == sorted(batch.problem_ids)
+    assert [len(r) for r in batch.response_ids] != lengths, "the rollouts must come unsorted for the test to mean anything"
+    unsorted = loss_gradients(trainer, batch, 3)
+    by_length = loss_gradients(trainer, ordered, 3)
+    assert any(g.abs().sum() > 0 for g in unsorted)
+    for a, b in zip(unsorted, by_length):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)

@@ -136,7 +136,7 @@ def run_variant(name: str, model_dir: Path, args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         if i > 0:
             times.append(time.perf_counter() - start)
-            for key in ("time/teacher", "time/update"):
+            for key in ("time/teacher_context", "time/teacher_forward", "time/update"):
                 stages[key] = stages.get(key, 0.0) + metrics.get(key, 0.0) / args.steps
     result = {
         "variant": name,
@@ -145,7 +145,7 @@ def run_variant(name: str, model_dir: Path, args: argparse.Namespace) -> dict:
         "init_s": init_s,
         "memory_after_init_GiB": init_mem,
         "step_s": sum(times) / len(times),
-        "teacher_s": stages.get("time/teacher", 0.0),
+        "teacher_s": stages.get("time/teacher_context", 0.0) + stages.get("time/teacher_forward", 0.0),
         "update_s": stages.get("time/update", 0.0),
         "peak_memory_GiB": peak_memory_gib(),
         "tokens_per_step": args.questions * args.generations * args.response_len,

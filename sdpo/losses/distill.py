@@ -35,7 +35,8 @@ def log_softmax_temperature(logits: Tensor, temperature: float) -> Tensor:
         raise ValueError(f"temperature must be positive, got {temperature}")
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    return F.log_softmax(logits / temperature, dim=-1)
+    # At temperature 1 the division would only copy a [B, R, V] tensor (and keep it for the backward).
+    return F.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
 
 
 def gather_token(logp_BRV: Tensor, ids_BR: Tensor) -> Tensor:

@@ -26,9 +26,23 @@ def token_logprobs(logits_BRV: Tensor, ids_BR: Tensor, temperature: float) -> Te
     return gather_token(log_softmax_temperature(logits_BRV, temperature), ids_BR)
 
 
+def sampled_token_logprobs(logits_BRV: Tensor, ids_BR: Tensor, temperature: float) -> Tensor:
+    """`token_logprobs` as z[ids] - logsumexp(z), z = logits / temperature: a reduction instead of a whole [B, R, V]
+    log-softmax, for logits that need no gradient (the teacher's, when only its sampled-token log-prob is used)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    z_BRV = logits_BRV.float() if logits_BRV.dtype in (torch.float16, torch.bfloat16) else logits_BRV
+    z_BRV = z_BRV if temperature == 1.0 else z_BRV / temperature
+    return gather_token(z_BRV, ids_BR) - torch.logsumexp(z_BRV, dim=-1)
+
+
 def entropy_from_logits(logits_BRV: Tensor, temperature: float) -> Tensor:
     """Entropy of the temperature-scaled distribution at each position -> [B, R]."""
-    logp_BRV = log_softmax_temperature(logits_BRV, temperature)
+    return entropy_from_logprobs(log_softmax_temperature(logits_BRV, temperature))
+
+
+def entropy_from_logprobs(logp_BRV: Tensor) -> Tensor:
+    """Entropy from log-probs over the last dim -> [B, R]."""
     # A -inf logit (a banned token) has p = 0; clamping its log-prob keeps 0 * log 0 at 0 instead of NaN.
     return -(logp_BRV.exp() * logp_BRV.clamp(min=torch.finfo(logp_BRV.dtype).min)).sum(-1)
 
@@ -37,22 +51,41 @@ def _teacher_logits(features: Sequence[Tensor], heads: Sequence[Head], weights: 
     """sum_i w_i head_i(features_i), without gradient: one entry for a plain teacher, two for the trust region's
     lerp(ref_logits, live_logits, mix) (spec sec. 4)."""
     with torch.no_grad():
-        return sum(w * head(f.detach()) for f, head, w in zip(features, heads, weights, strict=True))
+        terms = [(head(f.detach()), w) for f, head, w in zip(features, heads, weights, strict=True)]
+        if len(terms) == 1 and terms[0][1] == 1.0:
+            return terms[0][0]  # a plain teacher: no [B, C, V] copies
+        # A fresh tensor first (the identity head under ZeRO-3 returns the features themselves), then in place.
+        logits = terms[0][0] * terms[0][1]
+        for term, w in terms[1:]:
+            logits.add_(term, alpha=w)
+        return logits
 
 
-def _chunk_terms(student_head, temperature, distill_kwargs, teacher_heads, teacher_weights,
+def _on_rows(values_bC: Tensor, rows: Tensor | None, num_rows: int) -> Tensor:
+    """Per-row values of a row selection as [num_rows, C] (zeros elsewhere; differentiable)."""
+    if rows is None:
+        return values_bC
+    return values_bC.new_zeros(num_rows, values_bC.shape[1]).index_copy(0, rows, values_bC)
+
+
+def _chunk_terms(student_head, temperature, distill_kwargs, teacher_heads, teacher_weights, teacher_rows,
                  features_BCX, ids_BC, *teacher_features_BCX):
     """All per-token outputs for one chunk of C positions. Positional tensors only, as checkpoint() wants."""
     logits_BCV = student_head(features_BCX)
-    out = {"logp": token_logprobs(logits_BCV, ids_BC, temperature)}
+    logp_BCV = log_softmax_temperature(logits_BCV, temperature)  # once, for the log-probs and the entropy
+    out = {"logp": gather_token(logp_BCV, ids_BC)}
     with torch.no_grad():
-        out["entropy"] = entropy_from_logits(logits_BCV, temperature)
+        out["entropy"] = entropy_from_logprobs(logp_BCV)
     if teacher_features_BCX:
-        teacher_logits_BCV = _teacher_logits(teacher_features_BCX, teacher_heads, teacher_weights)
-        out["teacher_logp"] = token_logprobs(teacher_logits_BCV, ids_BC, temperature)
+        # The teacher's rows only (`teacher_rows`); the other rows' teacher terms are zeros.
+        num_rows = ids_BC.shape[0]
+        ids_bC = ids_BC if teacher_rows is None else ids_BC[teacher_rows]
+        teacher_logits_bCV = _teacher_logits(teacher_features_BCX, teacher_heads, teacher_weights)
+        out["teacher_logp"] = _on_rows(sampled_token_logprobs(teacher_logits_bCV, ids_bC, temperature), teacher_rows, num_rows)
         if distill_kwargs is not None:
-            out["distill"] = distill_per_token(logits_BCV, teacher_logits_BCV, ids_BC,
-                                               temperature=temperature, **distill_kwargs)
+            student_bCV = logits_BCV if teacher_rows is None else logits_BCV[teacher_rows]
+            distill_bC = distill_per_token(student_bCV, teacher_logits_bCV, ids_bC, temperature=temperature, **distill_kwargs)
+            out["distill"] = _on_rows(distill_bC, teacher_rows, num_rows)
     return out
 
 
@@ -66,6 +99,7 @@ def chunked_response_terms(
     teacher_heads: Sequence[Head] | None = None,
     teacher_weights: Sequence[float] | None = None,
     distill_kwargs: dict | None = None,
+    teacher_rows: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Per-token terms of the response, computed `chunk_size` positions at a time.
 
@@ -73,7 +107,9 @@ def chunked_response_terms(
     student_head(f)[b, t] scores response_ids_BR[b, t]): final hidden states [B, R, H] with the output head, or
     logits [B, R, V] with the identity (`sdpo.models.ResponseFeatures`). Teacher: `teacher_features` (each aligned
     the same way under the teacher's context), `teacher_heads` (features -> logits) and `teacher_weights`; its logits
-    are sum_i w_i head_i(features_i), always without gradient.
+    are sum_i w_i head_i(features_i), always without gradient. `teacher_rows` (long, [b]): the teacher features are
+    those of these rows of the batch only ([b, R, X]); the other rows' teacher terms are zeros (they are masked), and
+    neither model's logits are projected for them on the teacher's account.
 
     Returns [B, R] tensors: "logp" (with grad) and "entropy" (detached); with a teacher also "teacher_logp"
     (detached) and, when `distill_kwargs` (mode, alpha, topk, tail; see `distill_per_token`) is given, "distill"
@@ -91,7 +127,8 @@ def chunked_response_terms(
         raise ValueError("distill_kwargs given without a teacher (teacher_features, teacher_heads, teacher_weights)")
 
     def run_chunk(*tensors: Tensor) -> dict[str, Tensor]:
-        return _chunk_terms(student_head, temperature, distill_kwargs, teacher_heads, teacher_weights, *tensors)
+        return _chunk_terms(student_head, temperature, distill_kwargs, teacher_heads, teacher_weights, teacher_rows,
+                            *tensors)
 
     pieces: list[dict[str, Tensor]] = []
     # max(R, 1): an empty response still yields one (empty) chunk, so every key is present with shape [B, 0].

@@ -186,24 +186,27 @@ TEACHER_KINDS.register("trust_region")(
 
 @dataclass
 class TeacherFeatures:
-    """Teacher logits = sum_i weights[i] * features[i].head(features[i].values_BRX), detached."""
+    """Teacher logits = sum_i weights[i] * features[i].head(features[i].values_BRX), detached; for the micro-batch's
+    rows `rows` only (None: every row), so that rows without a signal cost no vocabulary projection either."""
 
     features: list[ResponseFeatures]
     weights: list[float]
+    rows: Tensor | None = None
 
     def chunk_kwargs(self) -> dict[str, Any]:
         """The teacher arguments of `sdpo.losses.chunked_response_terms`."""
-        return {"teacher_features": [f.values_BRX for f in self.features],
+        return {"teacher_features": [f.values_BRX for f in self.features], "teacher_rows": self.rows,
                 "teacher_heads": [f.head for f in self.features], "teacher_weights": self.weights}
 
-    def scattered(self, rows: Tensor, num_rows: int, width: int) -> TeacherFeatures:
-        """Features of a row selection put back at `rows` of a [num_rows, width] batch (zeros elsewhere)."""
+    def of_rows(self, rows: Tensor, width: int) -> TeacherFeatures:
+        """These features (of a row selection) as the rows `rows` of a batch `width` positions wide: right-padded
+        with zeros to that width, rows kept compact."""
         out = []
         for f in self.features:
-            full = f.values_BRX.new_zeros(num_rows, width, f.values_BRX.shape[-1])
-            full[rows.to(full.device), : f.values_BRX.shape[1]] = f.values_BRX
-            out.append(ResponseFeatures(full, f.head, f.are_logits))
-        return TeacherFeatures(out, self.weights)
+            values = f.values_BRX
+            padded = torch.nn.functional.pad(values, (0, 0, 0, width - values.shape[1])) if values.shape[1] < width else values
+            out.append(ResponseFeatures(padded, f.head, f.are_logits))
+        return TeacherFeatures(out, self.weights, rows.to(out[0].values_BRX.device) if out else rows)
 
 
 class Teacher:
@@ -291,15 +294,16 @@ class Teacher:
 
     def micro_batch_features(self, policy: nn.Module, micro: RolloutBatch, pad_id: int, device: torch.device,
                              any_rank: Callable[[bool], bool]) -> TeacherFeatures | None:
-        """scorer=trainer: the teacher forward for the micro-batch's rows with a distillation signal (zeros elsewhere:
-        those rows are masked), or None when no rank needs one (`any_rank`: sharded, the forward is a collective)."""
+        """scorer=trainer: the teacher forward for the micro-batch's rows with a distillation signal (the others are
+        masked: their teacher terms are zeros), or None when no rank needs one (`any_rank`: sharded, the forward is
+        a collective)."""
         if self.config.scorer != "trainer" or not any_rank(bool(micro.distill_mask_B.any())):
             return None
         rows = micro.distill_mask_B.nonzero().flatten()
         if len(rows) == 0:  # sharded, another rank needs the teacher: join its forward with a stand-in row (masked)
             rows = torch.zeros(1, dtype=torch.long)
         features = self.features(policy, micro.select(rows).teacher_inputs(pad_id).to(device))
-        return features.scattered(rows, len(micro), micro.response_width)
+        return features.of_rows(rows, micro.response_width)
 
     @staticmethod
     def token_logp(micro: RolloutBatch, terms: dict[str, Tensor], distill_mask_BR: Tensor) -> Tensor | None:

@@ -1,0 +1,393 @@
+"""Where one default training step's time goes: per stage, and inside the update per part, with the update's model
+FLOPs utilisation against the matmul throughput this machine achieves in the model's shapes.
+
+    python benchmarks/profile_step.py --steps 4 --results benchmarks/results/profile_step.md
+
+Each precision (float32: `model.autocast_dtype=none`; bf16: `model.autocast_dtype=bfloat16`, measured only where the
+CPU runs bf16 natively) runs in its own process, on the default run's workload (configs/experiment/cpu.yaml:
+SmolLM2-135M-Instruct, 8 questions x 4 rollouts, 48 new tokens, lambda = 0.9 hybrid, the vLLM engine). The first step
+warms up and is not counted; the table gives the median of the others.
+
+Inside the update, the trainer's own stage timer (exclusive nesting, `sdpo.tracking.StageTimer`) is wrapped around
+the calls `micro_batch_loss` and `optimizer_step` make, so every second of the step lands in exactly one row:
+student forward (the transformer body up to the final hidden states), head and loss terms (`chunked_response_terms`:
+the student's and the teacher's vocabulary projections, log-softmax, entropy, distillation), objective, backward,
+optimizer (clip + AdamW), EMA (the teacher's lerp), and "update (rest)" (batch assembly, masks, metric sums).
+
+`--colocation` answers a different question: the same update (same batch, same weights) timed in a process without
+a vLLM engine, then again after an in-process vLLM engine has been built (vLLM's CPU worker binds threads and
+memory policy for the whole process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import functools
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import torch
+
+from benchmarks import machine
+
+PRECISIONS = {"float32": "model.autocast_dtype=none", "bf16": "model.autocast_dtype=bfloat16"}
+STAGES = ["generate", "score", "teacher_context", "teacher_forward", "update", "sync"]
+UPDATE_PARTS = ["student_forward", "head_and_terms", "objective", "backward", "optimizer", "ema"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model FLOPs
+
+
+def forward_flops(config, tokens: int, sequences: list[int], head_positions: int) -> float:
+    """Matmul FLOPs of one forward: the linear layers on `tokens` positions, causal attention over each sequence
+    (`sequences`: lengths), and the output head on `head_positions` (the response positions only)."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    linear = layers * (2 * h * h + 2 * h * kv + 3 * h * config.intermediate_size)  # q, o; k, v; gate, up, down
+    attention = sum(layers * 2 * h * n * n for n in sequences)  # QK^T and AV, causal half: 2 * (2 h n^2 / 2)
+    return 2 * linear * tokens + attention + 2 * h * config.vocab_size * head_positions
+
+
+class FlopCounter:
+    """Counts the tokens each forward of the update sees (padded and real), for the model FLOPs."""
+
+    def __init__(self, config) -> None:
+        self.config = config
+        self.real = {"student": 0.0, "teacher": 0.0}
+        self.padded = {"student": 0.0, "teacher": 0.0}
+
+    def record(self, who: str, inputs) -> None:
+        mask = inputs.attention_mask
+        lengths = mask.sum(-1).tolist()
+        responses = mask[:, inputs.prompt_width:].sum().item()
+        n, width = mask.shape
+        self.real[who] += forward_flops(self.config, sum(lengths), lengths, responses)
+        self.padded[who] += forward_flops(self.config, n * width, [width] * n, n * inputs.response_width)
+
+    def pop(self) -> dict[str, float]:
+        out = {f"flops/{k}_{who}": v[who] for k, v in (("real", self.real), ("padded", self.padded)) for who in v}
+        self.__init__(self.config)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# matmul peak
+
+
+def matmul_peak(config, rows: int, dtype: torch.dtype, seconds: float = 1.5) -> dict[str, float]:
+    """GFLOP/s of [rows, K] @ [K, N] in the model's shapes (forward and the backward's transposed products), and
+    their FLOP-weighted harmonic mean: the rate the update's matmuls could run at."""
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    shapes = {"q/o h->h": (h, h), "k/v h->kv": (h, kv), "mlp h->i": (h, i), "mlp i->h": (i, h), "head h->V": (h, v)}
+    weight = {"q/o h->h": 2, "k/v h->kv": 2, "mlp h->i": 2, "mlp i->h": 1, "head h->V": 0}  # per layer
+    rates, total_flops, total_time = {}, 0.0, 0.0
+    for name, (k, n) in shapes.items():
+        a, b = torch.randn(rows, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            a @ b
+            count += 1
+        rate = 2 * rows * k * n * count / (time.perf_counter() - start)
+        rates[name] = rate / 1e9
+        flops = 2 * rows * k * n * (weight[name] * config.num_hidden_layers if weight[name] else 1)
+        total_flops += flops
+        total_time += flops / rate
+    rates["weighted"] = total_flops / total_time / 1e9
+    return rates
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one precision, in its own process
+
+
+def timed(timer, name: str, fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with timer(name):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@contextlib.contextmanager
+def instrumented(trainer, flops: FlopCounter):
+    """Wrap the update's calls with the trainer's stage timer (and count the forwards' tokens); undone on exit."""
+    import sdpo.teacher.teacher as teacher_module
+    import sdpo.trainer as trainer_module
+
+    timer = trainer.timer
+    saved = {(trainer_module, k): getattr(trainer_module, k) for k in ("response_features", "chunked_response_terms", "objective")}
+    saved[(teacher_module, "response_features")] = teacher_module.response_features
+
+    def counted(who, fn):
+        def wrapper(model, inputs):
+            flops.record(who, inputs)
+            return fn(model, inputs)
+        return wrapper
+
+    trainer_module.response_features = timed(timer, "student_forward", counted("student", saved[(trainer_module, "response_features")]))
+    teacher_module.response_features = counted("teacher", saved[(teacher_module, "response_features")])
+    trainer_module.chunked_response_terms = timed(timer, "head_and_terms", saved[(trainer_module, "chunked_response_terms")])
+    trainer_module.objective = timed(timer, "objective", saved[(trainer_module, "objective")])
+    trainer.dist.backward = timed(timer, "backward", trainer.dist.backward)
+    trainer.dist.optimizer_step = timed(timer, "optimizer", trainer.dist.optimizer_step)
+    if trainer.teacher is not None:
+        trainer.teacher.update = timed(timer, "ema", trainer.teacher.update)
+    try:
+        yield
+    finally:
+        for (module, name), fn in saved.items():
+            setattr(module, name, fn)
+
+
+def force_length() -> None:
+    """Every training rollout runs to rollout.max_new_tokens (vLLM's min_tokens = max_tokens: EOS is held back), so
+    that a step's cost is measured at that length (the cost-growth runs)."""
+    from sdpo.rollout.vllm import VLLMEngine
+
+    params = VLLMEngine._sampling_params
+
+    def forced(self, sampling, prompt_index):
+        out = params(self, sampling, prompt_index)
+        out.min_tokens = out.max_tokens
+        return out
+
+    VLLMEngine._sampling_params = forced
+
+
+def make_trainer(overrides: list[str]):
+    from sdpo.trainer import SDPOTrainer
+
+    out = tempfile.mkdtemp(prefix="profile_step-")
+    return SDPOTrainer(overrides=[f"trainer.output_dir={out}", "eval.every=0", "logging.progress_bar=false",
+                                  "trainer.total_steps=1000", *overrides])
+
+
+def profile_one(overrides: list[str], steps: int) -> dict:
+    trainer = make_trainer(overrides)
+    flops = FlopCounter(trainer.unwrapped.config)
+    rows = []
+    with instrumented(trainer, flops):
+        for _ in range(steps + 1):
+            start = time.perf_counter()
+            result = trainer.training_step()
+            wall = time.perf_counter() - start
+            batch = result.batch
+            rows.append({**result.metrics, **flops.pop(), "wall": wall,
+                         "tokens/response": float(batch.response_lengths_B.sum()),
+                         "distill_rows": float(batch.distill_mask_B.sum()) if batch.distill_mask_B is not None else 0.0})
+    dtype = torch.bfloat16 if trainer.autocast_dtype == torch.bfloat16 else torch.float32
+    micro = trainer.config.trainer.micro_batch_size
+    width = int(statistics.median(r["flops/padded_student"] for r in rows))  # unused: shapes below use real rows
+    del width
+    peak = matmul_peak(trainer.unwrapped.config, micro * 96, dtype)
+    return {"steps": rows[1:], "peak": peak, "threads": torch.get_num_threads(), "dtype": str(dtype)}
+
+
+def colocation(overrides: list[str], repeats: int) -> dict:
+    """The same update timed without, then with, an in-process vLLM engine (weights restored before each run)."""
+    from sdpo.rollout import build_engine
+
+    trainer = make_trainer(["rollout=hf", *overrides])
+    result = trainer.training_step()  # a batch to replay (and a warm-up)
+    batch = result.batch
+    weights = copy.deepcopy(trainer.unwrapped.state_dict())
+    optim = copy.deepcopy(trainer.optimizer.state_dict())
+    ema = copy.deepcopy(trainer.teacher.state_dict()) if trainer.teacher is not None else None
+
+    def one_update() -> float:
+        trainer.unwrapped.load_state_dict(weights)
+        trainer.optimizer.load_state_dict(optim)
+        if ema is not None:
+            trainer.teacher.load_state_dict(ema)
+        replay = copy.copy(batch)
+        start = time.perf_counter()
+        trainer.update(replay)
+        trainer.timer.pop()
+        return time.perf_counter() - start
+
+    out = {"without_engine": [one_update() for _ in range(repeats)], "threads_before": torch.get_num_threads()}
+    config = trainer.config
+    engine_config = copy.deepcopy(config.rollout)
+    engine_config.engine = "vllm"
+    max_len = config.rollout.max_prompt_len + config.rollout.max_new_tokens
+    build_engine(engine_config, trainer.unwrapped, trainer.tokenizer, trainer.model_path, max_len, trainer.autocast_dtype)
+    out["threads_after_engine"] = torch.get_num_threads()
+    out["affinity_after_engine"] = sorted(os.sched_getaffinity(0))
+    out["with_engine"] = [one_update() for _ in range(repeats)]
+    from sdpo.precision import use_all_cores
+    out["threads_after_use_all_cores"] = use_all_cores()
+    out["with_engine_all_cores"] = [one_update() for _ in range(repeats)]
+    out["mempolicy_reset"] = default_memory_policy()
+    out["with_engine_default_mempolicy"] = [one_update() for _ in range(repeats)]
+    return out
+
+
+def default_memory_policy() -> int:
+    """Undo the strict NUMA MEMBIND that vLLM's CPU worker sets for the whole process (set_mempolicy(MPOL_DEFAULT));
+    0 on success."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(238, 0, None, 0)  # x86-64 SYS_set_mempolicy, MPOL_DEFAULT
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the driver
+
+
+def median(rows: list[dict], key: str) -> float:
+    return statistics.median(r.get(key, 0.0) for r in rows)
+
+
+def report(results: dict[str, dict], args: argparse.Namespace, command: str) -> str:
+    lines = [
+        "# One default training step, profiled",
+        "",
+        f"Machine: {machine.describe()}",
+        "",
+        f"Command: `{command}`",
+        "",
+        "Workload: the default run (configs/experiment/cpu.yaml: SmolLM2-135M-Instruct, 8 questions x 4 rollouts, at most "
+        "48 new tokens, lambda = 0.9 hybrid with the EMA teacher, vLLM engine in-process, one optimizer step of 4 "
+        f"micro-batches of 8), no evaluation; median of {args.steps} steps after one warm-up step. Each precision "
+        f"ran in its own process. Overrides on top: {' '.join(args.extra) or 'none'}"
+        f"{'; every rollout forced to rollout.max_new_tokens' if args.force_length else ''}.",
+        "",
+        "## Per stage and inside the update (seconds per step, median)",
+        "",
+        "| | " + " | ".join(results) + " |",
+        "|---|" + "---|" * len(results),
+    ]
+    rows = {name: r["steps"] for name, r in results.items()}
+    for stage in STAGES:
+        lines.append(f"| {stage} | " + " | ".join(f"{median(rows[n], f'time/{stage}'):.3f}" for n in results) + " |")
+    for part in UPDATE_PARTS:
+        lines.append(f"| update: {part} | " + " | ".join(f"{median(rows[n], f'time/{part}'):.3f}" for n in results) + " |")
+    lines.append("| **step (wall)** | " + " | ".join(f"**{median(rows[n], 'wall'):.2f}**" for n in results) + " |")
+    lines.append("| response tokens / step | " + " | ".join(f"{median(rows[n], 'tokens/response'):.0f}" for n in results) + " |")
+    lines.append("| rows with a teacher signal / 32 | " + " | ".join(f"{median(rows[n], 'distill_rows'):.0f}" for n in results) + " |")
+    lines += ["", "## The update's model FLOPs utilisation", "",
+              "Model FLOPs: the matmuls of the student forward (x3 with its backward) and of the teacher forward (x1), "
+              "each with the output head on the response positions, counted on the real tokens; \"padded\" counts "
+              "what the padded micro-batches compute. The compute time is student forward + teacher forward + head "
+              "and terms + backward; MFU is achieved FLOP/s over the measured matmul rate in the model's shapes "
+              "(FLOP-weighted over the layer shapes and the head, micro-batch of 8 x 96 rows).", "",
+              "| | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
+
+    def flops(rows_, kind):
+        return [3 * r[f"flops/{kind}_student"] + r[f"flops/{kind}_teacher"] for r in rows_]
+
+    def compute_s(r):
+        return sum(r.get(f"time/{p}", 0.0) for p in ("student_forward", "teacher_forward", "head_and_terms", "backward"))
+
+    def update_s(r):
+        return sum(r.get(f"time/{p}", 0.0) for p in ("update", "teacher_forward", *UPDATE_PARTS))
+
+    peak = {n: results[n]["peak"]["weighted"] for n in results}
+    table = {
+        "model GFLOP / step (real tokens)": lambda n: statistics.median(flops(rows[n], "real")) / 1e9,
+        "GFLOP / step as padded": lambda n: statistics.median(flops(rows[n], "padded")) / 1e9,
+        "compute time (s)": lambda n: median_of(rows[n], compute_s),
+        "whole update incl. teacher forward (s)": lambda n: median_of(rows[n], update_s),
+        "achieved GFLOP/s (compute time)": lambda n: statistics.median(f / compute_s(r) / 1e9 for f, r in zip(flops(rows[n], "real"), rows[n])),
+        "measured matmul peak, GFLOP/s": lambda n: peak[n],
+        "**MFU, compute time**": lambda n: statistics.median(f / compute_s(r) / 1e9 for f, r in zip(flops(rows[n], "real"), rows[n])) / peak[n],
+        "MFU, whole update": lambda n: statistics.median(f / update_s(r) / 1e9 for f, r in zip(flops(rows[n], "real"), rows[n])) / peak[n],
+    }
+    for label, fn in table.items():
+        lines.append(f"| {label} | " + " | ".join(_fmt(label, fn(n)) for n in results) + " |")
+    lines += ["", "Matmul rates in the model's shapes (GFLOP/s, [768, K] @ [K, N], torch threads as in the run):", "",
+              "| shape | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
+    for shape in next(iter(results.values()))["peak"]:
+        lines.append(f"| {shape} | " + " | ".join(f"{results[n]['peak'][shape]:.0f}" for n in results) + " |")
+    lines.append("")
+    lines.append("torch threads: " + ", ".join(f"{n} {r['threads']}" for n, r in results.items()))
+    return "\n".join(lines) + "\n"
+
+
+def median_of(rows, fn):
+    return statistics.median(fn(r) for r in rows)
+
+
+def _fmt(label: str, value: float) -> str:
+    return f"{value:.0%}" if "MFU" in label else f"{value:.2f}" if value < 100 else f"{value:.0f}"
+
+
+def colocation_report(result: dict, command: str) -> str:
+    def stats(xs):
+        return f"{statistics.median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})"
+
+    return "\n".join([
+        "# The update with and without an in-process vLLM engine", "",
+        f"Machine: {machine.describe()}", "", f"Command: `{command}`", "",
+        "One process, one batch (a default-workload step's rollouts, transformers engine), the weights, optimizer and "
+        "EMA state restored before each update; seconds per update (median, range):", "",
+        "| | seconds | torch threads |", "|---|---|---|",
+        f"| no engine in the process | {stats(result['without_engine'])} | {result['threads_before']} |",
+        f"| after building a vLLM engine in-process | {stats(result['with_engine'])} | {result['threads_after_engine']} |",
+        f"| same, after `use_all_cores()` | {stats(result['with_engine_all_cores'])} | {result['threads_after_use_all_cores']} |",
+        *([f"| same, NUMA memory policy back to default (rc {result['mempolicy_reset']}) | "
+           f"{stats(result['with_engine_default_mempolicy'])} | |"] if "mempolicy_reset" in result else []),
+        "", f"CPU affinity after the engine: {result['affinity_after_engine']}", ""])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--precisions", nargs="+", default=["float32", "bf16"], choices=list(PRECISIONS))
+    parser.add_argument("--extra", nargs="*", default=[], help="Hydra overrides for every run")
+    parser.add_argument("--results", default=None, help="markdown file to write")
+    parser.add_argument("--colocation", action="store_true", help="time the update without/with an in-process engine")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--force-length", action="store_true", help="every rollout runs to rollout.max_new_tokens")
+    parser.add_argument("--json", default=None, help="also write the raw per-step rows here")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one precision, JSON to this path
+    args = parser.parse_args()
+    command = shlex.join(["python", "benchmarks/profile_step.py", *sys.argv[1:]])
+    if args.one:
+        precision = args.one.split(":", 1)[0]
+        overrides = [PRECISIONS[precision], *args.extra]
+        if args.force_length:
+            force_length()
+        result = colocation(overrides, args.repeats) if args.colocation else profile_one(overrides, args.steps)
+        Path(args.one.split(":", 1)[1]).write_text(json.dumps(result))
+        return
+    results = {}
+    for precision in args.precisions:
+        if precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            print("bf16 skipped: not native on this CPU")
+            continue
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            subprocess.run([sys.executable, __file__, "--one", f"{precision}:{f.name}", "--steps", str(args.steps),
+                            "--repeats", str(args.repeats), *(["--colocation"] if args.colocation else []),
+                            *(["--force-length"] if args.force_length else []),
+                            "--extra", *args.extra], check=True)
+            results[precision] = json.loads(Path(f.name).read_text())
+    text = "\n\n".join(colocation_report(r, command) + f"\n(precision: {n})" for n, r in results.items()) \
+        if args.colocation else report(results, args, command)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results))
+    if args.results:
+        Path(args.results).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
