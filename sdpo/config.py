@@ -363,6 +363,16 @@ class OptimConfig:
 
 
 @dataclass
+class KeepBestConfig:
+    """Keep the checkpoint with the best held-out metric as checkpoints/best/ (sdpo/guards.py); needs eval.every."""
+
+    # A name sdpo/evaluation.py logs: eval/avg@<n>, eval/pass@<k>, eval/maj@<n> (n = eval.samples_per_question) or
+    # eval/response_length; None: off.
+    metric: str | None = None
+    maximize: bool = True
+
+
+@dataclass
 class TrainerConfig:
     seed: int = 0
     total_steps: int = 100  # generation batches
@@ -381,12 +391,20 @@ class TrainerConfig:
     keep_last: int = 2
     # "none", "auto" (newest complete checkpoint in output_dir) or a checkpoint path.
     resume: str = "none"
+    keep_best: KeepBestConfig = field(default_factory=KeepBestConfig)
+    # Stop when the keep_best metric is this much worse than its best (collapse); None: never stop early.
+    collapse_drop: float | None = None
 
     def __post_init__(self) -> None:
         check_range("trainer.total_steps", self.total_steps, 1)
         check_range("trainer.questions_per_step", self.questions_per_step, 1)
         check_range("trainer.micro_batch_size", self.micro_batch_size, 1)
         check_range("trainer.logits_chunk_size", self.logits_chunk_size, 1)
+        if self.collapse_drop is not None:
+            check_range("trainer.collapse_drop", self.collapse_drop, 0.0)
+            if self.keep_best.metric is None:
+                raise ConfigError("trainer.collapse_drop compares the held-out metric with its best: set "
+                                  "trainer.keep_best.metric (e.g. eval/avg@4) too")
         if self.questions_per_step % self.mini_batch_questions != 0:
             raise ConfigError(
                 f"trainer.questions_per_step={self.questions_per_step} must be a multiple of "
@@ -420,6 +438,12 @@ class EvalConfig:
         if self.pass_k is not None:
             return sorted(set(self.pass_k) | {n})
         return sorted({2**i for i in range(n.bit_length()) if 2**i <= n} | {n})
+
+    @property
+    def metric_names(self) -> list[str]:
+        """What sdpo/evaluation.py logs with these settings (maj@n only for environments that extract answers)."""
+        n = self.samples_per_question
+        return [f"eval/avg@{n}", *(f"eval/pass@{k}" for k in self.ks), f"eval/maj@{n}", "eval/response_length"]
 
 
 @dataclass
@@ -477,6 +501,12 @@ class SDPOConfig:
     def __post_init__(self) -> None:
         if self.trainer.mini_batch_questions > self.trainer.questions_per_step:
             raise ConfigError("trainer.mini_batch_questions cannot exceed trainer.questions_per_step")
+        best = self.trainer.keep_best.metric
+        if best is not None:
+            if not self.eval.every:
+                raise ConfigError(f"trainer.keep_best.metric={best!r} needs held-out evaluations: set eval.every "
+                                  "(e.g. eval.every=2), or trainer.keep_best.metric=null")
+            check_choice("trainer.keep_best.metric", best, self.eval.metric_names)
         algo = self.algorithm
         if algo.uses_teacher and algo.teacher.scorer == "engine":
             needs = {
