@@ -290,8 +290,8 @@ class SDPOTrainer:
             with self.timer("teacher"), self._autocast():
                 teacher = self.teacher.micro_batch_features(self.unwrapped, micro, pad_id, device, self.dist.any_rank)
         # Logit-level distillation (full / top-k) needs both models' logits, so it is computed chunk by chunk here;
-        # the sampled-token forms need only log q(y_t) and live in the objective.
-        logit_level = teacher is not None and acfg.mix == "loss" and acfg.distill.mode != "sampled_token"
+        # the sampled-token forms (token or sequence credit) need only log q(y_t) and live in the objective.
+        logit_level = teacher is not None and acfg.mix == "loss" and acfg.distill.logit_level
         with self._autocast():
             student = response_features(self.policy, micro.student_inputs(pad_id).to(device))
             terms = chunked_response_terms(
