@@ -56,6 +56,7 @@ def test_wrong_type_names_the_key():
         ("trainer.mini_batch_questions=3", "must be a multiple of trainer.mini_batch_questions=3"),
         ("algorithm.mix=advantage", "set algorithm.distill.mode=sampled_token"),
         ("algorithm.distill.mode=sampled_token", "set algorithm.distill.alpha=1.0"),
+        ("algorithm.distill.mode=sequence", "algorithm.distill.mode=sequence supports only the reverse KL"),
     ],
 )
 def test_invalid_values_say_what_to_fix(override, expected):
