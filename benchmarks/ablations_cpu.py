@@ -108,20 +108,23 @@ def main() -> None:
     common = [*args.base, *args.env, *args.sizes, "trainer.keep_last=1", "logging.progress_bar=false",
               "logging.samples_every=0", *args.extra]
     wanted = [name for _, _, name, _ in ROWS if args.only is None or name in args.only]
-    runs: dict[str, Path] = {}
+    runs = {name: Path(args.out) / name for name in dict.fromkeys(SAME_RUN.get(n, n) for n in wanted)}
     seconds: dict[str, float] = {}
     engine = None
-    for name in dict.fromkeys(SAME_RUN.get(n, n) for n in wanted):
-        out = Path(args.out) / name
-        runs[name] = out
-        if args.summarize_only:
-            continue
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-        _, engine, seconds[name] = train_run([f"ablation={name}", *common, f"trainer.output_dir={out}"], engine)
-        print(f"{name}: {seconds[name]:.0f} s", flush=True)
-    if engine is not None:
-        engine.close()
+    if not args.summarize_only:
+        for run in runs.values():
+            (run / "metrics.jsonl").unlink(missing_ok=True)
+        for name, out in runs.items():
+            _, engine, seconds[name] = train_run([f"ablation={name}", *common, f"trainer.output_dir={out}"], engine)
+            print(f"{name}: {seconds[name]:.0f} s", flush=True)
+            write_report(args, common, wanted, runs, seconds)  # after every run: a stopped benchmark keeps its rows
+        if engine is not None:
+            engine.close()
+    write_report(args, common, wanted, runs, seconds)
 
+
+def write_report(args: argparse.Namespace, common: list[str], wanted: list[str], runs: dict[str, Path],
+                 seconds: dict[str, float]) -> None:
     config = load_config([*common, f"ablation={wanted[0]}"])
     eval_key = f"eval/avg@{config.eval.samples_per_question}"
     env_text = " ".join(args.env)
@@ -161,6 +164,8 @@ def main() -> None:
     if seconds:
         lines += ["", f"Wall time: {sum(seconds.values()) / 60:.1f} min for {len(seconds)} runs "
                       f"({', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())})."]
+    if len(seconds) < len(runs) and not args.summarize_only:
+        lines += ["", f"Incomplete: {len(seconds)} of {len(runs)} runs finished when this was written."]
     report = "\n".join(lines) + "\n"
     print(report)
     if args.results:

@@ -87,19 +87,23 @@ def main() -> None:
     common = [*args.env, f"trainer.keep_best.metric={eval_key}", "trainer.keep_last=1", "logging.progress_bar=false",
               "logging.samples_every=2", "logging.num_samples=4", *args.extra]
     sizes = {"collapse": [f"trainer.total_steps={args.collapse_steps}", f"trainer.collapse_drop={args.collapse_drop}"]}
-    engine, seconds, used = None, {}, {}
-    for name in args.only:
+    engine, seconds = None, {}
+    used = {name: [*RUNS[name], *sizes.get(name, [f"trainer.total_steps={args.steps}"])] for name in args.only}
+    for name in args.only if not args.summarize_only else []:
         out = Path(args.out) / name
-        used[name] = [*RUNS[name], *sizes.get(name, [f"trainer.total_steps={args.steps}"])]
-        if args.summarize_only:
-            continue
         for stale in ("metrics.jsonl", "samples.jsonl"):
             (out / stale).unlink(missing_ok=True)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a stale best/ would be reported
         _, engine, seconds[name] = train_run([*common, *used[name], f"trainer.output_dir={out}"], engine)
         print(f"{name}: {seconds[name]:.0f} s", flush=True)
+        write_report(args, base, eval_key, used, seconds)  # after every run: a stopped benchmark keeps its runs
     if engine is not None:
         engine.close()
+    write_report(args, base, eval_key, used, seconds)
+
+
+def write_report(args: argparse.Namespace, base, eval_key: str, used: dict[str, list[str]],
+                 seconds: dict[str, float]) -> None:
     lines = [
         "# Failure-mode metrics and the collapse guard on a CPU task",
         "",
@@ -126,6 +130,8 @@ def main() -> None:
             lines += report_run(name, used[name], run_dir, eval_key)
     if seconds:
         lines.append(f"Wall time: {', '.join(f'{k} {v / 60:.1f} min' for k, v in seconds.items())}.")
+    if len(seconds) < len(used) and not args.summarize_only:
+        lines.append(f"Incomplete: {len(seconds)} of {len(used)} runs finished when this was written.")
     report = "\n".join(lines) + "\n"
     print(report)
     if args.results:
