@@ -79,13 +79,14 @@ def row_cells(run_dir: Path, eval_key: str) -> list[str]:
     last = train[-3:]
     start, end = (evals[0][1], evals[-1][1]) if evals else (float("nan"), float("nan"))
     best = max(v for _, v in evals) if evals else float("nan")
-    step_s = statistics.median([sum(v for k, v in r.items() if k.startswith("time/") and v) for r in train])
+    step_s = statistics.median([sum(v for k, v in r.items() if k.startswith("time/") and v) for r in train] or [0.0])
+    at = f" at step {evals[-1][0]}" if evals else ""
 
     def last_mean(key: str) -> str:
         values = [r[key] for r in last if r.get(key) is not None]
         return f"{mean(values):.2f}" if values else "-"
 
-    return [f"{start:.3f} -> {end:.3f} ({best:.3f})", last_mean("reward/mean"), last_mean("teacher/reprompt_fraction"),
+    return [f"{start:.3f} -> {end:.3f}{at} ({best:.3f}); {len(train)} steps", last_mean("reward/mean"), last_mean("teacher/reprompt_fraction"),
             last_mean("diagnostics/echo_template_fraction"), last_mean("diagnostics/echo_feedback_fraction"),
             last_mean("diagnostics/demo_copy"), last_mean("diagnostics/entropy_drift"),
             last_mean("diagnostics/length_drift"), f"{step_s:.1f}"]
@@ -143,7 +144,7 @@ def write_report(args: argparse.Namespace, common: list[str], wanted: list[str],
         f"{config.eval.num_questions or 'all'} test questions every {config.eval.every} steps (temperature "
         f"{config.eval.temperature}). Rows marked = are the same run as the EMA row.",
         "",
-        "Columns: held-out start -> final (best); the last 3 steps' means of the training reward, the fraction of rollouts "
+        "Columns: held-out start -> final (best) and the steps trained; the last 3 steps' means of the training reward, the fraction of rollouts "
         "with a teacher signal, and the failure-mode metrics (sdpo/diagnostics.py: template echo, feedback echo, "
         "demonstration copying, entropy change and length ratio against step 1); median seconds per step.",
         "",
