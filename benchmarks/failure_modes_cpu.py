@@ -126,7 +126,7 @@ def write_report(args: argparse.Namespace, base, eval_key: str, used: dict[str, 
     ]
     for name in args.only:
         run_dir = Path(args.out) / name
-        if (run_dir / "metrics.jsonl").exists():
+        if (run_dir / "metrics.jsonl").exists() and read_metrics(run_dir):
             lines += report_run(name, used[name], run_dir, eval_key)
     if seconds:
         lines.append(f"Wall time: {', '.join(f'{k} {v / 60:.1f} min' for k, v in seconds.items())}.")
