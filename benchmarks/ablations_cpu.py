@@ -17,20 +17,20 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 import shlex
 import statistics
 import sys
 import time
-from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-from machine import describe
+from machine import describe  # noqa: E402
 
-from sdpo.hydra_config import load_config
-from sdpo.tracking import read_metrics
+from sdpo.hydra_config import load_config  # noqa: E402
+from sdpo.tracking import read_metrics  # noqa: E402
 
 # (table, setting, ablation preset, the paper's number: spec sections 4 and 8)
 ROWS = [

@@ -19,22 +19,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 import shlex
 import shutil
 import sys
 import time
-from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-from ablations_cpu import train_run
-from machine import describe
+from ablations_cpu import train_run  # noqa: E402
+from machine import describe  # noqa: E402
 
-from sdpo.console import summary
-from sdpo.hydra_config import load_config
-from sdpo.tracking import read_metrics
+from sdpo.console import summary  # noqa: E402
+from sdpo.hydra_config import load_config  # noqa: E402
+from sdpo.tracking import read_metrics  # noqa: E402
 
 RUNS = {
     "hybrid": [],

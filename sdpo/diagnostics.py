@@ -34,10 +34,10 @@ All functions below are pure (text, word lists, numbers); `FailureModes` holds t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import math
 import re
 import string
-from collections.abc import Sequence
 
 from sdpo.config import RepromptConfig
 

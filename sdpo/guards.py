@@ -11,8 +11,8 @@ keeps them; since `best/` is only ever replaced by a better value, its record wi
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
+import json
 from pathlib import Path
 from typing import Any
 

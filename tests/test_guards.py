@@ -4,6 +4,7 @@ right step and not before; bad settings are config errors that say what to set."
 
 from __future__ import annotations
 
+
 import pytest
 from conftest import TINY_OVERRIDES
 from toy_envs import ParityEnv, ParityEnvConfig
