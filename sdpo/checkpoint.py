@@ -66,14 +66,19 @@ def latest_checkpoint(root: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def staging_dir(root: Path, step: int) -> Path:
+def checkpoint_name(step: int, name: str | None = None) -> str:
+    """`step-000123`, or a fixed `name` (`best`: sdpo/guards.py) that `keep_last` rotation and resume never touch."""
+    return name or f"{PREFIX}{step:06d}"
+
+
+def staging_dir(root: Path, step: int, name: str | None = None) -> Path:
     """Where the checkpoint of `step` is written before it is renamed into place (the same path on every rank)."""
-    return root / f".tmp-{PREFIX}{step:06d}"
+    return root / f".tmp-{checkpoint_name(step, name)}"
 
 
-def start(root: Path, step: int) -> Path:
+def start(root: Path, step: int, name: str | None = None) -> Path:
     """Main process: an empty staging directory (a leftover of a killed save is discarded)."""
-    staging = staging_dir(root, step)
+    staging = staging_dir(root, step, name)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     return staging
@@ -173,17 +178,22 @@ def load_model_weights(model: torch.nn.Module, path: Path) -> None:
                            f"unexpected {unexpected[:5]}")
 
 
-def finish(root: Path, staging: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
+def finish(root: Path, staging: Path, step: int, state: dict[str, Any], keep_last: int, name: str | None = None) -> Path:
     """Main process, after every rank wrote its part: trainer state, marker, rename, prune old checkpoints."""
     torch.save(state, staging / STATE_FILE)
     if os.environ.get(PAUSE_ENV) == str(step):
         (staging / "PAUSED").touch()
         time.sleep(3600)
     (staging / COMPLETE).write_text(str(step))
-    final = root / f"{PREFIX}{step:06d}"
-    if final.exists():  # a re-save of the same step (a resumed run): the old copy goes only once the new one is whole
-        shutil.rmtree(final)
-    staging.rename(final)
+    final = root / checkpoint_name(step, name)
+    if final.exists():  # a re-save (a resumed run's step, a better `best`): the old copy goes once the new one is whole
+        old = root / f".old-{final.name}"
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        staging.rename(final)
+        shutil.rmtree(old)
+    else:
+        staging.rename(final)
     if keep_last > 0:
         for old in checkpoint_dirs(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)

@@ -167,6 +167,9 @@ def summary(run_dir: str | Path, log_file: str | Path | None = None) -> str:
                     f"{last_step} (best {best:.3f} at step {best_step})")
     else:
         accuracy = "no held-out evaluation (eval.every=0)"
+    kept = _kept_best(run_dir, rows)
+    if kept:
+        accuracy += "\n" + kept
     where = [f"curve {run_dir / 'reward_curve.png'}"]
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
     if checkpoint is not None:
@@ -174,6 +177,22 @@ def summary(run_dir: str | Path, log_file: str | Path | None = None) -> str:
     if log_file:
         where.append(f"log {log_file}")
     return f"done: {steps} step{'s' if steps != 1 else ''}; {accuracy}\n" + " · ".join(where)
+
+
+def _kept_best(run_dir: Path, rows: list[dict[str, Any]]) -> str:
+    """trainer.keep_best: the best checkpoint's metric, value, step and path, the final value, and a collapse stop."""
+    from sdpo.guards import read_record
+
+    record = read_record(run_dir / "checkpoints")
+    if record is None:
+        return ""
+    metric = record["metric"]
+    finals = [(r["step"], r[metric]) for r in rows if r.get(metric) is not None]
+    final = f"; final {finals[-1][1]:.3f} at step {finals[-1][0]}" if finals else ""
+    text = f"kept best {metric} {record['value']:.3f} at step {record['step']} ({record['path']}){final}"
+    if any(r.get("guard/collapse_stop") for r in rows):
+        text += f"; stopped at step {rows[-1]['step']}: the held-out metric fell trainer.collapse_drop below its best"
+    return text
 
 
 def progress_postfix(metrics: dict[str, Any], shown: dict[str, str]) -> dict[str, str]:

@@ -40,10 +40,12 @@ from sdpo import checkpoint as ckpt
 from sdpo.batch import RolloutBatch, pad_right
 from sdpo.config import SDPOConfig
 from sdpo.console import progress_postfix
+from sdpo.diagnostics import FailureModes, context_metrics, too_small_to_move
 from sdpo.distributed import Distributed
 from sdpo.envs import Environment, Problem
 from sdpo.envs.sampler import QuestionSampler
 from sdpo.evaluation import evaluate
+from sdpo.guards import BEST_DIR, BestCheckpoint
 from sdpo.inputs import resolve_inputs
 from sdpo.losses import chunked_response_terms, group_advantages
 from sdpo.losses.objective import MetricSums, StepCounts, TokenInputs, objective
@@ -104,6 +106,7 @@ class SDPOTrainer:
         optimizer = self._optimizer(model)
         self.policy, self.optimizer = self.dist.prepare(model, optimizer)
         self.trainable = self.dist.trainable
+        self.num_weights = sum(getattr(p, "ds_numel", p.numel()) for p in self.trainable)  # ds_numel: ZeRO-3 partitions
         for weights in (self.teacher, self.reference):
             if weights is not None:
                 weights.place(self.unwrapped, self.dist.place_copy)
@@ -115,6 +118,8 @@ class SDPOTrainer:
             self.teacher.check_engine(self.engine)
 
         self.step, self.timer = 0, StageTimer()
+        self.failure_modes = FailureModes()  # sdpo/diagnostics.py: echo, copying, drift, vanishing updates
+        self.best = BestCheckpoint(tcfg.keep_best, tcfg.collapse_drop, self.run_dir / "checkpoints")
         if tcfg.resume != "none":
             self._resume(tcfg.resume)
         self.tracker = Tracker(config.logging, self.run_dir, OmegaConf.to_container(OmegaConf.structured(config)),
@@ -134,20 +139,25 @@ class SDPOTrainer:
         bar = tqdm(total=cfg.trainer.total_steps, initial=self.step, desc=cfg.algorithm.name,
                    disable=not (self.dist.is_main and cfg.logging.progress_bar))
         if cfg.eval.every and cfg.eval.at_start and self.step == 0:
-            self.tracker.log(self.evaluate(), self.step)
+            at_start = self.evaluate()
+            self.keep_best(at_start)
+            self.tracker.log(at_start, self.step)
         metrics: dict[str, float] = {}
         shown: dict[str, str] = {}  # the progress bar's fields
         while self.step < cfg.trainer.total_steps:
             result = self.training_step()
-            metrics = result.metrics
+            metrics, collapsed = result.metrics, False
             self._log_samples(result.batch)
             if cfg.eval.every and self.step % cfg.eval.every == 0:
                 metrics.update(self.evaluate())
+                collapsed = self.keep_best(metrics)
             self.tracker.log(metrics, self.step)
             bar.update(1)
             bar.set_postfix(progress_postfix(metrics, shown))
             if cfg.trainer.save_every and self.step % cfg.trainer.save_every == 0:
                 self.save()
+            if collapsed:
+                break
         bar.close()
         self.save()
         if self.dist.is_main:
@@ -166,6 +176,7 @@ class SDPOTrainer:
         with self.timer("sync"):
             sync = self.engine.sync_weights(self.unwrapped)
         metrics |= {"sync/seconds": sync.seconds, "sync/mib": sync.bytes / 2**20, **sync.extra}
+        metrics |= self.failure_modes.drift(metrics)
         self.step += 1
         return StepResult(metrics | self.timer.pop(), batch)
 
@@ -224,12 +235,14 @@ class SDPOTrainer:
         reprompts = group_reprompts(f"{self.config.trainer.seed}:{self.step}", rcfg, problems_B, batch.response_text,
                                     rewards, batch.feedback, groups)
         stats = reprompt_stats(reprompts, rewards, groups, rcfg.success_reward_threshold)
+        failure_modes = context_metrics(rcfg, [p.question for p in problems_B], batch.response_text,
+                                        [r.solution for r in reprompts], [r.feedback for r in reprompts], rewards, groups)
         if self.teacher is not None:
             batch.teacher_prompt_ids = teacher_prompt_ids(reprompts, batch.prompt_ids, self.tokenizer, rcfg,
                                                          self.config.model.chat_template_kwargs)
             batch.distill_mask_B = torch.tensor([r.has_signal for r in reprompts])
             self.teacher.score_with_engine(batch, self.engine)
-        return self.dist.reduce_mean({f"teacher/{k}": v for k, v in vars(stats).items()})
+        return self.dist.reduce_mean({f"teacher/{k}": v for k, v in vars(stats).items()} | failure_modes)
 
     def update(self, batch: RolloutBatch) -> dict[str, float]:
         """Optimizer steps over mini-batches of whole groups; several per generation batch make them off-policy."""
@@ -264,6 +277,8 @@ class SDPOTrainer:
         else:
             log.warning("step %d: non-finite grad norm, optimizer step skipped", self.step)
         sums.add("optim/skipped_steps", float(not applied), 1)
+        small = applied and too_small_to_move(grad_norm, self.num_weights, self.config.trainer.optim.eps)
+        sums.add("diagnostics/small_grad_fraction", float(small), 1)
 
     def micro_batch_loss(self, micro: RolloutBatch, counts: StepCounts, sums: MetricSums) -> Tensor:
         """The loss of one micro-batch, normalised by the optimizer step's global counts (summed over micro-batches)."""
@@ -275,8 +290,8 @@ class SDPOTrainer:
             with self.timer("teacher_forward"), self._autocast():  # counted apart from time/update
                 teacher = self.teacher.micro_batch_features(self.unwrapped, micro, pad_id, device, self.dist.any_rank)
         # Logit-level distillation (full / top-k) needs both models' logits, so it is computed chunk by chunk here;
-        # the sampled-token forms need only log q(y_t) and live in the objective.
-        logit_level = teacher is not None and acfg.mix == "loss" and acfg.distill.mode != "sampled_token"
+        # the sampled-token forms (token or sequence credit) need only log q(y_t) and live in the objective.
+        logit_level = teacher is not None and acfg.mix == "loss" and acfg.distill.logit_level
         with self._autocast():
             student = response_features(self.policy, micro.student_inputs(pad_id).to(device))
             terms = chunked_response_terms(
@@ -308,14 +323,28 @@ class SDPOTrainer:
     # ------------------------------------------------------------------------------------------------------------
     # checkpoints
 
-    def save(self) -> Path | None:
-        """A checkpoint of everything the next step depends on (sdpo/checkpoint.py); every process takes part."""
+    def keep_best(self, metrics: dict[str, float]) -> bool:
+        """After an evaluation: save checkpoints/best/ on a better held-out value (trainer.keep_best); True when the
+        value fell trainer.collapse_drop below the best (sdpo/guards.py)."""
+        verdict = self.best.observe(metrics, self.step)
+        if verdict.improved:
+            self.save(BEST_DIR)
+        if verdict.collapsed:
+            best = self.best.best
+            log.warning("step %d: %s=%.4f fell %.4f or more below its best %.4f (step %d): stopping (trainer.collapse_drop)",
+                        self.step, best.metric, metrics[best.metric], self.config.trainer.collapse_drop, best.value, best.step)
+            metrics["guard/collapse_stop"] = 1.0
+        return verdict.collapsed
+
+    def save(self, name: str | None = None) -> Path | None:
+        """A checkpoint of everything the next step depends on (sdpo/checkpoint.py); every process takes part.
+        `name`: a fixed directory instead of step-<step> (`best`), which rotation and resume leave alone."""
         root = self.run_dir / "checkpoints"
         self.dist.wait()
         if self.dist.is_main:
-            ckpt.start(root, self.step)
+            ckpt.start(root, self.step, name)
         self.dist.wait()
-        staging = ckpt.staging_dir(root, self.step)
+        staging = ckpt.staging_dir(root, self.step, name)
         self.dist.write_rng_state(staging)
         self.dist.wait()
         weights, optimizer = self.dist.policy_state(staging)  # whole weights (None: unsplit) and optimizer state
@@ -324,8 +353,11 @@ class SDPOTrainer:
         if self.dist.is_main:
             ckpt.save_model(self.unwrapped, self.tokenizer, staging, state_dict=weights)
             state = {"step": self.step, "world_size": self.dist.world, "optimizer": optimizer,
-                     "scheduler": self.scheduler.state_dict(), "teacher": teacher, "sampler": self.sampler.state_dict()}
-            path = ckpt.finish(root, staging, self.step, state, self.config.trainer.keep_last)
+                     "scheduler": self.scheduler.state_dict(), "teacher": teacher, "sampler": self.sampler.state_dict(),
+                     "failure_modes": self.failure_modes.state_dict(), "best": self.best.state_dict()}
+            if name == BEST_DIR:
+                self.best.write_record(staging)
+            path = ckpt.finish(root, staging, self.step, state, self.config.trainer.keep_last, name)
         self.dist.wait()
         return path
 
@@ -340,6 +372,8 @@ class SDPOTrainer:
         if self.teacher is not None:
             self.teacher.load_state_dict(state["teacher"])
         self.sampler.load_state_dict(state["sampler"])
+        self.failure_modes.load_state_dict(state.get("failure_modes", {}))  # .get: checkpoints from before issue #16
+        self.best.load_state_dict(state.get("best", {}))
         self.dist.restore_rng_state(path, state["world_size"])
         self.step = state["step"]
         log.info("resumed from %s at step %d", path, self.step)

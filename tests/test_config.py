@@ -56,6 +56,7 @@ def test_wrong_type_names_the_key():
         ("trainer.mini_batch_questions=3", "must be a multiple of trainer.mini_batch_questions=3"),
         ("algorithm.mix=advantage", "set algorithm.distill.mode=sampled_token"),
         ("algorithm.distill.mode=sampled_token", "set algorithm.distill.alpha=1.0"),
+        ("algorithm.distill.mode=sequence", "algorithm.distill.mode=sequence supports only the reverse KL"),
     ],
 )
 def test_invalid_values_say_what_to_fix(override, expected):
@@ -133,7 +134,7 @@ def test_no_yaml_leaf_restates_the_value_it_overrides(relative, tmp_path):
     register_configs()
     with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
         parent = compose(config_name="config", overrides=[f"{group}={option}"] if group else [])
-    scope = "" if group in (None, "experiment") else group
+    scope = "" if group is None or header else group  # a global-package file (experiment, ablation) sets full keys
     restated = [key for key, value in yaml_leaves(body, scope).items()
                 if OmegaConf.select(parent, key, throw_on_missing=False) == value]
     assert not restated, f"configs/{relative} restates what it overrides: {restated}"

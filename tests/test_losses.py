@@ -32,6 +32,7 @@ from sdpo.losses import (
     topk_support,
     truncated_is_weights,
 )
+from sdpo.losses.distill import sequence_distill
 
 F64 = torch.float64
 B, R, V = 2, 3, 7
@@ -225,8 +226,49 @@ def test_sampled_token_rejects_other_alpha_and_unknown_mode_lists_names():
     ids = torch.zeros(1, 1, dtype=torch.long)
     with pytest.raises(ValueError, match="alpha=1.0"):
         distill_per_token(x, x, ids, "sampled_token", 0.5, 0, False, 1.0)
-    with pytest.raises(KeyError, match="full_logits, sampled_token, topk_logits"):
+    with pytest.raises(KeyError, match="full_logits, sampled_token, sequence, topk_logits"):
         distill_per_token(x, x, ids, "logits", 1.0, 0, False, 1.0)
+
+
+def ref_sequence(s_logp, q_logp, mask):
+    """Sequence-level credit, loop-style: each real token's loss is -(mean over the row's real tokens of q - s) * s."""
+    rows = []
+    for b in range(s_logp.shape[0]):
+        real = [t for t in range(s_logp.shape[1]) if mask[b, t]]
+        advantage = sum((q_logp[b, t] - s_logp[b, t]).detach() for t in real) / max(len(real), 1)
+        rows.append(torch.stack([-advantage * s_logp[b, t] if mask[b, t] else 0.0 * s_logp[b, t]
+                                 for t in range(s_logp.shape[1])]))
+    return torch.stack(rows)
+
+
+def test_sequence_credit_matches_reference_and_gives_every_token_its_rows_mean_advantage():
+    s_logp, q_logp = -rand(3, 4, seed=40).abs(), -rand(3, 4, seed=41).abs()
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    s_grad, q_grad = grads_match(lambda s, q: sequence_distill(s, q, mask), lambda s, q: ref_sequence(s, q, mask),
+                                 [s_logp, q_logp])
+    assert q_grad is None  # the advantage is detached
+    s, q = s_logp.detach(), q_logp.detach()
+    (grad,) = torch.autograd.grad(sequence_distill(s_logp, q_logp, mask).sum(), s_logp)
+    expected = -((q - s) * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1) * mask
+    close(grad, expected)
+    assert (grad[0, :3] == grad[0, 0]).all() and grad[0, 3] == 0 and (grad[2] == 0).all()
+
+
+def test_sequence_mode_from_logits_matches_reference():
+    s_logits, t_logits = rand(B, R, V, seed=42, scale=2.0), rand(B, R, V, seed=43, scale=2.0)
+    ids = torch.randint(0, V, (B, R), generator=torch.Generator().manual_seed(44))
+    full = torch.ones(B, R, dtype=torch.bool)
+
+    def ref(s, t):
+        s_y = torch.stack([torch.stack([ref_log_softmax([s[b, r, v] for v in range(V)], 0.7)[int(ids[b, r])]
+                                        for r in range(R)]) for b in range(B)])
+        q_y = torch.stack([torch.stack([ref_log_softmax([t[b, r, v] for v in range(V)], 0.7)[int(ids[b, r])]
+                                        for r in range(R)]) for b in range(B)]).detach()
+        return ref_sequence(s_y, q_y, full)
+
+    grads_match(lambda s, t: distill_per_token(s, t, ids, "sequence", 1.0, 0, False, 0.7), ref, [s_logits, t_logits])
+    with pytest.raises(ValueError, match="alpha=1.0"):
+        distill_per_token(s_logits, t_logits, ids, "sequence", 0.5, 0, False, 0.7)
 
 
 def test_token_logprobs_and_entropy_match_reference():
@@ -477,5 +519,5 @@ def test_masked_mean():
 
 
 def test_registries_cover_the_documented_names():
-    assert DISTILL_MODES.names() == ["full_logits", "sampled_token", "topk_logits"]
+    assert DISTILL_MODES.names() == ["full_logits", "sampled_token", "sequence", "topk_logits"]
     assert ADVANTAGE_ESTIMATORS.names() == ["grpo"]

@@ -54,11 +54,44 @@ def stand_in(experiment: str, tmp_path) -> list[str]:
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_preset_builds_its_environment_and_takes_a_step(experiment, tmp_path):
-    config = load_config([f"experiment={experiment}", *SMALL, *stand_in(experiment, tmp_path),
-                          f"trainer.output_dir={tmp_path / 'run'}"])
+    take_a_step([f"experiment={experiment}", *SMALL, *stand_in(experiment, tmp_path),
+                 f"trainer.output_dir={tmp_path / 'run'}"])
+
+
+ABLATIONS = sorted(p.stem for p in (CONFIG_DIR / "ablation").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS)
+def test_ablation_takes_a_step_on_the_cpu_preset(ablation, tmp_path):
+    """Each paper ablation (configs/ablation/) on the CPU preset's arithmetic task with feedback (so that every
+    feedback type has something to show the teacher); paper scale swaps the preset: experiment=<name> ablation=..."""
+    take_a_step([f"ablation={ablation}", "env.feedback=true", *SMALL, f"trainer.output_dir={tmp_path / 'run'}"])
+
+
+def test_ablations_set_what_their_names_say():
+    def algo(ablation):
+        return load_config([f"ablation={ablation}"]).algorithm
+
+    assert [algo(f"teacher_{k}").teacher.kind for k in ("live", "frozen", "ema", "trust_region")] == \
+        ["live", "frozen", "ema", "trust_region"]
+    assert all(algo(a).grpo_weight == 0.0 for a in ABLATIONS if a not in ("credit_grpo", "lambda_hybrid"))
+    assert (algo("credit_grpo").grpo_weight, algo("lambda_hybrid").grpo_weight) == (1.0, 0.9)
+    assert [algo(f"credit_{c}").distill.mode for c in ("token", "sequence", "logits")] == \
+        ["sampled_token", "sequence", "topk_logits"]
+    reprompt = {a: algo(a).reprompt for a in ("feedback_solution_only", "feedback_only", "feedback_both",
+                                               "feedback_own_attempt")}
+    assert [(r.include_solution, r.include_environment_feedback, r.include_own_attempt) for r in reprompt.values()] == \
+        [(True, False, False), (False, True, False), (True, True, False), (True, True, True)]
+    # Paper scale: the same ablation on a paper preset keeps the preset's own settings.
+    paper = load_config(["experiment=livecodebench", "ablation=teacher_live"]).algorithm
+    assert (paper.teacher.kind, paper.distill.topk, paper.teacher.update_rate) == ("live", 20, 0.01)
+
+
+def take_a_step(overrides):
+    config = load_config(overrides)
     trainer = SDPOTrainer(config)
     try:
-        assert trainer.train_problems, f"experiment={experiment}: no training question fits"
+        assert trainer.train_problems, f"{overrides[0]}: no training question fits"
         before = [p.detach().clone() for p in trainer.trainable]
         result = trainer.training_step()
         assert trainer.step == 1 and len(result.batch) == config.rollout.num_generations

@@ -108,6 +108,26 @@ def test_the_students_own_attempt_is_never_in_the_teacher_prompt():
     assert "MY OWN ATTEMPT" not in reprompts[0].user_text(CFG)
 
 
+def test_table_6_feedback_types_solution_only_feedback_only_and_own_attempt():
+    kwargs = dict(feedback=["wrong", ""], responses=["MY OWN ATTEMPT", "good"])
+    solution_only = build([0.0, 1.0], config=RepromptConfig(include_environment_feedback=False), **kwargs)[0]
+    assert (solution_only.solution, solution_only.feedback) == ("good", None)
+    feedback_only = build([0.0, 1.0], config=RepromptConfig(include_solution=False), **kwargs)
+    assert (feedback_only[0].solution, feedback_only[0].feedback) == (None, "wrong")
+    assert not feedback_only[1].has_signal  # the success has no feedback and, here, no demonstration either
+    own = build([0.0, 1.0], config=RepromptConfig(include_own_attempt=True), **kwargs)
+    assert own[0].user_text(CFG) == (
+        "What is 0 + 1?\nCorrect solution:\n\ngood\n\n"
+        "\nYour earlier attempt:\n\nMY OWN ATTEMPT\n\n"
+        "\nThe following is feedback from your unsuccessful earlier attempt:\n\nwrong\n\n"
+        "\n\nCorrectly solve the original question.\n"
+    )
+    # The own attempt alone is no signal: a lone success still gets no distillation.
+    assert not build([1.0], config=RepromptConfig(include_own_attempt=True))[0].has_signal
+    with pytest.raises(ValueError, match="leave the teacher nothing to learn from"):
+        RepromptConfig(include_solution=False, include_environment_feedback=False)
+
+
 def test_messages_keep_system_and_replace_the_last_user_message():
     reprompts = build([0.0, 1.0], responses=["bad", "good"])
     messages = reprompts[0].messages(CFG)

@@ -1,6 +1,7 @@
 """Self-distillation losses: per-token divergences between student and (stop-gradient) teacher (spec sec. 3).
 
-Three modes (`DISTILL_MODES`): `sampled_token` (the sampled token only, a policy-gradient form of reverse KL),
+Four modes (`DISTILL_MODES`): `sampled_token` (the sampled token only, a policy-gradient form of reverse KL),
+`sequence` (the same with one advantage per response: sequence-level credit, an ablation),
 `full_logits` (the whole vocabulary) and `topk_logits` (the student's top-k ids, plus a tail bucket or
 renormalised). The divergence over a support is chosen by `alpha`: 0 forward KL, 1 reverse KL, else generalised JSD.
 """
@@ -117,6 +118,30 @@ def sampled_token_distill(student_logp_BR: Tensor, teacher_logp_BR: Tensor, adva
     """The sampled-token loss from the two log-probs of the sampled tokens (also when an engine scored the teacher):
     -A_SDPO * s with A_SDPO = q - s detached, clipped to [-advantage_clip, advantage_clip] when given (spec sec. 3)."""
     return -sdpo_token_advantages(teacher_logp_BR, student_logp_BR, advantage_clip) * student_logp_BR
+
+
+def sequence_distill(student_logp_BR: Tensor, teacher_logp_BR: Tensor, mask_BR: Tensor) -> Tensor:
+    """Sequence-level credit (the paper's credit-granularity ablation): every token of a response gets the same SDPO
+    advantage, the response's mean log-ratio A_b = mean_t (q_t - s_t) over its real tokens (detached), in the loss
+    -A_b * s_t. The sampled-token form gives each token its own q_t - s_t; this one spreads the sequence's total
+    evenly, which is all that differs. The mean rather than the sum (the sum, log q(y) - log s(y), is the
+    score-function gradient of the sequence-level reverse KL) keeps the scale of the token-level form, so that the
+    ablation compares how credit is assigned and not step sizes (the sum is ~R times larger). Padding gets 0."""
+    mask = mask_BR.to(student_logp_BR.dtype)
+    gap_BR = (teacher_logp_BR - student_logp_BR).detach() * mask
+    advantage_B = gap_BR.sum(-1) / mask.sum(-1).clamp(min=1.0)
+    return -advantage_B[:, None] * student_logp_BR * mask
+
+
+@DISTILL_MODES.register("sequence")
+def _sequence(student_logits_BRV, teacher_logits_BRV, response_ids_BR, *, alpha, topk, tail, temperature):
+    # Every position counts as a real token here (the registry has no mask); the trainer calls `sequence_distill`
+    # with the response mask (sdpo/losses/objective.py).
+    if alpha != 1.0:
+        raise ValueError(f"distillation mode 'sequence' supports only alpha=1.0 (reverse KL), got {alpha}")
+    s_BR = gather_token(log_softmax_temperature(student_logits_BRV, temperature), response_ids_BR)
+    q_BR = gather_token(log_softmax_temperature(teacher_logits_BRV, temperature), response_ids_BR)
+    return sequence_distill(s_BR, q_BR, torch.ones_like(s_BR, dtype=torch.bool))
 
 
 @DISTILL_MODES.register("full_logits")

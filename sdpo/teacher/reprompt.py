@@ -6,8 +6,8 @@ token ids within `max_reprompt_len`. Both are functions of their arguments only 
 For each rollout y_i of a question x the teacher sees
     reprompt_template.format(prompt=x, solution=<a successful sibling>, feedback=<the env's feedback on y_i>)
 as the last user message (system messages kept), and re-scores y_i's own tokens under it. y_i itself is never put in
-the teacher's context (paper Table 6: adding it hurts). A rollout whose reprompt has neither a solution nor
-feedback gets no distillation signal (`has_signal` is False).
+the teacher's context (paper Table 6: adding it hurts) unless `include_own_attempt` asks for that ablation. A rollout
+whose reprompt has neither a solution nor feedback gets no distillation signal (`has_signal` is False).
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ class Reprompt:
     problem: Problem
     solution: str | None  # the demonstration text, or None
     feedback: str | None  # the environment's feedback text, or None
+    own_attempt: str | None = None  # the rollout's own response (include_own_attempt: an ablation), or None
 
     @property
     def has_signal(self) -> bool:
@@ -72,6 +73,8 @@ class Reprompt:
         feedback = self.feedback if feedback is None else feedback
         solution_part = "" if solution is None else config.solution_template.format(successful_previous_attempt=solution)
         feedback_part = "" if feedback is None else config.feedback_template.format(feedback_raw=feedback)
+        if self.own_attempt is not None and self.has_signal:  # not shortened: the ablation runs short responses
+            feedback_part = config.own_attempt_template.format(own_attempt=self.own_attempt) + feedback_part
         return config.reprompt_template.format(prompt=self.problem.question, solution=solution_part, feedback=feedback_part)
 
     def messages(self, config: RepromptConfig, solution: str | None = None, feedback: str | None = None) -> list[dict[str, str]]:
@@ -98,7 +101,7 @@ def build_reprompts(
     reprompts = []
     for i, problem in enumerate(problems):
         solution = None
-        if demos[i] is not None:
+        if demos[i] is not None and config.include_solution:
             solution = responses[demos[i]]
             if config.remove_thinking_from_demonstration:
                 solution = strip_thinking(solution)
@@ -108,7 +111,8 @@ def build_reprompts(
             and bool(env_feedback)
             and not (config.environment_feedback_only_without_solution and solution is not None)
         )
-        reprompts.append(Reprompt(problem, solution, env_feedback if use_feedback else None))
+        own_attempt = responses[i] if config.include_own_attempt else None
+        reprompts.append(Reprompt(problem, solution, env_feedback if use_feedback else None, own_attempt))
     return reprompts
 
 
