@@ -46,7 +46,7 @@ def test_response_logprobs_match_a_float64_forward(tiny):
 
 def test_probe_on_scripted_rollouts(tiny):
     model, tokenizer = tiny
-    env = ConventionEnv(ConventionEnvConfig())
+    env = ConventionEnv(ConventionEnvConfig(convention="answer_prefix"))
     problems = env.load("train")[:2]
     answer_of = {p.question: p.data["answer"] for p in problems}
     prompts = {p.question: render_chat(tokenizer, p.messages) for p in problems}
@@ -118,7 +118,7 @@ def test_probe_without_any_signal_says_sdpo_is_inactive(tiny):
 
 def test_echo_detection():
     config = RepromptConfig()
-    env = ConventionEnv(ConventionEnvConfig())
+    env = ConventionEnv(ConventionEnvConfig(convention="answer_prefix"))
     problem = env.load("train")[0]
     feedback = env.score(problem, "12").feedback
     reprompt = Reprompt(problem, None, feedback)

@@ -20,18 +20,15 @@ from sdpo.config import ConfigError, check_choice
 from sdpo.envs.arithmetic import ArithmeticEnv, ArithmeticEnvConfig
 from sdpo.envs.base import ENVIRONMENTS, Problem, Score
 
-# An example number in the feedback that no single-digit product, sum or difference equals, so the example never
-# hands over an answer.
-_EXAMPLE = 97
-
-
 @dataclass(frozen=True)
 class Convention:
     """How answers must be written: `pattern` matches a whole, stripped response and captures the number."""
 
     pattern: str
-    form: str  # the convention as the checker states it; "{n}" marks the number
-    rule: str  # the rest of the checker's format message
+    form: str  # how a correct response is written; "{n}" marks the number
+    # The checker's format message. It states the rule without an example number: in calibration SmolLM2-135M's
+    # greedy teacher copied an example ("for example 17") verbatim into 3 of 3 answers.
+    rule: str
 
     def parse(self, response: str) -> str | None:
         match = re.fullmatch(self.pattern, response.strip())
@@ -41,8 +38,7 @@ class Convention:
         return self.form.format(n=number)
 
     def format_feedback(self) -> str:
-        return f"Format error: {self.rule} Write the answer as '{self.write('<number>')}', for example " \
-               f"'{self.write(_EXAMPLE)}'."
+        return f"Format error: {self.rule}"
 
 
 _NUM = r"(?P<n>-?\d+)"
@@ -52,10 +48,12 @@ CONVENTIONS: dict[str, Convention] = {
                        "the grader reads only the bare number as the whole response: no words, no equation."),
     # A fixed key before the number (a line-oriented grader).
     "answer_prefix": Convention(rf"Answer:\s*{_NUM}\.?", "Answer: {n}",
-                                "the grader reads only a response that is 'Answer:' followed by the number."),
+                                "the grader reads only a response that is 'Answer:' followed by the number, "
+                                "nothing else."),
     # A fixed unit after the number.
     "unit": Convention(rf"{_NUM} points\.?", "{n} points",
-                       "scores are in points: the response must be the number followed by the word 'points'."),
+                       "scores are in points: the response must be the number followed by the word 'points', "
+                       "nothing else."),
 }
 
 
@@ -64,7 +62,7 @@ class ConventionEnvConfig(ArithmeticEnvConfig):
     _target_: str = "sdpo.envs.convention.ConventionEnv"
     name: str = "convention"
     # Which answer convention the grader enforces (CONVENTIONS).
-    convention: str = "answer_prefix"
+    convention: str = "bare"
     # The question without any format instruction: the convention is the grader's to state, in its feedback.
     prompt_template: str = "What is {a} {op} {b}?"
     # The checker's messages (off: a scalar-only grader, the same task without the text to learn from).
