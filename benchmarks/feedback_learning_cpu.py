@@ -98,7 +98,7 @@ def summarize(runs: dict[str, list[Path]], args: argparse.Namespace) -> str:
         f"Date: {time.strftime('%Y-%m-%d')}. Machine: {describe()}.",
         f"Command: `python {' '.join(sys.argv)}`",
         f"Every run: `scripts/train.py {' '.join(common(args))} <method> trainer.seed=<seed> "
-        f"trainer.total_steps={args.steps} eval.every={args.eval_every} eval.samples_per_question={args.eval_samples}`.",
+        f"trainer.total_steps=<steps> eval.every={args.eval_every} eval.samples_per_question={args.eval_samples}`.",
         "",
         "## The probe (scripts/probe.py, before training, initial weights)",
         "",
@@ -115,25 +115,26 @@ def summarize(runs: dict[str, list[Path]], args: argparse.Namespace) -> str:
                 if row.get(eval_key) is not None:
                     curves[name].setdefault(row["step"], []).append(row[eval_key])
     steps = sorted({s for c in curves.values() for s in c})
-    lines.append("| method | overrides | " + " | ".join(f"step {s}" for s in steps) + " | gain (last - step 0) |")
+    lines.append("| method | overrides | " + " | ".join(f"step {s}" for s in steps) + " | gain (its last eval - its first) |")
     lines.append("|---|---|" + "---|" * len(steps) + "---|")
     for name, curve in curves.items():
         cells = " | ".join(
             f"{statistics.mean(curve[s]):.3f} ({', '.join(f'{v:.2f}' for v in curve[s])})" if s in curve else ""
             for s in steps)
-        gain = (statistics.mean(curve[steps[-1]]) - statistics.mean(curve[steps[0]])
-                if steps and steps[0] in curve and steps[-1] in curve else float("nan"))
+        own = sorted(curve)
+        gain = statistics.mean(curve[own[-1]]) - statistics.mean(curve[own[0]]) if own else float("nan")
         lines.append(f"| {name} | `{' '.join(METHODS.get(name, []))}` | {cells} | {gain:+.3f} |")
     lines += ["", "## Training signal and cost per run", "",
-              "| run | reward/mean first -> last step | groups with a success (mean) | rollouts with feedback (mean) "
-              "| wall s | CPU s |", "|---|---|---|---|---|---|"]
+              "| run | steps | reward/mean first -> last step | groups with a success (mean) | rollouts with feedback "
+              "(mean) | wall s | CPU s |", "|---|---|---|---|---|---|---|"]
     for name, dirs in runs.items():
         for d in dirs:
             rows = [r for r in read_metrics(d) if r.get("reward/mean") is not None] if (d / "metrics.jsonl").exists() else []
             cost = json.loads((d / "cost.json").read_text()) if (d / "cost.json").exists() else {}
             mean = lambda key: statistics.mean(r[key] for r in rows if r.get(key) is not None) if any(r.get(key) is not None for r in rows) else float("nan")  # noqa: E731
             reward = f"{rows[0]['reward/mean']:.3f} -> {rows[-1]['reward/mean']:.3f}" if rows else "n/a"
-            lines.append(f"| {d.name} | {reward} | {mean('teacher/success_group_fraction'):.3f} | "
+            lines.append(f"| {d.name} | {rows[-1]['step'] if rows else 0} | {reward} | "
+                         f"{mean('teacher/success_group_fraction'):.3f} | "
                          f"{mean('teacher/feedback_fraction'):.3f} | {cost.get('wall_s', float('nan')):.0f} | "
                          f"{cost.get('cpu_s', float('nan')):.0f} |")
     return "\n".join(lines) + "\n"
