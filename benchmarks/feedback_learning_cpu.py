@@ -133,10 +133,13 @@ def summarize(runs: dict[str, list[Path]], args: argparse.Namespace) -> str:
             cost = json.loads((d / "cost.json").read_text()) if (d / "cost.json").exists() else {}
             mean = lambda key: statistics.mean(r[key] for r in rows if r.get(key) is not None) if any(r.get(key) is not None for r in rows) else float("nan")  # noqa: E731
             reward = f"{rows[0]['reward/mean']:.3f} -> {rows[-1]['reward/mean']:.3f}" if rows else "n/a"
+            # A run stopped before its end has no cost.json: its training steps' stage timers stand in for the wall
+            # time (marked *; without start-up and evaluations).
+            wall = (f"{cost['wall_s']:.0f}" if "wall_s" in cost else
+                    f"{sum(v for r in rows for k, v in r.items() if k.startswith('time/') and v):.0f}*")
             lines.append(f"| {d.name} | {rows[-1]['step'] if rows else 0} | {reward} | "
                          f"{mean('teacher/success_group_fraction'):.3f} | "
-                         f"{mean('teacher/feedback_fraction'):.3f} | {cost.get('wall_s', float('nan')):.0f} | "
-                         f"{cost.get('cpu_s', float('nan')):.0f} |")
+                         f"{mean('teacher/feedback_fraction'):.3f} | {wall} | {cost.get('cpu_s', float('nan')):.0f} |")
     return "\n".join(lines) + "\n"
 
 
