@@ -238,6 +238,9 @@ def verdict(result: ProbeResult) -> list[tuple[str, str, str]]:
         overall = "SDPO has nothing to learn from: no successes to demonstrate and no feedback"
     elif math.isnan(uplift) or uplift < 1.0:
         overall = "the teacher's context does not make correct answers much likelier: expect little from SDPO"
+    elif grpo_signal <= 0.25 and not (result.teacher_success_sampled > 0 or result.teacher_success_greedy > 0):
+        overall = ("SDPO has signal where GRPO has little, but the reprompted teacher never succeeds itself: only "
+                   "log-prob mass moves, expect slow gains")
     elif grpo_signal <= 0.25:
         overall = "SDPO has signal where GRPO has little: the feedback case SDPO is for"
     else:

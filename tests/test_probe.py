@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from sdpo.config import RepromptConfig
 from sdpo.envs.convention import ConventionEnv, ConventionEnvConfig
 from sdpo.models import load_tokenizer, render_chat
-from sdpo.probe import echoes, format_verdict, probe, response_logprobs
+from sdpo.probe import ProbeResult, echoes, format_verdict, probe, response_logprobs, verdict
 from sdpo.rollout import SamplingSettings
 from sdpo.teacher import Reprompt, group_reprompts, teacher_prompt_ids
 from sdpo.testing import ScriptedEngine
@@ -102,6 +102,8 @@ def test_probe_on_scripted_rollouts(tiny):
 
     table = format_verdict(result)
     assert "groups with a success" in table and "verdict" in table
+    # The scripted teacher succeeds and one group in two has a success: neither reading of little GRPO signal.
+    assert "compare SDPO with GRPO" in table if result.logp_uplift >= 1.0 else "does not make correct answers" in table
 
 
 def test_probe_without_any_signal_says_sdpo_is_inactive(tiny):
@@ -129,3 +131,28 @@ def test_echo_detection():
     demo = Reprompt(problem, f"{problem.question} It is what it is, truly.", None)
     assert not echoes(f"{problem.question} Fine.", demo, config)
     assert echoes("It is what it is, truly.", demo, config)
+
+
+def _result(**fields) -> ProbeResult:
+    base = dict(questions=8, rollouts=32, student_success_sampled=0.0, student_success_greedy=0.0,
+                success_group_fraction=0.0, signal_fraction=1.0, feedback_fraction=1.0, teacher_success_sampled=0.0,
+                teacher_success_greedy=0.0, logp_correct_student=-14.0, logp_correct_teacher=-9.0, gap_per_token=-0.4,
+                gap_abs_per_token=0.6, echo_fraction=0.0)
+    return ProbeResult(**(base | fields))
+
+
+@pytest.mark.parametrize("fields, reading", [
+    ({"signal_fraction": 0.0}, "nothing to learn from"),
+    ({"logp_correct_teacher": -13.5}, "does not make correct answers much likelier"),
+    ({}, "the reprompted teacher never succeeds itself"),
+    ({"teacher_success_sampled": 0.3}, "the feedback case SDPO is for"),
+    ({"success_group_fraction": 0.8, "teacher_success_sampled": 0.5}, "both have signal"),
+])
+def test_verdict_readings(fields, reading):
+    rows = verdict(_result(**fields))
+    assert rows[-1][0] == "verdict" and reading in rows[-1][2]
+
+
+def test_echo_risk_is_flagged():
+    rows = dict((name, reading) for name, _, reading in verdict(_result(echo_fraction=0.5)))
+    assert rows["echo rate of reprompted generations"] == "echo risk"
