@@ -17,7 +17,7 @@ from sdpo.envs.base import ENVIRONMENTS, DataError, Environment, Problem, Score
 
 def _register_builtin() -> None:
     # Imported for their @ENVIRONMENTS.register side effect.
-    from sdpo.envs import arithmetic, dataset  # noqa: F401
+    from sdpo.envs import arithmetic, convention, dataset  # noqa: F401
 
     for optional in ("code", "science", "tooluse", "math", "bfcl"):
         try:
