@@ -306,3 +306,31 @@ def test_multi_turn_step_with_the_transformers_engine(tmp_path, algorithm):
     assert any(not torch.equal(p, before[n]) for n, p in trainer.unwrapped.named_parameters())
     metrics = trainer.evaluate()
     assert {"eval/avg@2", "eval/episode_success", "eval/episode_turns"} <= metrics.keys()
+
+
+def test_the_documented_example_environment_runs_episodes(tokenizer):
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "multi_turn.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, flags=re.DOTALL).group(1)
+    assert len(code.strip().splitlines()) <= 40
+    namespace: dict = {}
+    exec(compile(code, "docs/multi_turn.md", "exec"), namespace)  # noqa: S102 - our own documentation's code
+    env = namespace["GuessNumberEnv"](namespace["GuessNumberConfig"]())
+    engine = ScriptedEngine(tokenizer)
+    engine.respond = lambda prompt, j: tokenizer.encode(
+        f" {20 * tokenizer.decode(prompt).count('Guess again') + 10 + j}", add_special_tokens=False) + [tokenizer.eos_token_id]
+    problem = env.load("train")[0]
+    runner = EpisodeRollout(engine, env, tokenizer, EpisodeLimits(4, 512, 1.0))
+    runner.begin([problem], [render_chat(tokenizer, problem.messages)], 2)
+    runner.run(SamplingSettings(n=2, max_new_tokens=8))
+    batch, contexts = runner.batch()
+    secret = problem.data["secret"]
+    for i in range(len(batch)):
+        guess = int(batch.response_text[i])
+        assert guess == 20 * int(batch.turn_B[i]) + 10 + (int(batch.episode_ids_B[i]) if batch.turn_B[i] == 0 else 0)
+        expected = "" if guess == secret else f"{guess} is too {'low' if guess < secret else 'high'}."
+        assert batch.feedback[i] == expected
+    for episode in (0, 1):  # runs to its success, else to the turn limit
+        rewards = batch.rewards_B[batch.episode_ids_B == episode].tolist()
+        assert (rewards[-1] == 1.0 and 1.0 not in rewards[:-1]) or rewards == [0.0] * 4
