@@ -199,7 +199,8 @@ class SDPOTrainer:
         prompts = [self._prompt_ids[id(p)] for p in problems]
         sampling = SamplingSettings.from_config(self.config.rollout, seed=self.dist.sampling_seed(self.config.trainer.seed, self.step))
         if self.config.rollout.max_turns > 1:  # episodes, scored turn by turn as they run: one row per model turn
-            return run_episodes(self.engine, self.env, self.tokenizer, problems, prompts, sampling, self.config)
+            return run_episodes(self.engine, self.env, self.tokenizer, problems, prompts, sampling, self.config,
+                                self.dist.any_rank)
         completions = self.engine.generate(prompts, sampling)
         has_logprobs = all(c.logprobs is not None for c in completions)
         batch = RolloutBatch(
@@ -313,7 +314,8 @@ class SDPOTrainer:
         if self.config.rollout.max_turns > 1:  # success within the turn budget, and the first turn's avg@k
             return self.dist.reduce_mean(evaluate_episodes(self.engine, self.env, self.tokenizer, problems,
                                                            [self._prompt_ids[id(p)] for p in problems], sampling,
-                                                           EpisodeLimits.from_config(self.config)))
+                                                           EpisodeLimits.from_config(self.config),
+                                                           any_rank=self.dist.any_rank))
         result = evaluate(self.engine, self.env, problems, lambda p: self._prompt_ids[id(p)], sampling,
                           ks=ecfg.ks, success_threshold=self.config.algorithm.reprompt.success_reward_threshold)
         return self.dist.reduce_mean(result.metrics)

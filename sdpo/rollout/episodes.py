@@ -14,7 +14,7 @@ same question and given to every turn of the episode (`episode_advantages`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -129,9 +129,10 @@ class EpisodeRollout:
     def next_turn(self, sampling: SamplingSettings) -> list[_Row]:
         """Every live episode's next turn, generated in one engine call and scored in one `score_batch`."""
         live = self.live
-        turn = len(self.episodes[live[0]].turns) if live else 0
-        if not live:
+        if not live:  # a sharded policy's generate is a collective: join the other ranks' call with nothing
+            self.engine.generate([], replace(sampling, n=1))
             return []
+        turn = len(self.episodes[live[0]].turns)
         if turn == 0:  # the single-turn call: n samples of each question's prompt
             prompts = self._first_prompts
             contexts = [self.episodes[e].problem for e in live]
@@ -153,8 +154,9 @@ class EpisodeRollout:
         self.rows += rows
         return rows
 
-    def run(self, sampling: SamplingSettings) -> None:
-        while self.live:
+    def run(self, sampling: SamplingSettings, any_rank: Callable[[bool], bool] = bool) -> None:
+        """Turns until no episode is live; sharded (`any_rank`: Distributed.any_rank), until none is on any rank."""
+        while any_rank(bool(self.live)):
             self.next_turn(sampling)
 
     def batch(self, return_mode: str = "final", discount: float = 1.0) -> tuple[RolloutBatch, list[Problem]]:
@@ -183,11 +185,11 @@ class EpisodeRollout:
 
 def run_episodes(engine: RolloutEngine, env: Environment, tokenizer: PreTrainedTokenizerBase,
                  problems: Sequence[Problem], prompt_ids: Sequence[list[int]], sampling: SamplingSettings,
-                 config: Any) -> tuple[RolloutBatch, list[Problem]]:
+                 config: Any, any_rank: Callable[[bool], bool] = bool) -> tuple[RolloutBatch, list[Problem]]:
     """The trainer's generation box for multi-turn episodes: rollouts, scored turn by turn, as one batch."""
     rollout = EpisodeRollout(engine, env, tokenizer, EpisodeLimits.from_config(config))
     rollout.begin(problems, prompt_ids, sampling.n)
-    rollout.run(sampling)
+    rollout.run(sampling, any_rank)
     return rollout.batch(config.algorithm.episode_return, config.algorithm.episode_discount)
 
 
@@ -206,13 +208,14 @@ def episode_metrics(batch: RolloutBatch, success_threshold: float) -> dict[str, 
 
 def evaluate_episodes(engine: RolloutEngine, env: Environment, tokenizer: PreTrainedTokenizerBase,
                       problems: Sequence[Problem], prompt_ids: Sequence[list[int]], sampling: SamplingSettings,
-                      limits: EpisodeLimits, prefix: str = "eval") -> dict[str, float]:
+                      limits: EpisodeLimits, prefix: str = "eval",
+                      any_rank: Callable[[bool], bool] = bool) -> dict[str, float]:
     """Held-out episodes: avg@n of the first turn (the single-turn number) and success within max_turns turns."""
     if not problems:
         return {}
     rollout = EpisodeRollout(engine, env, tokenizer, limits)
     rollout.begin(problems, prompt_ids, sampling.n)
-    rollout.run(sampling)
+    rollout.run(sampling, any_rank)
     batch, _ = rollout.batch()
     means = episode_metrics(batch, limits.success_threshold)
     return {f"{prefix}/avg@{sampling.n}": float(means["episode/first_turn_reward"]),
