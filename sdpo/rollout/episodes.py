@@ -93,7 +93,7 @@ class EpisodeLimits:
 
 
 @dataclass
-class _Row:
+class TurnRow:
     """One model turn of one episode."""
 
     episode: int
@@ -112,7 +112,7 @@ class EpisodeRollout:
         self.engine, self.env, self.tokenizer, self.limits = engine, env, tokenizer, limits
         self.episodes: list[Episode] = []
         self.groups: list[int] = []
-        self.rows: list[_Row] = []
+        self.rows: list[TurnRow] = []
         self._first_prompts: list[list[int]] = []
         self._n = 0
 
@@ -126,7 +126,7 @@ class EpisodeRollout:
     def live(self) -> list[int]:
         return [e for e, episode in enumerate(self.episodes) if not episode.done]
 
-    def next_turn(self, sampling: SamplingSettings) -> list[_Row]:
+    def next_turn(self, sampling: SamplingSettings) -> list[TurnRow]:
         """Every live episode's next turn, generated in one engine call and scored in one `score_batch`."""
         live = self.live
         if not live:  # a sharded policy's generate is a collective: join the other ranks' call with nothing
@@ -150,7 +150,7 @@ class EpisodeRollout:
         results = step_episodes(self.env, [self.episodes[e] for e in live], [c.text for c in completions],
                                 [c.truncated for c in completions], self.limits.success_threshold,
                                 self.limits.max_turns)
-        rows = [_Row(e, turn, p, ctx, c, r) for e, p, ctx, c, r in zip(live, prompts, contexts, completions, results)]
+        rows = [TurnRow(e, turn, p, ctx, c, r) for e, p, ctx, c, r in zip(live, prompts, contexts, completions, results)]
         self.rows += rows
         return rows
 
