@@ -334,3 +334,43 @@ def test_the_documented_example_environment_runs_episodes(tokenizer):
     for episode in (0, 1):  # runs to its success, else to the turn limit
         rewards = batch.rewards_B[batch.episode_ids_B == episode].tolist()
         assert (rewards[-1] == 1.0 and 1.0 not in rewards[:-1]) or rewards == [0.0] * 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the built-in environments that answer turns
+
+
+def test_a_code_episode_resubmits_after_the_judges_verdict():
+    from sdpo.envs import ENVIRONMENTS
+
+    cls = ENVIRONMENTS.get("humaneval")
+    env = cls(cls.config_class(time_limit_s=2.0))
+    problem = env.load("test")[0]
+    reference = problem.data["reference"]
+    episode = Episode.start(problem)
+    crash = f"```python\nraise ValueError('broken on purpose')\n{reference}\n```"
+    (first,) = step_episodes(env, [episode], [crash], [False], 1.0, 3)  # scored in the sandboxed pool
+    assert first.reward == 0.0 and not first.done and first.feedback.startswith("Runtime Error")
+    assert first.next_message["role"] == "user" and first.feedback in first.next_message["content"]
+    assert "resubmit" in first.next_message["content"]
+    (second,) = step_episodes(env, [episode], [f"```python\n{reference}\n```"], [False], 1.0, 3)
+    assert second.reward == 1.0 and second.done and second.next_message is None
+    assert [m["role"] for m in episode.messages[-4:]] == ["user", "assistant", "user", "assistant"]
+
+
+@pytest.mark.parametrize("name, overrides, says", [
+    ("arithmetic", {"feedback": True}, "is not the correct answer. Try again."),
+    ("arithmetic", {"feedback": False}, "That is not correct. Try again."),
+    ("tooluse", {"feedback": "full"}, "Actions mismatch"),
+    ("tooluse", {"feedback": "none"}, "That is not the right tool call."),
+])
+def test_arithmetic_and_tool_use_answer_a_wrong_turn(name, overrides, says):
+    from sdpo.envs import ENVIRONMENTS
+
+    cls = ENVIRONMENTS.get(name)
+    env = cls(cls.config_class(**overrides))
+    problem = env.load("test")[0]
+    wrong = "Action: no_such_tool\nAction Input: {}" if name == "tooluse" else "-12345"
+    (turn,) = step_episodes(env, [Episode.start(problem)], [wrong], [False], 1.0, 2)
+    assert turn.reward == 0.0 and not turn.done and says in turn.next_message["content"]
+    assert turn.feedback in turn.next_message["content"]
