@@ -69,9 +69,10 @@ def training_table(runs: dict[str, tuple[Path, float]], args: argparse.Namespace
               "| wall time (s) |", "|---|---|---|---|---|"]
     for name, (out, seconds) in runs.items():
         rows = [r for r in read_metrics(out) if r.get("episode/success") is not None]
-        mean = lambda key: sum(r[key] for r in rows) / max(len(rows), 1)  # noqa: E731
-        lines.append(f"| {name} | {mean('episode/success'):.3f} | {mean('episode/first_turn_reward'):.3f} | "
-                     f"{mean('episode/turns_mean'):.2f} | {seconds:.0f} |")
+        means = {key: sum(r[key] for r in rows) / max(len(rows), 1)
+                 for key in ("episode/success", "episode/first_turn_reward", "episode/turns_mean")}
+        lines.append(f"| {name} | {means['episode/success']:.3f} | {means['episode/first_turn_reward']:.3f} | "
+                     f"{means['episode/turns_mean']:.2f} | {seconds:.0f} |")
     return lines
 
 

@@ -324,7 +324,7 @@ def test_the_documented_example_environment_runs_episodes(tokenizer):
     runner = EpisodeRollout(engine, env, tokenizer, EpisodeLimits(4, 512, 1.0))
     runner.begin([problem], [render_chat(tokenizer, problem.messages)], 2)
     runner.run(SamplingSettings(n=2, max_new_tokens=8))
-    batch, contexts = runner.batch()
+    batch, _ = runner.batch()
     secret = problem.data["secret"]
     for i in range(len(batch)):
         guess = int(batch.response_text[i])

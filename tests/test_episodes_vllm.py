@@ -31,7 +31,7 @@ def test_multi_turn_episodes_with_vllm(tmp_path) -> None:
         calls = []
         generate = trainer.engine.generate
         trainer.engine.generate = lambda prompts, sampling: calls.append(len(prompts)) or generate(prompts, sampling)
-        batch, contexts, metrics = trainer.sample_and_score()
+        batch, _, metrics = trainer.sample_and_score()
         turns = batch.turn_B.tolist()
         # One engine call per turn, for the episodes still live at that turn (the random tiny model fails).
         assert calls[0] == 2 and calls[1:] == [turns.count(t) for t in range(1, max(turns) + 1)]
