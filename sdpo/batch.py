@@ -81,9 +81,14 @@ class RolloutBatch:
     group_ids_B: Tensor  # long; question index within the generation batch
     truncated_B: Tensor  # bool; the response hit max_new_tokens
     sampler_logp_BR: Tensor | None = None  # the engine's log-probs of the sampled tokens (vLLM), else None
+    # Multi-turn episodes (rollout.max_turns > 1, sdpo/rollout/episodes.py); None: single-turn. A row is one model
+    # turn: prompt_ids is the conversation before it, response_ids that turn's tokens (the only ones with a loss).
+    episode_ids_B: Tensor | None = None  # long; the row's episode (unique within the batch)
+    turn_B: Tensor | None = None  # long; the turn's index within its episode, from 0
     # -- from the environment
     rewards_B: Tensor | None = None
     feedback: list[str] = field(default_factory=list)
+    returns_B: Tensor | None = None  # float; the episode's return (algorithm.episode_return) on each of its turns
     # -- from the reprompt builder (spec section 2)
     teacher_prompt_ids: list[list[int]] | None = None
     distill_mask_B: Tensor | None = None  # bool; the sample's reprompt has a solution or feedback

@@ -163,6 +163,10 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = -1  # -1: off
     stop: list[str] = field(default_factory=list)
+    # Model turns per episode (docs/multi_turn.md): 1 is single-turn; more lets the environment answer each failed
+    # turn (its `follow_up`) and the model try again, max_new_tokens per turn, the conversation evicted
+    # first-in-first-out (question kept) to fit max_prompt_len.
+    max_turns: int = 1
     # transformers engine: sequences per generate() call.
     hf_batch_size: int = 64
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
@@ -173,6 +177,7 @@ class RolloutConfig:
         check_range("rollout.temperature", self.temperature, 1e-6)
         check_range("rollout.top_p", self.top_p, 1e-6, 1.0)
         check_range("rollout.max_new_tokens", self.max_new_tokens, 1)
+        check_range("rollout.max_turns", self.max_turns, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -329,6 +334,11 @@ class AlgorithmConfig:
     loss_agg_mode: str = "token-mean"
     # Token-level truncated IS between the inference engine's and the trainer's log-probs; None disables it.
     tis_threshold: float | None = 2.0
+    # Multi-turn episodes (rollout.max_turns > 1): the return GRPO baselines over a question's episodes and gives to
+    # every turn of the episode. "final": the last turn's reward; "any_success": the best turn's reward;
+    # "discounted": sum over turns t (from 0) of episode_discount^t * reward_t (a later success is worth less).
+    episode_return: str = "final"
+    episode_discount: float = 0.9
     policy: PolicyLossConfig = field(default_factory=PolicyLossConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -347,6 +357,8 @@ class AlgorithmConfig:
         check_choice("algorithm.mix", self.mix, ["loss", "advantage"])
         check_choice("algorithm.advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS)
         check_choice("algorithm.loss_agg_mode", self.loss_agg_mode, AGGREGATIONS)
+        check_choice("algorithm.episode_return", self.episode_return, ["final", "any_success", "discounted"])
+        check_range("algorithm.episode_discount", self.episode_discount, 0.0, 1.0)
         if self.distill.advantage_clip is not None and not self.uses_teacher:
             raise ConfigError(f"algorithm.distill.advantage_clip={self.distill.advantage_clip} clips the SDPO advantage, "
                               "and algorithm.grpo_weight=1.0 (GRPO) has none: remove it")
@@ -462,6 +474,9 @@ class EvalConfig:
         return [f"eval/avg@{n}", *(f"eval/pass@{k}" for k in self.ks), f"eval/maj@{n}", "eval/response_length"]
 
 
+TEST_TIME_METHODS = ["sdpo", "best_of_k", "multi_turn"]
+
+
 @dataclass
 class TestTimeConfig:
     """Test-time self-distillation on single hard questions (spec section 8; scripts/test_time.py)."""
@@ -473,7 +488,9 @@ class TestTimeConfig:
     num_questions: int | None = None  # None: the whole split
     split: str = "test"
     # What runs on each question: "sdpo" (an SDPO step after each failed batch) and the "best_of_k" baseline
-    # (the same number of attempts from the initial weights, no update).
+    # (the same number of attempts from the initial weights, no update), and "multi_turn", the paper's multi-turn
+    # baseline: each of rollout.num_generations conversations gets the environment's reply to its failed attempt
+    # and tries again (first-in-first-out eviction at rollout.max_prompt_len), no update; each turn is one attempt.
     methods: list[str] = field(default_factory=lambda: ["sdpo", "best_of_k"])
     # The JSON report; None: <trainer.output_dir>/test_time.json.
     output_file: str | None = None
@@ -481,7 +498,7 @@ class TestTimeConfig:
     def __post_init__(self) -> None:
         check_range("test_time.budget", self.budget, 1)
         for method in self.methods:
-            check_choice("test_time.methods[]", method, ["sdpo", "best_of_k"])
+            check_choice("test_time.methods[]", method, TEST_TIME_METHODS)
 
 
 @dataclass

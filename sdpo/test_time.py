@@ -3,9 +3,11 @@
 One question at a time, from the initial weights: sample `rollout.num_generations` attempts, score them, stop at
 the first success; otherwise take a training step on the failed attempts (SDPO: the self-teacher sees the
 environment's feedback, since there is no successful sibling to show) and sample again, until `test_time.budget`
-attempts. The baseline, best-of-k, draws the same attempts from the initial weights without any update.
-discovery@k is the fraction of questions solved within k attempts. The multi-turn baseline of the paper (feedback
-fed back into a growing conversation) is not implemented.
+attempts. The baselines draw the same number of attempts from the initial weights without any update: best-of-k
+samples the question afresh each time; multi-turn (the paper's) keeps rollout.num_generations conversations going,
+each failed attempt answered by the environment (`Environment.follow_up`: its feedback) and tried again in the
+growing conversation, the earliest exchanges evicted first-in-first-out at rollout.max_prompt_len. Every sampled
+turn counts as one attempt. discovery@k is the fraction of questions solved within k attempts.
 
 Each (question, method) runs in a fresh `SDPOTrainer` over a one-question environment, so the weights, optimizer
 and teacher start from the checkpoint every time, and the attempts of a step are counted in sampling order.
@@ -21,7 +23,9 @@ from typing import Any
 
 from sdpo.config import SDPOConfig
 from sdpo.envs import Environment, Problem, build_environment
-from sdpo.rollout import RolloutEngine
+from sdpo.models import render_chat
+from sdpo.rollout import RolloutEngine, SamplingSettings
+from sdpo.rollout.episodes import EpisodeLimits, EpisodeRollout
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +53,8 @@ class OneQuestion:
 
 def solve(config: SDPOConfig, env: Environment, problem: Problem, method: str,
           engine: RolloutEngine | None = None) -> tuple[Discovery, RolloutEngine]:
-    """Attempts on `problem` until one succeeds or the budget is spent; `method` is "sdpo" or "best_of_k".
+    """Attempts on `problem` until one succeeds or the budget is spent; `method` is "sdpo", "best_of_k" or
+    "multi_turn".
 
     Returns the discovery and the rollout engine, left open: a vLLM engine takes seconds and memory to start, so
     `run_test_time` passes it to the next question (it is first synced to that question's initial weights).
@@ -66,6 +71,8 @@ def solve(config: SDPOConfig, env: Environment, problem: Problem, method: str,
     threshold = config.algorithm.reprompt.success_reward_threshold
     attempts = 0
     try:
+        if method == "multi_turn":
+            return multi_turn(trainer, problem), trainer.engine
         while attempts < config.test_time.budget:
             # SDPO: generate, score, reprompt, update, sync; best-of-k: generate and score. Either advances the
             # step, so the next batch samples with the next seed.
@@ -78,6 +85,28 @@ def solve(config: SDPOConfig, env: Environment, problem: Problem, method: str,
     finally:
         trainer.tracker.close()
         scratch.cleanup()
+
+
+def multi_turn(trainer: Any, problem: Problem) -> Discovery:
+    """The multi-turn baseline on `trainer`'s initial weights: conversations that continue until one succeeds or the
+    budget is spent (an episode its environment ends without success restarts from the question)."""
+    config = trainer.config
+    threshold, budget = config.algorithm.reprompt.success_reward_threshold, config.test_time.budget
+    limits = EpisodeLimits.from_config(config, max_turns=budget)
+    prompt_ids = render_chat(trainer.tokenizer, problem.messages, config.model.chat_template_kwargs)
+    attempts, turn, rollout = 0, 0, None
+    while attempts < budget:
+        if rollout is None or not rollout.live:
+            rollout = EpisodeRollout(trainer.engine, trainer.env, trainer.tokenizer, limits)
+            rollout.begin([problem], [prompt_ids], config.rollout.num_generations)
+        sampling = SamplingSettings.from_config(config.rollout, seed=trainer.dist.sampling_seed(config.trainer.seed, turn))
+        rows = rollout.next_turn(sampling)
+        turn += 1
+        solved = [k for k, row in enumerate(rows) if row.result.reward >= threshold]
+        if solved:
+            return Discovery(problem.id, "multi_turn", attempts + len(rows), attempts + solved[0] + 1)
+        attempts += len(rows)
+    return Discovery(problem.id, "multi_turn", attempts, None)
 
 
 def discovery_at(results: Sequence[Discovery], k: int) -> float:

@@ -47,11 +47,12 @@ from sdpo.envs.sampler import QuestionSampler
 from sdpo.evaluation import evaluate
 from sdpo.guards import BEST_DIR, BestCheckpoint
 from sdpo.inputs import resolve_inputs
-from sdpo.losses import chunked_response_terms, group_advantages
+from sdpo.losses import chunked_response_terms
 from sdpo.losses.objective import MetricSums, StepCounts, TokenInputs, objective
 from sdpo.models import DTYPES, load_model, render_chat, reshard, response_features, unwrap
 from sdpo.precision import resolve_precision, use_all_cores
 from sdpo.rollout import RolloutEngine, SamplingSettings, build_engine
+from sdpo.rollout.episodes import EpisodeLimits, episode_advantages, episode_metrics, evaluate_episodes, run_episodes
 from sdpo.teacher import InitialWeights, Teacher, group_reprompts, reprompt_stats, teacher_prompt_ids
 from sdpo.tracking import CURVES, StageTimer, Tracker, plot_curves
 
@@ -66,6 +67,10 @@ class StepResult:
 
 def _on(tensor: Tensor | None, device: torch.device) -> Tensor | None:
     return tensor.to(device) if tensor is not None else None
+
+
+def _list(tensor: Tensor | None) -> list | None:
+    return tensor.tolist() if tensor is not None else None
 
 
 class SDPOTrainer:
@@ -170,7 +175,7 @@ class SDPOTrainer:
         batch, problems_B, metrics = self.sample_and_score()
         with self.timer("teacher_context"):  # reprompts and their token ids (and engine-side teacher scoring)
             metrics |= self.build_teacher_context(batch, problems_B)
-        batch.advantages_B = group_advantages(batch.rewards_B, batch.group_ids_B, self.config.algorithm.norm_adv_by_std)
+        batch.advantages_B = episode_advantages(batch, self.config.algorithm.norm_adv_by_std)
         with self.timer("update"):
             metrics |= self.update(batch)
         with self.timer("sync"):
@@ -204,6 +209,9 @@ class SDPOTrainer:
     def generate(self, problems: list[Problem]) -> tuple[RolloutBatch, list[Problem]]:
         prompts = [self._prompt_ids[id(p)] for p in problems]
         sampling = SamplingSettings.from_config(self.config.rollout, seed=self.dist.sampling_seed(self.config.trainer.seed, self.step))
+        if self.config.rollout.max_turns > 1:  # episodes, scored turn by turn as they run: one row per model turn
+            return run_episodes(self.engine, self.env, self.tokenizer, problems, prompts, sampling, self.config,
+                                self.dist.any_rank)
         completions = self.engine.generate(prompts, sampling)
         has_logprobs = all(c.logprobs is not None for c in completions)
         batch = RolloutBatch(
@@ -218,14 +226,16 @@ class SDPOTrainer:
         return batch, [problems[c.prompt_index] for c in completions]
 
     def score(self, batch: RolloutBatch, problems_B: list[Problem]) -> dict[str, float]:
-        scores = self.env.score_batch(problems_B, batch.response_text, batch.truncated_B.tolist())
-        batch.rewards_B = torch.tensor([s.reward for s in scores], dtype=torch.float32)
-        batch.feedback = [s.feedback for s in scores]
+        if batch.episode_ids_B is None:  # multi-turn episodes were scored turn by turn while they ran
+            scores = self.env.score_batch(problems_B, batch.response_text, batch.truncated_B.tolist())
+            batch.rewards_B = torch.tensor([s.reward for s in scores], dtype=torch.float32)
+            batch.feedback = [s.feedback for s in scores]
         lengths = batch.response_lengths_B
         return self.dist.reduce_mean({
             "reward/mean": batch.rewards_B.mean(),
             "response/length_mean": lengths.mean(),
             "response/truncated_fraction": batch.truncated_B.float().mean(),
+            **episode_metrics(batch, self.config.algorithm.reprompt.success_reward_threshold),
         }) | {"response/length_max": float(self.dist.reduce(lengths.max(), "max"))}
 
     def build_teacher_context(self, batch: RolloutBatch, problems_B: list[Problem]) -> dict[str, float]:
@@ -233,7 +243,7 @@ class SDPOTrainer:
         rcfg = self.config.algorithm.reprompt
         rewards, groups = batch.rewards_B.tolist(), batch.group_ids_B.tolist()
         reprompts = group_reprompts(f"{self.config.trainer.seed}:{self.step}", rcfg, problems_B, batch.response_text,
-                                    rewards, batch.feedback, groups)
+                                    rewards, batch.feedback, groups, _list(batch.episode_ids_B))
         stats = reprompt_stats(reprompts, rewards, groups, rcfg.success_reward_threshold)
         failure_modes = context_metrics(rcfg, [p.question for p in problems_B], batch.response_text,
                                         [r.solution for r in reprompts], [r.feedback for r in reprompts], rewards, groups)
@@ -316,6 +326,11 @@ class SDPOTrainer:
             max_new_tokens=ecfg.max_new_tokens, seed=self.config.trainer.seed + 7919,
         )
         problems = self.dist.share(self.eval_problems)
+        if self.config.rollout.max_turns > 1:  # success within the turn budget, and the first turn's avg@k
+            return self.dist.reduce_mean(evaluate_episodes(self.engine, self.env, self.tokenizer, problems,
+                                                           [self._prompt_ids[id(p)] for p in problems], sampling,
+                                                           EpisodeLimits.from_config(self.config),
+                                                           any_rank=self.dist.any_rank))
         result = evaluate(self.engine, self.env, problems, lambda p: self._prompt_ids[id(p)], sampling,
                           ks=ecfg.ks, success_threshold=self.config.algorithm.reprompt.success_reward_threshold)
         return self.dist.reduce_mean(result.metrics)

@@ -130,3 +130,46 @@ def test_every_question_starts_from_the_checkpoint(tmp_path, tokenizer, monkeypa
     assert any(not torch.equal(first_question_end[n], v) for n, v in starts[0].items())  # the steps moved the weights
     for name, value in starts[0].items():
         assert torch.equal(starts[1][name], value), name
+
+
+class AnsweringEnv(ExactAnswerEnv):
+    """Replies to a wrong answer with its feedback (a multi-turn environment)."""
+
+    def follow_up(self, problem: Problem, response: str, score: Score) -> str:
+        return score.feedback
+
+
+def test_multi_turn_baseline_answers_each_attempt_and_counts_turns_as_attempts(tmp_path, tokenizer, count_updates):
+    # Four conversations; the third one (first attempt "gamma") succeeds on its third turn (engine call 3).
+    env = AnsweringEnv(tokenizer.decode(ANSWER_IDS, skip_special_tokens=True))
+    engine, prompts = ScriptedEngine(tokenizer), []
+    marker, words = "gamma", ["alpha", "beta", "gamma", "delta"]
+
+    def respond(prompt, j):
+        prompts.append(tokenizer.decode(prompt))
+        if engine.calls == 1:
+            return tokenizer.encode(" " + words[j], add_special_tokens=False) + [tokenizer.eos_token_id]
+        if engine.calls == 3 and marker in prompts[-1]:
+            return [*ANSWER_IDS, tokenizer.eos_token_id]
+        return [700, tokenizer.eos_token_id]
+
+    engine.respond = respond
+    config = make_config(tmp_path, "rollout.num_generations=4", "test_time.budget=100")
+    found, _ = solve(config, env, env.load("test")[0], "multi_turn", engine=engine)
+    assert found == Discovery("q0", "multi_turn", attempts=12, solved_at=11)  # turns of 4, then the third of 4
+    assert count_updates == []  # no training
+    # Each later attempt sees the question, its own earlier attempts and the environment's reply to each.
+    assert engine.calls == 3 and len(prompts) == 12
+    last = prompts[-2]  # the third conversation at turn 2
+    assert last.count("That is not it.") == 2 and marker in last and "Question 0?" in last
+
+
+def test_multi_turn_budget_and_report(tmp_path, tokenizer):
+    # A single-turn environment ends every conversation after one turn: the baseline starts new ones (best-of-k).
+    env = ExactAnswerEnv(tokenizer.decode(ANSWER_IDS, skip_special_tokens=True), num_questions=1)
+    config = make_config(tmp_path, "rollout.num_generations=4", "test_time.budget=10",
+                         "test_time.methods=[best_of_k,multi_turn]")
+    report = run_test_time(config, env, engine_factory=lambda: scripted(tokenizer, success_call=None))
+    assert report["questions"]["multi_turn"] == [{"question_id": "q0", "method": "multi_turn", "attempts": 12,
+                                                 "solved_at": None}]
+    assert report["discovery"]["multi_turn"] == {1: 0.0, 10: 0.0}

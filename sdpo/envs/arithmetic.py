@@ -82,3 +82,8 @@ class ArithmeticEnv(Environment):
         feedback = f"{predicted:g} is not the correct answer." if self.config.feedback else ""
         return Score(0.0, feedback, {"status": "wrong_answer", "answer": predicted})
 
+    def follow_up(self, problem: Problem, response: str, score: Score) -> str:
+        """Multi-turn episodes (rollout.max_turns > 1): the feedback (env.feedback=true) or a bare "not correct",
+        and another try."""
+        return f"{score.feedback or 'That is not correct.'} Try again."
+

@@ -77,6 +77,13 @@ class Environment(ABC):
 
         return score_in_pool(self, problems, responses, truncated)
 
+    def follow_up(self, problem: Problem, response: str, score: Score) -> str | dict[str, str] | None:
+        """The message that answers a failed turn in a multi-turn episode (a user message, or a {role, content} dict
+        such as a tool result), or None to end the episode. Runs in the trainer's process on the turn's `Score`,
+        never on model code. The default ends every episode after one turn: single-turn environments
+        (docs/multi_turn.md, sdpo/envs/episode.py)."""
+        return None
+
     def failure_score(self, problem: Problem, reason: str) -> Score:
         """What a sample gets when its scorer timed out or crashed."""
         return Score(0.0, f"The attempt could not be evaluated: {reason}", {"status": "scorer_error"})

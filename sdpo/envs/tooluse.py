@@ -124,3 +124,10 @@ class ToolUseEnv(Environment):
             if not inputs_ok:
                 lines.append(f"Action inputs mismatch: predicted {inputs}, expected {gold_inputs}")
         return Score(0.0, "\n".join(lines), {"status": status})
+
+    def follow_up(self, problem: Problem, response: str, score: Score) -> str:
+        """Multi-turn episodes: the checker's verdict (at env.feedback's level) and another try. The tools' results
+        cannot be computed here (ToolAlpaca's APIs were simulated by a language model and the data holds no outputs),
+        so the reply is the checker's, not a tool's."""
+        verdict = score.feedback or "That is not the right tool call."
+        return f"{verdict}\nTry again: give the complete Action and Action Input lines."

@@ -41,15 +41,20 @@ def pick_demonstrations(
     threshold: float,
     exclude_self: bool,
     rng: random.Random,
+    episode_ids: Sequence[int] | None = None,
 ) -> list[int | None]:
-    """For each rollout, the index of a successful rollout of the same question (random among eligible), or None."""
+    """For each rollout, the index of a successful rollout of the same question (random among eligible), or None.
+
+    With `episode_ids` (multi-turn rows), "self" is the rollout's whole episode: a turn learns from a sibling
+    episode's success, not from its own episode's later one."""
     successes: dict[int, list[int]] = defaultdict(list)
     for i, (reward, group) in enumerate(zip(rewards, group_ids, strict=True)):
         if reward >= threshold:
             successes[group].append(i)
+    owner = list(episode_ids) if episode_ids is not None else list(range(len(group_ids)))
     picks: list[int | None] = []
     for i, group in enumerate(group_ids):
-        eligible = [j for j in successes[group] if not (exclude_self and j == i)]
+        eligible = [j for j in successes[group] if not (exclude_self and owner[j] == owner[i])]
         picks.append(rng.choice(eligible) if eligible else None)
     return picks
 
@@ -93,10 +98,11 @@ def build_reprompts(
     group_ids: Sequence[int],
     config: RepromptConfig,
     rng: random.Random,
+    episode_ids: Sequence[int] | None = None,
 ) -> list[Reprompt]:
-    """One `Reprompt` per rollout (group-major inputs, one entry per rollout)."""
+    """One `Reprompt` per rollout (group-major inputs, one entry per rollout; `episode_ids` for multi-turn rows)."""
     demos = pick_demonstrations(
-        rewards, group_ids, config.success_reward_threshold, config.dont_reprompt_on_self_success, rng
+        rewards, group_ids, config.success_reward_threshold, config.dont_reprompt_on_self_success, rng, episode_ids
     )
     reprompts = []
     for i, problem in enumerate(problems):
@@ -124,8 +130,9 @@ def group_reprompts(
     rewards: Sequence[float],
     feedback: Sequence[str],
     group_ids: Sequence[int],
+    episode_ids: Sequence[int] | None = None,
 ) -> list[Reprompt]:
-    """One reprompt per rollout, question by question; each question's demonstration is drawn with a generator seeded
+    """One reprompt per rollout, question by question (multi-turn rows: one per turn, `episode_ids` naming episodes); each question's demonstration is drawn with a generator seeded
     by (`seed_key`, question id): the same choice however the groups are spread over processes, and no RNG state
     to checkpoint. The trainer's `seed_key` is "<trainer.seed>:<step>"."""
     rows_by_group: dict[int, list[int]] = defaultdict(list)
@@ -135,7 +142,8 @@ def group_reprompts(
     for rows in rows_by_group.values():
         rng = random.Random(f"{seed_key}:{problems[rows[0]].id}")
         picked = build_reprompts([problems[i] for i in rows], [responses[i] for i in rows], [rewards[i] for i in rows],
-                                 [feedback[i] for i in rows], [group_ids[i] for i in rows], config, rng)
+                                 [feedback[i] for i in rows], [group_ids[i] for i in rows], config, rng,
+                                 None if episode_ids is None else [episode_ids[i] for i in rows])
         for i, reprompt in zip(rows, picked, strict=True):
             reprompts[i] = reprompt
     return reprompts  # type: ignore[return-value]

@@ -200,6 +200,12 @@ class CodeEnv(Environment):
         info = {"status": status, "passed": passed, "total": len(tests), "isolation": self.sandbox.isolation}
         return Score(reward, feedback, info)
 
+    def follow_up(self, problem: Problem, response: str, score: Score) -> str:
+        """Multi-turn episodes: the judge's verdict on the submission (the feedback text, never the program's own
+        output beyond what the feedback shows) and a request to resubmit."""
+        return (f"Your submission was judged:\n\n{score.feedback}\n\n"
+                "Fix the program and resubmit the complete solution in a ```python code block.")
+
     def _reference_expected(self, problem: Problem) -> tuple[list[dict], list[Any]]:
         """Tests and expected values from the reference solution; tests where the reference fails are dropped."""
         tests = problem.data["tests"]
