@@ -134,7 +134,8 @@ def context_metrics(
             # The next solved question after this one (cyclically): a fixed, seed-free choice.
             pick = next((g for g in other if g > group), other[0])
             copies.append(demo_copy(responses[i], solutions[i], success_by_group[pick]))
-    # NaN (logged as null) rather than absent, so that every process reports the same keys.
+    # NaN rather than absent, so that every process reports the same keys; `Distributed.reduce_mean` averages over
+    # the processes that have a value and leaves the metric out of the step's metrics when none has.
     out[PREFIX + "demo_copy"] = sum(copies) / len(copies) if copies else math.nan
     return out
 

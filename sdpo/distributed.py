@@ -187,11 +187,16 @@ class Distributed:
         return self.accelerator.reduce(value, reduction=op)
 
     def reduce_mean(self, metrics: dict[str, Any]) -> dict[str, float]:
+        """Means over ranks. A value that is undefined (NaN) on a rank is left out of its mean, and a metric undefined
+        on every rank is left out of the result (e.g. diagnostics/demo_copy on a step without two solved questions),
+        so that logged metrics are numbers and one rank's missing case does not turn the mean into NaN."""
         if not metrics:
             return {}
         keys = sorted(metrics)
-        values = self.reduce(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64), "mean")
-        return dict(zip(keys, values.tolist()))
+        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+        defined = ~values.isnan()
+        sums, counts = self.reduce(torch.stack([torch.where(defined, values, 0.0), defined.double()]), "sum")
+        return {k: s / c for k, s, c in zip(keys, sums.tolist(), counts.tolist()) if c > 0}
 
     def sum_counts(self, counts: dict[str, Tensor | float]) -> dict[str, float]:
         """Counts summed over ranks (the loss normalisers of one optimizer step)."""

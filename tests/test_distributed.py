@@ -210,3 +210,20 @@ if __name__ == "__main__" and "--worker" in sys.argv:
     os.environ.setdefault("WANDB_MODE", "disabled")
     run_worker(Path(sys.argv[sys.argv.index("--worker") + 1]), sharding=sys.argv[sys.argv.index("--sharding") + 1],
                resume="--resume" in sys.argv, lora="--lora" in sys.argv)
+
+
+def test_reduce_mean_leaves_undefined_values_out(monkeypatch):
+    """A metric NaN on one rank is the mean over the ranks that have it; NaN on every rank, it is not logged."""
+    import math
+
+    from sdpo.config import TrainerConfig
+    from sdpo.distributed import Distributed
+
+    dist = Distributed(TrainerConfig())
+    assert dist.reduce_mean({"a": 1.0, "b": math.nan, "c": math.inf}) == {"a": 1.0, "c": math.inf}
+    # Two ranks: a stand-in all-reduce adds rank 1's local [values; counts] to rank 0's.
+    sent = {}
+    monkeypatch.setattr(dist, "reduce", lambda value, op: sent.setdefault("rank1", value))
+    dist.reduce_mean({"a": 3.0, "b": 5.0, "c": math.nan})
+    monkeypatch.setattr(dist, "reduce", lambda value, op: value + sent["rank1"])
+    assert dist.reduce_mean({"a": 1.0, "b": math.nan, "c": math.nan}) == {"a": 2.0, "b": 5.0}
