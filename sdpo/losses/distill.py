@@ -103,14 +103,20 @@ def topk_support(
             teacher_BRK - torch.logsumexp(teacher_BRK, -1, keepdim=True))
 
 
+def _sampled_token_logps(student_logits_BRV: Tensor, teacher_logits_BRV: Tensor, response_ids_BR: Tensor,
+                         temperature: float) -> tuple[Tensor, Tensor]:
+    """log s(y_t) and log q(y_t) of the sampled tokens: what the sampled-token and sequence modes need."""
+    return (gather_token(log_softmax_temperature(student_logits_BRV, temperature), response_ids_BR),
+            gather_token(log_softmax_temperature(teacher_logits_BRV, temperature), response_ids_BR))
+
+
 @DISTILL_MODES.register("sampled_token")
 def _sampled_token(student_logits_BRV, teacher_logits_BRV, response_ids_BR, *, alpha, topk, tail, temperature):
     # Reverse KL estimated at the sampled token: its gradient (s - q) * grad s is the REINFORCE form of
     # grad KL(S || T) with per-token advantage q - s (spec sec. 3). No other alpha has this form.
     if alpha != 1.0:
         raise ValueError(f"distillation mode 'sampled_token' supports only alpha=1.0 (reverse KL), got {alpha}")
-    s_BR = gather_token(log_softmax_temperature(student_logits_BRV, temperature), response_ids_BR)
-    q_BR = gather_token(log_softmax_temperature(teacher_logits_BRV, temperature), response_ids_BR)
+    s_BR, q_BR = _sampled_token_logps(student_logits_BRV, teacher_logits_BRV, response_ids_BR, temperature)
     return sampled_token_distill(s_BR, q_BR)
 
 
@@ -139,8 +145,7 @@ def _sequence(student_logits_BRV, teacher_logits_BRV, response_ids_BR, *, alpha,
     # with the response mask (sdpo/losses/objective.py).
     if alpha != 1.0:
         raise ValueError(f"distillation mode 'sequence' supports only alpha=1.0 (reverse KL), got {alpha}")
-    s_BR = gather_token(log_softmax_temperature(student_logits_BRV, temperature), response_ids_BR)
-    q_BR = gather_token(log_softmax_temperature(teacher_logits_BRV, temperature), response_ids_BR)
+    s_BR, q_BR = _sampled_token_logps(student_logits_BRV, teacher_logits_BRV, response_ids_BR, temperature)
     return sequence_distill(s_BR, q_BR, torch.ones_like(s_BR, dtype=torch.bool))
 
 
