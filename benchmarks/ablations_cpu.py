@@ -19,6 +19,7 @@ import argparse
 import os
 from pathlib import Path
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -117,6 +118,8 @@ def main() -> None:
             (run / "metrics.jsonl").unlink(missing_ok=True)
         for name, out in runs.items():
             _, engine, seconds[name] = train_run([f"ablation={name}", *common, f"trainer.output_dir={out}"], engine)
+            # The table needs the metrics only; 13 runs' checkpoints (1.6 GB each) once filled this machine's disk.
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
             print(f"{name}: {seconds[name]:.0f} s", flush=True)
             write_report(args, common, wanted, runs, seconds)  # after every run: a stopped benchmark keeps its rows
         if engine is not None:

@@ -8,6 +8,7 @@ log q(y_t) - log p(y_t) on the student's own sampled tokens of failed attempts (
 transformers generate in float32, one thread.
 
     python benchmarks/feedback_calibration_cpu.py answer_prefix,bare,bare_noex,unit 12
+    python benchmarks/feedback_calibration_cpu.py equation 12
 
 The feedback strings are the candidates as measured; the environment (sdpo/envs/convention.py) states its rule
 without an example number because of what this measured. scripts/probe.py measures the same things on the real env.
@@ -34,23 +35,31 @@ EX = "17"
 CANDS = {
     "bare": dict(
         ok=lambda r, n: r.strip().rstrip(".") == str(n),
-        ref=lambda n: f"{n}",
+        ref=lambda n, a, b: f"{n}",
         fb=f"Format error: the grader accepts only the bare number as the whole response: no words, no equation, no punctuation (for example: {EX})."),
     "answer_prefix": dict(
         ok=lambda r, n: re.match(rf"\s*Answer:\s*{n}\s*\.?\s*$", r) is not None,
-        ref=lambda n: f"Answer: {n}",
+        ref=lambda n, a, b: f"Answer: {n}",
         fb="Format error: the grader reads only a response of the form 'Answer: <number>' (for example 'Answer: 17')."),
     "bare_noex": dict(
         ok=lambda r, n: r.strip().rstrip(".") == str(n),
-        ref=lambda n: f"{n}",
+        ref=lambda n, a, b: f"{n}",
         fb="Format error: the grader reads only the bare number as the whole response: no words, no equation."),
     "unit": dict(
         ok=lambda r, n: re.search(rf"\b{n} points\b", r) is not None,
-        ref=lambda n: f"{n} points",
+        ref=lambda n, a, b: f"{n} points",
         fb="Unit error: the answer must be given in points, written as '<number> points' (for example '17 points')."),
+    # The equation the model writes by habit ("7 * 8 = 56"), as the whole response: a convention the reprompted
+    # teacher may be able to follow, where it could not follow the bare number.
+    "equation": dict(
+        ok=lambda r, n: (m := re.fullmatch(r"\s*(\d+)\s*[*x\u00d7]\s*(\d+)\s*=\s*(-?\d+)\s*\.?\s*", r)) is not None
+        and int(m.group(1)) * int(m.group(2)) == n == int(m.group(3)),
+        ref=lambda n, a, b: f"{a} * {b} = {n}",
+        fb="Format error: the grader reads only the equation as the whole response: the two numbers, the operation, "
+           "an equals sign and the result, nothing else."),
     "word": dict(
         ok=lambda r, n: r.strip().lower().startswith("product"),
-        ref=lambda n: f"Product: {n}",
+        ref=lambda n, a, b: f"Product: {n}",
         fb="Format error: the grader expects the response to start with the word 'Product' and then the number (for example 'Product: 17')."),
 }
 which = sys.argv[1].split(",")
@@ -98,7 +107,7 @@ for name in which:
     t_greedy = gen(tp, 1, 0)
     dec = lambda ids: tok.decode(ids, skip_special_tokens=True)
     succ = lambda samples, k: sum(c["ok"](dec(s), qs[i // k][2]) for i, s in enumerate(samples)) / len(samples)
-    refs = [tok.encode(c["ref"](n), add_special_tokens=False) + [tok.eos_token_id] for _, _, n in qs]
+    refs = [tok.encode(c["ref"](n, a, b), add_special_tokens=False) + [tok.eos_token_id] for a, b, n in qs]
     lp_s = seq_logp(sp, refs)
     lp_t = seq_logp(tp, refs)
     first_s = sum(float(x[0].exp()) for x in lp_s) / len(qs)

@@ -70,6 +70,24 @@ def test_the_same_feedback_for_every_question():
     assert len(messages) == 1
 
 
+@pytest.mark.parametrize("name", list(CONVENTIONS))
+def test_suggestion_is_the_attempts_own_number_in_the_convention(name):
+    """env.suggest: the format message shows the attempt's last number written by the convention: the answer only
+    when the attempt had it, a wrong number when the attempt did; none when the attempt had no number."""
+    env = env_with(convention=name, suggest=True)
+    problem = env.load("train")[0]
+    n = problem.data["answer"]
+    right = env.score(problem, f"{problem.question} The result is {n}")
+    assert right.feedback.startswith("Format error: " + CONVENTIONS[name].rule)
+    assert right.feedback.endswith("would be: " + CONVENTIONS[name].write(n)) and right.info["suggested"] == str(n)
+    wrong = env.score(problem, f"I get {n + 1000}.")
+    assert wrong.feedback.endswith(CONVENTIONS[name].write(n + 1000)) and str(n) not in wrong.feedback.replace(str(n + 1000), "")
+    none = env.score(problem, "no idea")
+    assert none.feedback == "Format error: " + CONVENTIONS[name].rule and none.info["suggested"] is None
+    # Without the option the message is the rule alone, whatever the attempt.
+    assert env_with(convention=name).score(problem, f"The result is {n}").feedback == "Format error: " + CONVENTIONS[name].rule
+
+
 def test_scalar_only_grader_gives_no_text():
     env = env_with(feedback=False)
     problem = env.load("train")[0]

@@ -5,6 +5,11 @@ answers written by a fixed convention, the way an autograder, a form field or an
 form scores 0 and gets the checker's format message, which states the convention (never this question's answer).
 A response in the right form with a wrong number is told that the number is wrong, not what it should be.
 
+With `env.suggest=true` the format message also shows the response's own last number written by the convention, as
+a lenient checker's "did you mean" does (a linter's suggested fix): the rule applied to this attempt. It is the
+attempt's number, right or wrong, never the question's answer; a suggestion is right exactly when the attempt had
+the right number in the wrong form.
+
 Why this shape (measured in benchmarks/results/feedback_learning_cpu.md): SmolLM2-135M-Instruct almost never
 writes the convention unprompted, so nearly every GRPO group has reward 0 everywhere and no advantage; the feedback
 carries a rule that holds for every question, held-out ones included; and the rule is a matter of the first
@@ -17,7 +22,7 @@ from dataclasses import dataclass
 import re
 
 from sdpo.config import ConfigError, check_choice
-from sdpo.envs.arithmetic import ArithmeticEnv, ArithmeticEnvConfig
+from sdpo.envs.arithmetic import ArithmeticEnv, ArithmeticEnvConfig, extract_last_number
 from sdpo.envs.base import ENVIRONMENTS, Problem, Score
 
 @dataclass(frozen=True)
@@ -37,8 +42,11 @@ class Convention:
     def write(self, number: int | str) -> str:
         return self.form.format(n=number)
 
-    def format_feedback(self) -> str:
-        return f"Format error: {self.rule}"
+    def format_feedback(self, suggestion: str | None = None) -> str:
+        message = f"Format error: {self.rule}"
+        if suggestion is None:
+            return message
+        return f"{message} Your response, written that way, would be: {self.write(suggestion)}"
 
 
 _NUM = r"(?P<n>-?\d+)"
@@ -67,6 +75,9 @@ class ConventionEnvConfig(ArithmeticEnvConfig):
     prompt_template: str = "What is {a} {op} {b}?"
     # The checker's messages (off: a scalar-only grader, the same task without the text to learn from).
     feedback: bool = True
+    # The format message also shows the response's own last number in the accepted form (the attempt's number, not
+    # the answer): the rule applied to this attempt, which a small model can copy where it cannot follow the rule.
+    suggest: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -91,7 +102,10 @@ class ConventionEnv(ArithmeticEnv):
         feedback_on = self.config.feedback
         number = self.convention.parse(response)
         if number is None:
-            return Score(0.0, self.convention.format_feedback() if feedback_on else "", {"status": "format_error"})
+            own = extract_last_number(response) if self.config.suggest else None
+            suggestion = None if own is None else (str(int(own)) if own.is_integer() else repr(own))
+            feedback = self.convention.format_feedback(suggestion) if feedback_on else ""
+            return Score(0.0, feedback, {"status": "format_error", "suggested": suggestion})
         if int(number) == problem.data["answer"]:
             return Score(1.0, "", {"status": "correct", "answer": int(number)})
         feedback = "Wrong answer: the format is right, but the number is not the result." if feedback_on else ""
