@@ -7,7 +7,7 @@ Same model (SmolLM2-135M-Instruct from the same local checkpoint), same question
 training split, drawn by each trainer's own seeded sampler), same batch (8 questions x 4 rollouts, one optimizer
 step per generation batch in micro-batches of 8), token limit (48), learning rate (3e-5, constant, AdamW), sampling
 (temperature 1, no top-p / top-k), precision (float32 everywhere unless --precision bf16) and no gradient
-checkpointing. Each run is its own process (peak RSS is per run); runs are interleaved A B C ... A B C over
+checkpointing, group-mean advantages without the std division. Each run is its own process (peak RSS is per run); runs are interleaved A B C ... A B C over
 --repeats so that machine drift hits all alike. Step 1 warms up; the table gives the median of the later steps,
 pooled over repetitions (per-repetition medians in brackets).
 
@@ -118,6 +118,10 @@ def run_trl(name: str, precision: str, steps: int) -> list[dict]:
         max_steps=steps, learning_rate=cfg.trainer.optim.lr, lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=cfg.trainer.optim.weight_decay, max_grad_norm=cfg.trainer.optim.grad_clip,
         temperature=cfg.rollout.temperature, top_p=1.0, top_k=0, beta=0.0, epsilon=0.2, epsilon_high=0.28,
+        # This library's advantage is r - mean(r) (algorithm.norm_adv_by_std=false); TRL's default divides by the
+        # group's std, a 2x or larger step on this task, and its policies then shortened their answers twice as
+        # fast, which changes the tokens per step that the timing compares.
+        scale_rewards="none" if not cfg.algorithm.norm_adv_by_std else "group",
         num_iterations=1, logging_steps=1, save_strategy="no", report_to=[], seed=cfg.trainer.seed,
         remove_unused_columns=False, model_init_kwargs={"dtype": torch.float32}, disable_tqdm=True,
     )
