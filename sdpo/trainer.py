@@ -248,7 +248,8 @@ class SDPOTrainer:
         failure_modes = context_metrics(rcfg, [p.question for p in problems_B], batch.response_text,
                                         [r.solution for r in reprompts], [r.feedback for r in reprompts], rewards, groups)
         if self.teacher is not None:
-            batch.teacher_prompt_ids = teacher_prompt_ids(reprompts, batch.prompt_ids, self.tokenizer, rcfg,
+            within_window = replace(rcfg, max_reprompt_len=self._reprompt_limit())
+            batch.teacher_prompt_ids = teacher_prompt_ids(reprompts, batch.prompt_ids, self.tokenizer, within_window,
                                                          self.config.model.chat_template_kwargs)
             batch.distill_mask_B = torch.tensor([r.has_signal for r in reprompts])
             self.teacher.score_with_engine(batch, self.engine)
@@ -430,9 +431,17 @@ class SDPOTrainer:
         config = self.config
         max_model_len = config.rollout.max_prompt_len + config.rollout.max_new_tokens
         if config.algorithm.uses_teacher and config.algorithm.teacher.scorer == "engine":  # it reads reprompts too
-            max_model_len = max(max_model_len, config.algorithm.reprompt.max_reprompt_len + config.rollout.max_new_tokens)
+            max_model_len = max(max_model_len, self._reprompt_limit() + config.rollout.max_new_tokens)
         return build_engine(config.rollout, self.unwrapped, self.tokenizer, self.model_path, max_model_len,
                             self.autocast_dtype, sharded=self.dist.sharded)
+
+    def _reprompt_limit(self) -> int:
+        """algorithm.reprompt.max_reprompt_len within the model's context window: the teacher reads a reprompt and a
+        response, and positions past the window are undefined (vLLM refuses them: the paper's 10240 exceeds
+        SmolLM2's 8192)."""
+        limit = self.config.algorithm.reprompt.max_reprompt_len
+        window = getattr(self.unwrapped.config, "max_position_embeddings", None)
+        return min(limit, window - self.config.rollout.max_new_tokens) if window else limit
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:

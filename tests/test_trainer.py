@@ -178,3 +178,19 @@ def test_length_sorted_micro_batches_give_the_same_loss_gradient(tmp_path, algor
     for a, b in zip(unsorted, by_length):
         assert a.dtype == torch.float64
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+
+
+def test_reprompts_stay_within_the_model_window(tmp_path):
+    """algorithm.reprompt.max_reprompt_len (the paper's 10240) is capped at the model's window minus the response
+    limit, for the trainer's teacher and for the engine that scores reprompts: vLLM refuses a max_model_len past
+    max_position_embeddings (scorer=engine failed to start on SmolLM2, window 8192)."""
+    trainer = make_trainer(tmp_path, "algorithm=sdpo", "algorithm.reprompt.max_reprompt_len=10240")
+    window = trainer.unwrapped.config.max_position_embeddings
+    assert trainer._reprompt_limit() == window - trainer.config.rollout.max_new_tokens < 10240
+    trainer.config.algorithm.reprompt.max_reprompt_len = 96  # below the window: the configured limit holds
+    assert trainer._reprompt_limit() == 96
+    batch, problems_B = trainer.generate(trainer.next_questions())
+    trainer.score(batch, problems_B)
+    trainer.build_teacher_context(batch, problems_B)
+    assert all(len(ids) <= 96 for ids in batch.teacher_prompt_ids)
+
