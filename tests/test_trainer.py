@@ -193,4 +193,3 @@ def test_reprompts_stay_within_the_model_window(tmp_path):
     trainer.score(batch, problems_B)
     trainer.build_teacher_context(batch, problems_B)
     assert all(len(ids) <= 96 for ids in batch.teacher_prompt_ids)
-
