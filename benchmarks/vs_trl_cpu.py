@@ -1,20 +1,20 @@
 """This library against TRL on the same batch: s/step by stage, peak memory and the ratios (issue #15).
 
-    pip install -e '.[bench]'          # TRL (works with this project's pinned torch and transformers)
+    .venv/bin/pip install -c constraints-cpu.txt -e '.[bench]'   # TRL (scripts/setup.sh's dev extra has it too)
     python benchmarks/vs_trl_cpu.py --results benchmarks/results/vs_trl_cpu.md
 
 Same model (SmolLM2-135M-Instruct from the same local checkpoint), same questions (the CPU preset's arithmetic
 training split, drawn by each trainer's own seeded sampler), same batch (8 questions x 4 rollouts, one optimizer
 step per generation batch in micro-batches of 8), token limit (48), learning rate (3e-5, constant, AdamW), sampling
-(temperature 1, no top-p / top-k), precision (float32 everywhere unless --precision bf16) and no gradient
-checkpointing, group-mean advantages without the std division. Each run is its own process (peak RSS is per run); runs are interleaved A B C ... A B C over
---repeats so that machine drift hits all alike. Step 1 warms up; the table gives the median of the later steps,
+(temperature 1, no top-p / top-k), precision (float32 everywhere unless --precision bf16), no gradient
+checkpointing, group-mean advantages without the std division. Each run is its own process (peak RSS is per run);
+runs are interleaved A B C ... A B C over --repeats so that machine drift hits all alike. Step 1 warms up; the table gives the median of the later steps,
 pooled over repetitions (per-repetition medians in brackets).
 
 Where the algorithms differ (TRL lets no closer setting be made): this library's hybrid mixes at the advantage level
 (A = 0.9 A_GRPO + 0.1 A_SDPO inside one clipped loss; spec Eq. 3), TRL's at the loss level
-((1 - w) L_policy + w L_distill, w = 0.1); TRL's `dapo` token normalisation vs this library's token mean per
-mini-batch; TRL's teacher forward runs inside every micro-batch's loss, this library's only on rows with a signal.
+((1 - w) L_policy + w L_distill, w = 0.1); TRL's teacher forward runs on every row of every micro-batch, this
+library's only on rows with a signal. (TRL's `dapo` normalisation is this library's token mean over the mini-batch.)
 """
 
 from __future__ import annotations
