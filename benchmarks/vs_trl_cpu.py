@@ -36,8 +36,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 from benchmarks import machine
+from benchmarks.profile_step import PRECISIONS, make_trainer
 
-PRECISIONS = {"float32": "model.autocast_dtype=none", "bf16": "model.autocast_dtype=bfloat16"}
 BASE = ["experiment=cpu", "trainer.optim.lr=3e-5", "trainer.optim.warmup_steps=0"]
 OURS = {  # run name -> Hydra overrides
     "ours GRPO (transformers generate)": ["algorithm=grpo", "rollout=hf"],
@@ -69,12 +69,7 @@ def peak_rss_mib() -> float:
 
 
 def run_ours(name: str, precision: str, steps: int) -> list[dict]:
-    from sdpo.trainer import SDPOTrainer
-
-    out = tempfile.mkdtemp(prefix="vs_trl-")
-    trainer = SDPOTrainer(overrides=[*BASE, PRECISIONS[precision], *OURS[name], f"trainer.output_dir={out}",
-                                     "eval.every=0", "logging.progress_bar=false", "trainer.save_every=0",
-                                     f"trainer.total_steps={steps}"])
+    trainer = make_trainer([*BASE, PRECISIONS[precision], *OURS[name]])  # the profile's trainer: no evaluation
     rows = []
     for _ in range(steps):
         start = time.perf_counter()
