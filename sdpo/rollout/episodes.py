@@ -183,13 +183,22 @@ class EpisodeRollout:
         return batch, [r.context for r in rows]
 
 
+def _rollout_to_end(engine: RolloutEngine, env: Environment, tokenizer: PreTrainedTokenizerBase,
+                    problems: Sequence[Problem], prompt_ids: Sequence[list[int]], sampling: SamplingSettings,
+                    limits: EpisodeLimits, any_rank: Callable[[bool], bool]) -> EpisodeRollout:
+    """`sampling.n` episodes per problem, run until none is live (on any rank)."""
+    rollout = EpisodeRollout(engine, env, tokenizer, limits)
+    rollout.begin(problems, prompt_ids, sampling.n)
+    rollout.run(sampling, any_rank)
+    return rollout
+
+
 def run_episodes(engine: RolloutEngine, env: Environment, tokenizer: PreTrainedTokenizerBase,
                  problems: Sequence[Problem], prompt_ids: Sequence[list[int]], sampling: SamplingSettings,
                  config: Any, any_rank: Callable[[bool], bool] = bool) -> tuple[RolloutBatch, list[Problem]]:
     """The trainer's generation box for multi-turn episodes: rollouts, scored turn by turn, as one batch."""
-    rollout = EpisodeRollout(engine, env, tokenizer, EpisodeLimits.from_config(config))
-    rollout.begin(problems, prompt_ids, sampling.n)
-    rollout.run(sampling, any_rank)
+    rollout = _rollout_to_end(engine, env, tokenizer, problems, prompt_ids, sampling,
+                              EpisodeLimits.from_config(config), any_rank)
     return rollout.batch(config.algorithm.episode_return, config.algorithm.episode_discount)
 
 
@@ -213,10 +222,7 @@ def evaluate_episodes(engine: RolloutEngine, env: Environment, tokenizer: PreTra
     """Held-out episodes: avg@n of the first turn (the single-turn number) and success within max_turns turns."""
     if not problems:
         return {}
-    rollout = EpisodeRollout(engine, env, tokenizer, limits)
-    rollout.begin(problems, prompt_ids, sampling.n)
-    rollout.run(sampling, any_rank)
-    batch, _ = rollout.batch()
+    batch, _ = _rollout_to_end(engine, env, tokenizer, problems, prompt_ids, sampling, limits, any_rank).batch()
     means = episode_metrics(batch, limits.success_threshold)
     return {f"{prefix}/avg@{sampling.n}": float(means["episode/first_turn_reward"]),
             f"{prefix}/episode_success": float(means["episode/success"]),
