@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -52,25 +53,51 @@ UPDATE_PARTS = ["student_forward", "head_and_terms", "objective", "backward", "o
 # model FLOPs
 
 
-def forward_flops(config, tokens: int, sequences: list[int], head_positions: int) -> float:
+def forward_flops(config, tokens: int, sequences: list[int], head_positions: int,
+                  continued: list[tuple[int, int]] = ()) -> float:
     """Matmul FLOPs of one forward: the linear layers on `tokens` positions, causal attention over each sequence
-    (`sequences`: lengths), and the output head on `head_positions` (the response positions only)."""
+    (`sequences`: lengths) and over each (prefix, length) continuation of a cached prefix (`continued`: responses
+    run on a shared prompt's key/value cache), and the output head on `head_positions` (the response positions)."""
     h, layers = config.hidden_size, config.num_hidden_layers
     kv = config.num_key_value_heads * (h // config.num_attention_heads)
     linear = layers * (2 * h * h + 2 * h * kv + 3 * h * config.intermediate_size)  # q, o; k, v; gate, up, down
     attention = sum(layers * 2 * h * n * n for n in sequences)  # QK^T and AV, causal half: 2 * (2 h n^2 / 2)
+    attention += sum(layers * 2 * h * ((p + n) ** 2 - p * p) for p, n in continued)  # the prefix's part is cached
     return 2 * linear * tokens + attention + 2 * h * config.vocab_size * head_positions
 
 
 class FlopCounter:
-    """Counts the tokens each forward of the update sees (padded and real), for the model FLOPs."""
+    """Counts the tokens each forward of the update sees (padded and real), for the model FLOPs. With shared prompts
+    (trainer.share_prompts) a distinct prompt counts once, in the forward that runs it (`PromptPass`): that is the
+    work the update needs."""
 
     def __init__(self, config) -> None:
         self.config = config
         self.real = {"student": 0.0, "teacher": 0.0}
         self.padded = {"student": 0.0, "teacher": 0.0}
 
-    def record(self, who: str, inputs) -> None:
+    def record_prompts(self, who: str, prompts) -> None:
+        """A `PromptPass` over `prompts` (`PromptInputs`): the prompts' forward, no output head."""
+        lengths = prompts.attention_mask.sum(-1).tolist()
+        n, width = prompts.attention_mask.shape
+        self.real[who] += forward_flops(self.config, sum(lengths), lengths, 0)
+        self.padded[who] += forward_flops(self.config, n * width, [width] * n, 0)
+
+    def record(self, who: str, inputs, prompts_given: bool) -> None:
+        from sdpo.batch import SharedPromptInputs
+
+        if isinstance(inputs, SharedPromptInputs):  # the responses on their prompts' cache
+            if not prompts_given:  # response_features runs the pass itself
+                used = inputs.prompt_of_B.unique()
+                self.record_prompts(who, replace(inputs.prompts, input_ids=inputs.prompts.input_ids[used],
+                                                 attention_mask=inputs.prompts.attention_mask[used]))
+            prompt_B = inputs.prompts.attention_mask.sum(-1)[inputs.prompt_of_B].tolist()
+            responses = inputs.response_mask.sum(-1).tolist()
+            n, width = inputs.response_mask.shape
+            prompt_width = inputs.prompts.attention_mask.shape[1]
+            self.real[who] += forward_flops(self.config, sum(responses), [], sum(responses), list(zip(prompt_B, responses)))
+            self.padded[who] += forward_flops(self.config, n * width, [], n * width, [(prompt_width, width)] * n)
+            return
         mask = inputs.attention_mask
         lengths = mask.sum(-1).tolist()
         responses = mask[:, inputs.prompt_width:].sum().item()
@@ -136,10 +163,19 @@ def instrumented(trainer, flops: FlopCounter):
     saved[(teacher_module, "response_features")] = teacher_module.response_features
 
     def counted(who, fn):
-        def wrapper(model, inputs):
-            flops.record(who, inputs)
-            return fn(model, inputs)
+        def wrapper(model, inputs, prompts=None, last=True):
+            flops.record(who, inputs, prompts_given=prompts is not None)
+            return fn(model, inputs, prompts, last)
         return wrapper
+
+    def prompt_pass(minibatch):  # the optimizer step's shared prompts: part of the student's forward
+        prompts = saved_prompt_pass(minibatch)
+        if prompts is not None:
+            flops.record_prompts("student", prompts.layout[0])
+        return prompts
+
+    saved_prompt_pass = trainer.prompt_pass
+    trainer.prompt_pass = timed(timer, "student_forward", prompt_pass)
 
     trainer_module.response_features = timed(timer, "student_forward", counted("student", saved[(trainer_module, "response_features")]))
     teacher_module.response_features = counted("teacher", saved[(teacher_module, "response_features")])
@@ -239,6 +275,58 @@ def colocation(overrides: list[str], repeats: int) -> dict:
     return out
 
 
+def shared_prompts_ab(overrides: list[str], repeats: int) -> dict:
+    """The same update (same rollouts, weights, optimizer and EMA state) with trainer.share_prompts off and on,
+    alternating, so that machine drift hits both alike; the parts of each update by the stage timer."""
+    trainer = make_trainer(overrides)
+    flops = FlopCounter(trainer.unwrapped.config)
+    batch = trainer.training_step().batch  # a batch to replay (and a warm-up)
+    weights = copy.deepcopy(trainer.unwrapped.state_dict())
+    optim = copy.deepcopy(trainer.optimizer.state_dict())
+    ema = copy.deepcopy(trainer.teacher.state_dict()) if trainer.teacher is not None else None
+    out: dict[str, list] = {"off": [], "on": []}
+    with instrumented(trainer, flops):
+        for _ in range(repeats):
+            for label, share in (("off", False), ("on", True)):
+                trainer.unwrapped.load_state_dict(weights)
+                trainer.optimizer.load_state_dict(optim)
+                if ema is not None:
+                    trainer.teacher.load_state_dict(ema)
+                trainer.share_prompts = share
+                trainer.timer.pop()
+                start = time.perf_counter()
+                trainer.update(copy.copy(batch))
+                out[label].append({"update": time.perf_counter() - start, **trainer.timer.pop(), **flops.pop()})
+    out["peak"] = matmul_peak(trainer.unwrapped.config, trainer.config.trainer.micro_batch_size * 96, torch.float32)
+    out["tokens/response"] = float(batch.response_lengths_B.sum())
+    return out
+
+
+def shared_prompts_report(result: dict, command: str) -> str:
+    def med(label, key):
+        return statistics.median(r.get(key, 0.0) for r in result[label])
+
+    keys = [("update (whole)", "update"), *((f"update: {p}", f"time/{p}") for p in UPDATE_PARTS),
+            ("teacher forward", "time/teacher_forward")]
+    lines = ["# The update with and without shared prompts (trainer.share_prompts)", "",
+             f"Machine: {machine.describe()}", "", f"Command: `{command}`", "",
+             f"One process, one batch of the default workload ({result['tokens/response']:.0f} response tokens), the "
+             "weights, optimizer and EMA state restored before each update; off and on alternate "
+             f"({len(result['on'])} each). Seconds per update, median (range):", "",
+             "| | share_prompts=false | share_prompts=true | on / off |", "|---|---|---|---|"]
+    for label, key in keys:
+        off, on = med("off", key), med("on", key)
+        lines.append(f"| {label} | {off:.2f} ({min(r.get(key, 0.0) for r in result['off']):.2f}-"
+                     f"{max(r.get(key, 0.0) for r in result['off']):.2f}) | {on:.2f} "
+                     f"({min(r.get(key, 0.0) for r in result['on']):.2f}-{max(r.get(key, 0.0) for r in result['on']):.2f})"
+                     f" | {on / off if off else float('nan'):.2f} |")
+    for kind in ("padded", "real"):
+        off, on = med("off", f"flops/{kind}_student"), med("on", f"flops/{kind}_student")
+        lines.append(f"| student forward GFLOP ({kind}) | {off / 1e9:.0f} | {on / 1e9:.0f} | {on / off:.2f} |")
+    lines += ["", f"Matmul rate in the model's shapes after the runs (float32, weighted): {result['peak']['weighted']:.0f} GFLOP/s", ""]
+    return "\n".join(lines)
+
+
 def default_memory_policy() -> int:
     """Undo the strict NUMA MEMBIND that vLLM's CPU worker sets for the whole process (set_mempolicy(MPOL_DEFAULT));
     0 on success."""
@@ -285,7 +373,8 @@ def report(results: dict[str, dict], args: argparse.Namespace, command: str) -> 
     lines.append("| rows with a teacher signal / 32 | " + " | ".join(f"{median(rows[n], 'distill_rows'):.0f}" for n in results) + " |")
     lines += ["", "## The update's model FLOPs utilisation", "",
               "Model FLOPs: the matmuls of the student forward (x3 with its backward) and of the teacher forward (x1), "
-              "each with the output head on the response positions, counted on the real tokens; \"padded\" counts "
+              "each with the output head on the response positions, counted on the real tokens (a prompt that its "
+              "rows share, trainer.share_prompts, counts once: the work the forward needs); \"padded\" counts "
               "what the padded micro-batches compute. The compute time is student forward + teacher forward + head "
               "and terms + backward; MFU is achieved FLOP/s over the measured matmul rate in the model's shapes "
               "(FLOP-weighted over the layer shapes and the head, micro-batch of 8 x 96 rows).", "",
@@ -355,6 +444,7 @@ def main() -> None:
     parser.add_argument("--extra", nargs="*", default=[], help="Hydra overrides for every run")
     parser.add_argument("--results", default=None, help="markdown file to write")
     parser.add_argument("--colocation", action="store_true", help="time the update without/with an in-process engine")
+    parser.add_argument("--shared-prompts", action="store_true", help="time the update with trainer.share_prompts off/on")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--force-length", action="store_true", help="every rollout runs to rollout.max_new_tokens")
     parser.add_argument("--json", default=None, help="also write the raw per-step rows here")
@@ -366,7 +456,8 @@ def main() -> None:
         overrides = [PRECISIONS[precision], *args.extra]
         if args.force_length:
             force_length()
-        result = colocation(overrides, args.repeats) if args.colocation else profile_one(overrides, args.steps)
+        result = (colocation(overrides, args.repeats) if args.colocation else
+                  shared_prompts_ab(overrides, args.repeats) if args.shared_prompts else profile_one(overrides, args.steps))
         Path(args.one.split(":", 1)[1]).write_text(json.dumps(result))
         return
     results = {}
@@ -377,11 +468,15 @@ def main() -> None:
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             subprocess.run([sys.executable, __file__, "--one", f"{precision}:{f.name}", "--steps", str(args.steps),
                             "--repeats", str(args.repeats), *(["--colocation"] if args.colocation else []),
+                            *(["--shared-prompts"] if args.shared_prompts else []),
                             *(["--force-length"] if args.force_length else []),
                             "--extra", *args.extra], check=True)
             results[precision] = json.loads(Path(f.name).read_text())
-    text = "\n\n".join(colocation_report(r, command) + f"\n(precision: {n})" for n, r in results.items()) \
-        if args.colocation else report(results, args, command)
+    if args.colocation or args.shared_prompts:
+        one_report = colocation_report if args.colocation else shared_prompts_report
+        text = "\n\n".join(one_report(r, command) + f"\n(precision: {n})" for n, r in results.items())
+    else:
+        text = report(results, args, command)
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(results))

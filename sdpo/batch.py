@@ -3,9 +3,10 @@
 Shape suffixes (as in `sdpo.losses`): `_B` samples, `_R` response positions (right-padded, with `response_mask_BR`).
 Samples are group-major: the G rollouts of a question are contiguous and share a `group_ids_B` value.
 
-Token sequences stay as Python lists until a forward pass needs them; `model_inputs` then lays out
+Token sequences stay as Python lists until a forward pass needs them. `build_model_inputs` then lays out
 `[left padding | prompt | response | right padding]`, so that every response starts at the same column and the
-logits of all response positions are one contiguous slice.
+logits of all response positions are one contiguous slice. `build_shared_prompt_inputs` lays out each distinct
+prompt once and the responses that continue them apart, for forwards that run a prompt once for all its rollouts.
 """
 
 from __future__ import annotations
@@ -72,6 +73,85 @@ def build_model_inputs(prompts: Sequence[Sequence[int]], responses: Sequence[Seq
 
 
 @dataclass
+class PromptInputs:
+    """Distinct prompts, left-padded: [U, P]."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+
+    @property
+    def position_ids(self) -> Tensor:
+        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens
+
+    def to(self, device: torch.device | str) -> PromptInputs:
+        return PromptInputs(self.input_ids.to(device), self.attention_mask.to(device))
+
+
+@dataclass
+class SharedPromptInputs:
+    """Rows that continue a few distinct prompts: each prompt runs through the model once (`sdpo.models.PromptPass`)
+    and the rows' responses run on its key/value cache, U x P + B x R positions instead of B x (P + R), with the
+    same values and gradients (a GRPO group's G rollouts share one prompt).
+
+    Each of the B rows names its prompt in `prompts` (`prompt_of_B`) and holds its response right-padded to R
+    columns, at positions that continue the prompt's. `prompts` may hold more prompts than these rows use: the
+    trainer runs an optimizer step's distinct prompts once for all its micro-batches.
+    """
+
+    prompts: PromptInputs  # [U, P]
+    prompt_of_B: Tensor  # long [B]: the row's prompt in `prompts`
+    response_ids: Tensor  # [B, R]
+    response_mask: Tensor  # [B, R]
+
+    def to(self, device: torch.device | str) -> SharedPromptInputs:
+        return SharedPromptInputs(self.prompts.to(device), self.prompt_of_B.to(device), self.response_ids.to(device),
+                                  self.response_mask.to(device))
+
+    @property
+    def attention_mask(self) -> Tensor:
+        """[B, P + R]: each row's prompt columns, then its response's."""
+        return torch.cat([self.prompts.attention_mask[self.prompt_of_B], self.response_mask], dim=1)
+
+    @property
+    def response_position_ids(self) -> Tensor:
+        """[B, R]: a response continues its prompt's positions."""
+        start_B = self.prompts.attention_mask.sum(-1)[self.prompt_of_B]
+        return start_B[:, None] + torch.arange(self.response_ids.shape[1], device=start_B.device)
+
+
+def distinct_prompts(prompts: Sequence[Sequence[int]]) -> dict[tuple[int, ...], int]:
+    """Each distinct prompt and its index, in order of first appearance."""
+    index: dict[tuple[int, ...], int] = {}
+    for p in prompts:
+        index.setdefault(tuple(p), len(index))
+    return index
+
+
+def build_prompt_inputs(prompts: Sequence[Sequence[int]], pad_id: int) -> PromptInputs:
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for u, p in enumerate(prompts):
+        input_ids[u, width - len(p) :] = torch.as_tensor(p, dtype=torch.long)
+        attention_mask[u, width - len(p) :] = 1
+    return PromptInputs(input_ids, attention_mask)
+
+
+def build_shared_prompt_inputs(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
+                               shared: tuple[PromptInputs, dict[tuple[int, ...], int]] | None = None) -> SharedPromptInputs:
+    """`shared`: the distinct prompts already laid out (and their index) that these rows' prompts are among; by
+    default the rows' own distinct prompts."""
+    if shared is None:
+        index = distinct_prompts(prompts)
+        shared = build_prompt_inputs(list(index), pad_id), index
+    laid_out, index = shared
+    width = max(max((len(r) for r in responses), default=0), 1)
+    return SharedPromptInputs(laid_out, torch.tensor([index[tuple(p)] for p in prompts], dtype=torch.long),
+                              pad_right(responses, pad_id, torch.long, width),
+                              pad_right([[1] * len(r) for r in responses], 0, torch.long, width))
+
+
+@dataclass
 class RolloutBatch:
     # -- from the rollout engine
     problem_ids: list[str]
@@ -122,13 +202,25 @@ class RolloutBatch:
     def num_groups(self) -> int:
         return int(self.group_ids_B.unique().numel())
 
-    def student_inputs(self, pad_id: int) -> ModelInputs:
-        return build_model_inputs(self.prompt_ids, self.response_ids, pad_id)
+    def student_inputs(self, pad_id: int, share_prompts: bool = False,
+                       shared: tuple[PromptInputs, dict[tuple[int, ...], int]] | None = None) -> ModelInputs | SharedPromptInputs:
+        """The policy's forward batch. `share_prompts`: rows with one prompt run it once, where any do; `shared`:
+        the optimizer step's distinct prompts, which these rows continue (see `SharedPromptInputs`)."""
+        if shared is not None:
+            return build_shared_prompt_inputs(self.prompt_ids, self.response_ids, pad_id, shared)
+        return self._inputs(self.prompt_ids, pad_id, share_prompts)
 
-    def teacher_inputs(self, pad_id: int) -> ModelInputs:
+    def teacher_inputs(self, pad_id: int, share_prompts: bool = False) -> ModelInputs | SharedPromptInputs:
+        """The teacher's forward batch: the reprompts (the failed rollouts of a group with one successful sibling
+        share one), each run once with `share_prompts`."""
         if self.teacher_prompt_ids is None:
             raise ValueError("the batch has no teacher prompts yet: build them with sdpo.teacher.build_reprompts")
-        return build_model_inputs(self.teacher_prompt_ids, self.response_ids, pad_id)
+        return self._inputs(self.teacher_prompt_ids, pad_id, share_prompts)
+
+    def _inputs(self, prompts: list[list[int]], pad_id: int, share_prompts: bool) -> ModelInputs | SharedPromptInputs:
+        if share_prompts and len(distinct_prompts(prompts)) < len(prompts):
+            return build_shared_prompt_inputs(prompts, self.response_ids, pad_id)
+        return build_model_inputs(prompts, self.response_ids, pad_id)
 
     def select(self, index: Sequence[int] | Tensor) -> RolloutBatch:
         """The samples at `index`, with per-token tensors trimmed to the selection's longest response."""

@@ -155,12 +155,15 @@ class Distributed:
             with self.accelerator.no_sync(self.policy):
                 yield
 
-    def backward(self, loss: Tensor) -> None:
+    def backward(self, loss: Tensor, scaled: Tensor | None = None) -> None:
+        """`scaled`: a term whose gradient is already in the scale of `loss * world` (it was gathered from earlier
+        backwards: `sdpo.models.PromptPass.pending`), added after the scaling."""
         # DDP and DeepSpeed average gradients over ranks; the loss's counts are already global, so undo the average.
+        loss = loss * self.world if scaled is None else loss * self.world + scaled
         if self.deepspeed:  # accumulates; `optimizer_step` applies (accelerator.backward would step the engine)
-            self.policy.backward(loss * self.world)
+            self.policy.backward(loss)
         else:
-            self.accelerator.backward(loss * self.world)
+            self.accelerator.backward(loss)
 
     def optimizer_step(self) -> tuple[bool, float]:
         """Clip, then step unless the grad norm is not finite; (applied, grad norm). Gradients are zeroed after."""

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from sdpo.batch import PromptInputs, SharedPromptInputs
 from sdpo.config import ModelConfig
 from sdpo.sharding import is_zero3
 
@@ -242,8 +243,12 @@ class ResponseFeatures:
         return ResponseFeatures(self.values_BRX.detach(), self.head, self.are_logits)
 
 
-def response_features(model: torch.nn.Module, inputs) -> ResponseFeatures:
-    """The response positions' features through the model's own forward (so DDP / FSDP / PEFT hooks run)."""
+def response_features(model: torch.nn.Module, inputs, prompts: PromptPass | None = None,
+                      last: bool = True) -> ResponseFeatures:
+    """The response positions' features through the model's own forward (so DDP / FSDP / PEFT hooks run).
+    `SharedPromptInputs` continue `prompts` (a `PromptPass` over their prompts; by default one of their own)."""
+    if isinstance(inputs, SharedPromptInputs):
+        return _continued_features(model, inputs, prompts, last)
     window = inputs.response_hidden_slice
     zero3 = is_zero3(model)
     out = model(
@@ -257,6 +262,76 @@ def response_features(model: torch.nn.Module, inputs) -> ResponseFeatures:
     if zero3:
         return ResponseFeatures(out.logits[:, : window.stop - window.start], lambda logits: logits, are_logits=True)
     return ResponseFeatures(out.hidden_states[-1][:, window], _output_head(model))
+
+
+class PromptPass:
+    """Distinct prompts through the model once: the key/value cache of every layer and the last position's hidden
+    state, which the responses' forwards then continue (`response_features` with `SharedPromptInputs`).
+
+    The trainer runs one pass per optimizer step, before its micro-batches, so that a prompt costs one forward and
+    one backward however many micro-batches its rollouts land in. Its gradient comes back in pieces: a micro-batch
+    reads detached copies of the pass's tensors (`continued(last=False)`), whose gradients add up over the
+    micro-batches' backwards; the last micro-batch reads the pass's own tensors and adds `pending()`, sum(tensor *
+    gathered gradient), to its loss, so the prompts' backward runs once, inside the step's last backward (the one in
+    which DDP all-reduces). Without gradient (old policy, reference, teacher) the copies are the tensors themselves.
+
+    Not under gradient checkpointing (transformers turns the cache off there), FSDP2 or ZeRO-3 (a sharded module
+    must not be called again before its backward), nor for sliding-window layers (their cache keeps only the last
+    window): `supports_prompt_pass` says which models qualify.
+    """
+
+    def __init__(self, model: torch.nn.Module, prompts: PromptInputs,
+                 index: dict[tuple[int, ...], int] | None = None) -> None:
+        self.layout = (prompts, index)  # for `RolloutBatch.student_inputs(shared=...)`: the prompts and their rows
+        out = model(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
+                    position_ids=prompts.position_ids, output_hidden_states=True, logits_to_keep=1, use_cache=True)
+        if out.past_key_values is None:
+            raise RuntimeError("the model returned no key/value cache for the shared prompts (gradient checkpointing "
+                               "turns it off): set trainer.share_prompts=false")
+        self.config = unwrap(model).config
+        layers = out.past_key_values.layers
+        # [keys_0, values_0, keys_1, ...] [U, kv heads, P, D], then the last prompt position's hidden state [U, H]
+        self.tensors = [t for layer in layers for t in (layer.keys, layer.values)] + [out.hidden_states[-1][:, -1]]
+        self.copies = [t.detach().requires_grad_() if t.requires_grad else t for t in self.tensors]
+
+    def continued(self, prompt_of_B: torch.Tensor, last: bool = True) -> tuple[Any, torch.Tensor]:
+        """A cache for B rows (row b continues prompt `prompt_of_B[b]`) and the hidden state that predicts each
+        row's first response token: [B, H]. `last`: the pass's own tensors (the step's last micro-batch, or a
+        micro-batch of its own), else the detached copies that gather the earlier micro-batches' gradients."""
+        from transformers import DynamicCache
+
+        source = self.tensors if last else self.copies
+        cache = DynamicCache(config=self.config)
+        for i in range(len(source) // 2):
+            cache.update(source[2 * i][prompt_of_B], source[2 * i + 1][prompt_of_B], layer_idx=i)
+        return cache, source[-1][prompt_of_B]
+
+    def pending(self) -> torch.Tensor:
+        """sum(tensor * gradient gathered in its copy): its backward sends the earlier micro-batches' gradient
+        through the prompts' forward. Add it to the last micro-batch's loss as it is (its value means nothing; its
+        gradient is already in the scale of the earlier backwards: `Distributed.backward(loss, scaled=...)`)."""
+        terms = [(t.float() * c.grad.float()).sum() for t, c in zip(self.tensors, self.copies, strict=True)
+                 if c is not t and c.grad is not None]
+        return torch.stack(terms).sum() if terms else torch.zeros((), device=self.tensors[-1].device)
+
+
+def supports_prompt_pass(model: torch.nn.Module) -> bool:
+    """Whether `PromptPass` holds this model's whole prompt cache (no sliding-window layers)."""
+    from transformers import DynamicCache
+
+    return not any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=unwrap(model).config).layers)
+
+
+def _continued_features(model: torch.nn.Module, inputs: SharedPromptInputs, prompts: PromptPass | None,
+                        last: bool) -> ResponseFeatures:
+    """The responses' forward on their prompts' cache: the first response token is predicted from the prompt's last
+    position, the others from the response's own positions."""
+    prompts = PromptPass(model, inputs.prompts) if prompts is None else prompts
+    cache, first_BX = prompts.continued(inputs.prompt_of_B, last)
+    out = model(input_ids=inputs.response_ids, attention_mask=inputs.attention_mask,
+                position_ids=inputs.response_position_ids, past_key_values=cache, output_hidden_states=True,
+                logits_to_keep=1, use_cache=True)
+    return ResponseFeatures(torch.cat([first_BX[:, None], out.hidden_states[-1][:, :-1]], dim=1), _output_head(model))
 
 
 def response_hidden_states(model: torch.nn.Module, inputs) -> torch.Tensor:

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from sdpo import checkpoint as ckpt
-from sdpo.batch import RolloutBatch, pad_right
+from sdpo.batch import RolloutBatch, build_prompt_inputs, distinct_prompts, pad_right
 from sdpo.config import SDPOConfig
 from sdpo.console import progress_postfix
 from sdpo.diagnostics import FailureModes, context_metrics, too_small_to_move
@@ -49,7 +49,8 @@ from sdpo.guards import BEST_DIR, BestCheckpoint
 from sdpo.inputs import resolve_inputs
 from sdpo.losses import chunked_response_terms
 from sdpo.losses.objective import MetricSums, StepCounts, TokenInputs, objective
-from sdpo.models import DTYPES, load_model, render_chat, reshard, response_features, unwrap
+from sdpo.models import (DTYPES, PromptPass, load_model, render_chat, reshard, response_features,
+                         supports_prompt_pass, unwrap)
 from sdpo.precision import resolve_precision, use_all_cores
 from sdpo.rollout import RolloutEngine, SamplingSettings, build_engine
 from sdpo.rollout.episodes import EpisodeLimits, episode_advantages, episode_metrics, evaluate_episodes, run_episodes
@@ -116,6 +117,11 @@ class SDPOTrainer:
             if weights is not None:
                 weights.place(self.unwrapped, self.dist.place_copy)
         self.autocast_dtype = DTYPES.get(config.model.autocast_dtype)
+        # One forward per distinct prompt (trainer.share_prompts, sdpo.models.PromptPass): transformers turns the
+        # key/value cache off under gradient checkpointing, and a sharded module must not be called again before
+        # its backward.
+        self.share_prompts = (tcfg.share_prompts and not config.model.gradient_checkpointing
+                              and not (self.dist.sharded or self.dist.deepspeed) and supports_prompt_pass(model))
         self.engine = engine or self._build_engine()
         # Every allowed core for the forward/backward, also after an in-process vLLM engine disabled set_num_threads.
         self.threads = use_all_cores()
@@ -274,9 +280,13 @@ class SDPOTrainer:
     def optimizer_step(self, minibatch: RolloutBatch, sums: MetricSums) -> None:
         counts = self.step_counts(minibatch)
         micro_batches = list(minibatch.by_length().micro_batches(self.config.trainer.micro_batch_size))
+        prompts = self.prompt_pass(minibatch)
         for i, micro in enumerate(micro_batches):
-            with self.dist.micro_batch(last=i == len(micro_batches) - 1):
-                self.dist.backward(self.micro_batch_loss(micro, counts, sums))
+            last = i == len(micro_batches) - 1
+            with self.dist.micro_batch(last=last):
+                loss = self.micro_batch_loss(micro, counts, sums, prompts, last)
+                # The prompts' backward, with the gradient the earlier micro-batches gathered, in the last backward.
+                self.dist.backward(loss, prompts.pending() if prompts is not None and last else None)
             if self.teacher is not None:
                 self.teacher.release()
         applied, grad_norm = self.dist.optimizer_step()
@@ -291,20 +301,37 @@ class SDPOTrainer:
         small = applied and too_small_to_move(grad_norm, self.num_weights, self.config.trainer.optim.eps)
         sums.add("diagnostics/small_grad_fraction", float(small), 1)
 
-    def micro_batch_loss(self, micro: RolloutBatch, counts: StepCounts, sums: MetricSums) -> Tensor:
-        """The loss of one micro-batch, normalised by the optimizer step's global counts (summed over micro-batches)."""
+    def prompt_pass(self, minibatch: RolloutBatch) -> PromptPass | None:
+        """trainer.share_prompts: the optimizer step's distinct prompts through the policy once, for all its
+        micro-batches (their responses continue the prompts' key/value cache: sdpo.models.PromptPass)."""
+        if not self.share_prompts:
+            return None
+        index = distinct_prompts(minibatch.prompt_ids)
+        prompts = build_prompt_inputs(list(index), self.tokenizer.pad_token_id)
+        # DDP: the pass's backward runs inside the last micro-batch's, the synchronising one; its forward must not
+        # prepare one.
+        with self.dist.micro_batch(last=False), self._autocast():
+            return PromptPass(self.policy, prompts.to(self.dist.device), index)
+
+    def micro_batch_loss(self, micro: RolloutBatch, counts: StepCounts, sums: MetricSums,
+                         prompts: PromptPass | None = None, last: bool = True) -> Tensor:
+        """The loss of one micro-batch, normalised by the optimizer step's global counts (summed over micro-batches).
+        `prompts`: the optimizer step's `prompt_pass`, which the responses continue (`last`: the step's last
+        micro-batch); without one, rows that share a prompt in this micro-batch run it once (trainer.share_prompts)."""
         acfg, device, pad_id = self.config.algorithm, self.dist.device, self.tokenizer.pad_token_id
         mask_BR = micro.response_mask_BR.to(device)
         distill_mask_BR = mask_BR & micro.distill_mask_B.to(device)[:, None] if self.teacher is not None else None
         teacher = None
         if self.teacher is not None:
             with self.timer("teacher_forward"), self._autocast():  # counted apart from time/update
-                teacher = self.teacher.micro_batch_features(self.unwrapped, micro, pad_id, device, self.dist.any_rank)
+                teacher = self.teacher.micro_batch_features(self.unwrapped, micro, pad_id, device, self.dist.any_rank,
+                                                            self.share_prompts)
         # Logit-level distillation (full / top-k) needs both models' logits, so it is computed chunk by chunk here;
         # the sampled-token forms (token or sequence credit) need only log q(y_t) and live in the objective.
         logit_level = teacher is not None and acfg.mix == "loss" and acfg.distill.logit_level
         with self._autocast():
-            student = response_features(self.policy, micro.student_inputs(pad_id).to(device))
+            inputs = micro.student_inputs(pad_id, self.share_prompts, prompts.layout if prompts is not None else None)
+            student = response_features(self.policy, inputs.to(device), prompts, last)
             terms = chunked_response_terms(
                 student.values_BRX, student.head, micro.response_ids_BR.to(device), self.config.rollout.temperature,
                 self.config.trainer.logits_chunk_size, **(teacher.chunk_kwargs() if teacher is not None else {}),
@@ -458,7 +485,8 @@ class SDPOTrainer:
         device, parts = self.dist.device, []
         for micro in batch.micro_batches(self.config.trainer.micro_batch_size):
             with self._autocast():
-                features = response_features(model, micro.student_inputs(self.tokenizer.pad_token_id).to(device))
+                inputs = micro.student_inputs(self.tokenizer.pad_token_id, self.share_prompts)
+                features = response_features(model, inputs.to(device))
                 terms = chunked_response_terms(features.values_BRX, features.head, micro.response_ids_BR.to(device),
                                                self.config.rollout.temperature, self.config.trainer.logits_chunk_size)
             parts.append(terms["logp"].float().cpu())

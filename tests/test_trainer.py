@@ -110,8 +110,8 @@ def test_non_finite_gradient_skips_the_step_and_the_teacher_update(tmp_path, mon
     trainer = make_trainer(tmp_path, "algorithm.teacher.kind=ema")
     original = SDPOTrainer.micro_batch_loss
 
-    def nan_loss(self, micro, counts, sums):
-        return original(self, micro, counts, sums) * float("nan")
+    def nan_loss(self, *args):
+        return original(self, *args) * float("nan")
 
     monkeypatch.setattr(SDPOTrainer, "micro_batch_loss", nan_loss)
     policy_before, teacher_before = params(trainer.unwrapped), params(trainer.teacher.model)
@@ -168,6 +168,7 @@ def test_length_sorted_micro_batches_give_the_same_loss_gradient(tmp_path, algor
     from sdpo.losses import group_advantages
 
     batch.advantages_B = group_advantages(batch.rewards_B, batch.group_ids_B)
+    trainer.share_prompts = False  # one forward per row: shared prompts round differently (tested below)
     ordered = batch.by_length()
     lengths = [len(r) for r in ordered.response_ids]
     assert lengths == sorted(lengths) and sorted(ordered.problem_ids) == sorted(batch.problem_ids)
@@ -178,6 +179,44 @@ def test_length_sorted_micro_batches_give_the_same_loss_gradient(tmp_path, algor
     for a, b in zip(unsorted, by_length):
         assert a.dtype == torch.float64
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("algorithm", ["sdpo", "sdpo_grpo", "grpo"])
+def test_shared_prompts_give_the_update_the_same_gradient(tmp_path, algorithm):
+    # trainer.share_prompts: an optimizer step's prompts run once (sdpo.models.PromptPass) for micro-batches of 3
+    # (so a group's rollouts straddle micro-batches, and the earlier ones' prompt gradient reaches the weights
+    # through the last one's backward). In float64 the gradient must be that of one forward per row.
+    trainer = make_trainer(tmp_path, f"algorithm={algorithm}", "model.dtype=float32", "rollout.max_new_tokens=12",
+                           "trainer.micro_batch_size=3")
+    trainer.unwrapped.double()
+    if trainer.teacher is not None:
+        trainer.teacher.model.double()
+    batch, problems_B = trainer.generate(trainer.next_questions())
+    batch.response_ids = [r[: 2 + (5 * i) % 11] for i, r in enumerate(batch.response_ids)]
+    trainer.score(batch, problems_B)
+    trainer.build_teacher_context(batch, problems_B)
+    from sdpo.losses import group_advantages
+
+    batch.advantages_B = group_advantages(batch.rewards_B, batch.group_ids_B)
+    grads = {}
+
+    def capture(label):
+        def optimizer_step():  # record the step's gradient, apply nothing
+            grads[label] = [p.grad.clone() for p in trainer.trainable]
+            trainer.optimizer.zero_grad(set_to_none=True)
+            return False, 0.0
+        return optimizer_step
+
+    assert trainer.share_prompts
+    for label, share in (("per row", False), ("shared", True)):
+        trainer.share_prompts = share
+        trainer.dist.optimizer_step = capture(label)
+        trainer.update(batch)
+    assert any(g.abs().sum() > 0 for g in grads["per row"])
+    for a, b in zip(grads["per row"], grads["shared"], strict=True):
+        assert a.dtype == torch.float64
+        # float32 rounding only: transformers' RMSNorm computes in float32 (tests/test_shared_prompts.py).
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6 * a.abs().max())
 
 
 def test_reprompts_stay_within_the_model_window(tmp_path):

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sdpo.batch import ModelInputs, RolloutBatch
+from sdpo.batch import ModelInputs, RolloutBatch, SharedPromptInputs
 from sdpo.config import TeacherConfig
 from sdpo.models import ResponseFeatures, is_peft_model, reshard, response_features
 from sdpo.registry import Registry
@@ -253,7 +253,7 @@ class Teacher:
         return {"initial": self.initial, "ema": self.ema}[source].use(policy)
 
     @torch.no_grad()
-    def features(self, policy: nn.Module, inputs: ModelInputs) -> TeacherFeatures:
+    def features(self, policy: nn.Module, inputs: ModelInputs | SharedPromptInputs) -> TeacherFeatures:
         """The teacher's features of the response tokens under the reprompt (`inputs`), one entry per source."""
         features, weights = [], []
         for source, weight in self._sources:
@@ -293,16 +293,16 @@ class Teacher:
             batch.teacher_logp_BR[rows, : scores.token_logp_BR.shape[1]] = scores.token_logp_BR
 
     def micro_batch_features(self, policy: nn.Module, micro: RolloutBatch, pad_id: int, device: torch.device,
-                             any_rank: Callable[[bool], bool]) -> TeacherFeatures | None:
+                             any_rank: Callable[[bool], bool], share_prompts: bool = False) -> TeacherFeatures | None:
         """scorer=trainer: the teacher forward for the micro-batch's rows with a distillation signal (the others are
         masked: their teacher terms are zeros), or None when no rank needs one (`any_rank`: sharded, the forward is
-        a collective)."""
+        a collective). `share_prompts`: rows with the same reprompt run it once (`RolloutBatch.teacher_inputs`)."""
         if self.config.scorer != "trainer" or not any_rank(bool(micro.distill_mask_B.any())):
             return None
         rows = micro.distill_mask_B.nonzero().flatten()
         if len(rows) == 0:  # sharded, another rank needs the teacher: join its forward with a stand-in row (masked)
             rows = torch.zeros(1, dtype=torch.long)
-        features = self.features(policy, micro.select(rows).teacher_inputs(pad_id).to(device))
+        features = self.features(policy, micro.select(rows).teacher_inputs(pad_id, share_prompts).to(device))
         return features.of_rows(rows, micro.response_width)
 
     @staticmethod

@@ -1,0 +1,138 @@
+"""Forwards with shared prompts (trainer.share_prompts, sdpo.models.PromptPass): each distinct prompt runs once and
+its rollouts' responses on its key/value cache, within a micro-batch or across an optimizer step's micro-batches.
+Checked against one forward per row in float64, values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdpo.batch import (RolloutBatch, SharedPromptInputs, build_model_inputs, build_prompt_inputs,
+                        build_shared_prompt_inputs, distinct_prompts)
+from sdpo.models import PromptPass, response_features
+
+# Three distinct prompts of different lengths (left padding), shared by 2, 3 and 1 rows, in mixed order; ragged
+# responses, one of them empty.
+PROMPTS = [[5, 6, 7, 8], [9, 10], [5, 6, 7, 8], [11, 12, 13], [9, 10], [9, 10]]
+RESPONSES = [[20, 21, 22], [23], [24, 25, 26, 27, 28], [], [29, 30], [31, 32, 33, 34]]
+
+
+def batch_of(prompts, responses, groups=None) -> RolloutBatch:
+    n = len(prompts)
+    return RolloutBatch(problem_ids=[str(i) for i in range(n)], prompt_ids=[list(p) for p in prompts],
+                        response_ids=[list(r) for r in responses], response_text=[""] * n,
+                        group_ids_B=torch.tensor(groups if groups is not None else list(range(n))),
+                        truncated_B=torch.zeros(n, dtype=torch.bool))
+
+
+def logp_and_grads(model, inputs, response_ids_BR, weights_BR):
+    model.zero_grad(set_to_none=True)
+    features = response_features(model, inputs)
+    logp_BR = torch.log_softmax(features.head(features.values_BRX), -1).gather(-1, response_ids_BR[..., None])[..., 0]
+    (logp_BR * weights_BR).sum().backward()
+    return logp_BR.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def tiny_float64(tiny_path, lora: bool):
+    from sdpo.config import ModelConfig
+    from sdpo.models import load_model
+
+    config = ModelConfig(name_or_path="tiny", dtype="float32")
+    config.lora.enabled = lora
+    return load_model(config, tiny_path).double()
+
+
+def compare(model, prompts, responses, shared, grad_rtol):
+    batch = batch_of(prompts, responses)
+    response_ids_BR, mask_BR = batch.response_ids_BR, batch.response_mask_BR
+    weights_BR = torch.randn(mask_BR.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * mask_BR
+    plain_logp, plain_grads = logp_and_grads(model, build_model_inputs(prompts, responses, 0), response_ids_BR, weights_BR)
+    shared_logp, shared_grads = logp_and_grads(model, shared, response_ids_BR, weights_BR)
+    torch.testing.assert_close(shared_logp[mask_BR], plain_logp[mask_BR], rtol=1e-12, atol=1e-12)
+    assert plain_grads.keys() == shared_grads.keys() and plain_grads
+    assert any(g.abs().sum() > 0 for g in plain_grads.values())
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, rtol=grad_rtol, atol=grad_rtol * grad.abs().max(), msg=name)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_the_cached_prompt_forward_is_exact(tiny_path, lora):
+    # Every row with a prompt of its own, through the two-forward path: the key/value cache, its row index and the
+    # positions are right to float64 rounding.
+    model = tiny_float64(tiny_path, lora)
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    responses = [[20, 21, 22], [23], []]
+    compare(model, prompts, responses, build_shared_prompt_inputs(prompts, responses, 0), grad_rtol=1e-10)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_shared_prompts_give_the_values_and_gradients_of_one_forward_per_row(tiny_path, lora):
+    model = tiny_float64(tiny_path, lora)
+    shared = batch_of(PROMPTS, RESPONSES).student_inputs(pad_id=0, share_prompts=True)
+    assert isinstance(shared, SharedPromptInputs) and shared.prompts.input_ids.shape[0] == 3
+    # The values are bit-identical; the gradients only to float32 rounding: transformers' RMSNorm computes in float32
+    # even in a float64 model, and a shared prompt's gradient is summed over its rows before that cast, not after.
+    compare(model, PROMPTS, RESPONSES, shared, grad_rtol=1e-6)
+
+
+def test_rows_with_distinct_prompts_keep_one_forward():
+    batch = batch_of([[1, 2], [3, 4]], [[5], [6]])
+    assert not isinstance(batch.student_inputs(pad_id=0, share_prompts=True), SharedPromptInputs)
+    assert not isinstance(batch_of(PROMPTS, RESPONSES).student_inputs(pad_id=0), SharedPromptInputs)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_one_prompt_pass_for_several_micro_batches(tiny_path, lora):
+    # The trainer's optimizer step: one pass over its distinct prompts; micro-batches whose rows straddle the
+    # prompts read the pass's detached copies, the last one its own tensors plus `pending()` (the earlier
+    # micro-batches' gradient through the prompts' forward).
+    model = tiny_float64(tiny_path, lora)
+    batch = batch_of(PROMPTS, RESPONSES)
+    response_ids_BR, mask_BR = batch.response_ids_BR, batch.response_mask_BR
+    weights_BR = torch.randn(mask_BR.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * mask_BR
+    plain_logp, plain_grads = logp_and_grads(model, build_model_inputs(PROMPTS, RESPONSES, 0), response_ids_BR, weights_BR)
+
+    model.zero_grad(set_to_none=True)
+    index = distinct_prompts(PROMPTS)
+    prompts = PromptPass(model, build_prompt_inputs(list(index), 0), index)
+    micro_batches = [[0, 1], [2, 3], [4, 5]]
+    for i, rows in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        micro = batch.select(rows)
+        inputs = micro.student_inputs(0, shared=prompts.layout)
+        features = response_features(model, inputs, prompts, last)
+        width = features.values_BRX.shape[1]
+        logp = torch.log_softmax(features.head(features.values_BRX), -1).gather(-1, micro.response_ids_BR[..., None])[..., 0]
+        torch.testing.assert_close(logp[micro.response_mask_BR], plain_logp[rows][:, :width][micro.response_mask_BR],
+                                   rtol=1e-12, atol=1e-12)
+        loss = (logp * weights_BR[rows][:, :width]).sum()
+        (loss + prompts.pending() if last else loss).backward()
+    for name, p in model.named_parameters():
+        if name in plain_grads:
+            torch.testing.assert_close(p.grad, plain_grads[name], rtol=1e-6, atol=1e-6 * plain_grads[name].abs().max(),
+                                       msg=name)
+
+
+def test_sliding_window_models_keep_one_forward_per_row():
+    # A sliding-window layer's cache keeps only the last window of the prompt: no pass for those models.
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    from sdpo.models import supports_prompt_pass
+
+    small = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1)
+    assert supports_prompt_pass(LlamaForCausalLM(LlamaConfig(**small)))
+    assert not supports_prompt_pass(MistralForCausalLM(MistralConfig(sliding_window=4, **small)))
+
+
+def test_the_trainer_shares_prompts_only_where_the_cache_is_kept(tmp_path):
+    from conftest import TINY_OVERRIDES
+
+    from sdpo import SDPOTrainer, load_config
+
+    def trainer(*overrides):
+        return SDPOTrainer(load_config([*TINY_OVERRIDES, f"trainer.output_dir={tmp_path / 'run'}", *overrides]))
+
+    assert trainer().share_prompts
+    assert not trainer("trainer.share_prompts=false").share_prompts
+    assert not trainer("model.gradient_checkpointing=true").share_prompts
