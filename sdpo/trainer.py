@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from sdpo import checkpoint as ckpt
-from sdpo.batch import RolloutBatch, build_prompt_inputs, distinct_prompts, pad_right
+from sdpo.batch import RolloutBatch, build_prompt_inputs, pad_right
 from sdpo.config import SDPOConfig
 from sdpo.console import progress_postfix
 from sdpo.diagnostics import FailureModes, context_metrics, too_small_to_move
@@ -278,17 +278,21 @@ class SDPOTrainer:
         return means | {"optim/lr": self.scheduler.get_last_lr()[0]}
 
     def optimizer_step(self, minibatch: RolloutBatch, sums: MetricSums) -> None:
-        counts = self.step_counts(minibatch)
-        micro_batches = list(minibatch.by_length().micro_batches(self.config.trainer.micro_batch_size))
-        prompts = self.prompt_pass(minibatch)
-        for i, micro in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
-            with self.dist.micro_batch(last=last):
-                loss = self.micro_batch_loss(micro, counts, sums, prompts, last)
-                # The prompts' backward, with the gradient the earlier micro-batches gathered, in the last backward.
-                self.dist.backward(loss, prompts.pending() if prompts is not None and last else None)
-            if self.teacher is not None:
-                self.teacher.release()
+        counts, size = self.step_counts(minibatch), self.config.trainer.micro_batch_size
+        # trainer.share_prompts: blocks of at most `size` distinct prompts, each block's prompts run once for the
+        # micro-batches of their rollouts (a pass keeps its prompts' activations until its last backward: no more
+        # prompts than a micro-batch has rows).
+        blocks = list(minibatch.prompt_blocks(size)) if self.share_prompts else [minibatch]
+        for b, block in enumerate(blocks):
+            prompts = self.prompt_pass(block)
+            micro_batches = list(block.by_length().micro_batches(size))
+            for i, micro in enumerate(micro_batches):
+                last = i == len(micro_batches) - 1  # the block's last: its prompts' backward runs with this one's
+                with self.dist.micro_batch(last=last and b == len(blocks) - 1):
+                    loss = self.micro_batch_loss(micro, counts, sums, prompts, last)
+                    self.dist.backward(loss, prompts.pending() if prompts is not None and last else None)
+                if self.teacher is not None:
+                    self.teacher.release()
         applied, grad_norm = self.dist.optimizer_step()
         if applied:
             self.scheduler.step()
@@ -301,23 +305,22 @@ class SDPOTrainer:
         small = applied and too_small_to_move(grad_norm, self.num_weights, self.config.trainer.optim.eps)
         sums.add("diagnostics/small_grad_fraction", float(small), 1)
 
-    def prompt_pass(self, minibatch: RolloutBatch) -> PromptPass | None:
-        """trainer.share_prompts: the optimizer step's distinct prompts through the policy once, for all its
-        micro-batches (their responses continue the prompts' key/value cache: sdpo.models.PromptPass)."""
+    def prompt_pass(self, block: RolloutBatch) -> PromptPass | None:
+        """trainer.share_prompts: a block's distinct prompts through the policy once, for all its micro-batches
+        (their responses continue the prompts' key/value cache: sdpo.models.PromptPass)."""
         if not self.share_prompts:
             return None
-        index = distinct_prompts(minibatch.prompt_ids)
-        prompts = build_prompt_inputs(list(index), self.tokenizer.pad_token_id)
-        # DDP: the pass's backward runs inside the last micro-batch's, the synchronising one; its forward must not
-        # prepare one.
+        prompts = build_prompt_inputs(block.prompt_ids, self.tokenizer.pad_token_id)
+        # DDP: the pass's backward runs inside its block's last micro-batch's (the step's last is the synchronising
+        # one); its forward must not prepare one.
         with self.dist.micro_batch(last=False), self._autocast():
-            return PromptPass(self.policy, prompts.to(self.dist.device), index)
+            return PromptPass(self.policy, prompts.to(self.dist.device))
 
     def micro_batch_loss(self, micro: RolloutBatch, counts: StepCounts, sums: MetricSums,
                          prompts: PromptPass | None = None, last: bool = True) -> Tensor:
         """The loss of one micro-batch, normalised by the optimizer step's global counts (summed over micro-batches).
-        `prompts`: the optimizer step's `prompt_pass`, which the responses continue (`last`: the step's last
-        micro-batch); without one, rows that share a prompt in this micro-batch run it once (trainer.share_prompts)."""
+        `prompts`: the block's `prompt_pass`, which the responses continue (`last`: the block's last micro-batch);
+        without one, rows that share a prompt in this micro-batch run it once (trainer.share_prompts)."""
         acfg, device, pad_id = self.config.algorithm, self.dist.device, self.tokenizer.pad_token_id
         mask_BR = micro.response_mask_BR.to(device)
         distill_mask_BR = mask_BR & micro.distill_mask_B.to(device)[:, None] if self.teacher is not None else None
@@ -330,7 +333,7 @@ class SDPOTrainer:
         # the sampled-token forms (token or sequence credit) need only log q(y_t) and live in the objective.
         logit_level = teacher is not None and acfg.mix == "loss" and acfg.distill.logit_level
         with self._autocast():
-            inputs = micro.student_inputs(pad_id, self.share_prompts, prompts.layout if prompts is not None else None)
+            inputs = micro.student_inputs(pad_id, self.share_prompts, prompts.prompts if prompts is not None else None)
             student = response_features(self.policy, inputs.to(device), prompts, last)
             terms = chunked_response_terms(
                 student.values_BRX, student.head, micro.response_ids_BR.to(device), self.config.rollout.temperature,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sdpo.batch import (RolloutBatch, SharedPromptInputs, build_model_inputs, build_prompt_inputs,
-                        build_shared_prompt_inputs, distinct_prompts)
+                        build_shared_prompt_inputs)
 from sdpo.models import PromptPass, response_features
 
 # Three distinct prompts of different lengths (left padding), shared by 2, 3 and 1 rows, in mixed order; ragged
@@ -93,13 +93,13 @@ def test_one_prompt_pass_for_several_micro_batches(tiny_path, lora):
     plain_logp, plain_grads = logp_and_grads(model, build_model_inputs(PROMPTS, RESPONSES, 0), response_ids_BR, weights_BR)
 
     model.zero_grad(set_to_none=True)
-    index = distinct_prompts(PROMPTS)
-    prompts = PromptPass(model, build_prompt_inputs(list(index), 0), index)
+    prompts = PromptPass(model, build_prompt_inputs(PROMPTS, 0))
+    assert prompts.prompts.input_ids.shape[0] == 3
     micro_batches = [[0, 1], [2, 3], [4, 5]]
     for i, rows in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         micro = batch.select(rows)
-        inputs = micro.student_inputs(0, shared=prompts.layout)
+        inputs = micro.student_inputs(0, shared=prompts.prompts)
         features = response_features(model, inputs, prompts, last)
         width = features.values_BRX.shape[1]
         logp = torch.log_softmax(features.head(features.values_BRX), -1).gather(-1, micro.response_ids_BR[..., None])[..., 0]
@@ -111,6 +111,14 @@ def test_one_prompt_pass_for_several_micro_batches(tiny_path, lora):
         if name in plain_grads:
             torch.testing.assert_close(p.grad, plain_grads[name], rtol=1e-6, atol=1e-6 * plain_grads[name].abs().max(),
                                        msg=name)
+
+
+def test_prompt_blocks_keep_a_prompts_rollouts_together():
+    batch = batch_of(PROMPTS, RESPONSES)  # prompts in order of appearance: A B A C B B
+    blocks = list(batch.prompt_blocks(2))
+    assert [b.prompt_ids for b in blocks] == [[PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[4], PROMPTS[5]], [PROMPTS[3]]]
+    assert [b.response_ids for b in blocks][1] == [RESPONSES[3]]
+    assert [len(b) for b in batch.prompt_blocks(3)] == [6]
 
 
 def test_sliding_window_models_keep_one_forward_per_row():

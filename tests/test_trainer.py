@@ -183,11 +183,12 @@ def test_length_sorted_micro_batches_give_the_same_loss_gradient(tmp_path, algor
 
 @pytest.mark.parametrize("algorithm", ["sdpo", "sdpo_grpo", "grpo"])
 def test_shared_prompts_give_the_update_the_same_gradient(tmp_path, algorithm):
-    # trainer.share_prompts: an optimizer step's prompts run once (sdpo.models.PromptPass) for micro-batches of 3
-    # (so a group's rollouts straddle micro-batches, and the earlier ones' prompt gradient reaches the weights
-    # through the last one's backward). In float64 the gradient must be that of one forward per row.
+    # trainer.share_prompts: an optimizer step's 4 prompts run in blocks of at most 3 (sdpo.models.PromptPass),
+    # each for micro-batches of 3 (so a group's rollouts straddle micro-batches, and the earlier ones' prompt
+    # gradient reaches the weights through the block's last backward). In float64 the gradient must be that of one
+    # forward per row.
     trainer = make_trainer(tmp_path, f"algorithm={algorithm}", "model.dtype=float32", "rollout.max_new_tokens=12",
-                           "trainer.micro_batch_size=3")
+                           "trainer.micro_batch_size=3", "trainer.questions_per_step=4", "trainer.mini_batch_questions=4")
     trainer.unwrapped.double()
     if trainer.teacher is not None:
         trainer.teacher.model.double()
@@ -207,7 +208,7 @@ def test_shared_prompts_give_the_update_the_same_gradient(tmp_path, algorithm):
             return False, 0.0
         return optimizer_step
 
-    assert trainer.share_prompts
+    assert trainer.share_prompts and [len(block) for block in batch.prompt_blocks(3)] == [12, 4]
     for label, share in (("per row", False), ("shared", True)):
         trainer.share_prompts = share
         trainer.dist.optimizer_step = capture(label)
