@@ -220,6 +220,14 @@ def test_shared_prompts_give_the_update_the_same_gradient(tmp_path, algorithm):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6 * a.abs().max())
 
 
+def test_adamw_runs_fused_in_one_process(tmp_path):
+    trainer = make_trainer(tmp_path)
+    assert trainer.optimizer.optimizer.defaults["fused"]
+    before = params(trainer.unwrapped)
+    trainer.training_step()
+    assert changed(before, trainer.unwrapped)
+
+
 def test_reprompts_stay_within_the_model_window(tmp_path):
     """algorithm.reprompt.max_reprompt_len (the paper's 10240) is capped at the model's window minus the response
     limit, for the trainer's teacher and for the engine that scores reprompts: vLLM refuses a max_model_len past
