@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from sdpo import checkpoint as ckpt
-from sdpo.batch import RolloutBatch, build_prompt_inputs, pad_right
+from sdpo.batch import RolloutBatch, build_prompt_inputs, distinct_prompts, pad_right
 from sdpo.config import SDPOConfig
 from sdpo.console import progress_postfix
 from sdpo.diagnostics import FailureModes, context_metrics, too_small_to_move
@@ -279,12 +279,13 @@ class SDPOTrainer:
 
     def optimizer_step(self, minibatch: RolloutBatch, sums: MetricSums) -> None:
         counts, size = self.step_counts(minibatch), self.config.trainer.micro_batch_size
-        # trainer.share_prompts: blocks of at most `size` distinct prompts, each block's prompts run once for the
-        # micro-batches of their rollouts (a pass keeps its prompts' activations until its last backward: no more
-        # prompts than a micro-batch has rows).
-        blocks = list(minibatch.prompt_blocks(size)) if self.share_prompts else [minibatch]
+        # trainer.share_prompts, where rollouts share prompts: blocks of at most `size` distinct prompts, each block's
+        # prompts run once for the micro-batches of their rollouts (a pass keeps its prompts' activations until its
+        # last backward: no more prompts than a micro-batch has rows).
+        shared = self.share_prompts and len(distinct_prompts(minibatch.prompt_ids)) < len(minibatch)
+        blocks = list(minibatch.prompt_blocks(size)) if shared else [minibatch]
         for b, block in enumerate(blocks):
-            prompts = self.prompt_pass(block)
+            prompts = self.prompt_pass(block) if shared else None
             micro_batches = list(block.by_length().micro_batches(size))
             for i, micro in enumerate(micro_batches):
                 last = i == len(micro_batches) - 1  # the block's last: its prompts' backward runs with this one's
@@ -305,11 +306,9 @@ class SDPOTrainer:
         small = applied and too_small_to_move(grad_norm, self.num_weights, self.config.trainer.optim.eps)
         sums.add("diagnostics/small_grad_fraction", float(small), 1)
 
-    def prompt_pass(self, block: RolloutBatch) -> PromptPass | None:
-        """trainer.share_prompts: a block's distinct prompts through the policy once, for all its micro-batches
-        (their responses continue the prompts' key/value cache: sdpo.models.PromptPass)."""
-        if not self.share_prompts:
-            return None
+    def prompt_pass(self, block: RolloutBatch) -> PromptPass:
+        """A block's distinct prompts through the policy once, for all its micro-batches (their responses continue
+        the prompts' key/value cache: sdpo.models.PromptPass)."""
         prompts = build_prompt_inputs(block.prompt_ids, self.tokenizer.pad_token_id)
         # DDP: the pass's backward runs inside its block's last micro-batch's (the step's last is the synchronising
         # one); its forward must not prepare one.

@@ -144,3 +144,19 @@ def test_the_trainer_shares_prompts_only_where_the_cache_is_kept(tmp_path):
     assert trainer().share_prompts
     assert not trainer("trainer.share_prompts=false").share_prompts
     assert not trainer("model.gradient_checkpointing=true").share_prompts
+
+
+@pytest.mark.parametrize("generations, passes", [(4, 1), (1, 0)])
+def test_a_prompt_pass_only_where_rollouts_share_prompts(tmp_path, monkeypatch, generations, passes):
+    # One rollout per question: nothing to share, so the step keeps one length-sorted layout and one forward per row.
+    from conftest import TINY_OVERRIDES
+
+    from sdpo import SDPOTrainer, load_config
+
+    trainer = SDPOTrainer(load_config([*TINY_OVERRIDES, f"trainer.output_dir={tmp_path / 'run'}", "algorithm=grpo",
+                                       f"rollout.num_generations={generations}"]))
+    calls = []
+    original = trainer.prompt_pass
+    monkeypatch.setattr(trainer, "prompt_pass", lambda block: calls.append(len(block)) or original(block))
+    trainer.training_step()
+    assert len(calls) == passes
