@@ -171,7 +171,7 @@ def instrumented(trainer, flops: FlopCounter):
     def prompt_pass(minibatch):  # the optimizer step's shared prompts: part of the student's forward
         prompts = saved_prompt_pass(minibatch)
         if prompts is not None:
-            flops.record_prompts("student", prompts.layout[0])
+            flops.record_prompts("student", prompts.prompts)
         return prompts
 
     saved_prompt_pass = trainer.prompt_pass

@@ -199,7 +199,7 @@ def report(results: dict[str, list[dict]], args: argparse.Namespace, command: st
         f"Machine: {machine.describe()}", "",
         f"Command: `{command}`", "",
         f"Precision: {args.precision}; {args.steps} steps per run, step 1 a warm-up; median of steps 2-{args.steps} "
-        f"pooled over {args.repeats} interleaved repetition(s) (per-repetition medians in brackets). Workload: "
+        f"pooled over {max(len(reps) for reps in results.values())} interleaved repetition(s) (per-repetition medians in brackets). Workload: "
         "SmolLM2-135M-Instruct, arithmetic (single-digit products), 8 questions x 4 rollouts, 48 new tokens, "
         "lr 3e-5, micro-batches of 8, one optimizer step per generation batch, no gradient checkpointing. "
         "\"generate\" includes scoring; \"teacher\" is this library's teacher context + teacher forward, TRL's "
