@@ -153,13 +153,12 @@ def test_hf_engine_greedy_with_several_samples_repeats_the_greedy_answer(tmp_pat
     assert single[0].token_ids == completions[0].token_ids
 
 
-@pytest.mark.parametrize("algorithm", ["sdpo", "sdpo_grpo"])
-def test_length_sorted_micro_batches_give_the_same_loss_gradient(tmp_path, algorithm):
-    # The update cuts micro-batches from the mini-batch ordered by length (less padding); in float64 the gradient
-    # must be that of the unsorted micro-batches up to rounding.
-    trainer = make_trainer(tmp_path, f"algorithm={algorithm}", "model.dtype=float32", "rollout.max_new_tokens=12")
+def float64_step_inputs(tmp_path, *overrides):
+    """A trainer with a float64 policy (and teacher) and one generation batch ready for its update."""
+    trainer = make_trainer(tmp_path, "model.dtype=float32", "rollout.max_new_tokens=12", *overrides)
     trainer.unwrapped.double()
-    trainer.teacher.model.double()
+    if trainer.teacher is not None:
+        trainer.teacher.model.double()
     batch, problems_B = trainer.generate(trainer.next_questions())
     # The random-init model never stops early: give the responses the ragged lengths real rollouts have.
     batch.response_ids = [r[: 2 + (5 * i) % 11] for i, r in enumerate(batch.response_ids)]
@@ -168,6 +167,14 @@ def test_length_sorted_micro_batches_give_the_same_loss_gradient(tmp_path, algor
     from sdpo.losses import group_advantages
 
     batch.advantages_B = group_advantages(batch.rewards_B, batch.group_ids_B)
+    return trainer, batch
+
+
+@pytest.mark.parametrize("algorithm", ["sdpo", "sdpo_grpo"])
+def test_length_sorted_micro_batches_give_the_same_loss_gradient(tmp_path, algorithm):
+    # The update cuts micro-batches from the mini-batch ordered by length (less padding); in float64 the gradient
+    # must be that of the unsorted micro-batches up to rounding.
+    trainer, batch = float64_step_inputs(tmp_path, f"algorithm={algorithm}")
     trainer.share_prompts = False  # one forward per row: shared prompts round differently (tested below)
     ordered = batch.by_length()
     lengths = [len(r) for r in ordered.response_ids]
@@ -187,18 +194,8 @@ def test_shared_prompts_give_the_update_the_same_gradient(tmp_path, algorithm):
     # each for micro-batches of 3 (so a group's rollouts straddle micro-batches, and the earlier ones' prompt
     # gradient reaches the weights through the block's last backward). In float64 the gradient must be that of one
     # forward per row.
-    trainer = make_trainer(tmp_path, f"algorithm={algorithm}", "model.dtype=float32", "rollout.max_new_tokens=12",
-                           "trainer.micro_batch_size=3", "trainer.questions_per_step=4", "trainer.mini_batch_questions=4")
-    trainer.unwrapped.double()
-    if trainer.teacher is not None:
-        trainer.teacher.model.double()
-    batch, problems_B = trainer.generate(trainer.next_questions())
-    batch.response_ids = [r[: 2 + (5 * i) % 11] for i, r in enumerate(batch.response_ids)]
-    trainer.score(batch, problems_B)
-    trainer.build_teacher_context(batch, problems_B)
-    from sdpo.losses import group_advantages
-
-    batch.advantages_B = group_advantages(batch.rewards_B, batch.group_ids_B)
+    trainer, batch = float64_step_inputs(tmp_path, f"algorithm={algorithm}", "trainer.micro_batch_size=3",
+                                         "trainer.questions_per_step=4", "trainer.mini_batch_questions=4")
     grads = {}
 
     def capture(label):
