@@ -88,7 +88,7 @@ class SharedPromptInputs:
 
     Each of the B rows names its prompt in `prompts` (`prompt_of_B`) and holds its response right-padded to R
     columns, at positions that continue the prompt's. `prompts` may hold more prompts than these rows use: the
-    trainer runs an optimizer step's distinct prompts once for all its micro-batches.
+    trainer runs a block of an optimizer step's distinct prompts once for all its micro-batches.
     """
 
     prompts: PromptInputs  # [U, P]
