@@ -168,10 +168,9 @@ def instrumented(trainer, flops: FlopCounter):
             return fn(model, inputs, prompts, last)
         return wrapper
 
-    def prompt_pass(minibatch):  # the optimizer step's shared prompts: part of the student's forward
-        prompts = saved_prompt_pass(minibatch)
-        if prompts is not None:
-            flops.record_prompts("student", prompts.prompts)
+    def prompt_pass(block):  # a block's shared prompts: part of the student's forward
+        prompts = saved_prompt_pass(block)
+        flops.record_prompts("student", prompts.prompts)
         return prompts
 
     saved_prompt_pass = trainer.prompt_pass
@@ -236,27 +235,39 @@ def profile_one(overrides: list[str], steps: int) -> dict:
     return {"steps": rows[1:], "peak": peak, "threads": torch.get_num_threads(), "dtype": str(dtype)}
 
 
+def update_replay(trainer):
+    """Run one training step (a warm-up) and keep its batch and the state after it; the returned function restores
+    the weights, optimizer and EMA state, updates on the same batch again and gives (seconds, the stage timer's
+    parts)."""
+    batch = trainer.training_step().batch
+    weights = copy.deepcopy(trainer.unwrapped.state_dict())
+    optim = copy.deepcopy(trainer.optimizer.state_dict())
+    ema = copy.deepcopy(trainer.teacher.state_dict()) if trainer.teacher is not None else None
+
+    def one_update() -> tuple[float, dict[str, float]]:
+        trainer.unwrapped.load_state_dict(weights)
+        trainer.optimizer.load_state_dict(optim)
+        if ema is not None:
+            trainer.teacher.load_state_dict(ema)
+        trainer.timer.pop()
+        start = time.perf_counter()
+        trainer.update(copy.copy(batch))
+        return time.perf_counter() - start, trainer.timer.pop()
+
+    one_update.batch = batch
+    return one_update
+
+
 def colocation(overrides: list[str], repeats: int) -> dict:
     """The same update timed without, then with, an in-process vLLM engine (weights restored before each run)."""
     from sdpo.rollout import build_engine
 
     trainer = make_trainer(["rollout=hf", *overrides])
-    result = trainer.training_step()  # a batch to replay (and a warm-up)
-    batch = result.batch
-    weights = copy.deepcopy(trainer.unwrapped.state_dict())
-    optim = copy.deepcopy(trainer.optimizer.state_dict())
-    ema = copy.deepcopy(trainer.teacher.state_dict()) if trainer.teacher is not None else None
+    replay = update_replay(trainer)
 
     def one_update() -> float:
-        trainer.unwrapped.load_state_dict(weights)
-        trainer.optimizer.load_state_dict(optim)
-        if ema is not None:
-            trainer.teacher.load_state_dict(ema)
-        replay = copy.copy(batch)
-        start = time.perf_counter()
-        trainer.update(replay)
-        trainer.timer.pop()
-        return time.perf_counter() - start
+        seconds, _ = replay()
+        return seconds
 
     out = {"without_engine": [one_update() for _ in range(repeats)], "threads_before": torch.get_num_threads()}
     config = trainer.config
@@ -280,25 +291,16 @@ def shared_prompts_ab(overrides: list[str], repeats: int) -> dict:
     alternating, so that machine drift hits both alike; the parts of each update by the stage timer."""
     trainer = make_trainer(overrides)
     flops = FlopCounter(trainer.unwrapped.config)
-    batch = trainer.training_step().batch  # a batch to replay (and a warm-up)
-    weights = copy.deepcopy(trainer.unwrapped.state_dict())
-    optim = copy.deepcopy(trainer.optimizer.state_dict())
-    ema = copy.deepcopy(trainer.teacher.state_dict()) if trainer.teacher is not None else None
+    replay = update_replay(trainer)
     out: dict[str, list] = {"off": [], "on": []}
     with instrumented(trainer, flops):
         for _ in range(repeats):
             for label, share in (("off", False), ("on", True)):
-                trainer.unwrapped.load_state_dict(weights)
-                trainer.optimizer.load_state_dict(optim)
-                if ema is not None:
-                    trainer.teacher.load_state_dict(ema)
                 trainer.share_prompts = share
-                trainer.timer.pop()
-                start = time.perf_counter()
-                trainer.update(copy.copy(batch))
-                out[label].append({"update": time.perf_counter() - start, **trainer.timer.pop(), **flops.pop()})
+                seconds, parts = replay()
+                out[label].append({"update": seconds, **parts, **flops.pop()})
     out["peak"] = matmul_peak(trainer.unwrapped.config, trainer.config.trainer.micro_batch_size * 96, torch.float32)
-    out["tokens/response"] = float(batch.response_lengths_B.sum())
+    out["tokens/response"] = float(replay.batch.response_lengths_B.sum())
     return out
 
 
@@ -315,11 +317,9 @@ def shared_prompts_report(result: dict, command: str) -> str:
              f"({len(result['on'])} each). Seconds per update, median (range):", "",
              "| | share_prompts=false | share_prompts=true | on / off |", "|---|---|---|---|"]
     for label, key in keys:
-        off, on = med("off", key), med("on", key)
-        lines.append(f"| {label} | {off:.2f} ({min(r.get(key, 0.0) for r in result['off']):.2f}-"
-                     f"{max(r.get(key, 0.0) for r in result['off']):.2f}) | {on:.2f} "
-                     f"({min(r.get(key, 0.0) for r in result['on']):.2f}-{max(r.get(key, 0.0) for r in result['on']):.2f})"
-                     f" | {on / off if off else float('nan'):.2f} |")
+        off, on = ([r.get(key, 0.0) for r in result[side]] for side in ("off", "on"))
+        ratio = statistics.median(on) / statistics.median(off) if statistics.median(off) else float("nan")
+        lines.append(f"| {label} | {median_and_range(off)} | {median_and_range(on)} | {ratio:.2f} |")
     for kind in ("padded", "real"):
         off, on = med("off", f"flops/{kind}_student"), med("on", f"flops/{kind}_student")
         lines.append(f"| student forward GFLOP ({kind}) | {off / 1e9:.0f} | {on / 1e9:.0f} | {on / off:.2f} |")
@@ -419,10 +419,12 @@ def _fmt(label: str, value: float) -> str:
     return f"{value:.0%}" if "MFU" in label else f"{value:.2f}" if value < 100 else f"{value:.0f}"
 
 
-def colocation_report(result: dict, command: str) -> str:
-    def stats(xs):
-        return f"{statistics.median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})"
+def median_and_range(xs: list[float]) -> str:
+    return f"{statistics.median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})"
 
+
+def colocation_report(result: dict, command: str) -> str:
+    stats = median_and_range
     return "\n".join([
         "# The update with and without an in-process vLLM engine", "",
         f"Machine: {machine.describe()}", "", f"Command: `{command}`", "",

@@ -59,9 +59,14 @@ def build_model_inputs(prompts: Sequence[Sequence[int]], responses: Sequence[Seq
     response_ids, response_mask = _right_padded(responses, pad_id)
     input_ids = torch.cat([prompt.input_ids, response_ids], dim=1)
     attention_mask = torch.cat([prompt.attention_mask, response_mask], dim=1)
-    # Left padding shifts the prompt; positions count real tokens only, as during generation.
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return ModelInputs(input_ids, attention_mask, position_ids, prompt.input_ids.shape[1], response_ids.shape[1])
+    return ModelInputs(input_ids, attention_mask, positions(attention_mask), prompt.input_ids.shape[1],
+                       response_ids.shape[1])
+
+
+def positions(attention_mask: Tensor) -> Tensor:
+    """Position ids of left-padded rows: left padding shifts the prompt; positions count real tokens only, as
+    during generation."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
 @dataclass
@@ -74,7 +79,7 @@ class PromptInputs:
 
     @property
     def position_ids(self) -> Tensor:
-        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens
+        return positions(self.attention_mask)
 
     def to(self, device: torch.device | str) -> PromptInputs:
         return replace(self, input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device))
@@ -118,6 +123,11 @@ def distinct_prompts(prompts: Sequence[Sequence[int]]) -> dict[tuple[int, ...], 
     for p in prompts:
         index.setdefault(tuple(p), len(index))
     return index
+
+
+def any_shared(prompts: Sequence[Sequence[int]]) -> bool:
+    """Whether some rows share a prompt (so that running each distinct prompt once saves work)."""
+    return len(distinct_prompts(prompts)) < len(prompts)
 
 
 def build_prompt_inputs(prompts: Sequence[Sequence[int]], pad_id: int) -> PromptInputs:
@@ -220,7 +230,7 @@ class RolloutBatch:
         return self._inputs(self.teacher_prompt_ids, pad_id, share_prompts)
 
     def _inputs(self, prompts: list[list[int]], pad_id: int, share_prompts: bool) -> ModelInputs | SharedPromptInputs:
-        if share_prompts and len(distinct_prompts(prompts)) < len(prompts):
+        if share_prompts and any_shared(prompts):
             return build_shared_prompt_inputs(prompts, self.response_ids, pad_id)
         return build_model_inputs(prompts, self.response_ids, pad_id)
 

@@ -294,7 +294,7 @@ class PromptPass:
         self.tensors = [t for layer in layers for t in (layer.keys, layer.values)] + [out.hidden_states[-1][:, -1]]
         self.copies = [t.detach().requires_grad_() if t.requires_grad else t for t in self.tensors]
 
-    def continued(self, prompt_of_B: torch.Tensor, last: bool = True) -> tuple[Any, torch.Tensor]:
+    def continued(self, prompt_of_B: torch.Tensor, last: bool = True) -> tuple[DynamicCache, torch.Tensor]:
         """A cache for B rows (row b continues prompt `prompt_of_B[b]`) and the hidden state that predicts each
         row's first response token: [B, H]. `last`: the pass's own tensors (the block's last micro-batch, or a
         micro-batch of its own), else the detached copies that gather the earlier micro-batches' gradients."""

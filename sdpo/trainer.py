@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from sdpo import checkpoint as ckpt
-from sdpo.batch import RolloutBatch, build_prompt_inputs, distinct_prompts, pad_right
+from sdpo.batch import RolloutBatch, any_shared, build_prompt_inputs, pad_right
 from sdpo.config import SDPOConfig
 from sdpo.console import progress_postfix
 from sdpo.diagnostics import FailureModes, context_metrics, too_small_to_move
@@ -282,7 +282,7 @@ class SDPOTrainer:
         # trainer.share_prompts, where rollouts share prompts: blocks of at most `size` distinct prompts, each block's
         # prompts run once for the micro-batches of their rollouts (a pass keeps its prompts' activations until its
         # last backward: no more prompts than a micro-batch has rows).
-        shared = self.share_prompts and len(distinct_prompts(minibatch.prompt_ids)) < len(minibatch)
+        shared = self.share_prompts and any_shared(minibatch.prompt_ids)
         blocks = list(minibatch.prompt_blocks(size)) if shared else [minibatch]
         for b, block in enumerate(blocks):
             prompts = self.prompt_pass(block) if shared else None
