@@ -16,7 +16,8 @@ optimizer (clip + AdamW), EMA (the teacher's lerp), and "update (rest)" (batch a
 
 `--colocation` answers a different question: the same update (same batch, same weights) timed in a process without
 a vLLM engine, then again after an in-process vLLM engine has been built (vLLM's CPU worker binds threads and
-memory policy for the whole process).
+memory policy for the whole process). `--shared-prompts`: the same update with trainer.share_prompts off, on for the
+student only, and on (the teacher's reprompts too), alternating.
 """
 
 from __future__ import annotations
@@ -173,8 +174,15 @@ def instrumented(trainer, flops: FlopCounter):
         flops.record_prompts("student", prompts.prompts)
         return prompts
 
-    saved_prompt_pass = trainer.prompt_pass
+    def teacher_prompt_passes(block):  # a block's shared reprompts, once per teacher source
+        passes = saved_teacher_passes(block)
+        for _ in passes or []:
+            flops.record_prompts("teacher", passes[0].prompts)
+        return passes
+
+    saved_prompt_pass, saved_teacher_passes = trainer.prompt_pass, trainer.teacher_prompt_passes
     trainer.prompt_pass = timed(timer, "student_forward", prompt_pass)
+    trainer.teacher_prompt_passes = teacher_prompt_passes
 
     trainer_module.response_features = timed(timer, "student_forward", counted("student", saved[(trainer_module, "response_features")]))
     teacher_module.response_features = counted("teacher", saved[(teacher_module, "response_features")])
@@ -286,17 +294,25 @@ def colocation(overrides: list[str], repeats: int) -> dict:
     return out
 
 
+# trainer.share_prompts off; on for the student only (the teacher sharing reprompts within a micro-batch, as before
+# the teacher's block passes); on.
+SHARING = {"off": (False, False), "student": (True, False), "on": (True, True)}
+
+
 def shared_prompts_ab(overrides: list[str], repeats: int) -> dict:
-    """The same update (same rollouts, weights, optimizer and EMA state) with trainer.share_prompts off and on,
-    alternating, so that machine drift hits both alike; the parts of each update by the stage timer."""
+    """The same update (same rollouts, weights, optimizer and EMA state) with trainer.share_prompts off, on for the
+    student only, and on, alternating, so that machine drift hits all alike; the parts of each update by the stage
+    timer."""
     trainer = make_trainer(overrides)
     flops = FlopCounter(trainer.unwrapped.config)
     replay = update_replay(trainer)
-    out: dict[str, list] = {"off": [], "on": []}
+    out: dict[str, list] = {label: [] for label in SHARING}
     with instrumented(trainer, flops):
+        teacher_passes = trainer.teacher_prompt_passes
         for _ in range(repeats):
-            for label, share in (("off", False), ("on", True)):
+            for label, (share, teacher) in SHARING.items():
                 trainer.share_prompts = share
+                trainer.teacher_prompt_passes = teacher_passes if teacher else (lambda block: None)
                 seconds, parts = replay()
                 out[label].append({"update": seconds, **parts, **flops.pop()})
     out["peak"] = matmul_peak(trainer.unwrapped.config, trainer.config.trainer.micro_batch_size * 96, torch.float32)
@@ -308,21 +324,28 @@ def shared_prompts_report(result: dict, command: str) -> str:
     def med(label, key):
         return statistics.median(r.get(key, 0.0) for r in result[label])
 
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:.2f}" if b else "-"
+
     keys = [("update (whole)", "update"), *((f"update: {p}", f"time/{p}") for p in UPDATE_PARTS),
             ("teacher forward", "time/teacher_forward")]
     lines = ["# The update with and without shared prompts (trainer.share_prompts)", "",
              f"Machine: {machine.describe()}", "", f"Command: `{command}`", "",
              f"One process, one batch of the default workload ({result['tokens/response']:.0f} response tokens), the "
-             "weights, optimizer and EMA state restored before each update; off and on alternate "
-             f"({len(result['on'])} each). Seconds per update, median (range):", "",
-             "| | share_prompts=false | share_prompts=true | on / off |", "|---|---|---|---|"]
+             "weights, optimizer and EMA state restored before each update; the three settings alternate "
+             f"({len(result['on'])} each): share_prompts=false; true for the student only (the teacher runs a "
+             "reprompt once per micro-batch, as before its block passes); true. Seconds per update, median (range):",
+             "", "| | off | student only | on | on / off | on / student only |", "|---|---|---|---|---|---|"]
     for label, key in keys:
-        off, on = ([r.get(key, 0.0) for r in result[side]] for side in ("off", "on"))
-        ratio = statistics.median(on) / statistics.median(off) if statistics.median(off) else float("nan")
-        lines.append(f"| {label} | {median_and_range(off)} | {median_and_range(on)} | {ratio:.2f} |")
-    for kind in ("padded", "real"):
-        off, on = med("off", f"flops/{kind}_student"), med("on", f"flops/{kind}_student")
-        lines.append(f"| student forward GFLOP ({kind}) | {off / 1e9:.0f} | {on / 1e9:.0f} | {on / off:.2f} |")
+        runs = {side: [r.get(key, 0.0) for r in result[side]] for side in SHARING}
+        m = {side: statistics.median(v) for side, v in runs.items()}
+        lines.append(f"| {label} | {' | '.join(median_and_range(runs[side]) for side in SHARING)} | "
+                     f"{ratio(m['on'], m['off'])} | {ratio(m['on'], m['student'])} |")
+    for who in ("student", "teacher"):
+        for kind in ("padded", "real"):
+            m = {side: med(side, f"flops/{kind}_{who}") for side in SHARING}
+            lines.append(f"| {who} forward GFLOP ({kind}) | {' | '.join(f'{m[side] / 1e9:.0f}' for side in SHARING)} "
+                         f"| {ratio(m['on'], m['off'])} | {ratio(m['on'], m['student'])} |")
     lines += ["", f"Matmul rate in the model's shapes after the runs (float32, weighted): {result['peak']['weighted']:.0f} GFLOP/s", ""]
     return "\n".join(lines)
 
@@ -446,7 +469,7 @@ def main() -> None:
     parser.add_argument("--extra", nargs="*", default=[], help="Hydra overrides for every run")
     parser.add_argument("--results", default=None, help="markdown file to write")
     parser.add_argument("--colocation", action="store_true", help="time the update without/with an in-process engine")
-    parser.add_argument("--shared-prompts", action="store_true", help="time the update with trainer.share_prompts off/on")
+    parser.add_argument("--shared-prompts", action="store_true", help="time the update with trainer.share_prompts off, for the student only, and on")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--force-length", action="store_true", help="every rollout runs to rollout.max_new_tokens")
     parser.add_argument("--json", default=None, help="also write the raw per-step rows here")

@@ -222,12 +222,21 @@ class RolloutBatch:
             return build_shared_prompt_inputs(self.prompt_ids, self.response_ids, pad_id, shared)
         return self._inputs(self.prompt_ids, pad_id, share_prompts)
 
-    def teacher_inputs(self, pad_id: int, share_prompts: bool = False) -> ModelInputs | SharedPromptInputs:
+    def teacher_inputs(self, pad_id: int, share_prompts: bool = False,
+                       shared: PromptInputs | None = None) -> ModelInputs | SharedPromptInputs:
         """The teacher's forward batch: the reprompts (the failed rollouts of a group with one successful sibling
-        share one), each run once with `share_prompts`."""
+        share one), each run once with `share_prompts`; `shared`: a block's distinct reprompts, which these rows
+        continue (`sdpo.teacher.Teacher.prompt_passes`)."""
         if self.teacher_prompt_ids is None:
             raise ValueError("the batch has no teacher prompts yet: build them with sdpo.teacher.build_reprompts")
+        if shared is not None:
+            return build_shared_prompt_inputs(self.teacher_prompt_ids, self.response_ids, pad_id, shared)
         return self._inputs(self.teacher_prompt_ids, pad_id, share_prompts)
+
+    @property
+    def distill_rows(self) -> list[int]:
+        """The rows whose reprompt carries a signal (a demonstration or feedback): the teacher scores only these."""
+        return self.distill_mask_B.nonzero().flatten().tolist() if self.distill_mask_B is not None else []
 
     def _inputs(self, prompts: list[list[int]], pad_id: int, share_prompts: bool) -> ModelInputs | SharedPromptInputs:
         if share_prompts and any_shared(prompts):

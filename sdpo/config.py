@@ -413,9 +413,9 @@ class TrainerConfig:
     logits_chunk_size: int = 512
     # Each distinct prompt of an optimizer step runs through the policy once (in blocks of at most micro_batch_size
     # prompts), and its rollouts' responses on the prompt's key/value cache: the same values and gradients for
-    # U x P + B x R positions instead of B x (P + R) (sdpo.models.PromptPass). In effect in one process or under DDP,
-    # without gradient checkpointing, for models without sliding-window layers; FSDP2 and DeepSpeed run one
-    # forward per row.
+    # U x P + B x R positions instead of B x (P + R) (sdpo.models.PromptPass); the trainer-side teacher likewise
+    # runs each distinct reprompt of a block once. In effect in one process or under DDP, without gradient
+    # checkpointing, for models without sliding-window layers; FSDP2 and DeepSpeed run one forward per row.
     share_prompts: bool = True
     optim: OptimConfig = field(default_factory=OptimConfig)
     # The run directory; configs/config.yaml sets its one default, runs/<algorithm.name>-<env.name>-<timestamp>

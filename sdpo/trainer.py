@@ -281,16 +281,17 @@ class SDPOTrainer:
         counts, size = self.step_counts(minibatch), self.config.trainer.micro_batch_size
         # trainer.share_prompts, where rollouts share prompts: blocks of at most `size` distinct prompts, each block's
         # prompts run once for the micro-batches of their rollouts (a pass keeps its prompts' activations until its
-        # last backward: no more prompts than a micro-batch has rows).
+        # last backward: no more prompts than a micro-batch has rows), and the teacher's reprompts likewise.
         shared = self.share_prompts and any_shared(minibatch.prompt_ids)
         blocks = list(minibatch.prompt_blocks(size)) if shared else [minibatch]
         for b, block in enumerate(blocks):
             prompts = self.prompt_pass(block) if shared else None
+            reprompts = self.teacher_prompt_passes(block) if shared else None
             micro_batches = list(block.by_length().micro_batches(size))
             for i, micro in enumerate(micro_batches):
                 last = i == len(micro_batches) - 1  # the block's last: its prompts' backward runs with this one's
                 with self.dist.micro_batch(last=last and b == len(blocks) - 1):
-                    loss = self.micro_batch_loss(micro, counts, sums, prompts, last)
+                    loss = self.micro_batch_loss(micro, counts, sums, prompts, last, reprompts)
                     self.dist.backward(loss, prompts.pending() if prompts is not None and last else None)
                 if self.teacher is not None:
                     self.teacher.release()
@@ -315,11 +316,21 @@ class SDPOTrainer:
         with self.dist.micro_batch(last=False), self._autocast():
             return PromptPass(self.policy, prompts.to(self.dist.device))
 
+    def teacher_prompt_passes(self, block: RolloutBatch) -> list[PromptPass] | None:
+        """A block's distinct reprompts through the teacher once (no gradient), for all its micro-batches' teacher
+        forwards (`sdpo.teacher.Teacher.prompt_passes`); None without a trainer-side teacher or shared reprompts."""
+        if self.teacher is None:
+            return None
+        with self.timer("teacher_forward"), self._autocast():
+            return self.teacher.prompt_passes(self.unwrapped, block, self.tokenizer.pad_token_id, self.dist.device)
+
     def micro_batch_loss(self, micro: RolloutBatch, counts: StepCounts, sums: MetricSums,
-                         prompts: PromptPass | None = None, last: bool = True) -> Tensor:
+                         prompts: PromptPass | None = None, last: bool = True,
+                         reprompts: list[PromptPass] | None = None) -> Tensor:
         """The loss of one micro-batch, normalised by the optimizer step's global counts (summed over micro-batches).
         `prompts`: the block's `prompt_pass`, which the responses continue (`last`: the block's last micro-batch);
-        without one, rows that share a prompt in this micro-batch run it once (trainer.share_prompts)."""
+        without one, rows that share a prompt in this micro-batch run it once (trainer.share_prompts). `reprompts`:
+        the block's `teacher_prompt_passes`, which the teacher's forward continues in the same way."""
         acfg, device, pad_id = self.config.algorithm, self.dist.device, self.tokenizer.pad_token_id
         mask_BR = micro.response_mask_BR.to(device)
         distill_mask_BR = mask_BR & micro.distill_mask_B.to(device)[:, None] if self.teacher is not None else None
@@ -327,7 +338,7 @@ class SDPOTrainer:
         if self.teacher is not None:
             with self.timer("teacher_forward"), self._autocast():  # counted apart from time/update
                 teacher = self.teacher.micro_batch_features(self.unwrapped, micro, pad_id, device, self.dist.any_rank,
-                                                            self.share_prompts)
+                                                            self.share_prompts, reprompts)
         # Logit-level distillation (full / top-k) needs both models' logits, so it is computed chunk by chunk here;
         # the sampled-token forms (token or sequence credit) need only log q(y_t) and live in the objective.
         logit_level = teacher is not None and acfg.mix == "loss" and acfg.distill.logit_level

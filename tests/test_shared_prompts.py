@@ -113,6 +113,61 @@ def test_one_prompt_pass_for_several_micro_batches(tiny_path, lora):
                                        msg=name)
 
 
+@pytest.mark.parametrize("kind", ["ema", "trust_region"])
+def test_the_teachers_reprompt_pass_gives_the_features_of_one_forward_per_row(tiny_path, kind):
+    # The trainer's block of micro-batches: the rows with a signal name their reprompt (here the student's prompts,
+    # row 3 without a signal); one pass per teacher source over the distinct ones, which every micro-batch's
+    # teacher forward continues. trust_region mixes two sources (the initial weights and the live policy).
+    from sdpo.config import TeacherConfig
+    from sdpo.teacher import Teacher
+
+    model = tiny_float64(tiny_path, lora=False)
+    teacher = Teacher(TeacherConfig(kind=kind), model)
+    with torch.no_grad():  # the live policy moves away from the teacher's copy
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=p.dtype))
+    block = batch_of([[1]] * len(PROMPTS), RESPONSES)
+    block.teacher_prompt_ids = [list(p) for p in PROMPTS]
+    block.distill_mask_B = torch.tensor([True, True, True, False, True, True])
+    passes = teacher.prompt_passes(model, block, 0, torch.device("cpu"))
+    assert passes is not None and len(passes) == len(teacher._sources)
+    assert passes[0].prompts.input_ids.shape[0] == 2  # the distinct reprompts of the rows with a signal
+
+    def same_rank(needed: bool) -> bool:
+        return needed
+
+    for rows in ([0, 1], [2, 3], [4, 5]):
+        micro = block.select(rows)
+        widths = []  # what each source's forward reads: the responses only, on the reprompts' cache
+        hooks = [m.get_input_embeddings().register_forward_hook(lambda m, args, out: widths.append(args[0].shape[1]))
+                 for m in (model, teacher.model)]
+        continued = teacher.micro_batch_features(model, micro, 0, torch.device("cpu"), same_rank, passes=passes)
+        for hook in hooks:
+            hook.remove()
+        assert widths == [micro.select(micro.distill_rows).response_width] * len(passes)
+        per_row = teacher.micro_batch_features(model, micro, 0, torch.device("cpu"), same_rank, share_prompts=False)
+        assert continued.rows.tolist() == per_row.rows.tolist() == micro.distill_rows
+        mask_BR = micro.response_mask_BR[continued.rows]
+        assert mask_BR.any() and len(continued.features) == len(per_row.features) == len(passes)
+        for a, b in zip(continued.features, per_row.features, strict=True):
+            torch.testing.assert_close(a.head(a.values_BRX)[mask_BR], b.head(b.values_BRX)[mask_BR], rtol=1e-12, atol=1e-12)
+
+
+def test_no_reprompt_pass_without_shared_reprompts(tiny_path):
+    from sdpo.config import TeacherConfig
+    from sdpo.teacher import Teacher
+
+    model = tiny_float64(tiny_path, lora=False)
+    block = batch_of(PROMPTS, RESPONSES)
+    block.teacher_prompt_ids = [list(p) for p in PROMPTS]
+    block.distill_mask_B = torch.tensor([True, True, False, True, False, False])  # three distinct reprompts
+    assert Teacher(TeacherConfig(), model).prompt_passes(model, block, 0, torch.device("cpu")) is None
+    block.distill_mask_B[2] = True  # rows 0 and 2 share one
+    assert Teacher(TeacherConfig(), model).prompt_passes(model, block, 0, torch.device("cpu")) is not None
+    engine_scored = Teacher(TeacherConfig(kind="live", scorer="engine"), model)
+    assert engine_scored.prompt_passes(model, block, 0, torch.device("cpu")) is None
+
+
 def test_prompt_blocks_keep_a_prompts_rollouts_together():
     batch = batch_of(PROMPTS, RESPONSES)  # prompts in order of appearance: A B A C B B
     blocks = list(batch.prompt_blocks(2))

@@ -206,11 +206,15 @@ def test_shared_prompts_give_the_update_the_same_gradient(tmp_path, algorithm):
         return optimizer_step
 
     assert trainer.share_prompts and [len(block) for block in batch.prompt_blocks(3)] == [12, 4]
+    reprompt_passes = []  # the teacher's: its blocks' distinct reprompts once (no gradient)
+    original = trainer.teacher_prompt_passes
+    trainer.teacher_prompt_passes = lambda block: reprompt_passes.append(original(block)) or reprompt_passes[-1]
     for label, share in (("per row", False), ("shared", True)):
         trainer.share_prompts = share
         trainer.dist.optimizer_step = capture(label)
         trainer.update(batch)
     assert any(g.abs().sum() > 0 for g in grads["per row"])
+    assert (trainer.teacher is not None) == any(p is not None for p in reprompt_passes)
     for a, b in zip(grads["per row"], grads["shared"], strict=True):
         assert a.dtype == torch.float64
         # float32 rounding only: transformers' RMSNorm computes in float32 (tests/test_shared_prompts.py).

@@ -33,9 +33,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sdpo.batch import ModelInputs, RolloutBatch, SharedPromptInputs
+from sdpo.batch import ModelInputs, RolloutBatch, SharedPromptInputs, any_shared, build_prompt_inputs
 from sdpo.config import TeacherConfig
-from sdpo.models import ResponseFeatures, is_peft_model, reshard, response_features
+from sdpo.models import PromptPass, ResponseFeatures, is_peft_model, reshard, response_features
 from sdpo.registry import Registry
 from sdpo.sharding import copy_whole_into, full_state_dict, lerp_, load_full_state_dict, whole
 
@@ -253,14 +253,37 @@ class Teacher:
         return {"initial": self.initial, "ema": self.ema}[source].use(policy)
 
     @torch.no_grad()
-    def features(self, policy: nn.Module, inputs: ModelInputs | SharedPromptInputs) -> TeacherFeatures:
-        """The teacher's features of the response tokens under the reprompt (`inputs`), one entry per source."""
+    def features(self, policy: nn.Module, inputs: ModelInputs | SharedPromptInputs,
+                 passes: list[PromptPass] | None = None) -> TeacherFeatures:
+        """The teacher's features of the response tokens under the reprompt (`inputs`), one entry per source.
+        `passes`: the sources' `prompt_passes`, which `inputs` (SharedPromptInputs) continue."""
         features, weights = [], []
-        for source, weight in self._sources:
+        for k, (source, weight) in enumerate(self._sources):
             with self._weights(policy, source) as model, eval_mode(model):
-                features.append(response_features(model, inputs).detach())
+                features.append(response_features(model, inputs, passes[k] if passes else None).detach())
             weights.append(weight)
         return TeacherFeatures(features, weights)
+
+    @torch.no_grad()
+    def prompt_passes(self, policy: nn.Module, block: RolloutBatch, pad_id: int,
+                      device: torch.device) -> list[PromptPass] | None:
+        """scorer=trainer: the distinct reprompts of a block's rows with a signal through each source once (one
+        `PromptPass` per source), for `micro_batch_features` to continue; None where no two rows share a reprompt.
+
+        The failed rollouts of a group whose successful sibling they all draw as demonstration share a reprompt,
+        but length-sorted micro-batches scatter them. The passes keep only key/value caches (no gradient, so no
+        activations): for a block of at most `micro_batch_size` questions that is G x 2 x kv_width numbers per
+        reprompt token and layer, a fraction of what the block's student activations hold."""
+        rows = block.distill_rows
+        reprompts = [block.teacher_prompt_ids[i] for i in rows] if rows else []
+        if self.config.scorer != "trainer" or not any_shared(reprompts):
+            return None
+        prompts = build_prompt_inputs(reprompts, pad_id).to(device)
+        passes = []
+        for source, _ in self._sources:
+            with self._weights(policy, source) as model, eval_mode(model):
+                passes.append(PromptPass(model, prompts))
+        return passes
 
     def update(self, policy: nn.Module) -> None:
         """EMA step; call after each optimizer step whose grad norm was finite."""
@@ -286,24 +309,26 @@ class Teacher:
         """scorer=engine: log q(y_t) under the reprompt for the rows with a signal (0 elsewhere), before the update."""
         if self.config.scorer != "engine":
             return
-        rows = batch.distill_mask_B.nonzero().flatten().tolist()
+        rows = batch.distill_rows
         batch.teacher_logp_BR = torch.zeros(len(batch), batch.response_width)
         if rows:
             scores = engine.score_teacher([batch.teacher_prompt_ids[i] for i in rows], [batch.response_ids[i] for i in rows])
             batch.teacher_logp_BR[rows, : scores.token_logp_BR.shape[1]] = scores.token_logp_BR
 
     def micro_batch_features(self, policy: nn.Module, micro: RolloutBatch, pad_id: int, device: torch.device,
-                             any_rank: Callable[[bool], bool], share_prompts: bool = False) -> TeacherFeatures | None:
+                             any_rank: Callable[[bool], bool], share_prompts: bool = False,
+                             passes: list[PromptPass] | None = None) -> TeacherFeatures | None:
         """scorer=trainer: the teacher forward for the micro-batch's rows with a distillation signal (the others are
         masked: their teacher terms are zeros), or None when no rank needs one (`any_rank`: sharded, the forward is
-        a collective). `share_prompts`: rows with the same reprompt run it once (`RolloutBatch.teacher_inputs`)."""
+        a collective). `share_prompts`: rows with the same reprompt run it once (`RolloutBatch.teacher_inputs`);
+        `passes`: the block's `prompt_passes`, whose reprompts the rows continue."""
         if self.config.scorer != "trainer" or not any_rank(bool(micro.distill_mask_B.any())):
             return None
-        rows = micro.distill_mask_B.nonzero().flatten()
+        rows = torch.tensor(micro.distill_rows, dtype=torch.long)
         if len(rows) == 0:  # sharded, another rank needs the teacher: join its forward with a stand-in row (masked)
             rows = torch.zeros(1, dtype=torch.long)
-        features = self.features(policy, micro.select(rows).teacher_inputs(pad_id, share_prompts).to(device))
-        return features.of_rows(rows, micro.response_width)
+        inputs = micro.select(rows).teacher_inputs(pad_id, share_prompts, passes[0].prompts if passes else None)
+        return self.features(policy, inputs.to(device), passes).of_rows(rows, micro.response_width)
 
     @staticmethod
     def token_logp(micro: RolloutBatch, terms: dict[str, Tensor], distill_mask_BR: Tensor) -> Tensor | None:
