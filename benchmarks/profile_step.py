@@ -16,8 +16,8 @@ optimizer (clip + AdamW), EMA (the teacher's lerp), and "update (rest)" (batch a
 
 `--colocation` answers a different question: the same update (same batch, same weights) timed in a process without
 a vLLM engine, then again after an in-process vLLM engine has been built (vLLM's CPU worker binds threads and
-memory policy for the whole process). `--shared-prompts`: the same update with trainer.share_prompts off, on for the
-student only, and on (the teacher's reprompts too), alternating.
+memory policy for the whole process). `--shared-prompts`: the same update with trainer.share_prompts off and with each
+thing it shares added in turn (`SHARING`), alternating.
 """
 
 from __future__ import annotations
@@ -78,11 +78,14 @@ class FlopCounter:
         self.padded = {"student": 0.0, "teacher": 0.0}
 
     def record_prompts(self, who: str, prompts) -> None:
-        """A `PromptPass` over `prompts` (`PromptInputs`): the prompts' forward, no output head."""
-        lengths = prompts.attention_mask.sum(-1).tolist()
+        """A `PromptPass` over `prompts` (`PromptInputs`): the prompts' forward, no output head; their common prefix
+        (`PromptInputs.common`) once, the rest of each prompt on its cache."""
+        common = prompts.common
+        rest = (prompts.attention_mask.sum(-1) - common).tolist()
         n, width = prompts.attention_mask.shape
-        self.real[who] += forward_flops(self.config, sum(lengths), lengths, 0)
-        self.padded[who] += forward_flops(self.config, n * width, [width] * n, 0)
+        prefix = forward_flops(self.config, common, [common], 0) if common else 0.0
+        self.real[who] += prefix + forward_flops(self.config, sum(rest), [], 0, [(common, r) for r in rest])
+        self.padded[who] += prefix + forward_flops(self.config, n * (width - common), [], 0, [(common, width - common)] * n)
 
     def record(self, who: str, inputs, prompts_given: bool) -> None:
         from sdpo.batch import SharedPromptInputs
@@ -294,27 +297,33 @@ def colocation(overrides: list[str], repeats: int) -> dict:
     return out
 
 
-# trainer.share_prompts off; on for the student only (the teacher sharing reprompts within a micro-batch, as before
-# the teacher's block passes); on.
-SHARING = {"off": (False, False), "student": (True, False), "on": (True, True)}
+# What trainer.share_prompts shares, step by step: (the student's prompts once per block, the teacher's reprompts
+# once per block, the prompts' common prefix once per pass). "off" is one forward per row; "prompts" the student's
+# prompt passes alone, the teacher sharing a reprompt only within a micro-batch; the last is the default.
+SHARING = {"off": (False, False, False), "prompts": (True, False, False), "+ reprompts": (True, True, False),
+           "+ common prefix": (True, True, True)}
 
 
 def shared_prompts_ab(overrides: list[str], repeats: int) -> dict:
-    """The same update (same rollouts, weights, optimizer and EMA state) with trainer.share_prompts off, on for the
-    student only, and on, alternating, so that machine drift hits all alike; the parts of each update by the stage
-    timer."""
+    """The same update (same rollouts, weights, optimizer and EMA state) under each step of SHARING, alternating, so
+    that machine drift hits all alike; the parts of each update by the stage timer."""
+    import sdpo.batch
+
     trainer = make_trainer(overrides)
     flops = FlopCounter(trainer.unwrapped.config)
     replay = update_replay(trainer)
     out: dict[str, list] = {label: [] for label in SHARING}
+    min_prefix_saving = sdpo.batch.MIN_PREFIX_SAVING
     with instrumented(trainer, flops):
         teacher_passes = trainer.teacher_prompt_passes
         for _ in range(repeats):
-            for label, (share, teacher) in SHARING.items():
+            for label, (share, teacher, prefix) in SHARING.items():
                 trainer.share_prompts = share
                 trainer.teacher_prompt_passes = teacher_passes if teacher else (lambda block: None)
+                sdpo.batch.MIN_PREFIX_SAVING = min_prefix_saving if prefix else 1 << 62  # no prefix pays
                 seconds, parts = replay()
                 out[label].append({"update": seconds, **parts, **flops.pop()})
+    sdpo.batch.MIN_PREFIX_SAVING = min_prefix_saving
     out["peak"] = matmul_peak(trainer.unwrapped.config, trainer.config.trainer.micro_batch_size * 96, torch.float32)
     out["tokens/response"] = float(replay.batch.response_lengths_B.sum())
     return out
@@ -332,20 +341,22 @@ def shared_prompts_report(result: dict, command: str) -> str:
     lines = ["# The update with and without shared prompts (trainer.share_prompts)", "",
              f"Machine: {machine.describe()}", "", f"Command: `{command}`", "",
              f"One process, one batch of the default workload ({result['tokens/response']:.0f} response tokens), the "
-             "weights, optimizer and EMA state restored before each update; the three settings alternate "
-             f"({len(result['on'])} each): share_prompts=false; true for the student only (the teacher runs a "
-             "reprompt once per micro-batch, as before its block passes); true. Seconds per update, median (range):",
-             "", "| | off | student only | on | on / off | on / student only |", "|---|---|---|---|---|---|"]
+             "weights, optimizer and EMA state restored before each update; the settings alternate "
+             f"({len(result['off'])} each): share_prompts=false (one forward per row); the student's prompts once per "
+             "block (the teacher sharing a reprompt only within a micro-batch); + the teacher's reprompts once per "
+             "block; + the prompts' common prefix once per pass (the default). Seconds per update, median (range):",
+             "", f"| | {' | '.join(SHARING)} | default / off | default / prompts |", "|---|---|---|---|---|---|---|"]
+    default = list(SHARING)[-1]
     for label, key in keys:
         runs = {side: [r.get(key, 0.0) for r in result[side]] for side in SHARING}
         m = {side: statistics.median(v) for side, v in runs.items()}
         lines.append(f"| {label} | {' | '.join(median_and_range(runs[side]) for side in SHARING)} | "
-                     f"{ratio(m['on'], m['off'])} | {ratio(m['on'], m['student'])} |")
+                     f"{ratio(m[default], m['off'])} | {ratio(m[default], m['prompts'])} |")
     for who in ("student", "teacher"):
         for kind in ("padded", "real"):
             m = {side: med(side, f"flops/{kind}_{who}") for side in SHARING}
             lines.append(f"| {who} forward GFLOP ({kind}) | {' | '.join(f'{m[side] / 1e9:.0f}' for side in SHARING)} "
-                         f"| {ratio(m['on'], m['off'])} | {ratio(m['on'], m['student'])} |")
+                         f"| {ratio(m[default], m['off'])} | {ratio(m[default], m['prompts'])} |")
     lines += ["", f"Matmul rate in the model's shapes after the runs (float32, weighted): {result['peak']['weighted']:.0f} GFLOP/s", ""]
     return "\n".join(lines)
 
@@ -469,7 +480,7 @@ def main() -> None:
     parser.add_argument("--extra", nargs="*", default=[], help="Hydra overrides for every run")
     parser.add_argument("--results", default=None, help="markdown file to write")
     parser.add_argument("--colocation", action="store_true", help="time the update without/with an in-process engine")
-    parser.add_argument("--shared-prompts", action="store_true", help="time the update with trainer.share_prompts off, for the student only, and on")
+    parser.add_argument("--shared-prompts", action="store_true", help="time the update with trainer.share_prompts off and each thing it shares added in turn")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--force-length", action="store_true", help="every rollout runs to rollout.max_new_tokens")
     parser.add_argument("--json", default=None, help="also write the raw per-step rows here")

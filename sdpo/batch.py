@@ -71,11 +71,15 @@ def positions(attention_mask: Tensor) -> Tensor:
 
 @dataclass
 class PromptInputs:
-    """Distinct prompts, left-padded: [U, P]; `index` maps each prompt to its row."""
+    """Distinct prompts: [U, P]; `index` maps each prompt to its row. Left-padded, except that the first `common`
+    columns hold the prefix every prompt starts with (a chat template's system turn) and the padding follows it:
+    [prefix | padding | rest], so that a forward can run the prefix once (`sdpo.models.PromptPass`). Positions
+    count real tokens only, so both layouts give the same values."""
 
     input_ids: Tensor
     attention_mask: Tensor
     index: dict[tuple[int, ...], int]
+    common: int = 0
 
     @property
     def position_ids(self) -> Tensor:
@@ -130,10 +134,33 @@ def any_shared(prompts: Sequence[Sequence[int]]) -> bool:
     return len(distinct_prompts(prompts)) < len(prompts)
 
 
+# A shared prefix runs once only where that saves at least this many positions: below it, the extra forward call
+# costs more than the positions it saves.
+MIN_PREFIX_SAVING = 8
+
+
 def build_prompt_inputs(prompts: Sequence[Sequence[int]], pad_id: int) -> PromptInputs:
-    """The distinct prompts among `prompts`, each once."""
+    """The distinct prompts among `prompts`, each once; their common prefix laid out once in front of the padding
+    (`PromptInputs.common`) where running it once saves MIN_PREFIX_SAVING positions or more."""
     index = distinct_prompts(prompts)
-    return replace(_left_padded(list(index), pad_id), index=index)
+    distinct = list(index)
+    common = common_prefix_length(distinct)
+    if (len(distinct) - 1) * common < MIN_PREFIX_SAVING:
+        common = 0
+    rest = _left_padded([p[common:] for p in distinct], pad_id)
+    prefix = torch.tensor(distinct[0][:common], dtype=torch.long).expand(len(distinct), common)
+    return PromptInputs(torch.cat([prefix, rest.input_ids], dim=1),
+                        torch.cat([torch.ones_like(prefix), rest.attention_mask], dim=1), index, common)
+
+
+def common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """Tokens every prompt starts with, leaving each at least one token of its own (the position whose hidden state
+    predicts its response's first token)."""
+    shortest = min(len(p) for p in prompts)
+    n = 0
+    while n < shortest - 1 and all(p[n] == prompts[0][n] for p in prompts):
+        n += 1
+    return n
 
 
 def build_shared_prompt_inputs(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,

@@ -274,7 +274,8 @@ class PromptPass:
     (`continued(last=False)`), whose gradients add up over the micro-batches' backwards; the block's last
     micro-batch reads the pass's own tensors and adds `pending()`, sum(tensor * gathered gradient), to its loss, so
     the prompts' backward runs once, inside that backward (for the step's last block, the one in which DDP
-    all-reduces). Without gradient (old policy, reference, teacher) the copies are the tensors themselves.
+    all-reduces). Without gradient (old policy, reference, teacher) the copies are the tensors themselves. The
+    prefix all the prompts start with (a chat template's system turn, `PromptInputs.common`) runs once for all.
 
     Not under gradient checkpointing (transformers turns the cache off there), FSDP2 or ZeRO-3 (a sharded module
     must not be called again before its backward), nor for sliding-window layers (their cache keeps only the last
@@ -283,16 +284,27 @@ class PromptPass:
 
     def __init__(self, model: torch.nn.Module, prompts: PromptInputs) -> None:
         self.prompts = prompts  # rows continue them by `prompts.index` (`RolloutBatch.student_inputs(shared=...)`)
-        out = model(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
-                    position_ids=prompts.position_ids, output_hidden_states=True, logits_to_keep=1, use_cache=True)
-        if out.past_key_values is None:
-            raise RuntimeError("the model returned no key/value cache for the shared prompts (gradient checkpointing "
-                               "turns it off): set trainer.share_prompts=false")
         self.config = unwrap(model).config
-        layers = out.past_key_values.layers
+        common, position_ids = prompts.common, prompts.position_ids
+        # The prefix all prompts share (`PromptInputs.common`) runs once, one row; the prompts' own tokens continue
+        # its cache, viewed U times (its gradient sums over the U rows in the backward).
+        cache = self._prefix_cache(model, prompts, position_ids) if common else None
+        out = model(input_ids=prompts.input_ids[:, common:], attention_mask=prompts.attention_mask,
+                    position_ids=position_ids[:, common:], past_key_values=cache, output_hidden_states=True,
+                    logits_to_keep=1, use_cache=True)
+        layers = _returned_cache(out).layers
         # [keys_0, values_0, keys_1, ...] [U, kv heads, P, D], then the last prompt position's hidden state [U, H]
         self.tensors = [t for layer in layers for t in (layer.keys, layer.values)] + [out.hidden_states[-1][:, -1]]
         self.copies = [t.detach().requires_grad_() if t.requires_grad else t for t in self.tensors]
+
+    def _prefix_cache(self, model: torch.nn.Module, prompts: PromptInputs, position_ids: torch.Tensor) -> DynamicCache:
+        common, rows = prompts.common, prompts.input_ids.shape[0]
+        out = model(input_ids=prompts.input_ids[:1, :common], attention_mask=prompts.attention_mask[:1, :common],
+                    position_ids=position_ids[:1, :common], logits_to_keep=1, use_cache=True)
+        cache = DynamicCache(config=self.config)
+        for i, layer in enumerate(_returned_cache(out).layers):
+            cache.update(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1), layer_idx=i)
+        return cache
 
     def continued(self, prompt_of_B: torch.Tensor, last: bool = True) -> tuple[DynamicCache, torch.Tensor]:
         """A cache for B rows (row b continues prompt `prompt_of_B[b]`) and the hidden state that predicts each
@@ -311,6 +323,13 @@ class PromptPass:
         terms = [(t.float() * c.grad.float()).sum() for t, c in zip(self.tensors, self.copies, strict=True)
                  if c is not t and c.grad is not None]
         return torch.stack(terms).sum() if terms else torch.zeros((), device=self.tensors[-1].device)
+
+
+def _returned_cache(out: Any) -> DynamicCache:
+    if out.past_key_values is None:
+        raise RuntimeError("the model returned no key/value cache for the shared prompts (gradient checkpointing "
+                           "turns it off): set trainer.share_prompts=false")
+    return out.past_key_values
 
 
 def supports_prompt_pass(model: torch.nn.Module) -> bool:

@@ -15,6 +15,9 @@ from sdpo.models import PromptPass, response_features
 # responses, one of them empty.
 PROMPTS = [[5, 6, 7, 8], [9, 10], [5, 6, 7, 8], [11, 12, 13], [9, 10], [9, 10]]
 RESPONSES = [[20, 21, 22], [23], [24, 25, 26, 27, 28], [], [29, 30], [31, 32, 33, 34]]
+# The same after a 4-token prefix they all start with (a chat template's system turn), which a pass runs once.
+PREFIXED = [[3, 4, 2, 1, *p] for p in PROMPTS]
+PROMPT_SETS = pytest.mark.parametrize("prompts", [PROMPTS, PREFIXED], ids=["own", "common-prefix"])
 
 
 def batch_of(prompts, responses, groups=None) -> RolloutBatch:
@@ -65,14 +68,28 @@ def test_the_cached_prompt_forward_is_exact(tiny_path, lora):
     compare(model, prompts, responses, build_shared_prompt_inputs(prompts, responses, 0), grad_rtol=1e-10)
 
 
+@PROMPT_SETS
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_shared_prompts_give_the_values_and_gradients_of_one_forward_per_row(tiny_path, lora):
+def test_shared_prompts_give_the_values_and_gradients_of_one_forward_per_row(tiny_path, lora, prompts):
     model = tiny_float64(tiny_path, lora)
-    shared = batch_of(PROMPTS, RESPONSES).student_inputs(pad_id=0, share_prompts=True)
+    shared = batch_of(prompts, RESPONSES).student_inputs(pad_id=0, share_prompts=True)
     assert isinstance(shared, SharedPromptInputs) and shared.prompts.input_ids.shape[0] == 3
-    # The values are bit-identical; the gradients only to float32 rounding: transformers' RMSNorm computes in float32
-    # even in a float64 model, and a shared prompt's gradient is summed over its rows before that cast, not after.
-    compare(model, PROMPTS, RESPONSES, shared, grad_rtol=1e-6)
+    assert shared.prompts.common == (4 if prompts is PREFIXED else 0)
+    # The values agree to float64 rounding; the gradients only to float32 rounding: transformers' RMSNorm computes
+    # in float32 even in a float64 model, and a shared prompt's gradient is summed over its rows before that cast.
+    compare(model, prompts, RESPONSES, shared, grad_rtol=1e-6)
+
+
+def test_the_common_prefix_is_laid_out_once_before_the_padding():
+    prompts = build_prompt_inputs(PREFIXED, pad_id=0)
+    assert prompts.common == 4 and list(prompts.index) == [tuple(p) for p in (PREFIXED[0], PREFIXED[1], PREFIXED[3])]
+    assert prompts.input_ids.tolist() == [[3, 4, 2, 1, 5, 6, 7, 8], [3, 4, 2, 1, 0, 0, 9, 10], [3, 4, 2, 1, 0, 11, 12, 13]]
+    assert prompts.position_ids[1].tolist()[-2:] == [4, 5] and prompts.position_ids[2].tolist()[-3:] == [4, 5, 6]
+    # Each prompt keeps a token of its own (its last position predicts the response); a prefix that would save
+    # fewer than MIN_PREFIX_SAVING positions is not worth a forward of its own.
+    assert build_prompt_inputs([[1, 2, 3], [1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 3, 6], [1, 2, 3, 7]], 0).common == 2
+    assert build_prompt_inputs([[3, 4, 2, 1, 5], [3, 4, 2, 1, 6]], 0).common == 0
+    assert build_prompt_inputs(PROMPTS, 0).common == 0
 
 
 def test_rows_with_distinct_prompts_keep_one_forward():
@@ -81,19 +98,20 @@ def test_rows_with_distinct_prompts_keep_one_forward():
     assert not isinstance(batch_of(PROMPTS, RESPONSES).student_inputs(pad_id=0), SharedPromptInputs)
 
 
+@PROMPT_SETS
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_one_prompt_pass_for_several_micro_batches(tiny_path, lora):
+def test_one_prompt_pass_for_several_micro_batches(tiny_path, lora, prompts):
     # The trainer's optimizer step: one pass over its distinct prompts; micro-batches whose rows straddle the
     # prompts read the pass's detached copies, the last one its own tensors plus `pending()` (the earlier
-    # micro-batches' gradient through the prompts' forward).
+    # micro-batches' gradient through the prompts' forward, and through their common prefix's).
     model = tiny_float64(tiny_path, lora)
-    batch = batch_of(PROMPTS, RESPONSES)
+    batch = batch_of(prompts, RESPONSES)
     response_ids_BR, mask_BR = batch.response_ids_BR, batch.response_mask_BR
     weights_BR = torch.randn(mask_BR.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * mask_BR
-    plain_logp, plain_grads = logp_and_grads(model, build_model_inputs(PROMPTS, RESPONSES, 0), response_ids_BR, weights_BR)
+    plain_logp, plain_grads = logp_and_grads(model, build_model_inputs(prompts, RESPONSES, 0), response_ids_BR, weights_BR)
 
     model.zero_grad(set_to_none=True)
-    prompts = PromptPass(model, build_prompt_inputs(PROMPTS, 0))
+    prompts = PromptPass(model, build_prompt_inputs(prompts, 0))
     assert prompts.prompts.input_ids.shape[0] == 3
     micro_batches = [[0, 1], [2, 3], [4, 5]]
     for i, rows in enumerate(micro_batches):
@@ -113,10 +131,11 @@ def test_one_prompt_pass_for_several_micro_batches(tiny_path, lora):
                                        msg=name)
 
 
+@PROMPT_SETS
 @pytest.mark.parametrize("kind", ["ema", "trust_region"])
-def test_the_teachers_reprompt_pass_gives_the_features_of_one_forward_per_row(tiny_path, kind):
+def test_the_teachers_reprompt_pass_gives_the_features_of_one_forward_per_row(tiny_path, kind, prompts):
     # The trainer's block of micro-batches: the rows with a signal name their reprompt (here the student's prompts,
-    # row 3 without a signal); one pass per teacher source over the distinct ones, which every micro-batch's
+    # row 4 without a signal); one pass per teacher source over the distinct ones, which every micro-batch's
     # teacher forward continues. trust_region mixes two sources (the initial weights and the live policy).
     from sdpo.config import TeacherConfig
     from sdpo.teacher import Teacher
@@ -127,11 +146,12 @@ def test_the_teachers_reprompt_pass_gives_the_features_of_one_forward_per_row(ti
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=p.dtype))
     block = batch_of([[1]] * len(PROMPTS), RESPONSES)
-    block.teacher_prompt_ids = [list(p) for p in PROMPTS]
-    block.distill_mask_B = torch.tensor([True, True, True, False, True, True])
+    block.teacher_prompt_ids = [list(p) for p in prompts]
+    block.distill_mask_B = torch.tensor([True, True, True, True, False, True])
     passes = teacher.prompt_passes(model, block, 0, torch.device("cpu"))
     assert passes is not None and len(passes) == len(teacher._sources)
-    assert passes[0].prompts.input_ids.shape[0] == 2  # the distinct reprompts of the rows with a signal
+    assert passes[0].prompts.input_ids.shape[0] == 3  # the distinct reprompts of the rows with a signal
+    assert passes[0].prompts.common == (4 if prompts is PREFIXED else 0)
 
     def same_rank(needed: bool) -> bool:
         return needed
