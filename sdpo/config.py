@@ -125,9 +125,9 @@ class VLLMConfig:
     gpu_memory_utilization: float = 0.5
     # Free the KV cache (level 1) or also the weights (level 2) during the update; 0 disables sleep mode.
     sleep_level: int = 0
-    # false: vLLM's torch.compile (and CUDA graphs on a GPU). On the 2-core CPU that decodes 1.4-1.8x faster
-    # (float32 and bf16) for 85-125 s more start-up, once per run: worth it past a few dozen steps
-    # (benchmarks/results/vs_trl_cpu.md). The 10-step CPU preset keeps eager mode.
+    # false: vLLM's torch.compile (and CUDA graphs on a GPU; vLLM's own default). On the 2-core CPU a training step
+    # generated the same tokens in 0.83-0.92x the eager time, for about 90 s more start-up once per run
+    # (benchmarks/results/vs_trl_cpu.md): worth it past 100-200 steps. The 10-step CPU preset keeps eager mode.
     enforce_eager: bool = False
     # Weights are streamed to the engine in buckets of at most this many MiB.
     sync_bucket_mb: int = 256

@@ -215,6 +215,8 @@ def test_shared_prompts_give_the_update_the_same_gradient(tmp_path, algorithm):
         trainer.update(batch)
     assert any(g.abs().sum() > 0 for g in grads["per row"])
     assert (trainer.teacher is not None) == any(p is not None for p in reprompt_passes)
+    # The chat template's system turn opens every prompt and reprompt: the passes run it once.
+    assert all(p[0].prompts.common > 0 for p in reprompt_passes if p is not None)
     for a, b in zip(grads["per row"], grads["shared"], strict=True):
         assert a.dtype == torch.float64
         # float32 rounding only: transformers' RMSNorm computes in float32 (tests/test_shared_prompts.py).
