@@ -64,8 +64,8 @@ def build_model_inputs(prompts: Sequence[Sequence[int]], responses: Sequence[Seq
 
 
 def positions(attention_mask: Tensor) -> Tensor:
-    """Position ids of left-padded rows: left padding shifts the prompt; positions count real tokens only, as
-    during generation."""
+    """Position ids that count real tokens only, as during generation: padding (before the prompt, or after the
+    common prefix of `PromptInputs`) shifts nothing."""
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
@@ -245,9 +245,7 @@ class RolloutBatch:
                        shared: PromptInputs | None = None) -> ModelInputs | SharedPromptInputs:
         """The policy's forward batch. `share_prompts`: rows with one prompt run it once, where any do; `shared`:
         the optimizer step's distinct prompts, which these rows continue (see `SharedPromptInputs`)."""
-        if shared is not None:
-            return build_shared_prompt_inputs(self.prompt_ids, self.response_ids, pad_id, shared)
-        return self._inputs(self.prompt_ids, pad_id, share_prompts)
+        return self._inputs(self.prompt_ids, pad_id, share_prompts, shared)
 
     def teacher_inputs(self, pad_id: int, share_prompts: bool = False,
                        shared: PromptInputs | None = None) -> ModelInputs | SharedPromptInputs:
@@ -256,18 +254,17 @@ class RolloutBatch:
         continue (`sdpo.teacher.Teacher.prompt_passes`)."""
         if self.teacher_prompt_ids is None:
             raise ValueError("the batch has no teacher prompts yet: build them with sdpo.teacher.build_reprompts")
-        if shared is not None:
-            return build_shared_prompt_inputs(self.teacher_prompt_ids, self.response_ids, pad_id, shared)
-        return self._inputs(self.teacher_prompt_ids, pad_id, share_prompts)
+        return self._inputs(self.teacher_prompt_ids, pad_id, share_prompts, shared)
 
     @property
     def distill_rows(self) -> list[int]:
         """The rows whose reprompt carries a signal (a demonstration or feedback): the teacher scores only these."""
         return self.distill_mask_B.nonzero().flatten().tolist() if self.distill_mask_B is not None else []
 
-    def _inputs(self, prompts: list[list[int]], pad_id: int, share_prompts: bool) -> ModelInputs | SharedPromptInputs:
-        if share_prompts and any_shared(prompts):
-            return build_shared_prompt_inputs(prompts, self.response_ids, pad_id)
+    def _inputs(self, prompts: list[list[int]], pad_id: int, share_prompts: bool,
+                shared: PromptInputs | None) -> ModelInputs | SharedPromptInputs:
+        if shared is not None or (share_prompts and any_shared(prompts)):
+            return build_shared_prompt_inputs(prompts, self.response_ids, pad_id, shared)
         return build_model_inputs(prompts, self.response_ids, pad_id)
 
     def select(self, index: Sequence[int] | Tensor) -> RolloutBatch:

@@ -274,8 +274,7 @@ class Teacher:
         but length-sorted micro-batches scatter them. The passes keep only key/value caches (no gradient, so no
         activations): for a block of at most `micro_batch_size` questions that is G x 2 x kv_width numbers per
         reprompt token and layer, a fraction of what the block's student activations hold."""
-        rows = block.distill_rows
-        reprompts = [block.teacher_prompt_ids[i] for i in rows] if rows else []
+        reprompts = [block.teacher_prompt_ids[i] for i in block.distill_rows]
         if self.config.scorer != "trainer" or not any_shared(reprompts):
             return None
         prompts = build_prompt_inputs(reprompts, pad_id).to(device)
