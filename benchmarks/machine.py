@@ -12,6 +12,8 @@ from pathlib import Path
 import platform
 import resource
 
+import sdpo  # noqa: F401 - before torch loads: sdpo's process settings (huge pages for large CPU tensors) apply here too
+
 # The /proc/cpuinfo flags that decide the fast matmul paths: float32 vector width and native bf16 (AVX512-BF16, AMX).
 PRECISION_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx_vnni")
 
@@ -44,8 +46,18 @@ def describe() -> str:
     import torch
 
     cores = len(os.sched_getaffinity(0))
-    return (f"{cpu_name()}, {cores} cores usable ({os.cpu_count()} logical), {cpu_flags()}, torch {torch.__version__}, "
-            f"Python {platform.python_version()}")
+    return (f"{cpu_name()}, {cores} cores usable ({os.cpu_count()} logical), {cpu_flags()}, {huge_pages()}, "
+            f"torch {torch.__version__}, Python {platform.python_version()}")
+
+
+def huge_pages() -> str:
+    """Whether torch backs large CPU tensors with transparent huge pages (THP_MEM_ALLOC_ENABLE, set by `import sdpo`
+    before torch) and what the kernel allows (madvise: on request; never: not at all)."""
+    try:
+        kernel = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        kernel = "unknown"
+    return f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')} (kernel THP: {kernel})"
 
 
 def peak_rss_mib() -> float:

@@ -17,7 +17,9 @@ optimizer (clip + AdamW), EMA (the teacher's lerp), and "update (rest)" (batch a
 `--colocation` answers a different question: the same update (same batch, same weights) timed in a process without
 a vLLM engine, then again after an in-process vLLM engine has been built (vLLM's CPU worker binds threads and
 memory policy for the whole process). `--shared-prompts`: the same update with trainer.share_prompts off and with each
-thing it shares added in turn (`SHARING`), alternating.
+thing it shares added in turn (`SHARING`), alternating. `--huge-pages ROUNDS`: the same update replayed in processes
+with THP_MEM_ALLOC_ENABLE=0 and =1 (transparent huge pages for torch's large CPU tensors, which `import sdpo` turns
+on), the two alternating for ROUNDS rounds.
 """
 
 from __future__ import annotations
@@ -41,9 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-import torch
+from benchmarks import machine  # first: it imports sdpo before torch
 
-from benchmarks import machine
+import torch
 
 PRECISIONS = {"float32": "model.autocast_dtype=none", "bf16": "model.autocast_dtype=bfloat16"}
 STAGES = ["generate", "score", "teacher_context", "teacher_forward", "update", "sync"]
@@ -361,6 +363,39 @@ def shared_prompts_report(result: dict, command: str) -> str:
     return "\n".join(lines)
 
 
+def replay_times(overrides: list[str], repeats: int) -> dict:
+    """Seconds of `repeats` updates of one batch (the weights, optimizer and EMA state restored before each)."""
+    replay = update_replay(make_trainer(overrides))
+    return {"update": [replay()[0] for _ in range(repeats)], "tokens/response": float(replay.batch.response_lengths_B.sum())}
+
+
+def huge_pages_ab(precision: str, args: argparse.Namespace) -> dict[str, list[float]]:
+    """`replay_times` in fresh processes with THP_MEM_ALLOC_ENABLE=0 and =1, alternating (torch reads the variable
+    once per process); the updates pooled by setting."""
+    out: dict[str, list[float]] = {"0": [], "1": []}
+    for _ in range(args.huge_pages):
+        for value in out:
+            with tempfile.NamedTemporaryFile(suffix=".json") as f:
+                subprocess.run([sys.executable, __file__, "--one", f"{precision}:{f.name}", "--replay",
+                                "--repeats", str(args.repeats), "--extra", *args.extra],
+                               env={**os.environ, "THP_MEM_ALLOC_ENABLE": value}, check=True)
+                out[value] += json.loads(Path(f.name).read_text())["update"]
+    return out
+
+
+def huge_pages_report(results: dict[str, dict[str, list[float]]], args: argparse.Namespace, command: str) -> str:
+    lines = ["# The update with and without huge pages for large CPU tensors (THP_MEM_ALLOC_ENABLE)", "",
+             f"Machine: {machine.describe()}", "", f"Command: `{command}`", "",
+             f"One batch of the default workload per process, replayed {args.repeats} times (weights, optimizer and EMA "
+             f"state restored before each update; the batch's first update is a warm-up); {args.huge_pages} rounds of "
+             "a process with THP_MEM_ALLOC_ENABLE=0 then one with =1. Seconds per update, median (range) of the pooled "
+             "updates:", "", "| precision | off (=0) | on (=1) | on / off |", "|---|---|---|---|"]
+    for precision, runs in results.items():
+        off, on = statistics.median(runs["0"]), statistics.median(runs["1"])
+        lines.append(f"| {precision} | {median_and_range(runs['0'])} | {median_and_range(runs['1'])} | {on / off:.2f} |")
+    return "\n".join([*lines, ""])
+
+
 def default_memory_policy() -> int:
     """Undo the strict NUMA MEMBIND that vLLM's CPU worker sets for the whole process (set_mempolicy(MPOL_DEFAULT));
     0 on success."""
@@ -481,6 +516,9 @@ def main() -> None:
     parser.add_argument("--results", default=None, help="markdown file to write")
     parser.add_argument("--colocation", action="store_true", help="time the update without/with an in-process engine")
     parser.add_argument("--shared-prompts", action="store_true", help="time the update with trainer.share_prompts off and each thing it shares added in turn")
+    parser.add_argument("--huge-pages", type=int, default=0, metavar="ROUNDS",
+                        help="time the update in processes without/with THP_MEM_ALLOC_ENABLE, alternating, ROUNDS times")
+    parser.add_argument("--replay", action="store_true", help=argparse.SUPPRESS)  # internal: replay_times
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--force-length", action="store_true", help="every rollout runs to rollout.max_new_tokens")
     parser.add_argument("--json", default=None, help="also write the raw per-step rows here")
@@ -492,7 +530,8 @@ def main() -> None:
         overrides = [PRECISIONS[precision], *args.extra]
         if args.force_length:
             force_length()
-        result = (colocation(overrides, args.repeats) if args.colocation else
+        result = (replay_times(overrides, args.repeats) if args.replay else
+                  colocation(overrides, args.repeats) if args.colocation else
                   shared_prompts_ab(overrides, args.repeats) if args.shared_prompts else profile_one(overrides, args.steps))
         Path(args.one.split(":", 1)[1]).write_text(json.dumps(result))
         return
@@ -501,6 +540,9 @@ def main() -> None:
         if precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             print("bf16 skipped: not native on this CPU")
             continue
+        if args.huge_pages:
+            results[precision] = huge_pages_ab(precision, args)
+            continue
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             subprocess.run([sys.executable, __file__, "--one", f"{precision}:{f.name}", "--steps", str(args.steps),
                             "--repeats", str(args.repeats), *(["--colocation"] if args.colocation else []),
@@ -508,7 +550,9 @@ def main() -> None:
                             *(["--force-length"] if args.force_length else []),
                             "--extra", *args.extra], check=True)
             results[precision] = json.loads(Path(f.name).read_text())
-    if args.colocation or args.shared_prompts:
+    if args.huge_pages:
+        text = huge_pages_report(results, args, command)
+    elif args.colocation or args.shared_prompts:
         one_report = colocation_report if args.colocation else shared_prompts_report
         text = "\n\n".join(one_report(r, command) + f"\n(precision: {n})" for n, r in results.items())
     else:

@@ -111,3 +111,19 @@ def test_auto_is_saved_resolved_in_the_run_config(tmp_path):
     SDPOTrainer(config)
     saved = OmegaConf.load(tmp_path / "config.yaml").model.autocast_dtype
     assert saved == ("bfloat16" if probe().bf16 else "none")
+
+
+@pytest.mark.parametrize("code, env, expected", [
+    ("import sdpo, torch", {}, "1"),  # sdpo first: torch's allocator backs large tensors with huge pages
+    ("import torch, sdpo", {}, "None"),  # torch first: it has read the variable already, so sdpo leaves it alone
+    ("import sdpo, torch", {"THP_MEM_ALLOC_ENABLE": "0"}, "0"),  # the user's choice wins
+])
+def test_huge_pages_for_large_cpu_tensors_only_before_torch(code, env, expected):
+    import os
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run([sys.executable, "-c", f"{code}; import os; print(os.environ.get('THP_MEM_ALLOC_ENABLE'))"],
+                         env={**base, **env}, capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == expected
