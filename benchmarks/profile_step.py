@@ -30,6 +30,7 @@ import copy
 import functools
 import json
 import os
+import resource
 import shlex
 import statistics
 import subprocess
@@ -363,36 +364,52 @@ def shared_prompts_report(result: dict, command: str) -> str:
     return "\n".join(lines)
 
 
-def replay_times(overrides: list[str], repeats: int) -> dict:
-    """Seconds of `repeats` updates of one batch (the weights, optimizer and EMA state restored before each)."""
+REPLAY_MEASURES = {"update": "wall s", "user": "CPU s, user", "system": "CPU s, kernel", "faults": "minor page faults, thousands"}
+
+
+def replay_times(overrides: list[str], repeats: int) -> dict[str, list[float]]:
+    """`repeats` updates of one batch (the weights, optimizer and EMA state restored before each): wall seconds and
+    the process's CPU seconds (user, kernel) and minor page faults over each (all threads)."""
     replay = update_replay(make_trainer(overrides))
-    return {"update": [replay()[0] for _ in range(repeats)], "tokens/response": float(replay.batch.response_lengths_B.sum())}
+    out: dict[str, list[float]] = {key: [] for key in REPLAY_MEASURES}
+    for _ in range(repeats):
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        out["update"].append(replay()[0])
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        out["user"].append(after.ru_utime - before.ru_utime)
+        out["system"].append(after.ru_stime - before.ru_stime)
+        out["faults"].append((after.ru_minflt - before.ru_minflt) / 1000)
+    return out
 
 
-def huge_pages_ab(precision: str, args: argparse.Namespace) -> dict[str, list[float]]:
+def huge_pages_ab(precision: str, args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
     """`replay_times` in fresh processes with THP_MEM_ALLOC_ENABLE=0 and =1, alternating (torch reads the variable
     once per process); the updates pooled by setting."""
-    out: dict[str, list[float]] = {"0": [], "1": []}
+    out: dict[str, dict[str, list[float]]] = {value: {key: [] for key in REPLAY_MEASURES} for value in ("0", "1")}
     for _ in range(args.huge_pages):
-        for value in out:
+        for value, pooled in out.items():
             with tempfile.NamedTemporaryFile(suffix=".json") as f:
                 subprocess.run([sys.executable, __file__, "--one", f"{precision}:{f.name}", "--replay",
                                 "--repeats", str(args.repeats), "--extra", *args.extra],
                                env={**os.environ, "THP_MEM_ALLOC_ENABLE": value}, check=True)
-                out[value] += json.loads(Path(f.name).read_text())["update"]
+                for key, values in json.loads(Path(f.name).read_text()).items():
+                    pooled[key] += values
     return out
 
 
-def huge_pages_report(results: dict[str, dict[str, list[float]]], args: argparse.Namespace, command: str) -> str:
+def huge_pages_report(results: dict[str, dict[str, dict[str, list[float]]]], args: argparse.Namespace,
+                      command: str) -> str:
     lines = ["# The update with and without huge pages for large CPU tensors (THP_MEM_ALLOC_ENABLE)", "",
              f"Machine: {machine.describe()}", "", f"Command: `{command}`", "",
              f"One batch of the default workload per process, replayed {args.repeats} times (weights, optimizer and EMA "
              f"state restored before each update; the batch's first update is a warm-up); {args.huge_pages} rounds of "
-             "a process with THP_MEM_ALLOC_ENABLE=0 then one with =1. Seconds per update, median (range) of the pooled "
-             "updates:", "", "| precision | off (=0) | on (=1) | on / off |", "|---|---|---|---|"]
+             "a process with THP_MEM_ALLOC_ENABLE=0 then one with =1. Per update, median (range) of the pooled updates:",
+             "", "| precision | per update | off (=0) | on (=1) | on / off |", "|---|---|---|---|---|"]
     for precision, runs in results.items():
-        off, on = statistics.median(runs["0"]), statistics.median(runs["1"])
-        lines.append(f"| {precision} | {median_and_range(runs['0'])} | {median_and_range(runs['1'])} | {on / off:.2f} |")
+        for key, label in REPLAY_MEASURES.items():
+            off, on = runs["0"][key], runs["1"][key]
+            ratio = statistics.median(on) / statistics.median(off) if statistics.median(off) else float("nan")
+            lines.append(f"| {precision} | {label} | {median_and_range(off)} | {median_and_range(on)} | {ratio:.2f} |")
     return "\n".join([*lines, ""])
 
 
