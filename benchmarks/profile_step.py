@@ -79,6 +79,7 @@ class FlopCounter:
         self.config = config
         self.real = {"student": 0.0, "teacher": 0.0}
         self.padded = {"student": 0.0, "teacher": 0.0}
+        self.rows: list[int] = []  # the token rows (padded) of each forward's matmuls: their M
 
     def record_prompts(self, who: str, prompts) -> None:
         """A `PromptPass` over `prompts` (`PromptInputs`): the prompts' forward, no output head; their common prefix
@@ -89,6 +90,7 @@ class FlopCounter:
         prefix = forward_flops(self.config, common, [common], 0) if common else 0.0
         self.real[who] += prefix + forward_flops(self.config, sum(rest), [], 0, [(common, r) for r in rest])
         self.padded[who] += prefix + forward_flops(self.config, n * (width - common), [], 0, [(common, width - common)] * n)
+        self.rows.append(n * (width - common))
 
     def record(self, who: str, inputs, prompts_given: bool) -> None:
         from sdpo.batch import SharedPromptInputs
@@ -104,6 +106,7 @@ class FlopCounter:
             prompt_width = inputs.prompts.attention_mask.shape[1]
             self.real[who] += forward_flops(self.config, sum(responses), [], sum(responses), list(zip(prompt_B, responses)))
             self.padded[who] += forward_flops(self.config, n * width, [], n * width, [(prompt_width, width)] * n)
+            self.rows.append(n * width)
             return
         mask = inputs.attention_mask
         lengths = mask.sum(-1).tolist()
@@ -111,9 +114,11 @@ class FlopCounter:
         n, width = mask.shape
         self.real[who] += forward_flops(self.config, sum(lengths), lengths, responses)
         self.padded[who] += forward_flops(self.config, n * width, [width] * n, n * inputs.response_width)
+        self.rows.append(n * width)
 
     def pop(self) -> dict[str, float]:
         out = {f"flops/{k}_{who}": v[who] for k, v in (("real", self.real), ("padded", self.padded)) for who in v}
+        out["forward_rows"] = float(statistics.median(self.rows)) if self.rows else 0.0
         self.__init__(self.config)
         return out
 
@@ -246,7 +251,12 @@ def profile_one(overrides: list[str], steps: int) -> dict:
     width = int(statistics.median(r["flops/padded_student"] for r in rows))  # unused: shapes below use real rows
     del width
     peak = matmul_peak(trainer.unwrapped.config, micro * 96, dtype)
-    return {"steps": rows[1:], "peak": peak, "threads": torch.get_num_threads(), "dtype": str(dtype)}
+    # The same rates at the size the update's forwards actually run at (their median M): the achievable rate in
+    # the update's own shapes, lower than at 768 rows.
+    own_rows = int(statistics.median(r["forward_rows"] for r in rows[1:]))
+    own_peak = matmul_peak(trainer.unwrapped.config, own_rows, dtype)
+    return {"steps": rows[1:], "peak": peak, "own_rows": own_rows, "own_peak": own_peak,
+            "threads": torch.get_num_threads(), "dtype": str(dtype)}
 
 
 def update_replay(trainer):
@@ -463,7 +473,9 @@ def report(results: dict[str, dict], args: argparse.Namespace, command: str) -> 
               "rows share, trainer.share_prompts, counts once: the work the forward needs); \"padded\" counts "
               "what the padded micro-batches compute. The compute time is student forward + teacher forward + head "
               "and terms + backward; MFU is achieved FLOP/s over the measured matmul rate in the model's shapes "
-              "(FLOP-weighted over the layer shapes and the head, micro-batch of 8 x 96 rows).", "",
+              "(FLOP-weighted over the layer shapes and the head, micro-batch of 8 x 96 rows); the last rows measure the "
+              "same rates at M = the median number of token rows the update's forwards run (padded), the update's own "
+              "shapes.", "",
               "| | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
 
     def flops(rows_, kind):
@@ -485,6 +497,9 @@ def report(results: dict[str, dict], args: argparse.Namespace, command: str) -> 
         "measured matmul peak, GFLOP/s": lambda n: peak[n],
         "**MFU, compute time**": lambda n: statistics.median(f / compute_s(r) / 1e9 for f, r in zip(flops(rows[n], "real"), rows[n])) / peak[n],
         "MFU, whole update": lambda n: statistics.median(f / update_s(r) / 1e9 for f, r in zip(flops(rows[n], "real"), rows[n])) / peak[n],
+        "forward size M (median token rows per forward)": lambda n: results[n]["own_rows"],
+        "measured matmul rate at that M, GFLOP/s": lambda n: results[n]["own_peak"]["weighted"],
+        "MFU at the update's own M, compute time": lambda n: statistics.median(f / compute_s(r) / 1e9 for f, r in zip(flops(rows[n], "real"), rows[n])) / results[n]["own_peak"]["weighted"],
     }
     for label, fn in table.items():
         lines.append(f"| {label} | " + " | ".join(_fmt(label, fn(n)) for n in results) + " |")
