@@ -252,7 +252,7 @@ def profile_one(overrides: list[str], steps: int) -> dict:
     del width
     peak = matmul_peak(trainer.unwrapped.config, micro * 96, dtype)
     # The same rates at the size the update's forwards actually run at (their median M): the achievable rate in
-    # the update's own shapes, lower than at 768 rows.
+    # the update's own shapes, which small micro-batches could hold below the rate at 768 rows.
     own_rows = int(statistics.median(r["forward_rows"] for r in rows[1:]))
     own_peak = matmul_peak(trainer.unwrapped.config, own_rows, dtype)
     return {"steps": rows[1:], "peak": peak, "own_rows": own_rows, "own_peak": own_peak,
