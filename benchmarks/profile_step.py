@@ -236,6 +236,8 @@ def make_trainer(overrides: list[str]):
 def profile_one(overrides: list[str], steps: int) -> dict:
     trainer = make_trainer(overrides)
     flops = FlopCounter(trainer.unwrapped.config)
+    dtype = torch.bfloat16 if trainer.autocast_dtype == torch.bfloat16 else torch.float32
+    micro = trainer.config.trainer.micro_batch_size
     rows = []
     with instrumented(trainer, flops):
         for _ in range(steps + 1):
@@ -243,13 +245,13 @@ def profile_one(overrides: list[str], steps: int) -> dict:
             result = trainer.training_step()
             wall = time.perf_counter() - start
             batch = result.batch
-            rows.append({**result.metrics, **flops.pop(), "wall": wall,
+            # The machine's matmul rate right after each step (short): neighbours move it by up to 1.5x within a
+            # run, so each step's MFU is read against its own (`step_peak`), as well as against the longer
+            # measurement after the run.
+            step_peak = matmul_peak(trainer.unwrapped.config, micro * 96, dtype, seconds=0.3)["weighted"]
+            rows.append({**result.metrics, **flops.pop(), "wall": wall, "step_peak": step_peak,
                          "tokens/response": float(batch.response_lengths_B.sum()),
                          "distill_rows": float(batch.distill_mask_B.sum()) if batch.distill_mask_B is not None else 0.0})
-    dtype = torch.bfloat16 if trainer.autocast_dtype == torch.bfloat16 else torch.float32
-    micro = trainer.config.trainer.micro_batch_size
-    width = int(statistics.median(r["flops/padded_student"] for r in rows))  # unused: shapes below use real rows
-    del width
     peak = matmul_peak(trainer.unwrapped.config, micro * 96, dtype)
     # The same rates at the size the update's forwards actually run at (their median M): the achievable rate in
     # the update's own shapes, which small micro-batches could hold below the rate at 768 rows.
@@ -473,7 +475,8 @@ def report(results: dict[str, dict], args: argparse.Namespace, command: str) -> 
               "rows share, trainer.share_prompts, counts once: the work the forward needs); \"padded\" counts "
               "what the padded micro-batches compute. The compute time is student forward + teacher forward + head "
               "and terms + backward; MFU is achieved FLOP/s over the measured matmul rate in the model's shapes "
-              "(FLOP-weighted over the layer shapes and the head, micro-batch of 8 x 96 rows); the last rows measure the "
+              "(FLOP-weighted over the layer shapes and the head, micro-batch of 8 x 96 rows), measured for 1.5 s per "
+              "shape after the run and for 0.3 s right after each step (the per-step MFU); the last rows measure the "
               "same rates at M = the median number of token rows the update's forwards run (padded), the update's own "
               "shapes.", "",
               "| | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
@@ -497,6 +500,8 @@ def report(results: dict[str, dict], args: argparse.Namespace, command: str) -> 
         "measured matmul peak, GFLOP/s": lambda n: peak[n],
         "**MFU, compute time**": lambda n: statistics.median(f / compute_s(r) / 1e9 for f, r in zip(flops(rows[n], "real"), rows[n])) / peak[n],
         "MFU, whole update": lambda n: statistics.median(f / update_s(r) / 1e9 for f, r in zip(flops(rows[n], "real"), rows[n])) / peak[n],
+        "matmul rate right after each step, GFLOP/s (median)": lambda n: median(rows[n], "step_peak"),
+        "MFU, each step against the rate right after it (median)": lambda n: statistics.median(f / compute_s(r) / 1e9 / r["step_peak"] for f, r in zip(flops(rows[n], "real"), rows[n])),
         "forward size M (median token rows per forward)": lambda n: results[n]["own_rows"],
         "measured matmul rate at that M, GFLOP/s": lambda n: results[n]["own_peak"]["weighted"],
         "MFU at the update's own M, compute time": lambda n: statistics.median(f / compute_s(r) / 1e9 for f, r in zip(flops(rows[n], "real"), rows[n])) / results[n]["own_peak"]["weighted"],
