@@ -490,21 +490,26 @@ def report(results: dict[str, dict], args: argparse.Namespace, command: str) -> 
     def update_s(r):
         return sum(r.get(f"time/{p}", 0.0) for p in ("update", "teacher_forward", *UPDATE_PARTS))
 
+    def achieved(n, seconds, per_step_peak=False):
+        """Median over the steps of model GFLOP/s in `seconds(step)` (divided by the step's own matmul rate)."""
+        return statistics.median(f / seconds(r) / 1e9 / (r["step_peak"] if per_step_peak else 1.0)
+                                 for f, r in zip(flops(rows[n], "real"), rows[n]))
+
     peak = {n: results[n]["peak"]["weighted"] for n in results}
     table = {
         "model GFLOP / step (real tokens)": lambda n: statistics.median(flops(rows[n], "real")) / 1e9,
         "GFLOP / step as padded": lambda n: statistics.median(flops(rows[n], "padded")) / 1e9,
         "compute time (s)": lambda n: median_of(rows[n], compute_s),
         "whole update incl. teacher forward (s)": lambda n: median_of(rows[n], update_s),
-        "achieved GFLOP/s (compute time)": lambda n: statistics.median(f / compute_s(r) / 1e9 for f, r in zip(flops(rows[n], "real"), rows[n])),
+        "achieved GFLOP/s (compute time)": lambda n: achieved(n, compute_s),
         "measured matmul peak, GFLOP/s": lambda n: peak[n],
-        "**MFU, compute time**": lambda n: statistics.median(f / compute_s(r) / 1e9 for f, r in zip(flops(rows[n], "real"), rows[n])) / peak[n],
-        "MFU, whole update": lambda n: statistics.median(f / update_s(r) / 1e9 for f, r in zip(flops(rows[n], "real"), rows[n])) / peak[n],
+        "**MFU, compute time**": lambda n: achieved(n, compute_s) / peak[n],
+        "MFU, whole update": lambda n: achieved(n, update_s) / peak[n],
         "matmul rate right after each step, GFLOP/s (median)": lambda n: median(rows[n], "step_peak"),
-        "MFU, each step against the rate right after it (median)": lambda n: statistics.median(f / compute_s(r) / 1e9 / r["step_peak"] for f, r in zip(flops(rows[n], "real"), rows[n])),
+        "MFU, each step against the rate right after it (median)": lambda n: achieved(n, compute_s, per_step_peak=True),
         "forward size M (median token rows per forward)": lambda n: results[n]["own_rows"],
         "measured matmul rate at that M, GFLOP/s": lambda n: results[n]["own_peak"]["weighted"],
-        "MFU at the update's own M, compute time": lambda n: statistics.median(f / compute_s(r) / 1e9 for f, r in zip(flops(rows[n], "real"), rows[n])) / results[n]["own_peak"]["weighted"],
+        "MFU at the update's own M, compute time": lambda n: achieved(n, compute_s) / results[n]["own_peak"]["weighted"],
     }
     for label, fn in table.items():
         lines.append(f"| {label} | " + " | ".join(_fmt(label, fn(n)) for n in results) + " |")

@@ -113,27 +113,29 @@ def test_auto_is_saved_resolved_in_the_run_config(tmp_path):
     assert saved == ("bfloat16" if probe().bf16 else "none")
 
 
+def run_python(code: str, env: dict[str, str]) -> str:
+    """stdout of `python -c code` in a fresh process whose THP_MEM_ALLOC_ENABLE is only what `env` says."""
+    import os
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    return subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
+                          timeout=120, check=True).stdout
+
+
 @pytest.mark.parametrize("code, env, expected", [
     ("import sdpo, torch", {}, "1"),  # sdpo first: torch's allocator backs large tensors with huge pages
     ("import torch, sdpo", {}, "None"),  # torch first: it has read the variable already, so sdpo leaves it alone
     ("import sdpo, torch", {"THP_MEM_ALLOC_ENABLE": "0"}, "0"),  # the user's choice wins
 ])
 def test_huge_pages_for_large_cpu_tensors_only_before_torch(code, env, expected):
-    import os
-    import subprocess
-    import sys
-
-    base = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    out = subprocess.run([sys.executable, "-c", f"{code}; import os; print(os.environ.get('THP_MEM_ALLOC_ENABLE'))"],
-                         env={**base, **env}, capture_output=True, text=True, timeout=120, check=True)
-    assert out.stdout.strip() == expected
+    out = run_python(f"{code}; import os; print(os.environ.get('THP_MEM_ALLOC_ENABLE'))", env)
+    assert out.strip() == expected
 
 
 def test_huge_pages_cut_the_page_faults_of_large_tensors():
     """torch honours the variable: 20 fresh 64 MB tensors fault in 2 MB pages instead of 4 KB ones."""
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -144,9 +146,6 @@ def test_huge_pages_cut_the_page_faults_of_large_tensors():
             "for _ in range(20):\n"
             "    torch.ones(16 * 2**20)\n"  # 64 MB, freed at once: a fresh mapping each time
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)")
-    base = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    faults = {value: int(subprocess.run([sys.executable, "-c", code], env={**base, "THP_MEM_ALLOC_ENABLE": value},
-                                        capture_output=True, text=True, timeout=120, check=True).stdout)
-              for value in ("0", "1")}
+    faults = {value: int(run_python(code, {"THP_MEM_ALLOC_ENABLE": value})) for value in ("0", "1")}
     assert faults["0"] > 20 * 16_000  # 16384 pages of 4 KB per tensor
     assert faults["1"] < faults["0"] / 4, faults
