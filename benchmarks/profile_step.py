@@ -14,9 +14,9 @@ student forward (the transformer body up to the final hidden states), head and l
 the student's and the teacher's vocabulary projections, log-softmax, entropy, distillation), objective, backward,
 optimizer (clip + AdamW), EMA (the teacher's lerp), and "update (rest)" (batch assembly, masks, metric sums).
 
-`--colocation` answers a different question: the same update (same batch, same weights) timed in a process without
-a vLLM engine, then again after an in-process vLLM engine has been built (vLLM's CPU worker binds threads and
-memory policy for the whole process). `--shared-prompts`: the same update with trainer.share_prompts off and with each
+`--colocation ROUNDS` answers a different question: the same update (same batch, same weights) replayed in processes
+without a vLLM engine, with one built in-process (vLLM's CPU worker binds the whole process's memory to a NUMA
+node), with that binding undone, and with the binding alone, in turn. `--shared-prompts`: the same update with trainer.share_prompts off and with each
 thing it shares added in turn (`SHARING`), alternating. `--huge-pages ROUNDS`: the same update replayed in processes
 with THP_MEM_ALLOC_ENABLE=0 and =1 (transparent huge pages for torch's large CPU tensors, which `import sdpo` turns
 on), the two alternating for ROUNDS rounds.
@@ -152,6 +152,29 @@ def matmul_peak(config, rows: int, dtype: torch.dtype, seconds: float = 1.5) -> 
     return rates
 
 
+def decode_floor(config, rows: int, dtype: torch.dtype, repeats: int = 7) -> dict[str, float]:
+    """Seconds of one decode step's matmuls alone: `rows` token rows through every linear layer of the model and
+    the output head, each with its own weight tensor (fresh, as big as the model's: a decode step streams them all
+    from memory, they do not stay in cache). Nothing else of a decode step (attention, norms, sampling): a floor
+    for the engine's time per decode step. Median of `repeats`; also as GB/s of weights read and GFLOP/s."""
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    layer = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]  # q, k, v, o, gate, up, down
+    weights = [torch.randn(k, n, dtype=dtype) for _ in range(config.num_hidden_layers) for k, n in layer]
+    weights.append(torch.randn(h, v, dtype=dtype))
+    inputs = {k: torch.randn(rows, k, dtype=dtype) for k in (h, i)}
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for w in weights:
+            inputs[w.shape[0]] @ w
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    elements = sum(w.numel() for w in weights)
+    return {"seconds": seconds, "GB/s": elements * weights[0].element_size() / seconds / 1e9,
+            "GFLOP/s": 2 * rows * elements / seconds / 1e9}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # one precision, in its own process
 
@@ -251,14 +274,18 @@ def profile_one(overrides: list[str], steps: int) -> dict:
             step_peak = matmul_peak(trainer.unwrapped.config, micro * 96, dtype, seconds=0.3)["weighted"]
             rows.append({**result.metrics, **flops.pop(), "wall": wall, "step_peak": step_peak,
                          "tokens/response": float(batch.response_lengths_B.sum()),
+                         "decode_steps": float(batch.response_lengths_B.max()),
                          "distill_rows": float(batch.distill_mask_B.sum()) if batch.distill_mask_B is not None else 0.0})
     peak = matmul_peak(trainer.unwrapped.config, micro * 96, dtype)
     # The same rates at the size the update's forwards actually run at (their median M): the achievable rate in
     # the update's own shapes, which small micro-batches could hold below the rate at 768 rows.
     own_rows = int(statistics.median(r["forward_rows"] for r in rows[1:]))
     own_peak = matmul_peak(trainer.unwrapped.config, own_rows, dtype)
-    return {"steps": rows[1:], "peak": peak, "own_rows": own_rows, "own_peak": own_peak,
-            "threads": torch.get_num_threads(), "dtype": str(dtype)}
+    # The generate stage's floor: one decode step's matmuls with the whole batch's rows, in the engine's dtype.
+    engine_dtype = getattr(trainer.engine, "engine_dtype", dtype)
+    decode = decode_floor(trainer.unwrapped.config, batch.response_lengths_B.numel(), engine_dtype)
+    return {"steps": rows[1:], "peak": peak, "own_rows": own_rows, "own_peak": own_peak, "decode": decode,
+            "engine_dtype": str(engine_dtype), "threads": torch.get_num_threads(), "dtype": str(dtype)}
 
 
 def update_replay(trainer):
@@ -284,32 +311,38 @@ def update_replay(trainer):
     return one_update
 
 
-def colocation(overrides: list[str], repeats: int) -> dict:
-    """The same update timed without, then with, an in-process vLLM engine (weights restored before each run)."""
+def colocate_engine(trainer, memory_policy: bool = True) -> None:
+    """Build a vLLM engine in this process beside the trainer (as `rollout=vllm` does); with memory_policy=False, undo
+    the strict NUMA memory binding its CPU worker sets for the whole process."""
     from sdpo.rollout import build_engine
 
-    trainer = make_trainer(["rollout=hf", *overrides])
-    replay = update_replay(trainer)
-
-    def one_update() -> float:
-        seconds, _ = replay()
-        return seconds
-
-    out = {"without_engine": [one_update() for _ in range(repeats)], "threads_before": torch.get_num_threads()}
     config = trainer.config
     engine_config = copy.deepcopy(config.rollout)
     engine_config.engine = "vllm"
     max_len = config.rollout.max_prompt_len + config.rollout.max_new_tokens
-    build_engine(engine_config, trainer.unwrapped, trainer.tokenizer, trainer.model_path, max_len, trainer.autocast_dtype)
-    out["threads_after_engine"] = torch.get_num_threads()
-    out["affinity_after_engine"] = sorted(os.sched_getaffinity(0))
-    out["with_engine"] = [one_update() for _ in range(repeats)]
-    from sdpo.precision import use_all_cores
-    out["threads_after_use_all_cores"] = use_all_cores()
-    out["with_engine_all_cores"] = [one_update() for _ in range(repeats)]
-    out["mempolicy_reset"] = default_memory_policy()
-    out["with_engine_default_mempolicy"] = [one_update() for _ in range(repeats)]
-    return out
+    trainer.colocated = build_engine(engine_config, trainer.unwrapped, trainer.tokenizer, trainer.model_path, max_len,
+                                     trainer.autocast_dtype)
+    if not memory_policy:
+        default_memory_policy()
+
+
+def bind_memory_alone(trainer) -> None:
+    """Only what vLLM's CPU worker does to the process's memory: a strict MEMBIND to the first CPU's NUMA node."""
+    from sdpo.rollout.vllm import import_vllm
+
+    import_vllm()
+    import vllm._C  # noqa: F401  (registers torch.ops._C.*)
+
+    torch.ops._C.init_cpu_memory_env([0])
+
+
+# What a replay process does to itself after its warm-up update and before the timed ones (`--colocation`).
+PROCESS_SETUPS = {
+    "none": lambda trainer: None,
+    "engine": colocate_engine,
+    "engine, memory policy undone": functools.partial(colocate_engine, memory_policy=False),
+    "memory binding alone": bind_memory_alone,
+}
 
 
 # What trainer.share_prompts shares, step by step: (the student's prompts once per block, the teacher's reprompts
@@ -379,10 +412,13 @@ def shared_prompts_report(result: dict, command: str) -> str:
 REPLAY_MEASURES = {"update": "wall s", "user": "CPU s, user", "system": "CPU s, kernel", "faults": "minor page faults, thousands"}
 
 
-def replay_times(overrides: list[str], repeats: int) -> dict[str, list[float]]:
+def replay_times(overrides: list[str], repeats: int, setup: str = "none") -> dict[str, list[float]]:
     """`repeats` updates of one batch (the weights, optimizer and EMA state restored before each): wall seconds and
-    the process's CPU seconds (user, kernel) and minor page faults over each (all threads)."""
-    replay = update_replay(make_trainer(overrides))
+    the process's CPU seconds (user, kernel) and minor page faults over each (all threads). `setup`: what the
+    process does to itself after the warm-up update (`PROCESS_SETUPS`)."""
+    trainer = make_trainer(overrides)
+    replay = update_replay(trainer)
+    PROCESS_SETUPS[setup](trainer)
     out: dict[str, list[float]] = {key: [] for key in REPLAY_MEASURES}
     for _ in range(repeats):
         before = resource.getrusage(resource.RUSAGE_SELF)
@@ -394,34 +430,47 @@ def replay_times(overrides: list[str], repeats: int) -> dict[str, list[float]]:
     return out
 
 
-def huge_pages_ab(precision: str, args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
-    """`replay_times` in fresh processes with THP_MEM_ALLOC_ENABLE=0 and =1, alternating (torch reads the variable
-    once per process); the updates pooled by setting."""
-    out: dict[str, dict[str, list[float]]] = {value: {key: [] for key in REPLAY_MEASURES} for value in ("0", "1")}
-    for _ in range(args.huge_pages):
-        for value, pooled in out.items():
+# Process variants compared by `process_ab`: label -> (environment variables, PROCESS_SETUPS entry, overrides).
+HUGE_PAGES = {"off (=0)": ({"THP_MEM_ALLOC_ENABLE": "0"}, "none", []),
+              "on (=1)": ({"THP_MEM_ALLOC_ENABLE": "1"}, "none", [])}
+# The trainer itself on transformers generate, so that the only engine in a process is the one its setup builds.
+COLOCATION = {"no engine": ({}, "none", ["rollout=hf"]), "vLLM engine in-process": ({}, "engine", ["rollout=hf"]),
+              "engine, memory policy undone": ({}, "engine, memory policy undone", ["rollout=hf"]),
+              "memory binding alone": ({}, "memory binding alone", ["rollout=hf"])}
+
+
+def process_ab(precision: str, args: argparse.Namespace, variants: dict, rounds: int) -> dict[str, dict[str, list[float]]]:
+    """`replay_times` in a fresh process per variant, the variants in turn for `rounds` rounds (a process-wide
+    setting such as THP_MEM_ALLOC_ENABLE, read once by torch, or an engine's binding, can only be compared across
+    processes); the updates pooled by variant."""
+    out = {label: {key: [] for key in REPLAY_MEASURES} for label in variants}
+    for _ in range(rounds):
+        for label, (env, setup, overrides) in variants.items():
             with tempfile.NamedTemporaryFile(suffix=".json") as f:
-                subprocess.run([sys.executable, __file__, "--one", f"{precision}:{f.name}", "--replay",
-                                "--repeats", str(args.repeats), "--extra", *args.extra],
-                               env={**os.environ, "THP_MEM_ALLOC_ENABLE": value}, check=True)
+                subprocess.run([sys.executable, __file__, "--one", f"{precision}:{f.name}", "--replay", "--setup", setup,
+                                "--repeats", str(args.repeats), "--extra", *args.extra, *overrides],
+                               env={**os.environ, **env}, check=True)
                 for key, values in json.loads(Path(f.name).read_text()).items():
-                    pooled[key] += values
+                    out[label][key] += values
     return out
 
 
-def huge_pages_report(results: dict[str, dict[str, dict[str, list[float]]]], args: argparse.Namespace,
-                      command: str) -> str:
-    lines = ["# The update with and without huge pages for large CPU tensors (THP_MEM_ALLOC_ENABLE)", "",
-             f"Machine: {machine.describe()}", "", f"Command: `{command}`", "",
+def ab_report(title: str, what: str, results: dict[str, dict[str, dict[str, list[float]]]], args: argparse.Namespace,
+              rounds: int, command: str) -> str:
+    labels = list(next(iter(results.values())))
+    lines = [f"# {title}", "", f"Machine: {machine.describe()}", "", f"Command: `{command}`", "",
              f"One batch of the default workload per process, replayed {args.repeats} times (weights, optimizer and EMA "
-             f"state restored before each update; the batch's first update is a warm-up); {args.huge_pages} rounds of "
-             "a process with THP_MEM_ALLOC_ENABLE=0 then one with =1. Per update, median (range) of the pooled updates:",
-             "", "| precision | per update | off (=0) | on (=1) | on / off |", "|---|---|---|---|---|"]
+             f"state restored before each update; the batch's first update is a warm-up); {rounds} rounds of one "
+             f"process per variant, in turn: {what}. Per update, median (range) of the pooled updates, and each "
+             f"variant over the first:", "",
+             "| precision | per update | " + " | ".join(labels) + " | " + " | ".join(f"{l} / {labels[0]}" for l in labels[1:]) + " |",
+             "|---|---|" + "---|" * (2 * len(labels) - 1)]
     for precision, runs in results.items():
         for key, label in REPLAY_MEASURES.items():
-            off, on = runs["0"][key], runs["1"][key]
-            ratio = statistics.median(on) / statistics.median(off) if statistics.median(off) else float("nan")
-            lines.append(f"| {precision} | {label} | {median_and_range(off)} | {median_and_range(on)} | {ratio:.2f} |")
+            base = statistics.median(runs[labels[0]][key])
+            ratios = [statistics.median(runs[l][key]) / base if base else float("nan") for l in labels[1:]]
+            lines.append(f"| {precision} | {label} | " + " | ".join(median_and_range(runs[l][key]) for l in labels)
+                         + " | " + " | ".join(f"{r:.2f}" for r in ratios) + " |")
     return "\n".join([*lines, ""])
 
 
@@ -513,6 +562,22 @@ def report(results: dict[str, dict], args: argparse.Namespace, command: str) -> 
     }
     for label, fn in table.items():
         lines.append(f"| {label} | " + " | ".join(_fmt(label, fn(n)) for n in results) + " |")
+    lines += ["", "## The generate stage against its floor", "",
+              "A decode step runs every sequence of the batch through every weight of the model: the floor is the "
+              "model's matmuls alone with the batch's rows (each layer its own weight tensor, streamed from memory as "
+              "in decoding), in the engine's dtype, times the decode steps of a step (its longest response). "
+              "Attention, norms, sampling and the engine's own work come on top.", "",
+              "| | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
+    generate = {
+        "engine dtype": lambda n: results[n]["engine_dtype"].removeprefix("torch."),
+        "decode steps per step (longest response)": lambda n: f"{median(rows[n], 'decode_steps'):.0f}",
+        "generate, s per decode step": lambda n: f"{median_of(rows[n], _per_decode_step):.3f}",
+        "one decode step's matmuls alone, s": lambda n: f"{results[n]['decode']['seconds']:.3f}",
+        "  as weight GB/s read / GFLOP/s": lambda n: f"{results[n]['decode']['GB/s']:.1f} / {results[n]['decode']['GFLOP/s']:.0f}",
+        "**generate / its matmul floor**": lambda n: f"**{median_of(rows[n], _per_decode_step) / results[n]['decode']['seconds']:.2f}**",
+    }
+    for label, fn in generate.items():
+        lines.append(f"| {label} | " + " | ".join(fn(n) for n in results) + " |")
     lines += ["", "Matmul rates in the model's shapes (GFLOP/s, [768, K] @ [K, N], torch threads as in the run):", "",
               "| shape | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
     for shape in next(iter(results.values()))["peak"]:
@@ -520,6 +585,10 @@ def report(results: dict[str, dict], args: argparse.Namespace, command: str) -> 
     lines.append("")
     lines.append("torch threads: " + ", ".join(f"{n} {r['threads']}" for n, r in results.items()))
     return "\n".join(lines) + "\n"
+
+
+def _per_decode_step(r: dict) -> float:
+    return r["time/generate"] / r["decode_steps"]
 
 
 def median_of(rows, fn):
@@ -534,33 +603,20 @@ def median_and_range(xs: list[float]) -> str:
     return f"{statistics.median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})"
 
 
-def colocation_report(result: dict, command: str) -> str:
-    stats = median_and_range
-    return "\n".join([
-        "# The update with and without an in-process vLLM engine", "",
-        f"Machine: {machine.describe()}", "", f"Command: `{command}`", "",
-        "One process, one batch (a default-workload step's rollouts, transformers engine), the weights, optimizer and "
-        "EMA state restored before each update; seconds per update (median, range):", "",
-        "| | seconds | torch threads |", "|---|---|---|",
-        f"| no engine in the process | {stats(result['without_engine'])} | {result['threads_before']} |",
-        f"| after building a vLLM engine in-process | {stats(result['with_engine'])} | {result['threads_after_engine']} |",
-        f"| same, after `use_all_cores()` | {stats(result['with_engine_all_cores'])} | {result['threads_after_use_all_cores']} |",
-        *([f"| same, NUMA memory policy back to default (rc {result['mempolicy_reset']}) | "
-           f"{stats(result['with_engine_default_mempolicy'])} | |"] if "mempolicy_reset" in result else []),
-        "", f"CPU affinity after the engine: {result['affinity_after_engine']}", ""])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--precisions", nargs="+", default=["float32", "bf16"], choices=list(PRECISIONS))
     parser.add_argument("--extra", nargs="*", default=[], help="Hydra overrides for every run")
     parser.add_argument("--results", default=None, help="markdown file to write")
-    parser.add_argument("--colocation", action="store_true", help="time the update without/with an in-process engine")
+    parser.add_argument("--colocation", type=int, default=0, metavar="ROUNDS",
+                        help="time the update in processes without/with an in-process vLLM engine (and its memory "
+                             "binding undone, or that binding alone), in turn, ROUNDS times")
     parser.add_argument("--shared-prompts", action="store_true", help="time the update with trainer.share_prompts off and each thing it shares added in turn")
     parser.add_argument("--huge-pages", type=int, default=0, metavar="ROUNDS",
                         help="time the update in processes without/with THP_MEM_ALLOC_ENABLE, alternating, ROUNDS times")
     parser.add_argument("--replay", action="store_true", help=argparse.SUPPRESS)  # internal: replay_times
+    parser.add_argument("--setup", default="none", choices=list(PROCESS_SETUPS), help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--force-length", action="store_true", help="every rollout runs to rollout.max_new_tokens")
     parser.add_argument("--json", default=None, help="also write the raw per-step rows here")
@@ -572,8 +628,7 @@ def main() -> None:
         overrides = [PRECISIONS[precision], *args.extra]
         if args.force_length:
             force_length()
-        result = (replay_times(overrides, args.repeats) if args.replay else
-                  colocation(overrides, args.repeats) if args.colocation else
+        result = (replay_times(overrides, args.repeats, args.setup) if args.replay else
                   shared_prompts_ab(overrides, args.repeats) if args.shared_prompts else profile_one(overrides, args.steps))
         Path(args.one.split(":", 1)[1]).write_text(json.dumps(result))
         return
@@ -582,21 +637,26 @@ def main() -> None:
         if precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             print("bf16 skipped: not native on this CPU")
             continue
-        if args.huge_pages:
-            results[precision] = huge_pages_ab(precision, args)
+        if args.huge_pages or args.colocation:
+            variants, rounds = (HUGE_PAGES, args.huge_pages) if args.huge_pages else (COLOCATION, args.colocation)
+            results[precision] = process_ab(precision, args, variants, rounds)
             continue
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             subprocess.run([sys.executable, __file__, "--one", f"{precision}:{f.name}", "--steps", str(args.steps),
-                            "--repeats", str(args.repeats), *(["--colocation"] if args.colocation else []),
-                            *(["--shared-prompts"] if args.shared_prompts else []),
+                            "--repeats", str(args.repeats), *(["--shared-prompts"] if args.shared_prompts else []),
                             *(["--force-length"] if args.force_length else []),
                             "--extra", *args.extra], check=True)
             results[precision] = json.loads(Path(f.name).read_text())
     if args.huge_pages:
-        text = huge_pages_report(results, args, command)
-    elif args.colocation or args.shared_prompts:
-        one_report = colocation_report if args.colocation else shared_prompts_report
-        text = "\n\n".join(one_report(r, command) + f"\n(precision: {n})" for n, r in results.items())
+        text = ab_report("The update with and without huge pages for large CPU tensors (THP_MEM_ALLOC_ENABLE)",
+                         "THP_MEM_ALLOC_ENABLE=0, then =1", results, args, args.huge_pages, command)
+    elif args.colocation:
+        text = ab_report("The update with and without an in-process vLLM engine", "a transformers-engine trainer "
+                         "alone; with a vLLM engine built in the process; the same with the engine's strict NUMA memory "
+                         "binding undone (set_mempolicy(MPOL_DEFAULT)); that binding alone, no engine",
+                         results, args, args.colocation, command)
+    elif args.shared_prompts:
+        text = "\n\n".join(shared_prompts_report(r, command) + f"\n(precision: {n})" for n, r in results.items())
     else:
         text = report(results, args, command)
     print(text)
