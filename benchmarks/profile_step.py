@@ -17,7 +17,8 @@ optimizer (clip + AdamW), EMA (the teacher's lerp), and "update (rest)" (batch a
 `--colocation ROUNDS` answers a different question: the same update (same batch, same weights) replayed in processes
 without a vLLM engine, with one built in-process (vLLM's CPU worker binds the whole process's memory to a NUMA
 node), with that binding undone, and with the binding alone, in turn. `--shared-prompts`: the same update with trainer.share_prompts off and with each
-thing it shares added in turn (`SHARING`), alternating. `--huge-pages ROUNDS`: the same update replayed in processes
+thing it shares added in turn (`SHARING`), alternating. `--op-profile`: one replayed update under torch.profiler, its
+top operators by input shape. `--huge-pages ROUNDS`: the same update replayed in processes
 with THP_MEM_ALLOC_ENABLE=0 and =1 (transparent huge pages for torch's large CPU tensors, which `import sdpo` turns
 on), the two alternating for ROUNDS rounds.
 """
@@ -430,6 +431,21 @@ def replay_times(overrides: list[str], repeats: int, setup: str = "none") -> dic
     return out
 
 
+def op_profile(overrides: list[str], repeats: int) -> dict:
+    """The update replayed `repeats` times, the last under torch.profiler: its most expensive operators by self CPU
+    time, per input shape (which casts, which matmuls, which element-wise passes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    replay = update_replay(make_trainer(overrides))
+    seconds = [replay()[0] for _ in range(repeats - 1)]
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        seconds.append(replay()[0])
+    table = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=30,
+                                                                max_name_column_width=50, max_shapes_column_width=60)
+    by_op = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=50)
+    return {"seconds": seconds, "by_op": by_op, "by_shape": table}
+
+
 # Process variants compared by `process_ab`: label -> (environment variables, PROCESS_SETUPS entry, overrides).
 HUGE_PAGES = {"off (=0)": ({"THP_MEM_ALLOC_ENABLE": "0"}, "none", []),
               "on (=1)": ({"THP_MEM_ALLOC_ENABLE": "1"}, "none", [])}
@@ -615,6 +631,8 @@ def main() -> None:
     parser.add_argument("--shared-prompts", action="store_true", help="time the update with trainer.share_prompts off and each thing it shares added in turn")
     parser.add_argument("--huge-pages", type=int, default=0, metavar="ROUNDS",
                         help="time the update in processes without/with THP_MEM_ALLOC_ENABLE, alternating, ROUNDS times")
+    parser.add_argument("--op-profile", action="store_true",
+                        help="replay one update --repeats times, the last under torch.profiler: top operators")
     parser.add_argument("--replay", action="store_true", help=argparse.SUPPRESS)  # internal: replay_times
     parser.add_argument("--setup", default="none", choices=list(PROCESS_SETUPS), help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=3)
@@ -629,6 +647,7 @@ def main() -> None:
         if args.force_length:
             force_length()
         result = (replay_times(overrides, args.repeats, args.setup) if args.replay else
+                  op_profile(overrides, args.repeats) if args.op_profile else
                   shared_prompts_ab(overrides, args.repeats) if args.shared_prompts else profile_one(overrides, args.steps))
         Path(args.one.split(":", 1)[1]).write_text(json.dumps(result))
         return
@@ -644,6 +663,7 @@ def main() -> None:
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             subprocess.run([sys.executable, __file__, "--one", f"{precision}:{f.name}", "--steps", str(args.steps),
                             "--repeats", str(args.repeats), *(["--shared-prompts"] if args.shared_prompts else []),
+                            *(["--op-profile"] if args.op_profile else []),
                             *(["--force-length"] if args.force_length else []),
                             "--extra", *args.extra], check=True)
             results[precision] = json.loads(Path(f.name).read_text())
@@ -655,6 +675,10 @@ def main() -> None:
                          "alone; with a vLLM engine built in the process; the same with the engine's strict NUMA memory "
                          "binding undone (set_mempolicy(MPOL_DEFAULT)); that binding alone, no engine",
                          results, args, args.colocation, command)
+    elif args.op_profile:
+        text = "\n\n".join(f"## {n}: update {', '.join(f'{x:.2f}' for x in r['seconds'])} s (the last profiled)\n\n"
+                           f"```\n{r['by_op']}\n{r['by_shape']}\n```" for n, r in results.items())
+        text = f"# The update's operators (torch.profiler)\n\nMachine: {machine.describe()}\n\nCommand: `{command}`\n\n{text}\n"
     elif args.shared_prompts:
         text = "\n\n".join(shared_prompts_report(r, command) + f"\n(precision: {n})" for n, r in results.items())
     else:
