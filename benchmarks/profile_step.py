@@ -18,7 +18,8 @@ optimizer (clip + AdamW), EMA (the teacher's lerp), and "update (rest)" (batch a
 without a vLLM engine, with one built in-process (vLLM's CPU worker binds the whole process's memory to a NUMA
 node), with that binding undone, and with the binding alone, in turn. `--shared-prompts`: the same update with trainer.share_prompts off and with each
 thing it shares added in turn (`SHARING`), alternating. `--op-profile`: one replayed update under torch.profiler, its
-top operators by input shape. `--huge-pages ROUNDS`: the same update replayed in processes
+top operators by input shape. `--cast-once`: the update with trainer.cast_weights_once off and on, alternating.
+`--huge-pages ROUNDS`: the same update replayed in processes
 with THP_MEM_ALLOC_ENABLE=0 and =1 (transparent huge pages for torch's large CPU tensors, which `import sdpo` turns
 on), the two alternating for ROUNDS rounds.
 """
@@ -422,12 +423,33 @@ def replay_times(overrides: list[str], repeats: int, setup: str = "none") -> dic
     PROCESS_SETUPS[setup](trainer)
     out: dict[str, list[float]] = {key: [] for key in REPLAY_MEASURES}
     for _ in range(repeats):
-        before = resource.getrusage(resource.RUSAGE_SELF)
-        out["update"].append(replay()[0])
-        after = resource.getrusage(resource.RUSAGE_SELF)
-        out["user"].append(after.ru_utime - before.ru_utime)
-        out["system"].append(after.ru_stime - before.ru_stime)
-        out["faults"].append((after.ru_minflt - before.ru_minflt) / 1000)
+        measure_update(replay, out)
+    return out
+
+
+def measure_update(replay, out: dict[str, list[float]]) -> None:
+    """One replayed update: its wall seconds, the process's CPU seconds (user, kernel), minor page faults."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    out["update"].append(replay()[0])
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    out["user"].append(after.ru_utime - before.ru_utime)
+    out["system"].append(after.ru_stime - before.ru_stime)
+    out["faults"].append((after.ru_minflt - before.ru_minflt) / 1000)
+
+
+CAST_ONCE = {"a region per forward": False, "one region per optimizer step": True}
+
+
+def cast_once_ab(overrides: list[str], repeats: int) -> dict[str, dict[str, list[float]]]:
+    """The same update with trainer.cast_weights_once off and on (autocast's weight casts once per forward or once
+    per optimizer step), alternating in one process for `repeats` rounds."""
+    trainer = make_trainer(overrides)
+    replay = update_replay(trainer)
+    out = {label: {key: [] for key in REPLAY_MEASURES} for label in CAST_ONCE}
+    for _ in range(repeats):
+        for label, once in CAST_ONCE.items():
+            trainer.cast_weights_once = once
+            measure_update(replay, out[label])
     return out
 
 
@@ -471,14 +493,10 @@ def process_ab(precision: str, args: argparse.Namespace, variants: dict, rounds:
     return out
 
 
-def ab_report(title: str, what: str, results: dict[str, dict[str, dict[str, list[float]]]], args: argparse.Namespace,
-              rounds: int, command: str) -> str:
+def ab_report(title: str, layout: str, results: dict[str, dict[str, dict[str, list[float]]]], command: str) -> str:
     labels = list(next(iter(results.values())))
     lines = [f"# {title}", "", f"Machine: {machine.describe()}", "", f"Command: `{command}`", "",
-             f"One batch of the default workload per process, replayed {args.repeats} times (weights, optimizer and EMA "
-             f"state restored before each update; the batch's first update is a warm-up); {rounds} rounds of one "
-             f"process per variant, in turn: {what}. Per update, median (range) of the pooled updates, and each "
-             f"variant over the first:", "",
+             f"{layout} Per update, median (range) of the pooled updates, and each variant over the first:", "",
              "| precision | per update | " + " | ".join(labels) + " | " + " | ".join(f"{l} / {labels[0]}" for l in labels[1:]) + " |",
              "|---|---|" + "---|" * (2 * len(labels) - 1)]
     for precision, runs in results.items():
@@ -631,6 +649,8 @@ def main() -> None:
     parser.add_argument("--shared-prompts", action="store_true", help="time the update with trainer.share_prompts off and each thing it shares added in turn")
     parser.add_argument("--huge-pages", type=int, default=0, metavar="ROUNDS",
                         help="time the update in processes without/with THP_MEM_ALLOC_ENABLE, alternating, ROUNDS times")
+    parser.add_argument("--cast-once", action="store_true",
+                        help="the update with trainer.cast_weights_once off and on, alternating --repeats rounds")
     parser.add_argument("--op-profile", action="store_true",
                         help="replay one update --repeats times, the last under torch.profiler: top operators")
     parser.add_argument("--replay", action="store_true", help=argparse.SUPPRESS)  # internal: replay_times
@@ -648,6 +668,7 @@ def main() -> None:
             force_length()
         result = (replay_times(overrides, args.repeats, args.setup) if args.replay else
                   op_profile(overrides, args.repeats) if args.op_profile else
+                  cast_once_ab(overrides, args.repeats) if args.cast_once else
                   shared_prompts_ab(overrides, args.repeats) if args.shared_prompts else profile_one(overrides, args.steps))
         Path(args.one.split(":", 1)[1]).write_text(json.dumps(result))
         return
@@ -664,17 +685,28 @@ def main() -> None:
             subprocess.run([sys.executable, __file__, "--one", f"{precision}:{f.name}", "--steps", str(args.steps),
                             "--repeats", str(args.repeats), *(["--shared-prompts"] if args.shared_prompts else []),
                             *(["--op-profile"] if args.op_profile else []),
+                            *(["--cast-once"] if args.cast_once else []),
                             *(["--force-length"] if args.force_length else []),
                             "--extra", *args.extra], check=True)
             results[precision] = json.loads(Path(f.name).read_text())
+    def in_processes(rounds: int, what: str) -> str:
+        return (f"One batch of the default workload per process, replayed {args.repeats} times (weights, optimizer and "
+                f"EMA state restored before each update; the batch's first update is a warm-up); {rounds} rounds of one "
+                f"process per variant, in turn: {what}.")
+
     if args.huge_pages:
         text = ab_report("The update with and without huge pages for large CPU tensors (THP_MEM_ALLOC_ENABLE)",
-                         "THP_MEM_ALLOC_ENABLE=0, then =1", results, args, args.huge_pages, command)
+                         in_processes(args.huge_pages, "THP_MEM_ALLOC_ENABLE=0, then =1"), results, command)
     elif args.colocation:
-        text = ab_report("The update with and without an in-process vLLM engine", "a transformers-engine trainer "
-                         "alone; with a vLLM engine built in the process; the same with the engine's strict NUMA memory "
-                         "binding undone (set_mempolicy(MPOL_DEFAULT)); that binding alone, no engine",
-                         results, args, args.colocation, command)
+        text = ab_report("The update with and without an in-process vLLM engine", in_processes(
+            args.colocation, "a transformers-engine trainer alone; with a vLLM engine built in the process; the same "
+            "with the engine's strict NUMA memory binding undone (set_mempolicy(MPOL_DEFAULT)); that binding alone, "
+            "no engine"), results, command)
+    elif args.cast_once:
+        text = ab_report("The update with autocast's weight casts once per forward and once per optimizer step",
+                         f"One batch of the default workload, one process: its update replayed with "
+                         f"trainer.cast_weights_once off and on, alternating, {args.repeats} rounds (weights, optimizer "
+                         f"and EMA state restored before each update; one warm-up update first).", results, command)
     elif args.op_profile:
         text = "\n\n".join(f"## {n}: update {', '.join(f'{x:.2f}' for x in r['seconds'])} s (the last profiled)\n\n"
                            f"```\n{r['by_op']}\n{r['by_shape']}\n```" for n, r in results.items())
