@@ -506,8 +506,8 @@ class SDPOTrainer:
 
         Autocast caches its casts of float32 parameters that require a gradient until its outermost region exits;
         with one region per forward, every forward (a block's prompt pass, each micro-batch) cast all the policy's
-        weights again (on a 2-core CPU in bf16: 0.94x the update's time, benchmarks/results/profile_step.md). The
-        backward runs inside with autocast disabled, as torch recommends, which keeps the cache. Frozen weights (the
+        weights again. One region per step: 0.93x the time of a bf16 update on a 2-core CPU (benchmarks/results/
+        profile_step.md). The backward runs inside with autocast disabled, as torch recommends, which keeps the cache. Frozen weights (the
         EMA teacher's, LoRA's base) are not cached by autocast either way."""
         if self.autocast_dtype is None or not self.cast_weights_once:
             return contextlib.nullcontext()
