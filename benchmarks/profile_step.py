@@ -59,14 +59,21 @@ UPDATE_PARTS = ["student_forward", "head_and_terms", "objective", "backward", "o
 # model FLOPs
 
 
+def layer_shapes(config) -> list[tuple[int, int]]:
+    """[K, N] of each linear layer of one decoder layer: q, k, v, o, gate, up, down (k and v as wide as the
+    key/value heads)."""
+    h, i = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    return [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
+
+
 def forward_flops(config, tokens: int, sequences: list[int], head_positions: int,
                   continued: list[tuple[int, int]] = ()) -> float:
     """Matmul FLOPs of one forward: the linear layers on `tokens` positions, causal attention over each sequence
     (`sequences`: lengths) and over each (prefix, length) continuation of a cached prefix (`continued`: responses
     run on a shared prompt's key/value cache), and the output head on `head_positions` (the response positions)."""
     h, layers = config.hidden_size, config.num_hidden_layers
-    kv = config.num_key_value_heads * (h // config.num_attention_heads)
-    linear = layers * (2 * h * h + 2 * h * kv + 3 * h * config.intermediate_size)  # q, o; k, v; gate, up, down
+    linear = layers * sum(k * n for k, n in layer_shapes(config))
     attention = sum(layers * 2 * h * n * n for n in sequences)  # QK^T and AV, causal half: 2 * (2 h n^2 / 2)
     attention += sum(layers * 2 * h * ((p + n) ** 2 - p * p) for p, n in continued)  # the prefix's part is cached
     return 2 * linear * tokens + attention + 2 * h * config.vocab_size * head_positions
@@ -132,9 +139,9 @@ class FlopCounter:
 def matmul_peak(config, rows: int, dtype: torch.dtype, seconds: float = 1.5) -> dict[str, float]:
     """GFLOP/s of [rows, K] @ [K, N] in the model's shapes (forward and the backward's transposed products), and
     their FLOP-weighted harmonic mean: the rate the update's matmuls could run at."""
-    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    kv = config.num_key_value_heads * (h // config.num_attention_heads)
-    shapes = {"q/o h->h": (h, h), "k/v h->kv": (h, kv), "mlp h->i": (h, i), "mlp i->h": (i, h), "head h->V": (h, v)}
+    q_proj, k_proj, _, _, gate_proj, _, down_proj = layer_shapes(config)
+    shapes = {"q/o h->h": q_proj, "k/v h->kv": k_proj, "mlp h->i": gate_proj, "mlp i->h": down_proj,
+              "head h->V": (config.hidden_size, config.vocab_size)}
     weight = {"q/o h->h": 2, "k/v h->kv": 2, "mlp h->i": 2, "mlp i->h": 1, "head h->V": 0}  # per layer
     rates, total_flops, total_time = {}, 0.0, 0.0
     for name, (k, n) in shapes.items():
@@ -159,12 +166,10 @@ def decode_floor(config, rows: int, dtype: torch.dtype, repeats: int = 7) -> dic
     the output head, each with its own weight tensor (fresh, as big as the model's: a decode step streams them all
     from memory, they do not stay in cache). Nothing else of a decode step (attention, norms, sampling): a floor
     for the engine's time per decode step. Median of `repeats`; also as GB/s of weights read and GFLOP/s."""
-    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    kv = config.num_key_value_heads * (h // config.num_attention_heads)
-    layer = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]  # q, k, v, o, gate, up, down
-    weights = [torch.randn(k, n, dtype=dtype) for _ in range(config.num_hidden_layers) for k, n in layer]
-    weights.append(torch.randn(h, v, dtype=dtype))
-    inputs = {k: torch.randn(rows, k, dtype=dtype) for k in (h, i)}
+    h = config.hidden_size
+    weights = [torch.randn(k, n, dtype=dtype) for _ in range(config.num_hidden_layers) for k, n in layer_shapes(config)]
+    weights.append(torch.randn(h, config.vocab_size, dtype=dtype))
+    inputs = {k: torch.randn(rows, k, dtype=dtype) for k in (h, config.intermediate_size)}
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
