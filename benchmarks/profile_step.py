@@ -16,12 +16,12 @@ optimizer (clip + AdamW), EMA (the teacher's lerp), and "update (rest)" (batch a
 
 `--colocation ROUNDS` answers a different question: the same update (same batch, same weights) replayed in processes
 without a vLLM engine, with one built in-process (vLLM's CPU worker binds the whole process's memory to a NUMA
-node), with that binding undone, and with the binding alone, in turn. `--shared-prompts`: the same update with trainer.share_prompts off and with each
-thing it shares added in turn (`SHARING`), alternating. `--op-profile`: one replayed update under torch.profiler, its
-top operators by input shape. `--cast-once`: the update with trainer.cast_weights_once off and on, alternating.
-`--huge-pages ROUNDS`: the same update replayed in processes
-with THP_MEM_ALLOC_ENABLE=0 and =1 (transparent huge pages for torch's large CPU tensors, which `import sdpo` turns
-on), the two alternating for ROUNDS rounds.
+node), with that binding undone, and with the binding alone, in turn. `--shared-prompts`: the same update with
+trainer.share_prompts off and with each thing it shares added in turn (`SHARING`), alternating. `--op-profile`: one
+replayed update under torch.profiler, its top operators by input shape. `--cast-once`: the update with autocast's
+weight casts once per forward, once per step (policy), once per step (policy and teacher), in turn. `--huge-pages
+ROUNDS`: the same update replayed in processes with THP_MEM_ALLOC_ENABLE=0 and =1 (transparent huge pages for
+torch's large CPU tensors, which `import sdpo` turns on), the two alternating for ROUNDS rounds.
 """
 
 from __future__ import annotations
@@ -442,18 +442,24 @@ def measure_update(replay, out: dict[str, list[float]]) -> None:
     out["faults"].append((after.ru_minflt - before.ru_minflt) / 1000)
 
 
-CAST_ONCE = {"a region per forward": False, "one region per optimizer step": True}
+# label -> (trainer.cast_weights_once, the teacher's own copy cached as well: `Teacher.cacheable_casts`)
+CAST_ONCE = {"a region per forward": (False, False), "one region per step, the policy's casts cached": (True, False),
+             "one region per step, the policy's and the teacher's cached": (True, True)}
 
 
 def cast_once_ab(overrides: list[str], repeats: int) -> dict[str, dict[str, list[float]]]:
-    """The same update with trainer.cast_weights_once off and on (autocast's weight casts once per forward or once
-    per optimizer step), alternating in one process for `repeats` rounds."""
+    """The same update with autocast's weight casts once per forward, once per optimizer step for the policy's
+    weights only, and once per step for the teacher's copy too (`CAST_ONCE`), in turn in one process for `repeats`
+    rounds."""
     trainer = make_trainer(overrides)
     replay = update_replay(trainer)
+    teacher_casts = trainer.teacher.cacheable_casts if trainer.teacher is not None else None
     out = {label: {key: [] for key in REPLAY_MEASURES} for label in CAST_ONCE}
     for _ in range(repeats):
-        for label, once in CAST_ONCE.items():
+        for label, (once, teacher_cached) in CAST_ONCE.items():
             trainer.cast_weights_once = once
+            if teacher_casts is not None:
+                trainer.teacher.cacheable_casts = teacher_casts if teacher_cached else contextlib.nullcontext
             measure_update(replay, out[label])
     return out
 
@@ -655,7 +661,8 @@ def main() -> None:
     parser.add_argument("--huge-pages", type=int, default=0, metavar="ROUNDS",
                         help="time the update in processes without/with THP_MEM_ALLOC_ENABLE, alternating, ROUNDS times")
     parser.add_argument("--cast-once", action="store_true",
-                        help="the update with trainer.cast_weights_once off and on, alternating --repeats rounds")
+                        help="the update with autocast's weight casts once per forward, once per step for the "
+                             "policy, once per step for the policy and the teacher, in turn --repeats rounds")
     parser.add_argument("--op-profile", action="store_true",
                         help="replay one update --repeats times, the last under torch.profiler: top operators")
     parser.add_argument("--replay", action="store_true", help=argparse.SUPPRESS)  # internal: replay_times
@@ -709,9 +716,10 @@ def main() -> None:
             "no engine"), results, command)
     elif args.cast_once:
         text = ab_report("The update with autocast's weight casts once per forward and once per optimizer step",
-                         f"One batch of the default workload, one process: its update replayed with "
-                         f"trainer.cast_weights_once off and on, alternating, {args.repeats} rounds (weights, optimizer "
-                         f"and EMA state restored before each update; one warm-up update first).", results, command)
+                         f"One batch of the default workload, one process: its update replayed with one autocast "
+                         f"region per forward, one per optimizer step caching the policy's casts, and one caching the "
+                         f"teacher's copy's too, in turn, {args.repeats} rounds (weights, optimizer and EMA state "
+                         f"restored before each update; one warm-up update first).", results, command)
     elif args.op_profile:
         text = "\n\n".join(f"## {n}: update {', '.join(f'{x:.2f}' for x in r['seconds'])} s (the last profiled)\n\n"
                            f"```\n{r['by_op']}\n{r['by_shape']}\n```" for n, r in results.items())

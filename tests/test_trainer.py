@@ -3,11 +3,13 @@ micro-batch invariant, a non-finite step is skipped, a run leaves its files."""
 
 from __future__ import annotations
 
+import collections
 import json
 
 import pytest
 import torch
 from conftest import TINY_OVERRIDES
+from torch.utils._python_dispatch import TorchDispatchMode
 from toy_envs import ParityEnv, ParityEnvConfig
 
 from sdpo import SDPOTrainer, load_config
@@ -249,6 +251,43 @@ def test_weights_cast_once_per_step_give_the_same_gradient(tmp_path, overrides):
     assert all(g is not None for g in grads["per_step"]) and any(g.abs().sum() > 0 for g in grads["per_step"])
     errors = [(b - a).norm() / a.norm() for a, b in zip(grads["per_forward"], grads["per_step"], strict=True) if a.norm() > 0]
     assert max(errors) < 2e-2  # measured: 0.25% at most, 0.11% median
+
+
+class WeightCasts(TorchDispatchMode):
+    """Counts autocast's float32 -> bfloat16 casts per source tensor (by storage address)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count: collections.Counter[int] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and args[0].dtype == torch.float32 and kwargs.get("dtype") == torch.bfloat16:
+            self.count[args[0].data_ptr()] += 1
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["ema", "trust_region"])
+def test_a_step_casts_each_policy_and_teacher_weight_once(tmp_path, kind):
+    # One autocast region per optimizer step: every weight of the policy and of the teacher's own copy (EMA or
+    # initial) is cast to bfloat16 once, however many forwards the step runs (a reprompt pass, 4 micro-batches,
+    # the teacher's head per logits chunk); with a region per forward, the tied output head is cast in each.
+    trainer, batch = step_inputs(tmp_path, "model.autocast_dtype=bfloat16", "trainer.micro_batch_size=3",
+                                 "algorithm=sdpo_grpo", f"algorithm.teacher.kind={kind}")
+    copy = trainer.teacher.model
+    heads = [m.get_output_embeddings().weight.data_ptr() for m in (trainer.unwrapped, copy)]
+    weights = [p.data_ptr() for m in (trainer.unwrapped, copy) for p in m.parameters()]
+    for once in (False, True):
+        trainer.cast_weights_once = once
+        with WeightCasts() as casts:
+            trainer.update(batch)
+        if once:
+            assert all(casts.count[h] == 1 for h in heads)
+            assert max(casts.count[w] for w in weights) == 1 and sum(casts.count[w] for w in weights) > 2
+        else:
+            assert all(casts.count[h] > 1 for h in heads)
+        # the copy's gradient flag is the step's only: it stays frozen, and no gradient ever reaches it
+        assert not any(p.requires_grad or p.grad is not None for p in copy.parameters())
 
 
 def test_adamw_runs_fused_in_one_process(tmp_path):
