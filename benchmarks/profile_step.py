@@ -19,9 +19,10 @@ without a vLLM engine, with one built in-process (vLLM's CPU worker binds the wh
 node), with that binding undone, and with the binding alone, in turn. `--shared-prompts`: the same update with
 trainer.share_prompts off and with each thing it shares added in turn (`SHARING`), alternating. `--op-profile`: one
 replayed update under torch.profiler, its top operators by input shape. `--cast-once`: the update with autocast's
-weight casts once per forward, once per step (policy), once per step (policy and teacher), in turn. `--huge-pages
-ROUNDS`: the same update replayed in processes with THP_MEM_ALLOC_ENABLE=0 and =1 (transparent huge pages for
-torch's large CPU tensors, which `import sdpo` turns on), the two alternating for ROUNDS rounds.
+weight casts once per forward, once per step (policy), once per step (policy and teacher), in turn. `--attention`:
+the update with attn_implementation sdpa and sdpa_cpu_float32, in turn. `--huge-pages ROUNDS`: the same update
+replayed in processes with THP_MEM_ALLOC_ENABLE=0 and =1 (transparent huge pages for torch's large CPU tensors,
+which `import sdpo` turns on), the two alternating for ROUNDS rounds.
 """
 
 from __future__ import annotations
@@ -442,24 +443,43 @@ def measure_update(replay, out: dict[str, list[float]]) -> None:
     out["faults"].append((after.ru_minflt - before.ru_minflt) / 1000)
 
 
-# label -> (trainer.cast_weights_once, the teacher's own copy cached as well: `Teacher.cacheable_casts`)
-CAST_ONCE = {"a region per forward": (False, False), "one region per step, the policy's casts cached": (True, False),
-             "one region per step, the policy's and the teacher's cached": (True, True)}
+def cast_weights(once: bool, teacher_cached: bool):
+    """trainer.cast_weights_once, and whether the teacher's own copy is cached as well (`Teacher.cacheable_casts`)."""
+    def apply(trainer) -> None:
+        trainer.cast_weights_once = once
+        if trainer.teacher is not None:
+            vars(trainer.teacher).pop("cacheable_casts", None)  # the method, unless shadowed here:
+            if not teacher_cached:
+                trainer.teacher.cacheable_casts = contextlib.nullcontext
+    return apply
 
 
-def cast_once_ab(overrides: list[str], repeats: int) -> dict[str, dict[str, list[float]]]:
-    """The same update with autocast's weight casts once per forward, once per optimizer step for the policy's
-    weights only, and once per step for the teacher's copy too (`CAST_ONCE`), in turn in one process for `repeats`
-    rounds."""
+def attention(name: str):
+    """model.attn_implementation of the policy and the teacher's own copy."""
+    def apply(trainer) -> None:
+        for model in (trainer.unwrapped, trainer.teacher.model if trainer.teacher is not None else None):
+            if model is not None:
+                model.set_attn_implementation(name)
+    return apply
+
+
+# In-process A/B modes: label -> what each variant sets on the trainer before its update.
+CAST_ONCE = {"a region per forward": cast_weights(False, False),
+             "one region per step, the policy's casts cached": cast_weights(True, False),
+             "one region per step, the policy's and the teacher's cached": cast_weights(True, True)}
+ATTENTION = {"sdpa (bf16 kernel under bf16 autocast)": attention("sdpa"),
+             "sdpa_cpu_float32 (the default)": attention("sdpa_cpu_float32")}
+
+
+def in_process_ab(overrides: list[str], repeats: int, variants: dict) -> dict[str, dict[str, list[float]]]:
+    """The same update (same batch, weights, optimizer and EMA state) with each variant's setting, in turn in one
+    process for `repeats` rounds."""
     trainer = make_trainer(overrides)
     replay = update_replay(trainer)
-    teacher_casts = trainer.teacher.cacheable_casts if trainer.teacher is not None else None
-    out = {label: {key: [] for key in REPLAY_MEASURES} for label in CAST_ONCE}
+    out = {label: {key: [] for key in REPLAY_MEASURES} for label in variants}
     for _ in range(repeats):
-        for label, (once, teacher_cached) in CAST_ONCE.items():
-            trainer.cast_weights_once = once
-            if teacher_casts is not None:
-                trainer.teacher.cacheable_casts = teacher_casts if teacher_cached else contextlib.nullcontext
+        for label, apply in variants.items():
+            apply(trainer)
             measure_update(replay, out[label])
     return out
 
@@ -663,6 +683,8 @@ def main() -> None:
     parser.add_argument("--cast-once", action="store_true",
                         help="the update with autocast's weight casts once per forward, once per step for the "
                              "policy, once per step for the policy and the teacher, in turn --repeats rounds")
+    parser.add_argument("--attention", action="store_true",
+                        help="the update with attn_implementation sdpa and sdpa_cpu_float32, in turn --repeats rounds")
     parser.add_argument("--op-profile", action="store_true",
                         help="replay one update --repeats times, the last under torch.profiler: top operators")
     parser.add_argument("--replay", action="store_true", help=argparse.SUPPRESS)  # internal: replay_times
@@ -680,7 +702,8 @@ def main() -> None:
             force_length()
         result = (replay_times(overrides, args.repeats, args.setup) if args.replay else
                   op_profile(overrides, args.repeats) if args.op_profile else
-                  cast_once_ab(overrides, args.repeats) if args.cast_once else
+                  in_process_ab(overrides, args.repeats, CAST_ONCE) if args.cast_once else
+                  in_process_ab(overrides, args.repeats, ATTENTION) if args.attention else
                   shared_prompts_ab(overrides, args.repeats) if args.shared_prompts else profile_one(overrides, args.steps))
         Path(args.one.split(":", 1)[1]).write_text(json.dumps(result))
         return
@@ -698,6 +721,7 @@ def main() -> None:
                             "--repeats", str(args.repeats), *(["--shared-prompts"] if args.shared_prompts else []),
                             *(["--op-profile"] if args.op_profile else []),
                             *(["--cast-once"] if args.cast_once else []),
+                            *(["--attention"] if args.attention else []),
                             *(["--force-length"] if args.force_length else []),
                             "--extra", *args.extra], check=True)
             results[precision] = json.loads(Path(f.name).read_text())
@@ -720,6 +744,12 @@ def main() -> None:
                          f"region per forward, one per optimizer step caching the policy's casts, and one caching the "
                          f"teacher's copy's too, in turn, {args.repeats} rounds (weights, optimizer and EMA state "
                          f"restored before each update; one warm-up update first).", results, command)
+    elif args.attention:
+        text = ab_report("The update's attention: torch's bf16 CPU kernel, or the same SDPA in float32",
+                         f"One batch of the default workload, one process: its update replayed with the policy's and "
+                         f"the teacher's attn_implementation sdpa and sdpa_cpu_float32 (sdpo/attention.py), in turn, "
+                         f"{args.repeats} rounds (weights, optimizer and EMA state restored before each update; one "
+                         f"warm-up update first).", results, command)
     elif args.op_profile:
         text = "\n\n".join(f"## {n}: update {', '.join(f'{x:.2f}' for x in r['seconds'])} s (the last profiled)\n\n"
                            f"```\n{r['by_op']}\n{r['by_shape']}\n```" for n, r in results.items())

@@ -73,7 +73,10 @@ class ModelConfig:
     dtype: str = "float32"
     autocast_dtype: str = "auto"
     gradient_checkpointing: bool = False
-    attn_implementation: str = "sdpa"
+    # transformers' attention implementation. "sdpa_cpu_float32" (sdpo/attention.py): torch's SDPA, but computed in
+    # float32 on a CPU under bf16 autocast, whose bf16 CPU kernel runs its backward several times slower; plain SDPA
+    # elsewhere. Any name transformers knows works ("sdpa", "eager", ...).
+    attn_implementation: str = "sdpa_cpu_float32"
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     # Where converted checkpoints are cached (GGUF -> HF, tiny model).
     cache_dir: str = "~/.cache/sdpo"

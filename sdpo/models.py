@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from sdpo import attention  # noqa: F401  (registers model.attn_implementation=sdpa_cpu_float32)
 from sdpo.batch import PromptInputs, SharedPromptInputs
 from sdpo.config import ModelConfig
 from sdpo.sharding import is_zero3
