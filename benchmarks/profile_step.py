@@ -502,6 +502,11 @@ def op_profile(overrides: list[str], repeats: int) -> dict:
 # Process variants compared by `process_ab`: label -> (environment variables, PROCESS_SETUPS entry, overrides).
 HUGE_PAGES = {"off (=0)": ({"THP_MEM_ALLOC_ENABLE": "0"}, "none", []),
               "on (=1)": ({"THP_MEM_ALLOC_ENABLE": "1"}, "none", [])}
+# glibc's malloc returns freed memory above 128 KB-32 MB to the kernel (munmap, heap trimming), so every step's large
+# tensors fault their pages in again; with trimming and mmap off, freed memory stays in the heap for the next step.
+MALLOC = {"glibc defaults": ({}, "none", []),
+          "freed memory kept (no trim, no mmap)": (
+              {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=68719476736:glibc.malloc.mmap_max=0"}, "none", [])}
 # The trainer itself on transformers generate, so that the only engine in a process is the one its setup builds.
 COLOCATION = {"no engine": ({}, "none", ["rollout=hf"]), "vLLM engine in-process": ({}, "engine", ["rollout=hf"]),
               "engine, memory policy undone": ({}, "engine, memory policy undone", ["rollout=hf"]),
@@ -680,6 +685,9 @@ def main() -> None:
     parser.add_argument("--shared-prompts", action="store_true", help="time the update with trainer.share_prompts off and each thing it shares added in turn")
     parser.add_argument("--huge-pages", type=int, default=0, metavar="ROUNDS",
                         help="time the update in processes without/with THP_MEM_ALLOC_ENABLE, alternating, ROUNDS times")
+    parser.add_argument("--malloc", type=int, default=0, metavar="ROUNDS",
+                        help="time the update in processes with glibc's malloc defaults and with freed memory kept "
+                             "(no trimming, no mmap), alternating, ROUNDS times")
     parser.add_argument("--cast-once", action="store_true",
                         help="the update with autocast's weight casts once per forward, once per step for the "
                              "policy, once per step for the policy and the teacher, in turn --repeats rounds")
@@ -712,8 +720,9 @@ def main() -> None:
         if precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             print("bf16 skipped: not native on this CPU")
             continue
-        if args.huge_pages or args.colocation:
-            variants, rounds = (HUGE_PAGES, args.huge_pages) if args.huge_pages else (COLOCATION, args.colocation)
+        process_modes = [(HUGE_PAGES, args.huge_pages), (COLOCATION, args.colocation), (MALLOC, args.malloc)]
+        variants, rounds = next(((v, r) for v, r in process_modes if r), (None, 0))
+        if rounds:
             results[precision] = process_ab(precision, args, variants, rounds)
             continue
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
@@ -738,6 +747,10 @@ def main() -> None:
             args.colocation, "a transformers-engine trainer alone; with a vLLM engine built in the process; the same "
             "with the engine's strict NUMA memory binding undone (set_mempolicy(MPOL_DEFAULT)); that binding alone, "
             "no engine"), results, command)
+    elif args.malloc:
+        text = ab_report("The update with glibc's malloc returning freed memory, or keeping it", in_processes(
+            args.malloc, "glibc's defaults; GLIBC_TUNABLES=glibc.malloc.trim_threshold=64 GB:glibc.malloc.mmap_max=0"),
+            results, command)
     elif args.cast_once:
         text = ab_report("The update with autocast's weight casts once per forward and once per optimizer step",
                          f"One batch of the default workload, one process: its update replayed with one autocast "
