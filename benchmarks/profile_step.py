@@ -503,10 +503,9 @@ def op_profile(overrides: list[str], repeats: int) -> dict:
 HUGE_PAGES = {"off (=0)": ({"THP_MEM_ALLOC_ENABLE": "0"}, "none", []),
               "on (=1)": ({"THP_MEM_ALLOC_ENABLE": "1"}, "none", [])}
 # glibc's malloc returns freed memory above 128 KB-32 MB to the kernel (munmap, heap trimming), so every step's large
-# tensors fault their pages in again; with trimming and mmap off, freed memory stays in the heap for the next step.
-MALLOC = {"glibc defaults": ({}, "none", []),
-          "freed memory kept (no trim, no mmap)": (
-              {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=68719476736:glibc.malloc.mmap_max=0"}, "none", [])}
+# tensors fault their pages in again, unless the trainer keeps it (`sdpo.precision.keep_freed_memory`).
+MALLOC = {"glibc defaults (SDPO_KEEP_FREED_MEMORY=0)": ({"SDPO_KEEP_FREED_MEMORY": "0"}, "none", []),
+          "freed memory kept (the trainer's default)": ({}, "none", [])}
 # The trainer itself on transformers generate, so that the only engine in a process is the one its setup builds.
 COLOCATION = {"no engine": ({}, "none", ["rollout=hf"]), "vLLM engine in-process": ({}, "engine", ["rollout=hf"]),
               "engine, memory policy undone": ({}, "engine, memory policy undone", ["rollout=hf"]),
@@ -686,8 +685,8 @@ def main() -> None:
     parser.add_argument("--huge-pages", type=int, default=0, metavar="ROUNDS",
                         help="time the update in processes without/with THP_MEM_ALLOC_ENABLE, alternating, ROUNDS times")
     parser.add_argument("--malloc", type=int, default=0, metavar="ROUNDS",
-                        help="time the update in processes with glibc's malloc defaults and with freed memory kept "
-                             "(no trimming, no mmap), alternating, ROUNDS times")
+                        help="time the update in processes with glibc's malloc defaults and with the trainer keeping "
+                             "freed memory (sdpo.precision.keep_freed_memory), alternating, ROUNDS times")
     parser.add_argument("--cast-once", action="store_true",
                         help="the update with autocast's weight casts once per forward, once per step for the "
                              "policy, once per step for the policy and the teacher, in turn --repeats rounds")
@@ -749,7 +748,8 @@ def main() -> None:
             "no engine"), results, command)
     elif args.malloc:
         text = ab_report("The update with glibc's malloc returning freed memory, or keeping it", in_processes(
-            args.malloc, "glibc's defaults; GLIBC_TUNABLES=glibc.malloc.trim_threshold=64 GB:glibc.malloc.mmap_max=0"),
+            args.malloc, "glibc's defaults (SDPO_KEEP_FREED_MEMORY=0); the trainer's mallopt (no heap trimming below "
+            "2 GB of free top, no mmap)"),
             results, command)
     elif args.cast_once:
         text = ab_report("The update with autocast's weight casts once per forward and once per optimizer step",

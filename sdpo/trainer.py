@@ -52,7 +52,7 @@ from sdpo.losses import chunked_response_terms
 from sdpo.losses.objective import MetricSums, StepCounts, TokenInputs, objective
 from sdpo.models import (DTYPES, PromptPass, load_model, render_chat, reshard, response_features,
                          supports_prompt_pass, unwrap)
-from sdpo.precision import resolve_precision, use_all_cores
+from sdpo.precision import keep_freed_memory, resolve_precision, use_all_cores
 from sdpo.rollout import RolloutEngine, SamplingSettings, build_engine
 from sdpo.rollout.episodes import EpisodeLimits, episode_advantages, episode_metrics, evaluate_episodes, run_episodes
 from sdpo.teacher import InitialWeights, Teacher, group_reprompts, reprompt_stats, teacher_prompt_ids
@@ -129,8 +129,10 @@ class SDPOTrainer:
         # the cache would add a 16-bit copy of the model).
         self.cast_weights_once = not (self.dist.sharded or self.dist.deepspeed or config.model.gradient_checkpointing)
         self.engine = engine or self._build_engine()
-        # Every allowed core for the forward/backward, also after an in-process vLLM engine disabled set_num_threads.
+        # Every allowed core for the forward/backward, also after an in-process vLLM engine disabled set_num_threads;
+        # freed memory kept for the next step's tensors rather than faulted in again.
         self.threads = use_all_cores()
+        keep_freed_memory()
         if self.teacher is not None:
             self.teacher.check_engine(self.engine)
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import subprocess
+import sys
 
 from omegaconf import OmegaConf
 import pytest
@@ -149,3 +152,37 @@ def test_huge_pages_cut_the_page_faults_of_large_tensors():
     faults = {value: int(run_python(code, {"THP_MEM_ALLOC_ENABLE": value})) for value in ("0", "1")}
     assert faults["0"] > 20 * 16_000  # 16384 pages of 4 KB per tensor
     assert faults["1"] < faults["0"] / 4, faults
+
+
+FAULTS_OF_REPEATED_STEPS = """
+import resource, sys, torch
+from sdpo.precision import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+
+def step():  # large tensors of a few sizes, freed at the step's end, as a training step's are
+    tensors = [torch.ones(n) for n in (16 * 2**20, 4 * 2**20, 8 * 2**20)]
+    return sum(float(t[0]) for t in tensors)
+
+faults = []
+for _ in range(10):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(min(faults[5:]))  # a step's page faults once the heap has grown to a step's size
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_freed_memory_is_kept_for_the_next_step():
+    # The trainer calls keep_freed_memory: once the heap has grown to a step's size, a step's large tensors reuse
+    # the memory the previous step freed instead of faulting in fresh pages (measured: 0 faults per step against
+    # 24578 of 4 KB pages with glibc's defaults, huge pages off so that the count is per 4 KB page).
+    def faults(mode: str) -> int:
+        run = subprocess.run([sys.executable, "-c", FAULTS_OF_REPEATED_STEPS, mode], capture_output=True, text=True,
+                             env={**os.environ, "THP_MEM_ALLOC_ENABLE": "0"}, check=True)
+        return int(run.stdout.split()[-1])
+
+    default = faults("default")
+    assert default > 10_000
+    assert faults("keep") < default / 20
