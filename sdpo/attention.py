@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 CPU_FLOAT32_SDPA = "sdpa_cpu_float32"
@@ -37,3 +38,6 @@ def sdpa_cpu_float32(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
 
 
 AttentionInterface.register(CPU_FLOAT32_SDPA, sdpa_cpu_float32)
+# SDPA's masks too: transformers builds no attention mask at all for an implementation its mask registry does not
+# know (padding and a prompt cache's offset would go unmasked).
+ALL_MASK_ATTENTION_FUNCTIONS.register(CPU_FLOAT32_SDPA, sdpa_mask)

@@ -82,3 +82,20 @@ def test_the_default_policy_attends_in_float32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16), KernelDtypes() as kernels:
         model(torch.randint(0, 100, (2, 9))).logits.float().sum().backward()
     assert kernels.dtypes and set(kernels.dtypes) == {torch.float32}
+
+
+def test_padded_batches_get_sdpa_s_masks():
+    # transformers builds the masks by attention implementation: the float32 path must get SDPA's (padding and a
+    # causal mask), so that without autocast it computes exactly what "sdpa" does, left padding included.
+    torch.manual_seed(0)
+    ours = load_model(ModelConfig(name_or_path="tiny"))
+    sdpa = load_model(ModelConfig(name_or_path="tiny", attn_implementation="sdpa"))
+    sdpa.load_state_dict(ours.state_dict())
+    ids = torch.randint(3, 100, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    mask[1, 7:] = 0  # right padding
+    a, b = (m(input_ids=ids, attention_mask=mask).logits for m in (ours, sdpa))
+    assert torch.equal(a, b)
+    unmasked = sdpa(input_ids=ids).logits
+    assert not torch.allclose(a[0], unmasked[0], atol=1e-3)  # the padding mattered
