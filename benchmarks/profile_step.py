@@ -18,11 +18,12 @@ optimizer (clip + AdamW), EMA (the teacher's lerp), and "update (rest)" (batch a
 without a vLLM engine, with one built in-process (vLLM's CPU worker binds the whole process's memory to a NUMA
 node), with that binding undone, and with the binding alone, in turn. `--shared-prompts`: the same update with
 trainer.share_prompts off and with each thing it shares added in turn (`SHARING`), alternating. `--op-profile`: one
-replayed update under torch.profiler, its top operators by input shape. `--cast-once`: the update with autocast's
-weight casts once per forward, once per step (policy), once per step (policy and teacher), in turn. `--attention`:
-the update with attn_implementation sdpa and sdpa_cpu_float32, in turn. `--huge-pages ROUNDS`: the same update
-replayed in processes with THP_MEM_ALLOC_ENABLE=0 and =1 (transparent huge pages for torch's large CPU tensors,
-which `import sdpo` turns on), the two alternating for ROUNDS rounds.
+replayed update under torch.profiler, its top operators by input shape. `--cast-once`: the update with
+trainer.cast_weights_once off and on, alternating. `--attention`: the update with attn_implementation sdpa and
+sdpa_cpu_float32, in turn. `--huge-pages ROUNDS`: the same update replayed in processes with THP_MEM_ALLOC_ENABLE=0
+and =1 (transparent huge pages for torch's large CPU tensors, which `import sdpo` turns on), the two alternating for
+ROUNDS rounds. `--malloc ROUNDS`: the same in processes with glibc's malloc defaults (SDPO_KEEP_FREED_MEMORY=0) and
+with the trainer keeping freed memory.
 """
 
 from __future__ import annotations
@@ -443,14 +444,10 @@ def measure_update(replay, out: dict[str, list[float]]) -> None:
     out["faults"].append((after.ru_minflt - before.ru_minflt) / 1000)
 
 
-def cast_weights(once: bool, teacher_cached: bool):
-    """trainer.cast_weights_once, and whether the teacher's own copy is cached as well (`Teacher.cacheable_casts`)."""
+def cast_weights(once: bool):
+    """trainer.cast_weights_once."""
     def apply(trainer) -> None:
         trainer.cast_weights_once = once
-        if trainer.teacher is not None:
-            vars(trainer.teacher).pop("cacheable_casts", None)  # the method, unless shadowed here:
-            if not teacher_cached:
-                trainer.teacher.cacheable_casts = contextlib.nullcontext
     return apply
 
 
@@ -464,9 +461,7 @@ def attention(name: str):
 
 
 # In-process A/B modes: label -> what each variant sets on the trainer before its update.
-CAST_ONCE = {"a region per forward": cast_weights(False, False),
-             "one region per step, the policy's casts cached": cast_weights(True, False),
-             "one region per step, the policy's and the teacher's cached": cast_weights(True, True)}
+CAST_ONCE = {"a region per forward": cast_weights(False), "one region per optimizer step": cast_weights(True)}
 ATTENTION = {"sdpa (bf16 kernel under bf16 autocast)": attention("sdpa"),
              "sdpa_cpu_float32 (the default)": attention("sdpa_cpu_float32")}
 
@@ -688,8 +683,7 @@ def main() -> None:
                         help="time the update in processes with glibc's malloc defaults and with the trainer keeping "
                              "freed memory (sdpo.precision.keep_freed_memory), alternating, ROUNDS times")
     parser.add_argument("--cast-once", action="store_true",
-                        help="the update with autocast's weight casts once per forward, once per step for the "
-                             "policy, once per step for the policy and the teacher, in turn --repeats rounds")
+                        help="the update with trainer.cast_weights_once off and on, alternating --repeats rounds")
     parser.add_argument("--attention", action="store_true",
                         help="the update with attn_implementation sdpa and sdpa_cpu_float32, in turn --repeats rounds")
     parser.add_argument("--op-profile", action="store_true",
@@ -754,9 +748,9 @@ def main() -> None:
     elif args.cast_once:
         text = ab_report("The update with autocast's weight casts once per forward and once per optimizer step",
                          f"One batch of the default workload, one process: its update replayed with one autocast "
-                         f"region per forward, one per optimizer step caching the policy's casts, and one caching the "
-                         f"teacher's copy's too, in turn, {args.repeats} rounds (weights, optimizer and EMA state "
-                         f"restored before each update; one warm-up update first).", results, command)
+                         f"region per forward and one per optimizer step (trainer.cast_weights_once), alternating, "
+                         f"{args.repeats} rounds (weights, optimizer and EMA state restored before each update; one "
+                         f"warm-up update first).", results, command)
     elif args.attention:
         text = ab_report("The update's attention: torch's bf16 CPU kernel, or the same SDPA in float32",
                          f"One batch of the default workload, one process: its update replayed with the policy's and "

@@ -267,27 +267,23 @@ class WeightCasts(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-@pytest.mark.parametrize("kind", ["ema", "trust_region"])
-def test_a_step_casts_each_policy_and_teacher_weight_once(tmp_path, kind):
-    # One autocast region per optimizer step: every weight of the policy and of the teacher's own copy (EMA or
-    # initial) is cast to bfloat16 once, however many forwards the step runs (a reprompt pass, 4 micro-batches,
-    # the teacher's head per logits chunk); with a region per forward, the tied output head is cast in each.
-    trainer, batch = step_inputs(tmp_path, "model.autocast_dtype=bfloat16", "trainer.micro_batch_size=3",
-                                 "algorithm=sdpo_grpo", f"algorithm.teacher.kind={kind}")
-    copy = trainer.teacher.model
-    heads = [m.get_output_embeddings().weight.data_ptr() for m in (trainer.unwrapped, copy)]
-    weights = [p.data_ptr() for m in (trainer.unwrapped, copy) for p in m.parameters()]
+@pytest.mark.parametrize("overrides", [["algorithm=grpo"], ["algorithm=sdpo_grpo", "algorithm.teacher.kind=live"]])
+def test_a_step_casts_each_policy_weight_once(tmp_path, overrides):
+    # One autocast region per optimizer step: every weight of the policy is cast to bfloat16 once, however many
+    # forwards the step runs (a prompt pass, micro-batches of 3, a live teacher's forwards, the head per logits
+    # chunk); with a region per forward, the tied output head is cast in each.
+    trainer, batch = step_inputs(tmp_path, "model.autocast_dtype=bfloat16", "trainer.micro_batch_size=3", *overrides)
+    head = trainer.unwrapped.get_output_embeddings().weight.data_ptr()
+    weights = [p.data_ptr() for p in trainer.unwrapped.parameters()]
     for once in (False, True):
         trainer.cast_weights_once = once
         with WeightCasts() as casts:
             trainer.update(batch)
         if once:
-            assert all(casts.count[h] == 1 for h in heads)
-            assert max(casts.count[w] for w in weights) == 1 and sum(casts.count[w] for w in weights) > 2
+            assert casts.count[head] == 1 and max(casts.count[w] for w in weights) == 1
+            assert sum(casts.count[w] for w in weights) > 2  # the linear layers' weights, not the norms'
         else:
-            assert all(casts.count[h] > 1 for h in heads)
-        # the copy's gradient flag is the step's only: it stays frozen, and no gradient ever reaches it
-        assert not any(p.requires_grad or p.grad is not None for p in copy.parameters())
+            assert casts.count[head] > 1
 
 
 def test_adamw_runs_fused_in_one_process(tmp_path):
