@@ -4,9 +4,9 @@
 `AttentionInterface` (its public extension point, so every model that dispatches through it picks it up). On a CPU
 with 16-bit query, key and value (bf16 autocast: the projections' outputs), it casts them to float32 and runs SDPA
 there, outside autocast, then casts the output back. Why: torch's CPU flash-attention kernel in bf16 runs its backward
-several times slower than in float32 at the update's shapes (benchmarks/results/profile_step.md: fwd+bwd of a
-[8, 9, 48 x 92, 64] call 14.3 ms in bf16, 3.9 ms upcast; 13% of a bf16 update's time), while the casts cost little
-(q, k, v are a small fraction of the activations). Float32 attention is also the more exact of the two. Everywhere
+several times slower than in float32 at the update's shapes (benchmarks/results/attention_kernels_cpu.md: forward
++ backward of a [8, 9, 48 x 92, 64] call 10.9 ms in bf16, 3.8 ms upcast; profile_step.md: 0.83x the time of a bf16
+update), while the casts cost little (q, k, v are a small fraction of the activations). Float32 attention is also the more exact of the two. Everywhere
 else (CUDA, float32 inputs) it is plain SDPA: GPU bf16 kernels are the fast path there.
 """
 
