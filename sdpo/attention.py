@@ -1,13 +1,14 @@
 """The policy's attention: torch's scaled-dot-product attention, in float32 on a CPU under 16-bit autocast.
 
-`model.attn_implementation=sdpa_cpu_float32` (the default) names `sdpa_cpu_float32`, registered here with transformers'
-`AttentionInterface` (its public extension point, so every model that dispatches through it picks it up). On a CPU
-with 16-bit query, key and value (bf16 autocast: the projections' outputs), it casts them to float32 and runs SDPA
-there, outside autocast, then casts the output back. Why: torch's CPU flash-attention kernel in bf16 runs its backward
-several times slower than in float32 at the update's shapes (benchmarks/results/attention_kernels_cpu.md: forward
-+ backward of a [8, 9, 48 x 92, 64] call 10.9 ms in bf16, 3.8 ms upcast; profile_step.md: 0.83x the time of a bf16
-update), while the casts cost little (q, k, v are a small fraction of the activations). Float32 attention is also the more exact of the two. Everywhere
-else (CUDA, float32 inputs) it is plain SDPA: GPU bf16 kernels are the fast path there.
+`model.attn_implementation=sdpa_cpu_float32` (the default) names `sdpa_cpu_float32`, registered here with
+transformers' `AttentionInterface` (its public extension point: every model that dispatches through it picks it up),
+with SDPA's masks. On a CPU with 16-bit query, key and value (bf16 autocast: the projections' outputs), it casts them
+to float32 and runs SDPA there, outside autocast, then casts the output back. Why: torch's CPU flash-attention kernel
+runs ~3x slower in bf16 than in float32 at the update's shapes, most of it in the backward
+(benchmarks/results/attention_kernels_cpu.md: forward + backward of a [8, 9, 48 x 92, 64] call 10.9 ms in bf16, 3.8 ms
+upcast; profile_step.md: 0.83x the time of a bf16 update), while the casts cost little (q, k, v are a small fraction
+of the activations). Float32 attention is also the more exact of the two. Everywhere else (CUDA, float32 inputs) it is
+plain SDPA: GPU bf16 kernels are the fast path there.
 """
 
 from __future__ import annotations
