@@ -732,6 +732,11 @@ def main() -> None:
                 f"EMA state restored before each update; the batch's first update is a warm-up); {rounds} rounds of one "
                 f"process per variant, in turn: {what}.")
 
+    def in_one_process(what: str) -> str:
+        return (f"One batch of the default workload, one process: its update replayed with {what}, in turn, "
+                f"{args.repeats} rounds (weights, optimizer and EMA state restored before each update; one warm-up "
+                f"update first).")
+
     if args.huge_pages:
         text = ab_report("The update with and without huge pages for large CPU tensors (THP_MEM_ALLOC_ENABLE)",
                          in_processes(args.huge_pages, "THP_MEM_ALLOC_ENABLE=0, then =1"), results, command)
@@ -747,16 +752,12 @@ def main() -> None:
             results, command)
     elif args.cast_once:
         text = ab_report("The update with autocast's weight casts once per forward and once per optimizer step",
-                         f"One batch of the default workload, one process: its update replayed with one autocast "
-                         f"region per forward and one per optimizer step (trainer.cast_weights_once), alternating, "
-                         f"{args.repeats} rounds (weights, optimizer and EMA state restored before each update; one "
-                         f"warm-up update first).", results, command)
+                         in_one_process("one autocast region per forward and one per optimizer step "
+                                        "(trainer.cast_weights_once)"), results, command)
     elif args.attention:
         text = ab_report("The update's attention: torch's bf16 CPU kernel, or the same SDPA in float32",
-                         f"One batch of the default workload, one process: its update replayed with the policy's and "
-                         f"the teacher's attn_implementation sdpa and sdpa_cpu_float32 (sdpo/attention.py), in turn, "
-                         f"{args.repeats} rounds (weights, optimizer and EMA state restored before each update; one "
-                         f"warm-up update first).", results, command)
+                         in_one_process("the policy's and the teacher's attn_implementation sdpa and sdpa_cpu_float32 "
+                                        "(sdpo/attention.py)"), results, command)
     elif args.op_profile:
         text = "\n\n".join(f"## {n}: update {', '.join(f'{x:.2f}' for x in r['seconds'])} s (the last profiled)\n\n"
                            f"```\n{r['by_op']}\n{r['by_shape']}\n```" for n, r in results.items())
