@@ -74,8 +74,8 @@ class ModelConfig:
     autocast_dtype: str = "auto"
     gradient_checkpointing: bool = False
     # transformers' attention implementation. "sdpa_cpu_float32" (sdpo/attention.py): torch's SDPA, but computed in
-    # float32 on a CPU under bf16 autocast, whose bf16 CPU kernel runs its backward several times slower; plain SDPA
-    # elsewhere. Any name transformers knows works ("sdpa", "eager", ...).
+    # float32 on a CPU under bf16 autocast, where torch's bf16 CPU kernel runs ~3x slower; plain SDPA elsewhere.
+    # Any name transformers knows works ("sdpa", "eager", ...).
     attn_implementation: str = "sdpa_cpu_float32"
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     # Where converted checkpoints are cached (GGUF -> HF, tiny model).

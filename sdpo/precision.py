@@ -129,8 +129,9 @@ def keep_freed_memory() -> bool:
     and trims the heap's free top: every large tensor of every step (logits chunks, the tied head's gradient and
     16-bit casts, activations) is mapped again and faulted in page by page, which the kernel zeroes first. With no
     trimming (up to 2 GB of free top kept) and no mmap, a step reuses the previous step's memory: in an A/B of the
-    same bf16 update in fresh processes, 0.85x the wall time, 0.10x the kernel time, 0.01x the page faults
-    (benchmarks/results/profile_step.md). The process keeps its peak heap, as a training process does anyway.
+    same bf16 update in fresh processes, 0.82x the wall time, 0.09x the kernel time, 0.01x the page faults
+    (benchmarks/results/profile_step.md). The process keeps its peak heap (+6% peak RSS in the default run), as a
+    training process mostly does anyway.
     Linux with glibc only (elsewhere, and with SDPO_KEEP_FREED_MEMORY=0, nothing changes); True if both were set."""
     if not sys.platform.startswith("linux") or os.environ.get("SDPO_KEEP_FREED_MEMORY", "1") == "0":
         return False
