@@ -19,11 +19,11 @@ import sys
 import time
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import machine  # noqa: E402  (first: it imports sdpo before torch)
+from benchmarks import machine  # first: it imports sdpo before torch
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 BATCH, HEADS, HEAD_DIM = 8, 9, 64
 SHAPES = {"48 response tokens on a 92-token cache": (48, 92), "92-token sequences": (92, 92)}
@@ -82,8 +82,8 @@ def main() -> None:
     command = shlex.join(["python", "benchmarks/attention_kernels_cpu.py", *sys.argv[1:]])
     lines = ["# One attention call, forward + backward, on the CPU", "", f"Machine: {machine.describe()}", "",
              f"Command: `{command}`", "",
-             f"[{BATCH}, {HEADS} heads, Lq x Lk, {HEAD_DIM}], causal mask; median of {args.repeats} calls after 3 "
-             "warm-up calls, milliseconds:", "",
+             (f"[{BATCH}, {HEADS} heads, Lq x Lk, {HEAD_DIM}], causal mask; median of {args.repeats} calls after 3 "
+              "warm-up calls, milliseconds:"), "",
              "| attention | " + " | ".join(SHAPES) + " |", "|---|" + "---|" * len(SHAPES)]
     lines += [f"| {label} | " + " | ".join(f"{ms:.2f}" for ms in by_shape.values()) + " |" for label, by_shape in rows.items()]
     text = "\n".join([*lines, ""])
