@@ -418,7 +418,8 @@ def shared_prompts_report(result: dict, command: str) -> str:
     return "\n".join(lines)
 
 
-REPLAY_MEASURES = {"update": "wall s", "user": "CPU s, user", "system": "CPU s, kernel", "faults": "minor page faults, thousands"}
+REPLAY_MEASURES = {"update": "wall s", "teacher_forward": "of which the teacher's forward, s", "user": "CPU s, user",
+                   "system": "CPU s, kernel", "faults": "minor page faults, thousands"}
 
 
 def replay_times(overrides: list[str], repeats: int, setup: str = "none") -> dict[str, list[float]]:
@@ -437,17 +438,24 @@ def replay_times(overrides: list[str], repeats: int, setup: str = "none") -> dic
 def measure_update(replay, out: dict[str, list[float]]) -> None:
     """One replayed update: its wall seconds, the process's CPU seconds (user, kernel), minor page faults."""
     before = resource.getrusage(resource.RUSAGE_SELF)
-    out["update"].append(replay()[0])
+    seconds, parts = replay()
     after = resource.getrusage(resource.RUSAGE_SELF)
+    out["update"].append(seconds)
+    out["teacher_forward"].append(parts.get("time/teacher_forward", 0.0))
     out["user"].append(after.ru_utime - before.ru_utime)
     out["system"].append(after.ru_stime - before.ru_stime)
     out["faults"].append((after.ru_minflt - before.ru_minflt) / 1000)
 
 
-def cast_weights(once: bool):
-    """trainer.cast_weights_once."""
+def cast_weights(once: bool, teacher_cached: bool = True):
+    """trainer.cast_weights_once, and whether the teacher's own copy is cached with the policy
+    (`Teacher.cacheable_casts`)."""
     def apply(trainer) -> None:
         trainer.cast_weights_once = once
+        if trainer.teacher is not None:
+            vars(trainer.teacher).pop("cacheable_casts", None)  # the method, unless shadowed here:
+            if not teacher_cached:
+                trainer.teacher.cacheable_casts = contextlib.nullcontext
     return apply
 
 
@@ -461,7 +469,9 @@ def attention(name: str):
 
 
 # In-process A/B modes: label -> what each variant sets on the trainer before its update.
-CAST_ONCE = {"a region per forward": cast_weights(False), "one region per optimizer step": cast_weights(True)}
+CAST_ONCE = {"a region per forward": cast_weights(False),
+             "one region per step, the policy's casts cached": cast_weights(True, teacher_cached=False),
+             "one region per step, the teacher copy's too": cast_weights(True)}
 ATTENTION = {"sdpa (bf16 kernel under bf16 autocast)": attention("sdpa"),
              "sdpa_cpu_float32 (the default)": attention("sdpa_cpu_float32")}
 

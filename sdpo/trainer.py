@@ -23,6 +23,7 @@ Where this departs from the paper's public code (a verl fork), and why:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 import contextlib
 from dataclasses import dataclass, replace
 import logging
@@ -503,20 +504,24 @@ class SDPOTrainer:
             return contextlib.nullcontext()
         return torch.autocast(self.dist.device.type, dtype=self.autocast_dtype)
 
-    def _step_autocast(self) -> contextlib.AbstractContextManager:
+    @contextlib.contextmanager
+    def _step_autocast(self) -> Iterator[None]:
         """An autocast region around a whole optimizer step (its forwards each open their own inside it).
 
         Autocast caches its casts of float32 parameters that require a gradient until its outermost region exits;
         with one region per forward, every forward (a block's prompt pass, each micro-batch) cast all the policy's
-        weights again. One region per step: 0.93x the time of a bf16 update on a 2-core CPU, 0.99x once freed memory
-        is kept (`keep_freed_memory`: the casts' page faults were most of their cost; benchmarks/results/
+        weights again. One region per step: 0.91-0.93x the time of a bf16 update on a 2-core CPU (benchmarks/results/
         profile_step.md). The backward runs inside with autocast disabled, as torch recommends, which keeps the
-        cache. Frozen weights (the teacher's own copy, LoRA's base) are not cached by autocast; caching the teacher's
-        copy too (its parameters flagged as requiring a gradient for the step) measured no faster (1.02x) and holds a
-        16-bit copy all step."""
+        cache. On a CPU the teacher's own copy (EMA, initial) is cached for the step too (`Teacher.cacheable_casts`:
+        0.86x the teacher's forward); not on a GPU, where a cast costs little and the 16-bit copy held all step
+        would be a second model in GPU memory. LoRA's frozen base weights are never cached."""
         if self.autocast_dtype is None or not self.cast_weights_once:
-            return contextlib.nullcontext()
-        return torch.autocast(self.dist.device.type, dtype=self.autocast_dtype)
+            yield
+            return
+        teacher_casts = (self.teacher.cacheable_casts() if self.teacher is not None and self.dist.device.type == "cpu"
+                         else contextlib.nullcontext())
+        with torch.autocast(self.dist.device.type, dtype=self.autocast_dtype), teacher_casts:
+            yield
 
     def _distill_kwargs(self) -> dict[str, object]:
         d = self.config.algorithm.distill

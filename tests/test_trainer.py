@@ -267,23 +267,31 @@ class WeightCasts(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-@pytest.mark.parametrize("overrides", [["algorithm=grpo"], ["algorithm=sdpo_grpo", "algorithm.teacher.kind=live"]])
-def test_a_step_casts_each_policy_weight_once(tmp_path, overrides):
-    # One autocast region per optimizer step: every weight of the policy is cast to bfloat16 once, however many
-    # forwards the step runs (a prompt pass, micro-batches of 3, a live teacher's forwards, the head per logits
-    # chunk); with a region per forward, the tied output head is cast in each.
+@pytest.mark.parametrize("overrides", [["algorithm=grpo"], ["algorithm=sdpo_grpo"],
+                                       ["algorithm=sdpo_grpo", "algorithm.teacher.kind=live"],
+                                       ["algorithm=sdpo_grpo", "algorithm.teacher.kind=trust_region"]])
+def test_a_step_casts_each_weight_once(tmp_path, overrides):
+    # One autocast region per optimizer step: every weight of the policy and of the teacher's own copy (EMA or
+    # initial; on a CPU) is cast to bfloat16 once, however many forwards the step runs (a prompt pass, micro-batches
+    # of 3, the teacher's reprompt pass and forwards, the heads per logits chunk); with a region per forward, the
+    # tied output head is cast in each.
     trainer, batch = step_inputs(tmp_path, "model.autocast_dtype=bfloat16", "trainer.micro_batch_size=3", *overrides)
-    head = trainer.unwrapped.get_output_embeddings().weight.data_ptr()
-    weights = [p.data_ptr() for p in trainer.unwrapped.parameters()]
+    models = [trainer.unwrapped] + ([trainer.teacher.model] if trainer.teacher is not None and trainer.teacher.model
+                                    is not None else [])
+    assert len(models) == (1 if overrides[-1] in ("algorithm=grpo", "algorithm.teacher.kind=live") else 2)
+    heads = [m.get_output_embeddings().weight.data_ptr() for m in models]
+    weights = [p.data_ptr() for m in models for p in m.parameters()]
     for once in (False, True):
         trainer.cast_weights_once = once
         with WeightCasts() as casts:
             trainer.update(batch)
         if once:
-            assert casts.count[head] == 1 and max(casts.count[w] for w in weights) == 1
-            assert sum(casts.count[w] for w in weights) > 2  # the linear layers' weights, not the norms'
+            assert all(casts.count[h] == 1 for h in heads) and max(casts.count[w] for w in weights) == 1
+            assert sum(casts.count[w] for w in weights) > 2 * len(models)  # the linear layers' weights, not the norms'
         else:
-            assert casts.count[head] > 1
+            assert all(casts.count[h] > 1 for h in heads)
+        # the teacher copy's gradient flag is the step's only: it stays frozen, and no gradient ever reaches it
+        assert not any(p.requires_grad or p.grad is not None for m in models[1:] for p in m.parameters())
 
 
 def test_adamw_runs_fused_in_one_process(tmp_path):

@@ -243,6 +243,25 @@ class Teacher:
         for store in self._stores():
             store.release()
 
+    @contextlib.contextmanager
+    def cacheable_casts(self) -> Iterator[None]:
+        """Inside an autocast region around an optimizer step (`SDPOTrainer._step_autocast`): let autocast cache its
+        16-bit casts of the teacher's own full copies (EMA, initial) for the whole region, as it does the policy's.
+
+        Autocast caches only casts of leaf tensors that require a gradient, so the copies' parameters say they do
+        for the region only. No gradient can reach them: every teacher forward runs under no_grad. Without this,
+        every teacher forward (a block's reprompt pass, each micro-batch, the head once per logits chunk) cast the
+        whole copy again. Nothing to do for a live teacher (the policy's casts are cached already) or a LoRA one
+        (its base weights are frozen in the policy, where a gradient flag would make the backward compute them)."""
+        copies = [p for store in self._stores() if store.model is not None for p in store.model.parameters()]
+        for param in copies:
+            param.requires_grad_(True)
+        try:
+            yield
+        finally:
+            for param in copies:
+                param.requires_grad_(False)
+
     def owned_parameters(self) -> list[Tensor]:
         """The tensors this teacher holds besides the policy's own (a full copy, an adapter, or nothing)."""
         return [p for store in self._stores() for p in store.parameters()]
