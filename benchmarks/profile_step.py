@@ -19,11 +19,11 @@ without a vLLM engine, with one built in-process (vLLM's CPU worker binds the wh
 node), with that binding undone, and with the binding alone, in turn. `--shared-prompts`: the same update with
 trainer.share_prompts off and with each thing it shares added in turn (`SHARING`), alternating. `--op-profile`: one
 replayed update under torch.profiler, its top operators by input shape. `--cast-once`: the update with
-trainer.cast_weights_once off and on, alternating. `--attention`: the update with attn_implementation sdpa and
-sdpa_cpu_float32, in turn. `--huge-pages ROUNDS`: the same update replayed in processes with THP_MEM_ALLOC_ENABLE=0
-and =1 (transparent huge pages for torch's large CPU tensors, which `import sdpo` turns on), the two alternating for
-ROUNDS rounds. `--malloc ROUNDS`: the same in processes with glibc's malloc defaults (SDPO_KEEP_FREED_MEMORY=0) and
-with the trainer keeping freed memory.
+trainer.cast_weights_once off, on for the policy's casts, on for the teacher copy's too, in turn. `--attention`: the
+update with attn_implementation sdpa and sdpa_cpu_float32, in turn. `--huge-pages ROUNDS`: the same update replayed
+in processes with THP_MEM_ALLOC_ENABLE=0 and =1 (transparent huge pages for torch's large CPU tensors, which `import
+sdpo` turns on), the two alternating for ROUNDS rounds. `--malloc ROUNDS`: the same in processes with glibc's malloc
+defaults (SDPO_KEEP_FREED_MEMORY=0) and with the trainer keeping freed memory.
 """
 
 from __future__ import annotations
@@ -693,7 +693,8 @@ def main() -> None:
                         help="time the update in processes with glibc's malloc defaults and with the trainer keeping "
                              "freed memory (sdpo.precision.keep_freed_memory), alternating, ROUNDS times")
     parser.add_argument("--cast-once", action="store_true",
-                        help="the update with trainer.cast_weights_once off and on, alternating --repeats rounds")
+                        help="the update with trainer.cast_weights_once off, on for the policy, on for the teacher "
+                             "copy too, in turn --repeats rounds")
     parser.add_argument("--attention", action="store_true",
                         help="the update with attn_implementation sdpa and sdpa_cpu_float32, in turn --repeats rounds")
     parser.add_argument("--op-profile", action="store_true",
@@ -762,8 +763,9 @@ def main() -> None:
             results, command)
     elif args.cast_once:
         text = ab_report("The update with autocast's weight casts once per forward and once per optimizer step",
-                         in_one_process("one autocast region per forward and one per optimizer step "
-                                        "(trainer.cast_weights_once)"), results, command)
+                         in_one_process("one autocast region per forward, one per optimizer step caching the "
+                                        "policy's casts (trainer.cast_weights_once), and the same caching the "
+                                        "teacher copy's too (Teacher.cacheable_casts)"), results, command)
     elif args.attention:
         text = ab_report("The update's attention: torch's bf16 CPU kernel, or the same SDPA in float32",
                          in_one_process("the policy's and the teacher's attn_implementation sdpa and sdpa_cpu_float32 "
