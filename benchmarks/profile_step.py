@@ -436,7 +436,8 @@ def replay_times(overrides: list[str], repeats: int, setup: str = "none") -> dic
 
 
 def measure_update(replay, out: dict[str, list[float]]) -> None:
-    """One replayed update: its wall seconds, the process's CPU seconds (user, kernel), minor page faults."""
+    """One replayed update: its wall seconds, the teacher forward's (the stage timer's, inside the update), the
+    process's CPU seconds (user, kernel) and minor page faults."""
     before = resource.getrusage(resource.RUSAGE_SELF)
     seconds, parts = replay()
     after = resource.getrusage(resource.RUSAGE_SELF)
@@ -759,8 +760,7 @@ def main() -> None:
     elif args.malloc:
         text = ab_report("The update with glibc's malloc returning freed memory, or keeping it", in_processes(
             args.malloc, "glibc's defaults (SDPO_KEEP_FREED_MEMORY=0); the trainer's mallopt (no heap trimming below "
-            "2 GB of free top, no mmap)"),
-            results, command)
+            "2 GB of free top, no mmap)"), results, command)
     elif args.cast_once:
         text = ab_report("The update with autocast's weight casts once per forward and once per optimizer step",
                          in_one_process("one autocast region per forward, one per optimizer step caching the "
