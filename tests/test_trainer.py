@@ -276,8 +276,8 @@ def test_a_step_casts_each_weight_once(tmp_path, overrides):
     # of 3, the teacher's reprompt pass and forwards, the heads per logits chunk); with a region per forward, the
     # tied output head is cast in each.
     trainer, batch = step_inputs(tmp_path, "model.autocast_dtype=bfloat16", "trainer.micro_batch_size=3", *overrides)
-    models = [trainer.unwrapped] + ([trainer.teacher.model] if trainer.teacher is not None and trainer.teacher.model
-                                    is not None else [])
+    copy = trainer.teacher.model if trainer.teacher is not None else None  # EMA or initial weights, else None
+    models = [trainer.unwrapped] + ([copy] if copy is not None else [])
     assert len(models) == (1 if overrides[-1] in ("algorithm=grpo", "algorithm.teacher.kind=live") else 2)
     heads = [m.get_output_embeddings().weight.data_ptr() for m in models]
     weights = [p.data_ptr() for m in models for p in m.parameters()]
