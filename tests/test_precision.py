@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import subprocess
 import sys
 
 from omegaconf import OmegaConf
@@ -155,10 +153,9 @@ def test_huge_pages_cut_the_page_faults_of_large_tensors():
 
 
 FAULTS_OF_REPEATED_STEPS = """
-import resource, sys, torch
+import resource, torch
 from sdpo.precision import keep_freed_memory
-if sys.argv[1] == "keep":
-    assert keep_freed_memory()
+keep_freed_memory()  # the trainer's call; SDPO_KEEP_FREED_MEMORY=0 opts out
 
 def step():  # large tensors of a few sizes, freed at the step's end, as a training step's are
     tensors = [torch.ones(n) for n in (16 * 2**20, 4 * 2**20, 8 * 2**20)]
@@ -178,11 +175,9 @@ def test_freed_memory_is_kept_for_the_next_step():
     # The trainer calls keep_freed_memory: once the heap has grown to a step's size, a step's large tensors reuse
     # the memory the previous step freed instead of faulting in fresh pages (measured: 0 faults per step against
     # 24578 of 4 KB pages with glibc's defaults, huge pages off so that the count is per 4 KB page).
-    def faults(mode: str) -> int:
-        run = subprocess.run([sys.executable, "-c", FAULTS_OF_REPEATED_STEPS, mode], capture_output=True, text=True,
-                             env={**os.environ, "THP_MEM_ALLOC_ENABLE": "0"}, check=True)
-        return int(run.stdout.split()[-1])
+    def faults(keep: str) -> int:
+        return int(run_python(FAULTS_OF_REPEATED_STEPS, {"THP_MEM_ALLOC_ENABLE": "0", "SDPO_KEEP_FREED_MEMORY": keep}))
 
-    default = faults("default")
+    default = faults("0")
     assert default > 10_000
-    assert faults("keep") < default / 20
+    assert faults("1") < default / 20
