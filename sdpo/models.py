@@ -244,6 +244,15 @@ class ResponseFeatures:
         return ResponseFeatures(self.values_BRX.detach(), self.head, self.are_logits)
 
 
+def no_logits(input_ids: torch.Tensor) -> torch.Tensor:
+    """`logits_to_keep` for a forward whose logits go unused (only its hidden states or cache are wanted): no
+    position. An int cannot say that (0 keeps every position), and 1 still projected the last position of every row
+    onto the whole vocabulary: a [rows, 1, V] product that read the head's weight once per row (a batched matmul),
+    ~0.2 s of a default CPU update (benchmarks/results/profile_step.md). transformers' causal LMs index their hidden
+    states with a tensor `logits_to_keep`."""
+    return torch.empty(0, dtype=torch.long, device=input_ids.device)
+
+
 def response_features(model: torch.nn.Module, inputs, prompts: PromptPass | None = None,
                       last: bool = True) -> ResponseFeatures:
     """The response positions' features through the model's own forward (so DDP / FSDP / PEFT hooks run).
@@ -257,7 +266,7 @@ def response_features(model: torch.nn.Module, inputs, prompts: PromptPass | None
         attention_mask=inputs.attention_mask,
         position_ids=inputs.position_ids,
         output_hidden_states=not zero3,
-        logits_to_keep=inputs.input_ids.shape[1] - window.start if zero3 else 1,  # one position: hidden states wanted
+        logits_to_keep=inputs.input_ids.shape[1] - window.start if zero3 else no_logits(inputs.input_ids),
         use_cache=False,
     )
     if zero3:
@@ -292,7 +301,7 @@ class PromptPass:
         cache = self._prefix_cache(model, prompts, position_ids) if common else None
         out = model(input_ids=prompts.input_ids[:, common:], attention_mask=prompts.attention_mask,
                     position_ids=position_ids[:, common:], past_key_values=cache, output_hidden_states=True,
-                    logits_to_keep=1, use_cache=True)
+                    logits_to_keep=no_logits(prompts.input_ids), use_cache=True)
         layers = _returned_cache(out).layers
         # [keys_0, values_0, keys_1, ...] [U, kv heads, P, D], then the last prompt position's hidden state [U, H]
         self.tensors = [t for layer in layers for t in (layer.keys, layer.values)] + [out.hidden_states[-1][:, -1]]
@@ -301,7 +310,8 @@ class PromptPass:
     def _prefix_cache(self, model: torch.nn.Module, prompts: PromptInputs, position_ids: torch.Tensor) -> DynamicCache:
         common, rows = prompts.common, prompts.input_ids.shape[0]
         out = model(input_ids=prompts.input_ids[:1, :common], attention_mask=prompts.attention_mask[:1, :common],
-                    position_ids=position_ids[:1, :common], logits_to_keep=1, use_cache=True)
+                    position_ids=position_ids[:1, :common], logits_to_keep=no_logits(prompts.input_ids),
+                    use_cache=True)
         cache = DynamicCache(config=self.config)
         for i, layer in enumerate(_returned_cache(out).layers):
             cache.update(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1), layer_idx=i)
@@ -312,10 +322,13 @@ class PromptPass:
         row's first response token: [B, H]. `last`: the pass's own tensors (the block's last micro-batch, or a
         micro-batch of its own), else the detached copies that gather the earlier micro-batches' gradients."""
         source = self.tensors if last else self.copies
+        # index_select, not source[prompt_of_B]: its backward is an index_add_, where advanced indexing's is an
+        # accumulating index_put_ that runs ~6x slower on a CPU (benchmarks/results/profile_step.md).
+        rows = [t.index_select(0, prompt_of_B) for t in source]
         cache = DynamicCache(config=self.config)
-        for i in range(len(source) // 2):
-            cache.update(source[2 * i][prompt_of_B], source[2 * i + 1][prompt_of_B], layer_idx=i)
-        return cache, source[-1][prompt_of_B]
+        for i in range(len(rows) // 2):
+            cache.update(rows[2 * i], rows[2 * i + 1], layer_idx=i)
+        return cache, rows[-1]
 
     def pending(self) -> torch.Tensor:
         """sum(tensor * gradient gathered in its copy): its backward sends the earlier micro-batches' gradient
@@ -346,7 +359,7 @@ def _continued_features(model: torch.nn.Module, inputs: SharedPromptInputs, prom
     cache, first_BX = prompts.continued(inputs.prompt_of_B, last)
     out = model(input_ids=inputs.response_ids, attention_mask=inputs.attention_mask,
                 position_ids=inputs.response_position_ids, past_key_values=cache, output_hidden_states=True,
-                logits_to_keep=1, use_cache=True)
+                logits_to_keep=no_logits(inputs.response_ids), use_cache=True)
     return ResponseFeatures(torch.cat([first_BX[:, None], out.hidden_states[-1][:, :-1]], dim=1), _output_head(model))
 
 

@@ -83,7 +83,8 @@ def _chunk_terms(student_head, temperature, distill_kwargs, teacher_heads, teach
         teacher_logits_bCV = _teacher_logits(teacher_features_BCX, teacher_heads, teacher_weights)
         out["teacher_logp"] = _on_rows(sampled_token_logprobs(teacher_logits_bCV, ids_bC, temperature), teacher_rows, num_rows)
         if distill_kwargs is not None:
-            student_bCV = logits_BCV if teacher_rows is None else logits_BCV[teacher_rows]
+            # index_select: its backward (index_add_) is ~2.5x faster on a CPU than advanced indexing's index_put_.
+            student_bCV = logits_BCV if teacher_rows is None else logits_BCV.index_select(0, teacher_rows)
             distill_bC = distill_per_token(student_bCV, teacher_logits_bCV, ids_bC, temperature=temperature, **distill_kwargs)
             out["distill"] = _on_rows(distill_bC, teacher_rows, num_rows)
     return out
