@@ -235,3 +235,18 @@ def test_a_prompt_pass_only_where_rollouts_share_prompts(tmp_path, monkeypatch, 
     monkeypatch.setattr(trainer, "prompt_pass", lambda block: calls.append(len(block)) or original(block))
     trainer.training_step()
     assert len(calls) == passes
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_forwards_for_features_project_no_position_onto_the_vocabulary(tiny_path, lora):
+    """`no_logits`: the forwards that want only hidden states or a cache (prompt passes, continued responses) skip the
+    vocabulary head entirely (no [rows, 1, V] product), and their hidden states are the full forward's."""
+    from sdpo.models import no_logits
+
+    model = tiny_float64(tiny_path, lora)
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    full = model(input_ids=ids, output_hidden_states=True)
+    features_only = model(input_ids=ids, output_hidden_states=True, logits_to_keep=no_logits(ids))
+    assert full.logits.shape[:2] == (2, 4)
+    assert features_only.logits.shape[:2] == (2, 0)
+    torch.testing.assert_close(features_only.hidden_states[-1], full.hidden_states[-1], rtol=0, atol=0)
