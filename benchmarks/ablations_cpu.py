@@ -61,11 +61,11 @@ def train_run(overrides: list[str], engine=None):
     config = load_config(overrides)
     trainer = SDPOTrainer(config, engine=engine)
     if engine is not None:
-        engine.sync_weights(trainer.unwrapped)
+        engine.sync_weights(trainer.learner.unwrapped)
     try:
         trainer.train()
     finally:
-        trainer.tracker.close()
+        trainer.run.tracker.close()
     return trainer.run_dir, trainer.engine, time.time() - start
 
 

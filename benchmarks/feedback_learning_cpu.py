@@ -74,7 +74,8 @@ def run_one(name: str, seed: int, args: argparse.Namespace) -> Path:
 def run_probe(args: argparse.Namespace) -> Path:
     out = Path(args.out) / "probe"
     out.mkdir(parents=True, exist_ok=True)
-    wall, cpu, code = run_script("probe.py", [*common(args), *args.probe_extra, f"trainer.output_dir={out}"],
+    # The probe reads no training settings (scripts/probe.py refuses an override it does not use): the preset only.
+    wall, cpu, code = run_script("probe.py", [PRESET, *args.extra, *args.probe_extra, f"trainer.output_dir={out}"],
                                  out / "probe.log")
     print(f"probe: exit {code}, {wall:.0f} s wall, {cpu:.0f} s CPU", flush=True)
     return out

@@ -73,22 +73,22 @@ def child(mode: str, args: argparse.Namespace) -> dict:
     trainer = SDPOTrainer(config, env=env, engine=engine)
     rss_init = peak_rss_mib()
     # The policy's own weights: with LoRA the EMA teacher's adapter sits inside the policy module, count it once.
-    teacher = {id(p) for p in trainer.teacher.owned_parameters()}
-    params = [p for p in trainer.unwrapped.parameters() if id(p) not in teacher]
+    teacher = {id(p) for p in trainer.learner.teacher.owned_parameters()}
+    params = [p for p in trainer.learner.unwrapped.parameters() if id(p) not in teacher]
     times = []
     for _ in range(2):
         start = time.perf_counter()
         metrics = trainer.training_step().metrics
         times.append(time.perf_counter() - start)
-    optim_state = [v for s in trainer.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    optim_state = [v for s in trainer.learner.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
     return {
         "mode": mode,
         "params": sum(p.numel() for p in params),
-        "trainable_params": sum(p.numel() for p in trainer.trainable),
+        "trainable_params": sum(p.numel() for p in trainer.dist.trainable),
         "param_bytes": tensor_bytes(params),
-        "grad_bytes": tensor_bytes(trainer.trainable),
+        "grad_bytes": tensor_bytes(trainer.dist.trainable),
         "optimizer_bytes": tensor_bytes(optim_state),
-        "teacher_bytes": tensor_bytes(trainer.teacher.owned_parameters()),
+        "teacher_bytes": tensor_bytes(trainer.learner.teacher.owned_parameters()),
         "rss_start_mib": rss_start,
         "rss_after_init_mib": rss_init,
         "peak_rss_mib": peak_rss_mib(),

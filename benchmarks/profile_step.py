@@ -17,9 +17,9 @@ optimizer (clip + AdamW), EMA (the teacher's lerp), and "update (rest)" (batch a
 `--colocation ROUNDS` answers a different question: the same update (same batch, same weights) replayed in processes
 without a vLLM engine, with one built in-process (vLLM's CPU worker binds the whole process's memory to a NUMA
 node), with that binding undone, and with the binding alone, in turn. `--shared-prompts`: the same update with
-trainer.share_prompts off and with each thing it shares added in turn (`SHARING`), alternating. `--op-profile`: one
+trainer.learner.share_prompts off and with each thing it shares added in turn (`SHARING`), alternating. `--op-profile`: one
 replayed update under torch.profiler, its top operators by input shape. `--cast-once`: the update with
-trainer.cast_weights_once off, on for the policy's casts, on for the teacher copy's too, in turn. `--attention`: the
+trainer.learner.cast_weights_once off, on for the policy's casts, on for the teacher copy's too, in turn. `--attention`: the
 update with attn_implementation sdpa and sdpa_cpu_float32, in turn. `--huge-pages ROUNDS`: the same update replayed
 in processes with THP_MEM_ALLOC_ENABLE=0 and =1 (transparent huge pages for torch's large CPU tensors, which `import
 sdpo` turns on), the two alternating for ROUNDS rounds. `--malloc ROUNDS`: the same in processes with glibc's malloc
@@ -83,7 +83,7 @@ def forward_flops(config, tokens: int, sequences: list[int], head_positions: int
 
 class FlopCounter:
     """Counts the tokens each forward of the update sees (padded and real), for the model FLOPs. With shared prompts
-    (trainer.share_prompts) a distinct prompt counts once, in the forward that runs it (`PromptPass`): that is the
+    (trainer.learner.share_prompts) a distinct prompt counts once, in the forward that runs it (`PromptPass`): that is the
     work the update needs."""
 
     def __init__(self, config) -> None:
@@ -200,10 +200,10 @@ def timed(timer, name: str, fn):
 def instrumented(trainer, flops: FlopCounter):
     """Wrap the update's calls with the trainer's stage timer (and count the forwards' tokens); undone on exit."""
     import sdpo.teacher.teacher as teacher_module
-    import sdpo.trainer as trainer_module
+    import sdpo.learner as learner_module
 
     timer = trainer.timer
-    saved = {(trainer_module, k): getattr(trainer_module, k) for k in ("response_features", "chunked_response_terms", "objective")}
+    saved = {(learner_module, k): getattr(learner_module, k) for k in ("response_features", "chunked_response_terms", "objective")}
     saved[(teacher_module, "response_features")] = teacher_module.response_features
 
     def counted(who, fn):
@@ -223,18 +223,17 @@ def instrumented(trainer, flops: FlopCounter):
             flops.record_prompts("teacher", passes[0].prompts)
         return passes
 
-    saved_prompt_pass, saved_teacher_passes = trainer.prompt_pass, trainer.teacher_prompt_passes
-    trainer.prompt_pass = timed(timer, "student_forward", prompt_pass)
-    trainer.teacher_prompt_passes = teacher_prompt_passes
+    saved_prompt_pass, saved_teacher_passes = trainer.learner.prompt_pass, trainer.learner.teacher_prompt_passes
+    trainer.learner.prompt_pass = timed(timer, "student_forward", prompt_pass)
+    trainer.learner.teacher_prompt_passes = teacher_prompt_passes
 
-    trainer_module.response_features = timed(timer, "student_forward", counted("student", saved[(trainer_module, "response_features")]))
+    learner_module.response_features = timed(timer, "student_forward", counted("student", saved[(learner_module, "response_features")]))
     teacher_module.response_features = counted("teacher", saved[(teacher_module, "response_features")])
-    trainer_module.chunked_response_terms = timed(timer, "head_and_terms", saved[(trainer_module, "chunked_response_terms")])
-    trainer_module.objective = timed(timer, "objective", saved[(trainer_module, "objective")])
+    learner_module.chunked_response_terms = timed(timer, "head_and_terms", saved[(learner_module, "chunked_response_terms")])
+    learner_module.objective = timed(timer, "objective", saved[(learner_module, "objective")])
     trainer.dist.backward = timed(timer, "backward", trainer.dist.backward)
     trainer.dist.optimizer_step = timed(timer, "optimizer", trainer.dist.optimizer_step)
-    if trainer.teacher is not None:
-        trainer.teacher.update = timed(timer, "ema", trainer.teacher.update)
+    trainer.learner.teacher.update = timed(timer, "ema", trainer.learner.teacher.update)
     try:
         yield
     finally:
@@ -267,8 +266,8 @@ def make_trainer(overrides: list[str]):
 
 def profile_one(overrides: list[str], steps: int) -> dict:
     trainer = make_trainer(overrides)
-    flops = FlopCounter(trainer.unwrapped.config)
-    dtype = torch.bfloat16 if trainer.autocast_dtype == torch.bfloat16 else torch.float32
+    flops = FlopCounter(trainer.learner.unwrapped.config)
+    dtype = torch.bfloat16 if trainer.learner.autocast_dtype == torch.bfloat16 else torch.float32
     micro = trainer.config.trainer.micro_batch_size
     rows = []
     with instrumented(trainer, flops):
@@ -280,19 +279,19 @@ def profile_one(overrides: list[str], steps: int) -> dict:
             # The machine's matmul rate right after each step (short): neighbours move it by up to 1.5x within a
             # run, so each step's MFU is read against its own (`step_peak`), as well as against the longer
             # measurement after the run.
-            step_peak = matmul_peak(trainer.unwrapped.config, micro * 96, dtype, seconds=0.3)["weighted"]
+            step_peak = matmul_peak(trainer.learner.unwrapped.config, micro * 96, dtype, seconds=0.3)["weighted"]
             rows.append({**result.metrics, **flops.pop(), "wall": wall, "step_peak": step_peak,
                          "tokens/response": float(batch.response_lengths_B.sum()),
                          "decode_steps": float(batch.response_lengths_B.max()),
                          "distill_rows": float(batch.distill_mask_B.sum()) if batch.distill_mask_B is not None else 0.0})
-    peak = matmul_peak(trainer.unwrapped.config, micro * 96, dtype)
+    peak = matmul_peak(trainer.learner.unwrapped.config, micro * 96, dtype)
     # The same rates at the size the update's forwards actually run at (their median M): the achievable rate in
     # the update's own shapes, which small micro-batches could hold below the rate at 768 rows.
     own_rows = int(statistics.median(r["forward_rows"] for r in rows[1:]))
-    own_peak = matmul_peak(trainer.unwrapped.config, own_rows, dtype)
+    own_peak = matmul_peak(trainer.learner.unwrapped.config, own_rows, dtype)
     # The generate stage's floor: one decode step's matmuls with the whole batch's rows, in the engine's dtype.
     engine_dtype = getattr(trainer.engine, "engine_dtype", dtype)
-    decode = decode_floor(trainer.unwrapped.config, batch.response_lengths_B.numel(), engine_dtype)
+    decode = decode_floor(trainer.learner.unwrapped.config, batch.response_lengths_B.numel(), engine_dtype)
     return {"steps": rows[1:], "peak": peak, "own_rows": own_rows, "own_peak": own_peak, "decode": decode,
             "engine_dtype": str(engine_dtype), "threads": torch.get_num_threads(), "dtype": str(dtype)}
 
@@ -302,18 +301,17 @@ def update_replay(trainer):
     the weights, optimizer and EMA state, updates on the same batch again and gives (seconds, the stage timer's
     parts)."""
     batch = trainer.training_step().batch
-    weights = copy.deepcopy(trainer.unwrapped.state_dict())
-    optim = copy.deepcopy(trainer.optimizer.state_dict())
-    ema = copy.deepcopy(trainer.teacher.state_dict()) if trainer.teacher is not None else None
+    weights = copy.deepcopy(trainer.learner.unwrapped.state_dict())
+    optim = copy.deepcopy(trainer.learner.optimizer.state_dict())
+    ema = copy.deepcopy(trainer.learner.teacher.state_dict())
 
     def one_update() -> tuple[float, dict[str, float]]:
-        trainer.unwrapped.load_state_dict(weights)
-        trainer.optimizer.load_state_dict(optim)
-        if ema is not None:
-            trainer.teacher.load_state_dict(ema)
+        trainer.learner.unwrapped.load_state_dict(weights)
+        trainer.learner.optimizer.load_state_dict(optim)
+        trainer.learner.teacher.load_state_dict(ema)
         trainer.timer.pop()
         start = time.perf_counter()
-        trainer.update(copy.copy(batch))
+        trainer.learner.update(copy.copy(batch), trainer.step)
         return time.perf_counter() - start, trainer.timer.pop()
 
     one_update.batch = batch
@@ -329,8 +327,8 @@ def colocate_engine(trainer, memory_policy: bool = True) -> None:
     engine_config = copy.deepcopy(config.rollout)
     engine_config.engine = "vllm"
     max_len = config.rollout.max_prompt_len + config.rollout.max_new_tokens
-    trainer.colocated = build_engine(engine_config, trainer.unwrapped, trainer.tokenizer, trainer.model_path, max_len,
-                                     trainer.autocast_dtype)
+    trainer.colocated = build_engine(engine_config, trainer.learner.unwrapped, trainer.tokenizer, trainer.model_path, max_len,
+                                     trainer.learner.autocast_dtype)
     if not memory_policy:
         default_memory_policy()
 
@@ -354,7 +352,7 @@ PROCESS_SETUPS = {
 }
 
 
-# What trainer.share_prompts shares, step by step: (the student's prompts once per block, the teacher's reprompts
+# What trainer.learner.share_prompts shares, step by step: (the student's prompts once per block, the teacher's reprompts
 # once per block, the prompts' common prefix once per pass). "off" is one forward per row; "prompts" the student's
 # prompt passes alone, the teacher sharing a reprompt only within a micro-batch; the last is the default.
 SHARING = {"off": (False, False, False), "prompts": (True, False, False), "+ reprompts": (True, True, False),
@@ -367,21 +365,21 @@ def shared_prompts_ab(overrides: list[str], repeats: int) -> dict:
     import sdpo.batch
 
     trainer = make_trainer(overrides)
-    flops = FlopCounter(trainer.unwrapped.config)
+    flops = FlopCounter(trainer.learner.unwrapped.config)
     replay = update_replay(trainer)
     out: dict[str, list] = {label: [] for label in SHARING}
     min_prefix_saving = sdpo.batch.MIN_PREFIX_SAVING
     with instrumented(trainer, flops):
-        teacher_passes = trainer.teacher_prompt_passes
+        teacher_passes = trainer.learner.teacher_prompt_passes
         for _ in range(repeats):
             for label, (share, teacher, prefix) in SHARING.items():
-                trainer.share_prompts = share
-                trainer.teacher_prompt_passes = teacher_passes if teacher else (lambda block: None)
+                trainer.learner.share_prompts = share
+                trainer.learner.teacher_prompt_passes = teacher_passes if teacher else (lambda block: None)
                 sdpo.batch.MIN_PREFIX_SAVING = min_prefix_saving if prefix else 1 << 62  # no prefix pays
                 seconds, parts = replay()
                 out[label].append({"update": seconds, **parts, **flops.pop()})
     sdpo.batch.MIN_PREFIX_SAVING = min_prefix_saving
-    out["peak"] = matmul_peak(trainer.unwrapped.config, trainer.config.trainer.micro_batch_size * 96, torch.float32)
+    out["peak"] = matmul_peak(trainer.learner.unwrapped.config, trainer.config.trainer.micro_batch_size * 96, torch.float32)
     out["tokens/response"] = float(replay.batch.response_lengths_B.sum())
     return out
 
@@ -395,7 +393,7 @@ def shared_prompts_report(result: dict, command: str) -> str:
 
     keys = [("update (whole)", "update"), *((f"update: {p}", f"time/{p}") for p in UPDATE_PARTS),
             ("teacher forward", "time/teacher_forward")]
-    lines = ["# The update with and without shared prompts (trainer.share_prompts)", "",
+    lines = ["# The update with and without shared prompts (trainer.learner.share_prompts)", "",
              f"Machine: {machine.describe()}", "", f"Command: `{command}`", "",
              f"One process, one batch of the default workload ({result['tokens/response']:.0f} response tokens), the "
              "weights, optimizer and EMA state restored before each update; the settings alternate "
@@ -449,21 +447,20 @@ def measure_update(replay, out: dict[str, list[float]]) -> None:
 
 
 def cast_weights(once: bool, teacher_cached: bool = True):
-    """trainer.cast_weights_once, and whether the teacher's own copy is cached with the policy
+    """Learner.cast_weights_once, and whether the teacher's own copy is cached with the policy
     (`Teacher.cacheable_casts`)."""
     def apply(trainer) -> None:
-        trainer.cast_weights_once = once
-        if trainer.teacher is not None:
-            vars(trainer.teacher).pop("cacheable_casts", None)  # the method, unless shadowed here:
-            if not teacher_cached:
-                trainer.teacher.cacheable_casts = contextlib.nullcontext
+        trainer.learner.cast_weights_once = once
+        vars(trainer.learner.teacher).pop("cacheable_casts", None)  # the method, unless shadowed here:
+        if not teacher_cached:
+            trainer.learner.teacher.cacheable_casts = contextlib.nullcontext
     return apply
 
 
 def attention(name: str):
     """model.attn_implementation of the policy and the teacher's own copy."""
     def apply(trainer) -> None:
-        for model in (trainer.unwrapped, trainer.teacher.model if trainer.teacher is not None else None):
+        for model in (trainer.learner.unwrapped, trainer.learner.teacher.model):
             if model is not None:
                 model.set_attn_implementation(name)
     return apply
@@ -596,7 +593,7 @@ def report(results: dict[str, dict], args: argparse.Namespace, command: str) -> 
     lines += ["", "## The update's model FLOPs utilisation", "",
               "Model FLOPs: the matmuls of the student forward (x3 with its backward) and of the teacher forward (x1), "
               "each with the output head on the response positions, counted on the real tokens (a prompt that its "
-              "rows share, trainer.share_prompts, counts once: the work the forward needs); \"padded\" counts "
+              "rows share, trainer.learner.share_prompts, counts once: the work the forward needs); \"padded\" counts "
               "what the padded micro-batches compute. The compute time is student forward + teacher forward + head "
               "and terms + backward; MFU is achieved FLOP/s over the measured matmul rate in the model's shapes "
               "(FLOP-weighted over the layer shapes and the head, micro-batch of 8 x 96 rows), measured for 1.5 s per "
@@ -687,14 +684,14 @@ def main() -> None:
     parser.add_argument("--colocation", type=int, default=0, metavar="ROUNDS",
                         help="time the update in processes without/with an in-process vLLM engine (and its memory "
                              "binding undone, or that binding alone), in turn, ROUNDS times")
-    parser.add_argument("--shared-prompts", action="store_true", help="time the update with trainer.share_prompts off and each thing it shares added in turn")
+    parser.add_argument("--shared-prompts", action="store_true", help="time the update with trainer.learner.share_prompts off and each thing it shares added in turn")
     parser.add_argument("--huge-pages", type=int, default=0, metavar="ROUNDS",
                         help="time the update in processes without/with THP_MEM_ALLOC_ENABLE, alternating, ROUNDS times")
     parser.add_argument("--malloc", type=int, default=0, metavar="ROUNDS",
                         help="time the update in processes with glibc's malloc defaults and with the trainer keeping "
                              "freed memory (sdpo.precision.keep_freed_memory), alternating, ROUNDS times")
     parser.add_argument("--cast-once", action="store_true",
-                        help="the update with trainer.cast_weights_once off, on for the policy, on for the teacher "
+                        help="the update with trainer.learner.cast_weights_once off, on for the policy, on for the teacher "
                              "copy too, in turn --repeats rounds")
     parser.add_argument("--attention", action="store_true",
                         help="the update with attn_implementation sdpa and sdpa_cpu_float32, in turn --repeats rounds")
@@ -764,7 +761,7 @@ def main() -> None:
     elif args.cast_once:
         text = ab_report("The update with autocast's weight casts once per forward and once per optimizer step",
                          in_one_process("one autocast region per forward, one per optimizer step caching the "
-                                        "policy's casts (trainer.cast_weights_once), and the same caching the "
+                                        "policy's casts (trainer.learner.cast_weights_once), and the same caching the "
                                         "teacher copy's too (Teacher.cacheable_casts)"), results, command)
     elif args.attention:
         text = ab_report("The update's attention: torch's bf16 CPU kernel, or the same SDPA in float32",

@@ -89,8 +89,8 @@ def worker(mode: str, args: argparse.Namespace, out: Path) -> None:
         trainer.training_step()
         times.append(time.perf_counter() - start)
     seen: set = set()
-    policy = stored_bytes(trainer.unwrapped.parameters(), seen)
-    optimizer, masters = trainer.optimizer.optimizer, []
+    policy = stored_bytes(trainer.learner.unwrapped.parameters(), seen)
+    optimizer, masters = trainer.learner.optimizer.optimizer, []
     if trainer.dist.deepspeed:
         # DeepSpeed's ZeRO optimizer keeps an fp32 master copy of this rank's partition, whatever the parameters'
         # dtype, and steps the AdamW inside it on that copy.
@@ -98,7 +98,7 @@ def worker(mode: str, args: argparse.Namespace, out: Path) -> None:
         optimizer = optimizer.optimizer
     state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
     optim_bytes = stored_bytes(masters, seen) + stored_bytes(state, seen)
-    teacher = stored_bytes(trainer.teacher.owned_parameters(), seen)
+    teacher = stored_bytes(trainer.learner.teacher.owned_parameters(), seen)
     result = {
         "mode": mode, "rank": trainer.dist.rank, "world": trainer.dist.world,
         "policy_bytes": policy, "optimizer_bytes": optim_bytes, "teacher_bytes": teacher,

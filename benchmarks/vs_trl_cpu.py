@@ -90,7 +90,7 @@ def run_ours(name: str, precision: str, steps: int, force: bool = False) -> list
     trainer = make_trainer([*BASE, PRECISIONS[precision], *OURS[name]])  # the profile's trainer: no evaluation
     if force and trainer.config.rollout.engine == "hf":
         # transformers generate reads what a call does not pass from the model's generation config
-        trainer.unwrapped.generation_config.min_new_tokens = trainer.config.rollout.max_new_tokens
+        trainer.learner.unwrapped.generation_config.min_new_tokens = trainer.config.rollout.max_new_tokens
     startup, rows = time.perf_counter() - start, []
     for _ in range(steps):
         start = time.perf_counter()

@@ -5,7 +5,8 @@
 Each input line names the problem and holds the response: {"id": "...", "response": "...", "truncated": false}
 ("truncated" is optional). Each output line: {"id", "reward", "feedback", "status", "score_s", "info"}, in input
 order; a summary goes to stderr. Arguments other than `responses=` and `split=` are Hydra overrides of the usual
-config (configs/config.yaml), so every env field can be set here. Scoring runs through the environment's pool,
+config (configs/config.yaml), so every env field can be set here; the script reads env.* only, and an override of
+any other key (model.*, rollout.*, ...) is an error. Scoring runs through the environment's pool,
 exactly as in training. For debugging environments; the tests use it too.
 """
 
@@ -18,6 +19,8 @@ import time
 
 import _prelude  # noqa: F401 - this checkout's sdpo first; scoring never downloads anything
 
+from sdpo.cli import check_used
+from sdpo.config import ConfigError
 from sdpo.envs import build_environment
 from sdpo.hydra_config import load_config
 
@@ -51,7 +54,11 @@ def read_responses(path: Path) -> list[dict]:
 
 def main(argv: list[str]) -> None:
     responses_path, split, overrides = parse_args(argv)
-    config = load_config(overrides)
+    try:
+        check_used(overrides, "scripts/score.py", uses=("env",))  # no model, no sampling: env.* only
+        config = load_config(overrides)
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
     env = build_environment(config.env)
     problems = {p.id: p for p in env.load(split or config.env.eval_split)}
     rows = read_responses(responses_path)

@@ -5,7 +5,7 @@
     python scripts/train.py experiment=sciknoweval            # a paper preset (env.domains=[physics] ...)
     python scripts/train.py trainer.optim.lr=3e-6 rollout.num_generations=8   # any field
 
-Every default lives in sdpo/config.py; `--cfg job` prints the composed config without running.
+Every default lives in sdpo/config/; `--cfg job` prints the composed config without running.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def main(config: SDPOConfig) -> None:
     log_file = console.log_path()
     with console.native_output_to(log_file, enabled=not config.logging.verbose and log_file is not None):
         trainer = SDPOTrainer(config)  # vLLM start-up, weight loading: what they print goes to the log
-    print(console.header(trainer, log_file), flush=True)
+    print(console.header(trainer.config, trainer.run_dir, log_file), flush=True)
     trainer.train()
     print(console.summary(trainer.run_dir, log_file), flush=True)
 

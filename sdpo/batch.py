@@ -172,6 +172,15 @@ def build_shared_prompt_inputs(prompts: Sequence[Sequence[int]], responses: Sequ
     return SharedPromptInputs(shared, prompt_of_B, response_ids, response_mask)
 
 
+def forward_inputs(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
+                   share_prompts: bool = False, shared: PromptInputs | None = None) -> ModelInputs | SharedPromptInputs:
+    """A forward batch of responses after their prompts. `share_prompts`: rows with one prompt run it once, where
+    any do; `shared`: distinct prompts already laid out (a block's), which these rows continue."""
+    if shared is not None or (share_prompts and any_shared(prompts)):
+        return build_shared_prompt_inputs(prompts, responses, pad_id, shared)
+    return build_model_inputs(prompts, responses, pad_id)
+
+
 def _left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> PromptInputs:
     """Prompts as they are (not deduplicated), left-padded, so that they end in the same column."""
     width = max(len(p) for p in prompts)
@@ -241,6 +250,19 @@ class RolloutBatch:
     def num_groups(self) -> int:
         return int(self.group_ids_B.unique().numel())
 
+    def episodes(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(each episode's return [E], each episode's group [E], each row's episode [B]). A single-turn row is an
+        episode of its own whose return is its reward; the rows of a multi-turn episode all hold its return."""
+        if self.episode_ids_B is None:
+            return self.rewards_B, self.group_ids_B, torch.arange(len(self))
+        if self.returns_B is None:
+            raise ValueError("a multi-turn batch needs returns_B (set by EpisodeRollout.batch)")
+        _, episode_B = torch.unique(self.episode_ids_B, return_inverse=True)
+        count = int(episode_B.max()) + 1
+        returns_E = torch.zeros(count, dtype=torch.float32).scatter(0, episode_B, self.returns_B.float())
+        groups_E = torch.zeros(count, dtype=torch.long).scatter(0, episode_B, self.group_ids_B)
+        return returns_E, groups_E, episode_B
+
     def student_inputs(self, pad_id: int, share_prompts: bool = False,
                        shared: PromptInputs | None = None) -> ModelInputs | SharedPromptInputs:
         """The policy's forward batch. `share_prompts`: rows with one prompt run it once, where any do; `shared`:
@@ -263,9 +285,7 @@ class RolloutBatch:
 
     def _inputs(self, prompts: list[list[int]], pad_id: int, share_prompts: bool,
                 shared: PromptInputs | None) -> ModelInputs | SharedPromptInputs:
-        if shared is not None or (share_prompts and any_shared(prompts)):
-            return build_shared_prompt_inputs(prompts, self.response_ids, pad_id, shared)
-        return build_model_inputs(prompts, self.response_ids, pad_id)
+        return forward_inputs(prompts, self.response_ids, pad_id, share_prompts, shared)
 
     def select(self, index: Sequence[int] | Tensor) -> RolloutBatch:
         """The samples at `index`, with per-token tensors trimmed to the selection's longest response."""

@@ -23,7 +23,7 @@ import sys
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
-    from sdpo.trainer import SDPOTrainer
+    from sdpo.config import SDPOConfig
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -118,11 +118,14 @@ def log_path() -> Path | None:
     return Path(files[0].baseFilename) if files else None
 
 
-def header(trainer: SDPOTrainer, log_file: str | Path | None = None) -> str:
-    """What runs, in at most five lines: algorithm and teacher; model, env, engine; precision and threads; where."""
-    from sdpo.precision import compute_dtype_name, probe
+def header(config: SDPOConfig, run_dir: str | Path, log_file: str | Path | None = None) -> str:
+    """What runs, in at most five lines: algorithm and teacher; model, env, engine; precision and threads; where.
+    After the trainer is built: its precision is resolved, its thread count set and its metrics log open."""
+    import torch
 
-    config = trainer.config
+    from sdpo.precision import compute_dtype_name, probe
+    from sdpo.tracking import wandb_mode
+
     algo, model, rollout = config.algorithm, config.model, config.rollout
     steps = config.trainer.total_steps
     steps_text = f"{steps} step{'s' if steps != 1 else ''}"
@@ -136,10 +139,10 @@ def header(trainer: SDPOTrainer, log_file: str | Path | None = None) -> str:
     lines = [
         what,
         f"model {model.name_or_path} · env {config.env.name} · rollouts {engine}",
-        f"precision {trainer_dtype} on {probe().describe} · {getattr(trainer, 'threads', '?')} threads",
-        f"run directory {trainer.run_dir}" + (f" (log: {log_file})" if log_file else ""),
+        f"precision {trainer_dtype} on {probe().describe} · {torch.get_num_threads()} threads",
+        f"run directory {run_dir}" + (f" (log: {log_file})" if log_file else ""),
     ]
-    wandb = getattr(getattr(trainer, "tracker", None), "wandb_mode", "disabled")
+    wandb = wandb_mode(config.logging.wandb)
     if wandb != "disabled":
         lines[-1] += f" · wandb {wandb}"
     return "\n".join(lines)

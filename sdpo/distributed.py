@@ -9,7 +9,7 @@
 - reductions over ranks, and the collective "does any rank need this forward?" (`any_rank`);
 - the DeepSpeed part of checkpoints (its own partitioned optimizer state) versus the plain optimizer state.
 
-The trainer calls these and never asks which backend runs. Under FSDP2 and ZeRO-3 (`sharded`) every forward is a
+The trainer and the learner call these and never ask which backend runs. Under FSDP2 and ZeRO-3 (`sharded`) every forward is a
 collective: all ranks must join it, which is why `any_rank` exists.
 """
 
@@ -73,6 +73,17 @@ class Distributed:
         self.trainable: list[Tensor] = []
 
     # -- set-up
+
+    @property
+    def whole_weights(self) -> bool:
+        """Whether each process holds the policy's weights whole, as plain tensors (one process or DDP), not split
+        over processes (FSDP2, ZeRO-3) nor flattened into DeepSpeed's buffers. Prompt sharing, an optimizer step's
+        cached casts and the fused optimizer need them."""
+        return not (self.sharded or self.deepspeed)
+
+    def num_weights(self) -> int:
+        """The policy's trainable weights, counted whole (a ZeRO-3 process holds a partition of each: ds_numel)."""
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.trainable)
 
     def share(self, items: list) -> list:
         """This process's share of a list that every process holds alike (questions, held-out problems)."""

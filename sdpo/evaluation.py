@@ -92,11 +92,104 @@ def format_table(metrics: dict[str, float], title: str = "") -> str:
     return "\n".join(lines)
 
 
+# What evaluate_checkpoint's `progress` hears: (stage, questions done, questions in all), stage "sampling" or "scoring".
+Progress = Callable[[str, int, int], None]
+
+
+def evaluated_model(config: Any) -> Any:
+    """The model config scripts/eval.py evaluates: `model`, or with `trainer.resume` naming a checkpoint, that
+    checkpoint as `model.name_or_path` (a trainer checkpoint holds HF weights or a LoRA adapter, and the tokenizer).
+
+    trainer.resume may name a checkpoint directory (runs/<run>/checkpoints/step-000100), a run directory or its
+    checkpoints/ (the newest complete checkpoint there); "auto" has no run to look in and is refused."""
+    from dataclasses import replace
+
+    from sdpo.checkpoint import latest_checkpoint
+    from sdpo.models import is_adapter_dir
+
+    resume = config.trainer.resume
+    if resume in (None, "", "none"):
+        return config.model
+    if resume == "auto":
+        raise ValueError("trainer.resume=auto continues a training run; to evaluate a checkpoint, name it: "
+                         "trainer.resume=runs/<run>/checkpoints/step-000100 (or the run directory: its newest)")
+    path = Path(resume).expanduser()
+    if not ((path / "config.json").exists() or is_adapter_dir(path)):
+        newest = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path)
+        if newest is None:
+            raise ValueError(f"trainer.resume={resume!r} is not a checkpoint (no config.json nor adapter_config.json) "
+                             "nor a run directory with a complete checkpoint")
+        path = newest
+    return replace(config.model, name_or_path=str(path))
+
+
+class _ChunkedEngine:
+    """`engine.generate` in chunks of `size` prompts, each reported to `progress`: the same completions as one call
+    (a chunk's seed is offset as the vLLM engine offsets each prompt's, seed + prompt index x n; the transformers
+    engine samples from torch's generator in calls of `size` prompts anyway)."""
+
+    def __init__(self, engine: RolloutEngine, size: int, progress: Progress) -> None:
+        self.engine, self.size, self.progress = engine, size, progress
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingSettings) -> list[Any]:
+        from dataclasses import replace
+
+        completions: list[Any] = []
+        self.progress("sampling", 0, len(prompts))
+        for start in range(0, len(prompts), self.size):
+            chunk = prompts[start : start + self.size]
+            seed = None if sampling.seed is None else sampling.seed + start * sampling.n
+            for c in self.engine.generate(chunk, replace(sampling, seed=seed)):
+                c.prompt_index += start
+                completions.append(c)
+            self.progress("sampling", start + len(chunk), len(prompts))
+        return completions
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+
+class _ChunkedScoring:
+    """`env.score_batch` in chunks of `size` questions' samples, each reported to `progress`."""
+
+    def __init__(self, env: Environment, size: int, n: int, progress: Progress) -> None:
+        self.env, self.size, self.n, self.progress = env, size, n, progress
+
+    def score_batch(self, problems: Sequence[Problem], responses: Sequence[str],
+                    truncated: Sequence[bool]) -> list[Any]:
+        questions, step = len(problems) // self.n, self.size * self.n
+        scores: list[Any] = []
+        self.progress("scoring", 0, questions)
+        for start in range(0, len(problems), step):
+            end = start + step
+            scores += self.env.score_batch(problems[start:end], responses[start:end], truncated[start:end])
+            self.progress("scoring", min(end, len(problems)) // self.n, questions)
+        return scores
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.env, name)
+
+
+def _chunk_size(rollout: Any, questions: int, n: int) -> int:
+    """Questions per progress step: one transformers `generate` call's worth; for vLLM about a twentieth of the
+    questions, and enough sequences to keep its batch full (all of them when the engine sleeps between calls)."""
+    if rollout.engine == "hf":
+        return max(1, rollout.hf_batch_size // n)
+    if rollout.vllm.sleep_level:  # a sleeping engine would offload and reload its weights around every chunk
+        return max(1, questions)
+    return max(1, math.ceil(questions / 20), math.ceil(256 / n))
+
+
 def evaluate_checkpoint(
-    config: Any, env: Environment | None = None, engine: RolloutEngine | None = None
+    config: Any, env: Environment | None = None, engine: RolloutEngine | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Evaluate `config.model.name_or_path` (a trainer checkpoint, a LoRA adapter checkpoint or any local model) on
-    the eval split of `config.env` with `config.eval`'s sampling: the report scripts/eval.py prints and writes."""
+    """Evaluate `config.model.name_or_path` (a trainer checkpoint, a LoRA adapter checkpoint or any local model; or
+    the checkpoint `config.trainer.resume` names: `evaluated_model`) on the eval split of `config.env` with
+    `config.eval`'s sampling: the report scripts/eval.py prints and writes.
+
+    `progress(stage, done, total)`: called as the questions are sampled, then scored, in chunks (scripts/eval.py's
+    progress bar); the samples are the same as without it."""
     import time
 
     import torch
@@ -108,27 +201,33 @@ def evaluate_checkpoint(
 
     resolve_precision(config)
     ecfg, rcfg = config.eval, config.rollout
+    model_config = evaluated_model(config)
     torch.manual_seed(config.trainer.seed)  # the HF engine samples from torch's global generator
-    path = resolve_checkpoint(config.model)
+    path = resolve_checkpoint(model_config)
     tokenizer = load_tokenizer(path)
     env = env or build_environment(config.env)
     problems = env.load(config.env.eval_split)
-    prompts = {id(p): render_chat(tokenizer, p.messages, config.model.chat_template_kwargs) for p in problems}
+    prompts = {id(p): render_chat(tokenizer, p.messages, model_config.chat_template_kwargs) for p in problems}
     problems = [p for p in problems if len(prompts[id(p)]) <= rcfg.max_prompt_len][: ecfg.num_questions]
     max_new_tokens = ecfg.max_new_tokens or rcfg.max_new_tokens
     if engine is None:
-        model = load_model(config.model, path).eval()
+        model = load_model(model_config, path).eval()
         model_path = path
         if rcfg.engine != "hf" and (Path(path) / "adapter_config.json").exists():
             model_path = Path(path) / "merged"  # vLLM serves a plain checkpoint: the adapter merged into the base
             model.save_pretrained(model_path)
             tokenizer.save_pretrained(model_path)
         engine = build_engine(rcfg, model, tokenizer, model_path, rcfg.max_prompt_len + max_new_tokens,
-                              DTYPES.get(config.model.autocast_dtype))
+                              DTYPES.get(model_config.autocast_dtype))
     sampling = SamplingSettings.from_config(rcfg, n=ecfg.samples_per_question, temperature=ecfg.temperature,
                                             top_p=ecfg.top_p, max_new_tokens=max_new_tokens, seed=config.trainer.seed)
+    run_engine, run_env = engine, env
+    if progress is not None:
+        size = _chunk_size(rcfg, len(problems), sampling.n)
+        run_engine = _ChunkedEngine(engine, size, progress)  # type: ignore[assignment]
+        run_env = _ChunkedScoring(env, size, sampling.n, progress)  # type: ignore[assignment]
     start = time.perf_counter()
-    result = evaluate(engine, env, problems, lambda p: prompts[id(p)], sampling, ks=ecfg.ks,
+    result = evaluate(run_engine, run_env, problems, lambda p: prompts[id(p)], sampling, ks=ecfg.ks,
                       success_threshold=config.algorithm.reprompt.success_reward_threshold)
     return {
         "checkpoint": str(path),
@@ -141,3 +240,23 @@ def evaluate_checkpoint(
         "metrics": result.metrics,
         "per_question": [{"id": p.id, "rewards": r} for p, r in zip(problems, result.rewards, strict=True)],
     }
+
+
+def evaluate_policy(engine: RolloutEngine, env: Environment, tokenizer: Any, problems: Sequence[Problem],
+                    prompt_ids: Sequence[list[int]], config: Any,
+                    any_rank: Callable[[bool], bool] = bool) -> dict[str, float]:
+    """The trainer's held-out evaluation of `problems` (rendered as `prompt_ids`) with the eval.* sampling settings:
+    avg@k / pass@k of single answers, or with rollout.max_turns > 1 success within the turn budget and the first
+    turn's avg@k (`sdpo.rollout.episodes.evaluate_episodes`). `any_rank`: see `Distributed.any_rank`."""
+    from sdpo.rollout.episodes import EpisodeLimits, evaluate_episodes
+
+    ecfg = config.eval
+    sampling = SamplingSettings.from_config(config.rollout, n=ecfg.samples_per_question, temperature=ecfg.temperature,
+                                            top_p=ecfg.top_p, max_new_tokens=ecfg.max_new_tokens,
+                                            seed=config.trainer.seed + 7919)
+    if config.rollout.max_turns > 1:
+        return evaluate_episodes(engine, env, tokenizer, problems, prompt_ids, sampling,
+                                 EpisodeLimits.from_config(config), any_rank=any_rank)
+    rendered = {id(p): ids for p, ids in zip(problems, prompt_ids)}
+    return evaluate(engine, env, problems, lambda p: rendered[id(p)], sampling, ks=ecfg.ks,
+                    success_threshold=config.algorithm.reprompt.success_reward_threshold).metrics

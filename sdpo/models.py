@@ -12,7 +12,7 @@ Three sources, by `model.name_or_path`:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 import importlib.util
 import os
@@ -25,8 +25,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from sdpo import attention  # noqa: F401  (registers model.attn_implementation=sdpa_cpu_float32)
-from sdpo.batch import PromptInputs, SharedPromptInputs
+from sdpo.batch import PromptInputs, SharedPromptInputs, forward_inputs, pad_right
 from sdpo.config import ModelConfig
+from sdpo.losses import chunked_response_terms
 from sdpo.sharding import is_zero3
 
 SMOLLM2 = "smollm2-135m-instruct"
@@ -272,6 +273,26 @@ def response_features(model: torch.nn.Module, inputs, prompts: PromptPass | None
     if zero3:
         return ResponseFeatures(out.logits[:, : window.stop - window.start], lambda logits: logits, are_logits=True)
     return ResponseFeatures(out.hidden_states[-1][:, window], _output_head(model))
+
+
+@torch.no_grad()
+def response_logprobs(model: torch.nn.Module, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                      pad_id: int, temperature: float, chunk_size: int = 256, batch_size: int = 16,
+                      device: torch.device | str = "cpu", share_prompts: bool = False) -> torch.Tensor:
+    """log p(response_t | prompt, response_<t) of every response token at the sampling temperature, [B, R] float32
+    on the CPU (columns past a row's response hold no meaning): the training forward (`response_features`, the
+    chunked vocabulary projection), `batch_size` rows at a time (`share_prompts`: rows with one prompt run it once).
+    The caller picks the mode (train / eval) and the autocast. The learner's old and reference log-probs and the
+    probe's log-probability uplift are this one function."""
+    out = torch.zeros(len(responses), max((len(r) for r in responses), default=0) or 1)
+    for start in range(0, len(prompts), batch_size):
+        part = responses[start : start + batch_size]
+        inputs = forward_inputs(prompts[start : start + batch_size], part, pad_id, share_prompts)
+        features = response_features(model, inputs.to(device))
+        ids_BR = pad_right(part, 0, torch.long, max(max(len(r) for r in part), 1)).to(device)
+        logp_BR = chunked_response_terms(features.values_BRX, features.head, ids_BR, temperature, chunk_size)["logp"]
+        out[start : start + len(part), : logp_BR.shape[1]] = logp_BR.float().cpu()
+    return out
 
 
 class PromptPass:

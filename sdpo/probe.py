@@ -24,20 +24,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 import math
-import re
 
 import torch
 
-from sdpo.batch import build_model_inputs
+from sdpo import models
 from sdpo.config import RepromptConfig
+from sdpo.diagnostics import ECHO_NGRAM, contains_phrase, echoes as context_echoes, template_phrases
 from sdpo.envs import Environment, Problem
-from sdpo.losses import chunked_response_terms
-from sdpo.models import response_features
 from sdpo.rollout import RolloutEngine, SamplingSettings
-from sdpo.teacher import Reprompt, group_reprompts, teacher_prompt_ids
-
-# A run of this many words of the feedback or demonstration, absent from the question, counts as an echo.
-ECHO_WORDS = 6
+from sdpo.teacher import Reprompt, eval_mode, group_reprompts, teacher_prompt_ids
 
 
 @dataclass
@@ -69,48 +64,23 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def _words(text: str) -> list[str]:
-    return re.findall(r"\w+|[^\w\s]", text.lower())
-
-
-def echoes(generation: str, reprompt: Reprompt, config: RepromptConfig, n: int = ECHO_WORDS) -> bool:
+def echoes(generation: str, reprompt: Reprompt, config: RepromptConfig, n: int = ECHO_NGRAM) -> bool:
     """Does `generation` copy a template phrase, or n consecutive words of the reprompt's feedback or demonstration
-    that the question itself does not contain?"""
-    fixed = [config.reprompt_template, config.solution_template, config.feedback_template]
-    phrases = [p.strip() for t in fixed for p in re.split(r"\{[a-z_]+\}", t) if len(p.strip()) > 12]
-    if any(p.lower() in generation.lower() for p in phrases):
+    that the question itself does not contain? The training metrics' definitions (`sdpo.diagnostics`: the same
+    words, phrases and n-grams), so that this echo rate forecasts `diagnostics/echo_*`."""
+    if contains_phrase(generation, template_phrases(config)):
         return True
-    words = _words(generation)
-    grams = {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
-    question = _words(reprompt.problem.question)
-    allowed = {tuple(question[i:i + n]) for i in range(len(question) - n + 1)}
-    for body in (reprompt.feedback, reprompt.solution):
-        if body:
-            b = _words(body)
-            if any(tuple(b[i:i + n]) in grams - allowed for i in range(len(b) - n + 1)):
-                return True
-    return False
+    context = [body for body in (reprompt.feedback, reprompt.solution) if body]
+    return context_echoes(generation, context, reprompt.problem.question, n)
 
 
-@torch.no_grad()
 def response_logprobs(model: torch.nn.Module, prompts: Sequence[list[int]], responses: Sequence[list[int]],
                       pad_id: int, temperature: float, chunk_size: int = 256, batch_size: int = 16) -> list[torch.Tensor]:
-    """log p(response_t | prompt, response_<t) per token, one float32 tensor per pair: the trainer's own forward
-    (`response_features`, `chunked_response_terms`), at the rollout temperature."""
-    was_training = model.training
-    model.eval()
-    out: list[torch.Tensor] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            p, r = prompts[start:start + batch_size], responses[start:start + batch_size]
-            inputs = build_model_inputs(p, r, pad_id)
-            features = response_features(model, inputs)
-            ids_BR = inputs.input_ids[:, inputs.prompt_width:]
-            logp = chunked_response_terms(features.values_BRX, features.head, ids_BR, temperature, chunk_size)["logp"]
-            out.extend(logp[i, :len(resp)].float().cpu() for i, resp in enumerate(r))
-    finally:
-        model.train(was_training)
-    return out
+    """log p(response_t | prompt, response_<t) per token, one float32 tensor per pair, in eval mode: the trainer's
+    own forward (`sdpo.models.response_logprobs`), at the rollout temperature."""
+    with eval_mode(model):
+        logp_BR = models.response_logprobs(model, prompts, responses, pad_id, temperature, chunk_size, batch_size)
+    return [logp_BR[i, : len(r)] for i, r in enumerate(responses)]
 
 
 def probe(

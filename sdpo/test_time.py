@@ -67,7 +67,7 @@ def solve(config: SDPOConfig, env: Environment, problem: Problem, method: str,
                      logging=replace(config.logging, wandb="disabled", tensorboard=False))
     trainer = SDPOTrainer(config, env=OneQuestion(env, problem), engine=engine)  # type: ignore[arg-type]
     if engine is not None:
-        engine.sync_weights(trainer.unwrapped)  # a reused engine still serves the previous question's weights
+        engine.sync_weights(trainer.learner.unwrapped)  # a reused engine still serves the previous question's weights
     threshold = config.algorithm.reprompt.success_reward_threshold
     attempts = 0
     try:
@@ -83,7 +83,7 @@ def solve(config: SDPOConfig, env: Environment, problem: Problem, method: str,
             attempts += len(batch)
         return Discovery(problem.id, method, attempts, None), trainer.engine
     finally:
-        trainer.tracker.close()
+        trainer.run.tracker.close()
         scratch.cleanup()
 
 
@@ -115,8 +115,13 @@ def discovery_at(results: Sequence[Discovery], k: int) -> float:
 
 
 def run_test_time(config: SDPOConfig, env: Environment | None = None,
-                  engine_factory: Callable[[], RolloutEngine] | None = None) -> dict[str, Any]:
-    """Every method on every question of `test_time.split`: the report scripts/test_time.py writes."""
+                  engine_factory: Callable[[], RolloutEngine] | None = None,
+                  progress: Callable[[int, int, Discovery | None], None] | None = None) -> dict[str, Any]:
+    """Every method on every question of `test_time.split`: the report scripts/test_time.py writes.
+
+    `progress(done, total, found)`: called with (0, total, None) before the first question and after each (question,
+    method) run with its discovery (scripts/test_time.py's progress bar); each result is then logged at DEBUG (the log
+    file) rather than INFO (the terminal too)."""
     ttc = config.test_time
     env = env or build_environment(config.env)
     problems = env.load(ttc.split)[: ttc.num_questions]
@@ -126,6 +131,9 @@ def run_test_time(config: SDPOConfig, env: Environment | None = None,
     # One engine for the whole run, except the transformers engine, which generates with its trainer's own model.
     reuse = engine_factory is None and config.rollout.engine != "hf"
     engine: RolloutEngine | None = None
+    done, total = 0, len(problems) * len(ttc.methods)
+    if progress is not None:
+        progress(done, total, None)
     try:
         for i, problem in enumerate(problems):
             for method in ttc.methods:
@@ -135,8 +143,12 @@ def run_test_time(config: SDPOConfig, env: Environment | None = None,
                 else:
                     used.close()
                 results[method].append(found)
-                log.info("question %d/%d (%s) %s: %s", i + 1, len(problems), problem.id, method,
-                         f"solved at attempt {found.solved_at}" if found.solved_at else f"unsolved after {found.attempts}")
+                outcome = f"solved at attempt {found.solved_at}" if found.solved_at else f"unsolved after {found.attempts}"
+                log.log(logging.DEBUG if progress else logging.INFO, "question %d/%d (%s) %s: %s", i + 1,
+                        len(problems), problem.id, method, outcome)
+                done += 1
+                if progress is not None:
+                    progress(done, total, found)
     finally:
         if engine is not None:
             engine.close()

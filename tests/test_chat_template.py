@@ -88,7 +88,7 @@ def test_rollout_and_eval_prompts_are_rendered_with_them(thinking_model, tmp_pat
     trainer = SDPOTrainer(config, engine=RecordingEngine())
     tokenizer = trainer.tokenizer
     assert trainer.train_problems and all(
-        tokenizer.decode(ids).endswith(f"{EMPTY_THINK}\n\n") for ids in trainer._prompt_ids.values())
+        tokenizer.decode(ids).endswith(f"{EMPTY_THINK}\n\n") for ids in map(trainer.collector.prompt_ids, trainer.train_problems))
     engine = RecordingEngine()
     evaluate_checkpoint(load_config(overrides), engine=engine)
     assert len(engine.prompts) == 2 and all(tokenizer.decode(p).endswith(f"{EMPTY_THINK}\n\n") for p in engine.prompts)

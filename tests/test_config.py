@@ -86,10 +86,13 @@ def test_config_name_lists_are_the_registries():
     from sdpo.losses import ADVANTAGE_ESTIMATORS, AGGREGATIONS, DISTILL_MODES, KL_ESTIMATORS
     from sdpo.rollout import ENGINES
     import sdpo.rollout.vllm  # noqa: F401  (registers the vllm engine; vllm itself is imported lazily)
-    from sdpo.teacher import TEACHER_KINDS
+    from sdpo.teacher import TEACHER_KINDS, TEACHER_SCORERS
 
     assert sorted(config.TEACHER_KINDS) == TEACHER_KINDS.names()
+    assert sorted(config.TEACHER_SCORERS) == TEACHER_SCORERS.names()
     assert sorted(config.DISTILL_MODES) == DISTILL_MODES.names()
+    for mode in config.DISTILL_MODES:  # the config's validation and the losses agree on what each mode needs
+        assert config.DistillConfig(mode=mode, alpha=1.0).logit_level == DISTILL_MODES.get(mode).needs_logits
     assert sorted(config.AGGREGATIONS) == AGGREGATIONS.names()
     assert sorted(config.KL_ESTIMATORS) == KL_ESTIMATORS.names()
     assert sorted(config.ADVANTAGE_ESTIMATORS) == ADVANTAGE_ESTIMATORS.names()
@@ -153,10 +156,22 @@ def test_an_advantage_clip_that_cannot_act_is_rejected():
 
 
 def test_yaml_files_only_override_schema_keys():
-    # Every key a YAML file sets must exist in the schema; composing all groups proves it.
+    # Every key a YAML file sets must exist in the schema: each option of each group composes, and every leaf it
+    # sets is the composed config's value at that key (a key outside the schema would fail or be absent). Without
+    # the CPU preset (~experiment), which would override some of them.
+    from omegaconf import OmegaConf
+
+    absent = object()
+    checked = 0
     for group in ("algorithm", "model", "rollout", "trainer"):
         for option in sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml")):
-            load_config([f"{group}={option}"])
+            composed = OmegaConf.structured(load_config([f"{group}={option}", "~experiment"]))
+            body = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / group / f"{option}.yaml")) or {}
+            body.pop("defaults", None)
+            for key, value in yaml_leaves(body, group).items():
+                assert OmegaConf.select(composed, key, default=absent) == value, f"configs/{group}/{option}.yaml: {key}"
+                checked += 1
+    assert checked >= 10  # grpo, sdpo_grpo, tiny, vllm and paper set keys
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -293,4 +308,15 @@ def test_qwen3_presets_switch_thinking_off(experiment):
 
 
 def test_a_valid_multirun_sweep_passes_the_check():
-    check_overrides(["algorithm=grpo,sdpo", "trainer.optim.lr=1e-5,3e-5", "env=glob(math*)"])
+    sweep = ["algorithm=grpo,sdpo", "trainer.optim.lr=1e-5,3e-5", "env=glob(math*)"]
+    assert check_overrides(sweep) is None
+    # It passes because every item is valid, not because a sweep goes unread: one bad item in it fails.
+    with pytest.raises(ConfigError, match="unknown algorithm option 'sdpoo'"):
+        check_overrides(["algorithm=grpo,sdpo,sdpoo", *sweep[1:]])
+    with pytest.raises(ConfigError, match="did you mean trainer.optim.lr"):
+        check_overrides([sweep[0], "trainer.optim.lrr=1e-5,3e-5", sweep[2]])
+    # Each run of the sweep composes to the values it names.
+    for algorithm in ("grpo", "sdpo"):
+        for lr in (1e-5, 3e-5):
+            config = load_config([f"algorithm={algorithm}", f"trainer.optim.lr={lr}"])
+            assert (config.algorithm.name, config.trainer.optim.lr) == (algorithm, lr)

@@ -8,9 +8,9 @@ import json
 import logging
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
+import torch
 
 from sdpo.checkpoint import COMPLETE
 from sdpo.console import header, native_output_to, setup_logging, summary
@@ -75,10 +75,11 @@ def test_native_output_goes_to_the_log_and_the_descriptors_come_back(tmp_path, c
     assert "restored after an error" in capfd.readouterr().err
 
 
-def test_header_fits_in_five_lines_and_names_what_runs(tmp_path):
+def test_header_fits_in_five_lines_and_names_what_runs(tmp_path, monkeypatch):
     config = load_config(["rollout=vllm", "model.autocast_dtype=none", "rollout.vllm.dtype=float32"])
-    trainer = SimpleNamespace(config=config, run_dir=tmp_path, threads=2, tracker=SimpleNamespace(wandb_mode="offline"))
-    text = header(trainer, tmp_path / "train.log")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    text = header(config, tmp_path, tmp_path / "train.log")
     lines = text.splitlines()
     assert len(lines) <= 5
     for fragment in ("sdpo_grpo", "ema teacher", "smollm2-135m-instruct", "arithmetic", "vllm (float32)",

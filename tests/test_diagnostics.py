@@ -114,7 +114,7 @@ def test_a_training_step_logs_every_failure_mode_metric(tmp_path):
         metrics = trainer.training_step().metrics
     finally:
         trainer.engine.close()
-        trainer.tracker.close()
+        trainer.run.tracker.close()
     for name in ("echo_template_fraction", "echo_feedback_fraction", "length_drift", "entropy_drift",
                  "small_grad_fraction"):
         assert "diagnostics/" + name in metrics, name

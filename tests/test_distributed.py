@@ -73,19 +73,19 @@ def run_worker(out: Path, sharding: str = "ddp", resume: bool = False, lora: boo
     dist = trainer.dist
     assert dist.sharded == (sharding in ("fsdp2", "zero3")) and dist.deepspeed == (sharding in DEEPSPEED)
     if dist.deepspeed:  # the learning-rate schedule drives the AdamW that DeepSpeed's ZeRO optimizer steps
-        assert trainer.scheduler.optimizer is trainer.optimizer.optimizer.optimizer
+        assert trainer.learner.scheduler.optimizer is trainer.learner.optimizer.optimizer.optimizer
 
     def moments() -> list[torch.Tensor]:
         """Adam's first moments: whole on rank 0, or under DeepSpeed this rank's partitions."""
         if dist.deepspeed:
-            return [s["exp_avg"].clone() for s in trainer.optimizer.optimizer.optimizer.state.values()]
-        state = optimizer_state_dict(trainer.unwrapped, trainer.optimizer.optimizer)
+            return [s["exp_avg"].clone() for s in trainer.learner.optimizer.optimizer.optimizer.state.values()]
+        state = optimizer_state_dict(trainer.learner.unwrapped, trainer.learner.optimizer.optimizer)
         return [v["exp_avg"] for v in state.get("state", {}).values()]  # FSDP2: {} on rank 1
 
     def state() -> dict:
         return {
-            "policy": {k: whole(v) for k, v in trainer.unwrapped.state_dict(keep_vars=True).items()},  # gathered
-            "teacher": [whole(p) for p in trainer.teacher.owned_parameters()],
+            "policy": {k: whole(v) for k, v in trainer.learner.unwrapped.state_dict(keep_vars=True).items()},  # gathered
+            "teacher": [whole(p) for p in trainer.learner.teacher.owned_parameters()],
             "moments": moments(),
         }
 
@@ -99,7 +99,7 @@ def run_worker(out: Path, sharding: str = "ddp", resume: bool = False, lora: boo
     # What the vLLM weight sync would send (LoRA merged), gathered from the shards / partitions.
     from sdpo.rollout.vllm import engine_weights
 
-    after_step["exported"] = {t.name: t.materialize(torch.float32, torch.device("cpu")) for t in engine_weights(trainer.unwrapped)}
+    after_step["exported"] = {t.name: t.materialize(torch.float32, torch.device("cpu")) for t in engine_weights(trainer.learner.unwrapped)}
     assert trainer.step == 1
     trainer.save()  # every rank writes its RNG state into the checkpoint
     # The transformers engine on the (sharded) policy: rank 0 holds 3 prompts, rank 1 one, one prompt per generate
@@ -110,13 +110,13 @@ def run_worker(out: Path, sharding: str = "ddp", resume: bool = False, lora: boo
 
     prompts = [[trainer.tokenizer.bos_token_id or 1, 100 + 7 * i, 200 + i] for i in range(4)]
     mine = {0: prompts[:3], 1: prompts[3:]}[dist.rank] if dist.world == 2 else prompts
-    engine = HFEngine(trainer.unwrapped, trainer.tokenizer, replace(config.rollout, hf_batch_size=1), synced=dist.sharded)
+    engine = HFEngine(trainer.learner.unwrapped, trainer.tokenizer, replace(config.rollout, hf_batch_size=1), synced=dist.sharded)
     greedy = [c.token_ids for c in engine.generate(mine, SamplingSettings(n=1, temperature=0.0, max_new_tokens=6))]
     torch.save({
         "world": dist.world,
         "greedy": greedy,
         "metrics": metrics,
-        "counts": vars(trainer.step_counts(batch)),
+        "counts": vars(trainer.learner.step_counts(batch)),
         "groups": sorted({(pid, int(g)) for pid, g in zip(batch.problem_ids, batch.group_ids_B)}),
         "samples_per_problem": {pid: batch.problem_ids.count(pid) for pid in set(batch.problem_ids)},
         **after_step,

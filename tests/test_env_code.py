@@ -23,8 +23,10 @@ from sdpo.envs import ENVIRONMENTS, DataError
 from sdpo.envs.code.env import visible_tests
 from sdpo.envs.code.extract import extract_program
 from sdpo.envs.code.feedback import FeedbackLimits, TestOutcome, format_feedback
+from sdpo.envs.code.harness import decode as harness_decode, encode
 from sdpo.envs.code.leetcode import LEETCODE_PREAMBLE
 from sdpo.envs.code.livecodebench import LiveCodeBenchConfig, LiveCodeBenchEnv
+from sdpo.envs.code.values import Unrepresentable, decode as values_decode
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,6 +104,22 @@ def test_extract_program_takes_the_last_complete_python_block():
     assert extract_program("<think>```python\ndraft()\n```</think>no code") is None
     assert extract_program("just words") is None
     assert extract_program("```python\n\n```") is None
+
+
+def test_one_decoder_for_test_arguments_in_the_sandbox_and_return_values_in_the_scorer():
+    """harness.decode (stdlib only: it runs inside the sandbox) is also the scorer's values.decode, with `opaque`."""
+    value = {"t": (1, 2.5), "s": {3, "x"}, "c": complex(float("inf"), -1.0), "f": [float("-inf")], 7: None}
+    sent = json.loads(json.dumps(encode(value)))
+    assert harness_decode(sent) == value == values_decode(sent)
+    tagged = {"__repr__": "<obj>"}
+    assert harness_decode(tagged) == tagged  # the sandbox side leaves what it cannot rebuild as it came
+    assert values_decode(tagged) == Unrepresentable("<obj>")
+    plain = {"a": {"__tuple__": [1]}}
+    assert harness_decode(plain) == plain and values_decode(plain) == {"a": (1,)}  # data's plain JSON objects
+    nested = json.loads(json.dumps(encode({frozenset({1})})))  # a set of a frozenset arrives as a set of a set
+    with pytest.raises(TypeError):
+        harness_decode(nested)
+    assert values_decode(nested) == Unrepresentable("{{1}}")
 
 
 def test_feedback_limits_and_case_choice():

@@ -18,8 +18,7 @@ from sdpo.hydra_config import load_config
 from sdpo.losses import group_advantages
 from sdpo.models import load_model, render_chat
 from sdpo.rollout.base import SamplingSettings
-from sdpo.rollout.episodes import (EpisodeLimits, EpisodeRollout, episode_advantages, episode_return, render_context,
-                                   run_episodes)
+from sdpo.rollout.episodes import EpisodeLimits, EpisodeRollout, episode_advantages, episode_return, render_context
 from sdpo.testing import ScriptedEngine
 from sdpo.trainer import SDPOTrainer
 
@@ -225,8 +224,8 @@ def make_trainer(tmp_path, engine=None, env=None, *overrides):
 
 def test_teacher_of_turn_t_rescores_its_tokens_under_the_feedback_that_followed(tmp_path, tokenizer, tiny_path):
     trainer = make_trainer(tmp_path, guessing_engine(tokenizer), None, "rollout.max_turns=3", "rollout.max_new_tokens=32")
-    batch, contexts, _ = trainer.sample_and_score()
-    trainer.build_teacher_context(batch, contexts)
+    batch, contexts, _ = trainer.collector.collect(trainer.next_questions(), trainer.step)
+    trainer.teacher_context(batch, contexts)
     # Every failed turn has feedback; the lone success has neither feedback nor a sibling success to learn from.
     assert batch.distill_mask_B.tolist() == [True] * 4 + [False] + [True] * 6
     rcfg = RepromptConfig(max_reprompt_len=1024)
@@ -246,7 +245,7 @@ def test_teacher_of_turn_t_rescores_its_tokens_under_the_feedback_that_followed(
     # Episode 1's own first turn learns from no one (its success is its own episode's): feedback only.
     assert rcfg.solution_template.split("{")[0].strip() not in tokenizer.decode(batch.teacher_prompt_ids[3])
     # The trainer's teacher forward (batched, left-padded) equals a float64 forward of that one context.
-    features = trainer.teacher.features(trainer.unwrapped, batch.teacher_inputs(tokenizer.pad_token_id))
+    features = trainer.learner.teacher.features(trainer.learner.unwrapped, batch.teacher_inputs(tokenizer.pad_token_id))
     f = features.features[0]
     logp = torch.log_softmax(f.head(f.values_BRX).float(), -1)
     response = batch.response_ids[row]
@@ -260,31 +259,26 @@ def test_teacher_of_turn_t_rescores_its_tokens_under_the_feedback_that_followed(
     torch.testing.assert_close(ours, brute, rtol=0, atol=1e-4)
 
 
-def test_single_turn_step_is_unchanged_through_the_episode_path(tmp_path, tokenizer, monkeypatch):
-    """max_turns=1 is the single-turn path; the episode machinery at one turn gives the same batch, loss and weights."""
-    results = []
-    for episodic in (False, True):
-        torch.manual_seed(0)
-        trainer = make_trainer(tmp_path / str(episodic), ScriptedEngine(tokenizer), GuessEnv(num_questions=2),
-                               "trainer.questions_per_step=2", "trainer.mini_batch_questions=2", "algorithm=sdpo_grpo")
-        if episodic:
-            monkeypatch.setattr(trainer, "generate", lambda problems, t=trainer: run_episodes(
-                t.engine, t.env, t.tokenizer, problems, [t._prompt_ids[id(p)] for p in problems],
-                SamplingSettings.from_config(t.config.rollout, seed=0), t.config))
-        result = trainer.training_step()
-        results.append((result, {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters()}))
-    (plain, plain_weights), (episodic, episodic_weights) = results
-    assert plain.batch.episode_ids_B is None and episodic.batch.turn_B.tolist() == [0] * 8
-    for name in ("prompt_ids", "response_ids", "feedback"):
-        assert getattr(plain.batch, name) == getattr(episodic.batch, name)
-    for name in ("rewards_B", "group_ids_B", "advantages_B", "teacher_logp_BR"):
-        a, b = getattr(plain.batch, name), getattr(episodic.batch, name)
-        assert (a is None and b is None) or torch.equal(a, b)
-    assert plain.batch.teacher_prompt_ids == episodic.batch.teacher_prompt_ids
-    for key in ("loss/total", "reward/mean"):
-        if key in plain.metrics:
-            assert plain.metrics[key] == episodic.metrics[key]
-    assert all(torch.equal(plain_weights[n], episodic_weights[n]) for n in plain_weights)
+def test_a_one_turn_episode_is_the_single_turn_step(tmp_path, tokenizer):
+    """max_turns=1 runs through the episode path like any run: its batch is what one generate call and one scoring
+    call give (the single-turn step), with no episode fields, and the step's metrics are computed from it."""
+    trainer = make_trainer(tmp_path, ScriptedEngine(tokenizer), GuessEnv(num_questions=2),
+                           "trainer.questions_per_step=2", "trainer.mini_batch_questions=2", "algorithm=sdpo_grpo")
+    problems = [trainer.train_problems[i] for i in trainer.sampler._order()[:2]]
+    sampling = SamplingSettings.from_config(trainer.config.rollout, seed=trainer.dist.sampling_seed(trainer.config.trainer.seed, 0))
+    completions = trainer.engine.generate([trainer.collector.prompt_ids(p) for p in problems], sampling)
+    scores = trainer.env.score_batch([problems[c.prompt_index] for c in completions], [c.text for c in completions],
+                                     [c.truncated for c in completions])
+    result = trainer.training_step()
+    batch = result.batch
+    assert batch.episode_ids_B is None and batch.turn_B is None and batch.returns_B is None
+    assert batch.prompt_ids == [trainer.collector.prompt_ids(problems[c.prompt_index]) for c in completions]
+    assert batch.response_ids == [c.token_ids for c in completions]
+    assert batch.group_ids_B.tolist() == [c.prompt_index for c in completions]
+    assert batch.rewards_B.tolist() == [s.reward for s in scores] and batch.feedback == [s.feedback for s in scores]
+    assert result.metrics["reward/mean"] == pytest.approx(sum(s.reward for s in scores) / len(scores))
+    assert not any(key.startswith("episode/") for key in result.metrics)
+    assert {"policy/loss", "policy/clip_fraction", "distill/student_teacher_kl"} <= result.metrics.keys()
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "sdpo"])
@@ -293,7 +287,7 @@ def test_multi_turn_step_with_the_transformers_engine(tmp_path, algorithm):
                           f"algorithm={algorithm}", "algorithm.reprompt.max_reprompt_len=512", "rollout.max_prompt_len=96",
                           "eval.num_questions=2", "eval.samples_per_question=2", f"trainer.output_dir={tmp_path}"])
     trainer = SDPOTrainer(config)
-    before = {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters()}
+    before = {n: p.detach().clone() for n, p in trainer.learner.unwrapped.named_parameters()}
     result = trainer.training_step()
     batch = result.batch
     assert len(batch) > 8 and batch.turn_B.max() >= 1  # the random tiny model fails: episodes run on
@@ -303,7 +297,7 @@ def test_multi_turn_step_with_the_transformers_engine(tmp_path, algorithm):
         if batch.turn_B[i] > 0:  # the reply to the previous turn, with its feedback, is the last user message
             assert batch.feedback[i - 1] in trainer.tokenizer.decode(batch.prompt_ids[i])
     assert 0.0 <= result.metrics["episode/success"] <= 1.0 and result.metrics["episode/turns_mean"] > 1
-    assert any(not torch.equal(p, before[n]) for n, p in trainer.unwrapped.named_parameters())
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.learner.unwrapped.named_parameters())
     metrics = trainer.evaluate()
     assert {"eval/avg@2", "eval/episode_success", "eval/episode_turns"} <= metrics.keys()
 

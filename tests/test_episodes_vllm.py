@@ -31,23 +31,23 @@ def test_multi_turn_episodes_with_vllm(tmp_path) -> None:
         calls = []
         generate = trainer.engine.generate
         trainer.engine.generate = lambda prompts, sampling: calls.append(len(prompts)) or generate(prompts, sampling)
-        batch, _, metrics = trainer.sample_and_score()
+        batch, _, metrics = trainer.collector.collect(trainer.next_questions(), trainer.step)
         turns = batch.turn_B.tolist()
         # One engine call per turn, for the episodes still live at that turn (the random tiny model fails).
         assert calls[0] == 2 and calls[1:] == [turns.count(t) for t in range(1, max(turns) + 1)]
         assert max(turns) == 2 and metrics["episode/turns_mean"] > 1
         assert max(len(p) for p in batch.prompt_ids) <= config.rollout.max_prompt_len
         # The sampler's log-probs of every turn are the trainer's log-probs of that row's tokens after its prompt.
-        recomputed = trainer._sampled_logprobs(trainer.policy, batch)
+        recomputed = trainer.learner.sampled_logprobs(trainer.learner.policy, batch)
         mask = batch.response_mask_BR
         assert batch.sampler_logp_BR is not None
         assert (batch.sampler_logp_BR - recomputed)[mask].abs().max() < 2e-4
         later = [i for i, t in enumerate(turns) if t > 0]
         assert all(batch.feedback[i - 1] in trainer.tokenizer.decode(batch.prompt_ids[i]) for i in later)
         trainer.engine.generate = generate
-        before = {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters()}
+        before = {n: p.detach().clone() for n, p in trainer.learner.unwrapped.named_parameters()}
         step = trainer.training_step().metrics
         assert all(torch.isfinite(torch.tensor(v)) for v in step.values() if isinstance(v, float))
-        assert any(not torch.equal(p, before[n]) for n, p in trainer.unwrapped.named_parameters())
+        assert any(not torch.equal(p, before[n]) for n, p in trainer.learner.unwrapped.named_parameters())
     finally:
         trainer.engine.close()

@@ -47,7 +47,7 @@ def test_keep_best_keeps_the_best_step_and_rotation_never_deletes_it(tmp_path):
     assert record == {"metric": "eval/avg@2", "value": 0.6, "step": 2, "path": str(root / "best")}
     assert (root / "best" / ckpt.COMPLETE).read_text() == "2"
     assert ckpt.load_trainer_state(root / "best")["step"] == 2
-    assert trainer.best.best.step == 2
+    assert trainer.run.best.best.step == 2
     text = summary(tmp_path / "run")
     assert f"kept best eval/avg@2 0.600 at step 2 ({root / 'best'}); final 0.100 at step 6" in text
     assert "stopped" not in text
@@ -62,10 +62,10 @@ def test_minimising_keeps_the_lowest_value(tmp_path):
 def test_a_resumed_run_keeps_the_best_value_and_step(tmp_path):
     curve = [0.1, 0.7, 0.2, 0.3, 0.5, 0.6, 0.65]
     first = run(tmp_path, curve, "trainer.total_steps=3")
-    assert first.best.best.value == 0.7
+    assert first.run.best.best.value == 0.7
     config = load_config([*TINY_OVERRIDES, *RUN, f"trainer.output_dir={tmp_path / 'run'}", "trainer.resume=auto"])
     resumed = SDPOTrainer(config, env=InlineParityEnv(ParityEnvConfig()))
-    assert resumed.step == 3 and resumed.best.best.value == 0.7 and resumed.best.best.step == 1
+    assert resumed.step == 3 and resumed.run.best.best.value == 0.7 and resumed.run.best.best.step == 1
     resumed.evaluate = lambda: {"eval/avg@2": curve[resumed.step]}
     try:
         resumed.train()
@@ -84,7 +84,7 @@ def test_the_best_checkpoint_on_disk_wins_over_an_older_checkpoints_record(tmp_p
                           f"trainer.resume={root / 'step-000003'}"])
     resumed = SDPOTrainer(config, env=InlineParityEnv(ParityEnvConfig()))
     resumed.engine.close()
-    assert resumed.step == 3 and (resumed.best.best.value, resumed.best.best.step) == (0.9, 4)
+    assert resumed.step == 3 and (resumed.run.best.best.value, resumed.run.best.best.step) == (0.9, 4)
 
 
 def test_the_collapse_stop_fires_at_the_first_drop_of_the_set_amount_and_not_before(tmp_path):

@@ -116,7 +116,7 @@ def test_lora_training_changes_only_adapter_weights_and_checkpoints_the_adapter(
     config = load_config([*TINY_OVERRIDES, *LORA, "model.gradient_checkpointing=true", "algorithm.teacher.kind=ema",
                           "algorithm.teacher.update_rate=0.5", f"trainer.output_dir={tmp_path / 'run'}"])
     trainer = SDPOTrainer(config, env=InlineParityEnv(ParityEnvConfig()))
-    policy = trainer.unwrapped
+    policy = trainer.learner.unwrapped
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
     metrics = trainer.training_step().metrics
     assert metrics["distill/loss"] > 0 and metrics["optim/skipped_steps"] == 0
@@ -124,7 +124,7 @@ def test_lora_training_changes_only_adapter_weights_and_checkpoints_the_adapter(
     assert changed, "the step must move the adapter"
     assert all(".lora_" in n for n in changed), sorted(changed)[:5]
     assert any(f".{EMA_ADAPTER}." in n for n in changed) and any(".default." in n for n in changed)
-    assert {id(p) for p in trainer.trainable} == {id(p) for n, p in policy.named_parameters() if ".default." in n}
+    assert {id(p) for p in trainer.dist.trainable} == {id(p) for n, p in policy.named_parameters() if ".default." in n}
 
     assert trainer.step == 1
     path = trainer.save()
@@ -137,7 +137,7 @@ def test_lora_training_changes_only_adapter_weights_and_checkpoints_the_adapter(
                           f"trainer.output_dir={tmp_path / 'run'}"])
     resumed = SDPOTrainer(config, env=InlineParityEnv(ParityEnvConfig()))
     assert resumed.step == 1
-    for n, p in resumed.unwrapped.named_parameters():
+    for n, p in resumed.learner.unwrapped.named_parameters():
         assert torch.equal(p, dict(policy.named_parameters())[n]), n
     merged = load_model(ModelConfig(name_or_path=str(path)), path).eval()
     x = inputs()
@@ -150,7 +150,7 @@ def test_kl_reference_with_lora_is_the_adapter_disabled(tmp_path):
     config = load_config([*TINY_OVERRIDES, *LORA, "algorithm=grpo", "algorithm.policy.kl_coef=0.1",
                           f"trainer.output_dir={tmp_path / 'run'}"])
     trainer = SDPOTrainer(config, env=InlineParityEnv(ParityEnvConfig()))
-    assert trainer.reference.model is None and trainer.use_reference  # no copy: the adapter disabled
+    assert trainer.learner.reference is not None and trainer.learner.reference.model is None  # no copy: the adapter disabled
     metrics = trainer.training_step().metrics
     assert "policy/kl_ref" in metrics and metrics["policy/kl_ref"] >= 0
 

@@ -289,7 +289,7 @@ def test_model_object_and_path_give_the_same_trainer(tmp_path, tiny_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.bfloat16)
     trainer = SDPOTrainer(model=model, tokenizer=load_tokenizer(tiny_path), train_dataset=ROWS,
                           reward_funcs=[contains_word], overrides=overrides(tmp_path))
-    assert trainer.unwrapped is model and model.dtype == torch.float32  # placed and cast as a loaded model is
+    assert trainer.learner.unwrapped is model and model.dtype == torch.float32  # placed and cast as a loaded model is
     assert trainer.config.model.name_or_path == str(tiny_path) and trainer.model_path == tiny_path
     before = [p.detach().clone() for p in model.parameters()]
     trainer.training_step()
@@ -311,7 +311,7 @@ def test_peft_model_trains_its_adapter_and_the_teacher_uses_it(tmp_path, tiny_pa
                           overrides=overrides(tmp_path, "algorithm.teacher.kind=ema"))
     assert trainer.config.model.lora.enabled
     # No full copy of the weights: the EMA teacher is a second adapter on the handed-in model.
-    assert trainer.teacher.model is None and "sdpo_ema" in model.peft_config
+    assert trainer.learner.teacher.model is None and "sdpo_ema" in model.peft_config
     lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad and "lora" not in n}
     trainer.training_step()

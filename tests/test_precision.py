@@ -97,7 +97,7 @@ def test_one_real_training_step_in_each_precision(tmp_path, autocast, expected):
 
     config = load_config([*TINY_OVERRIDES, f"model.autocast_dtype={autocast}", f"trainer.output_dir={tmp_path}"])
     trainer = SDPOTrainer(config)
-    assert trainer.autocast_dtype == expected
+    assert trainer.learner.autocast_dtype == expected
     assert trainer.threads == allowed_cores() == torch.get_num_threads()
     metrics = trainer.train()
     assert math.isfinite(metrics["policy/entropy"]) and math.isfinite(metrics["optim/grad_norm"])

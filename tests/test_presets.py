@@ -14,6 +14,7 @@ from test_env_code import lcb_row
 
 from sdpo import SDPOTrainer, load_config
 from sdpo.hydra_config import CONFIG_DIR
+from sdpo.teacher import Teacher
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 
@@ -92,18 +93,18 @@ def take_a_step(overrides):
     trainer = SDPOTrainer(config)
     try:
         assert trainer.train_problems, f"{overrides[0]}: no training question fits"
-        before = [p.detach().clone() for p in trainer.trainable]
+        before = [p.detach().clone() for p in trainer.dist.trainable]
         result = trainer.training_step()
         assert trainer.step == 1 and len(result.batch) == config.rollout.num_generations
         assert torch.isfinite(torch.tensor(result.metrics["reward/mean"]))
         assert result.metrics["optim/skipped_steps"] == 0
-        assert (trainer.teacher is not None) == config.algorithm.uses_teacher
+        assert isinstance(trainer.learner.teacher, Teacher) == config.algorithm.uses_teacher
         assert ("policy/loss" in result.metrics) == config.algorithm.uses_policy_loss
         assert "teacher/reprompt_fraction" in result.metrics
         # A step moves the weights unless nothing carried a loss (no reward spread and no teacher signal).
-        moved = any(not torch.equal(a, b) for a, b in zip(before, trainer.trainable))
+        moved = any(not torch.equal(a, b) for a, b in zip(before, trainer.dist.trainable))
         signal = result.metrics.get("policy/loss", 0.0) != 0.0 or result.metrics.get("distill/loss", 0.0) != 0.0
         assert moved or not signal
     finally:
         trainer.engine.close()
-        trainer.tracker.close()
+        trainer.run.tracker.close()

@@ -64,17 +64,17 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path, monk
     # The same run, killed in the middle of step 3 (after its rollouts), then resumed from the step-2 checkpoint
     # (which was written after the step-2 evaluation had drawn from the RNG).
     interrupted = make_trainer(tmp_path / "resumed", *extra)
-    original_score = SDPOTrainer.score
+    original_context = SDPOTrainer.teacher_context
 
-    def score_then_die(self, batch, problems_B):
+    def rollouts_then_die(self, batch, problems_B):
         if self.step == 2:
             raise Interrupted
-        return original_score(self, batch, problems_B)
+        return original_context(self, batch, problems_B)
 
-    monkeypatch.setattr(SDPOTrainer, "score", score_then_die)
+    monkeypatch.setattr(SDPOTrainer, "teacher_context", rollouts_then_die)
     with pytest.raises(Interrupted):
         interrupted.train()
-    monkeypatch.setattr(SDPOTrainer, "score", original_score)
+    monkeypatch.setattr(SDPOTrainer, "teacher_context", original_context)
     assert [p.name for p in ckpt.checkpoint_dirs(tmp_path / "resumed" / "checkpoints")] == ["step-000002"]
 
     resumed = make_trainer(tmp_path / "resumed", *extra, "trainer.resume=auto")
@@ -87,9 +87,9 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path, monk
         for key in COMPARED:
             if key in want:
                 assert have[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), (want["step"], key)
-    for (name, a), b in zip(straight.unwrapped.named_parameters(), resumed.unwrapped.parameters(), strict=True):
+    for (name, a), b in zip(straight.learner.unwrapped.named_parameters(), resumed.learner.unwrapped.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, msg=name)
-    for a, b in zip(straight.teacher.owned_parameters(), resumed.teacher.owned_parameters(), strict=True):
+    for a, b in zip(straight.learner.teacher.owned_parameters(), resumed.learner.teacher.owned_parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
 
 

@@ -403,15 +403,15 @@ def test_full_sdpo_step_with_vllm(engine, tmp_path) -> None:
     try:
         assert isinstance(trainer.engine, VLLMEngine)
         assert trainer.threads == torch.get_num_threads() == allowed_cores()  # the update uses every core
-        before = {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters()}
+        before = {n: p.detach().clone() for n, p in trainer.learner.unwrapped.named_parameters()}
         metrics = trainer.training_step().metrics
         assert metrics["sync/seconds"] > 0
         assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values() if isinstance(v, float))
-        changed = any(not torch.equal(p, before[n]) for n, p in trainer.unwrapped.named_parameters())
+        changed = any(not torch.equal(p, before[n]) for n, p in trainer.learner.unwrapped.named_parameters())
         # The engine serves the weights the step produced.
         prompt = [[1, 2, 3]]
         ours = trainer.engine.generate(prompt, greedy())
-        theirs = hf_generate(trainer.unwrapped.eval(), trainer.tokenizer, prompt, greedy())
+        theirs = hf_generate(trainer.learner.unwrapped.eval(), trainer.tokenizer, prompt, greedy())
         assert changed and ours[0].token_ids == theirs[0].token_ids
     finally:
         trainer.engine.close()
@@ -448,12 +448,11 @@ def test_engine_scores_the_teacher_in_a_full_step(engine, tmp_path) -> None:
     trainer = SDPOTrainer(config)
     try:
         assert trainer.engine.max_model_len >= 256 + 8
-        batch, problems_B = trainer.generate(trainer.next_questions())
-        trainer.score(batch, problems_B)
-        trainer.build_teacher_context(batch, problems_B)
+        batch, problems_B, _ = trainer.collector.collect(trainer.next_questions(), trainer.step)
+        trainer.teacher_context(batch, problems_B)
         rows = batch.distill_mask_B.nonzero().flatten().tolist()
         assert rows and batch.teacher_logp_BR is not None
-        model = trainer.unwrapped.eval()
+        model = trainer.learner.unwrapped.eval()
         with torch.no_grad():
             for i in range(len(batch)):
                 prompt, response = batch.teacher_prompt_ids[i], batch.response_ids[i]
@@ -465,10 +464,10 @@ def test_engine_scores_the_teacher_in_a_full_step(engine, tmp_path) -> None:
                 torch.testing.assert_close(batch.teacher_logp_BR[i, : len(response)], expected, atol=2e-4, rtol=0)
         model.train()
         batch.advantages_B = torch.zeros(len(batch))
-        before = {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters()}
-        metrics = trainer.update(batch)
+        before = {n: p.detach().clone() for n, p in trainer.learner.unwrapped.named_parameters()}
+        metrics = trainer.learner.update(batch, trainer.step)
         assert metrics["distill/loss"] != 0 and math.isfinite(metrics["distill/student_teacher_kl"])
-        assert any(not torch.equal(p, before[n]) for n, p in trainer.unwrapped.named_parameters())
+        assert any(not torch.equal(p, before[n]) for n, p in trainer.learner.unwrapped.named_parameters())
     finally:
         trainer.engine.close()
 

@@ -1,4 +1,4 @@
-"""Forwards with shared prompts (trainer.share_prompts, sdpo.models.PromptPass): each distinct prompt runs once and
+"""Forwards with shared prompts (trainer.learner.share_prompts, sdpo.models.PromptPass): each distinct prompt runs once and
 its rollouts' responses on its key/value cache, within a micro-batch or across an optimizer step's micro-batches.
 Checked against one forward per row in float64, values and gradients."""
 
@@ -216,9 +216,9 @@ def test_the_trainer_shares_prompts_only_where_the_cache_is_kept(tmp_path):
     def trainer(*overrides):
         return SDPOTrainer(load_config([*TINY_OVERRIDES, f"trainer.output_dir={tmp_path / 'run'}", *overrides]))
 
-    assert trainer().share_prompts
-    assert not trainer("trainer.share_prompts=false").share_prompts
-    assert not trainer("model.gradient_checkpointing=true").share_prompts
+    assert trainer().learner.share_prompts
+    assert not trainer("trainer.share_prompts=false").learner.share_prompts
+    assert not trainer("model.gradient_checkpointing=true").learner.share_prompts
 
 
 @pytest.mark.parametrize("generations, passes", [(4, 1), (1, 0)])
@@ -230,11 +230,20 @@ def test_a_prompt_pass_only_where_rollouts_share_prompts(tmp_path, monkeypatch, 
 
     trainer = SDPOTrainer(load_config([*TINY_OVERRIDES, f"trainer.output_dir={tmp_path / 'run'}", "algorithm=grpo",
                                        f"rollout.num_generations={generations}"]))
-    calls = []
-    original = trainer.prompt_pass
-    monkeypatch.setattr(trainer, "prompt_pass", lambda block: calls.append(len(block)) or original(block))
+    calls, continued = [], []
+    original = trainer.learner.prompt_pass
+    monkeypatch.setattr(trainer.learner, "prompt_pass", lambda block: calls.append(len(block)) or original(block))
+    # What the update's forwards (the ones with a gradient; generation runs without) do: a response forward continues
+    # a prompt pass's key/value cache only where one ran.
+    def record(module, args, kwargs):
+        if torch.is_grad_enabled():
+            continued.append(kwargs.get("past_key_values") is not None)
+
+    hook = trainer.learner.unwrapped.register_forward_pre_hook(record, with_kwargs=True)
     trainer.training_step()
+    hook.remove()
     assert len(calls) == passes
+    assert any(continued) == (passes > 0)
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])

@@ -10,6 +10,7 @@ from conftest import TINY_OVERRIDES
 from sdpo.config import ModelConfig
 from sdpo.envs.base import Environment, Problem, Score
 from sdpo.hydra_config import load_config
+from sdpo.learner import Learner
 from sdpo.models import load_tokenizer, resolve_checkpoint
 from sdpo.test_time import Discovery, discovery_at, run_test_time, solve
 from sdpo.testing import ScriptedEngine
@@ -62,13 +63,13 @@ def make_config(tmp_path, *overrides):
 @pytest.fixture
 def count_updates(monkeypatch):
     calls = []
-    update = SDPOTrainer.update
+    update = Learner.update
 
-    def counting(self, batch):
+    def counting(self, batch, step):
         calls.append(len(batch))
-        return update(self, batch)
+        return update(self, batch, step)
 
-    monkeypatch.setattr(SDPOTrainer, "update", counting)
+    monkeypatch.setattr(Learner, "update", counting)
     return calls
 
 
@@ -105,22 +106,22 @@ def test_report_and_discovery_at_k(tmp_path, tokenizer):
 def test_every_question_starts_from_the_checkpoint(tmp_path, tokenizer, monkeypatch):
     # The weights each trainer starts from are the checkpoint's, however many SDPO steps the previous question took.
     starts, after_updates = [], []
-    init, update = SDPOTrainer.__init__, SDPOTrainer.update
+    init, update = SDPOTrainer.__init__, Learner.update
 
-    def snapshot(trainer):
-        return {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters()}
+    def snapshot(learner):
+        return {n: p.detach().clone() for n, p in learner.unwrapped.named_parameters()}
 
     def recording_init(self, *args, **kwargs):
         init(self, *args, **kwargs)
-        starts.append(snapshot(self))
+        starts.append(snapshot(self.learner))
 
-    def recording_update(self, batch):
-        metrics = update(self, batch)
+    def recording_update(self, batch, step):
+        metrics = update(self, batch, step)
         after_updates.append(snapshot(self))
         return metrics
 
     monkeypatch.setattr(SDPOTrainer, "__init__", recording_init)
-    monkeypatch.setattr(SDPOTrainer, "update", recording_update)
+    monkeypatch.setattr(Learner, "update", recording_update)
     env = ExactAnswerEnv(tokenizer.decode(ANSWER_IDS, skip_special_tokens=True), num_questions=2)
     config = make_config(tmp_path, "rollout.num_generations=4", "test_time.budget=8", "test_time.methods=[sdpo]",
                          "trainer.optim.lr=1e-2")

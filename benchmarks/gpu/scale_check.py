@@ -140,8 +140,8 @@ def run_variant(name: str, model_dir: Path, args: argparse.Namespace) -> dict:
                 stages[key] = stages.get(key, 0.0) + metrics.get(key, 0.0) / args.steps
     result = {
         "variant": name,
-        "trainable_params_M": sum(p.numel() for p in trainer.trainable) / 1e6,
-        "teacher_own_params_M": sum(p.numel() for p in trainer.teacher.owned_parameters()) / 1e6,
+        "trainable_params_M": sum(p.numel() for p in trainer.dist.trainable) / 1e6,
+        "teacher_own_params_M": sum(p.numel() for p in trainer.learner.teacher.owned_parameters()) / 1e6,
         "init_s": init_s,
         "memory_after_init_GiB": init_mem,
         "step_s": sum(times) / len(times),

@@ -121,10 +121,10 @@ def run_row(name: str, checkpoint: Path, overrides: list[str], steps: int, out_d
         "response_len": metrics.get("response/length_mean", float("nan")),
         "reprompted": metrics.get("teacher/reprompt_fraction", float("nan")),
         "stages": {k: statistics.median(s[k] for s in stages if k in s) for k in stages[-1]},
-        "trainable_m": sum(p.numel() for p in trainer.trainable) / 1e6,
+        "trainable_m": sum(p.numel() for p in trainer.dist.trainable) / 1e6,
     }
     with contextlib.suppress(Exception):
-        trainer.tracker.close()
+        trainer.run.tracker.close()
     del trainer
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

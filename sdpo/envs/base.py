@@ -10,34 +10,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from sdpo.config import EnvConfig
+from sdpo.envs.problem import Problem, Score
 from sdpo.registry import Registry
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-@dataclass(frozen=True)
-class Problem:
-    id: str
-    messages: list[dict[str, str]]  # the chat the policy sees: optional system message, then the user question
-    data: dict[str, Any] = field(default_factory=dict)  # what scoring needs (answer, tests, ...)
-
-    @property
-    def question(self) -> str:
-        """The last user message (the reprompt builder embeds this text)."""
-        return next(m["content"] for m in reversed(self.messages) if m["role"] == "user")
-
-
-@dataclass
-class Score:
-    reward: float
-    feedback: str = ""
-    # Small JSON-able facts for metrics and debugging, e.g. {"status": "wrong_answer", "passed": 3, "total": 5}.
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 class DataError(ValueError):
@@ -73,6 +53,7 @@ class Environment(ABC):
         """Reward and feedback for one response. Runs in a worker: no shared state, no model."""
 
     def score_batch(self, problems: Sequence[Problem], responses: Sequence[str], truncated: Sequence[bool]) -> list[Score]:
+        # Imported on first use, as before: the pool's atexit hook and multiprocessing load only for a run that scores.
         from sdpo.envs.pool import score_in_pool
 
         return score_in_pool(self, problems, responses, truncated)

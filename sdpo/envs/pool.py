@@ -31,11 +31,11 @@ import signal
 import threading
 import time
 import traceback
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 import weakref
 
-if TYPE_CHECKING:
-    from sdpo.envs.base import Environment, Problem, Score
+from sdpo.config import EnvConfig
+from sdpo.envs.problem import Problem, Score
 
 SCORING_MODES = ("process", "thread", "inline")
 _STARTUP_TIMEOUT_S = 120.0
@@ -43,7 +43,18 @@ log = logging.getLogger(__name__)
 _pools: weakref.WeakKeyDictionary[Any, WorkerPool] = weakref.WeakKeyDictionary()
 
 
-def score_in_pool(env: Environment, problems: Sequence[Problem], responses: Sequence[str], truncated: Sequence[bool]) -> list[Score]:
+class Scorer(Protocol):
+    """What the pool uses of an `sdpo.envs.base.Environment` (not imported here: base imports this module), besides
+    the optional class attribute `scoring_mode`."""
+
+    config: EnvConfig
+
+    def score(self, problem: Problem, response: str, truncated: bool = False) -> Score: ...
+
+    def failure_score(self, problem: Problem, reason: str) -> Score: ...
+
+
+def score_in_pool(env: Scorer, problems: Sequence[Problem], responses: Sequence[str], truncated: Sequence[bool]) -> list[Score]:
     tasks = list(zip(problems, responses, truncated, strict=True))
     mode = getattr(env, "scoring_mode", "process")
     if mode not in SCORING_MODES:
@@ -60,7 +71,7 @@ def score_in_pool(env: Environment, problems: Sequence[Problem], responses: Sequ
     return pool.score(tasks, env.config.score_timeout_s, env.failure_score)
 
 
-def _score_here(env: Environment, problem: Problem, response: str, truncated: bool) -> Score:
+def _score_here(env: Scorer, problem: Problem, response: str, truncated: bool) -> Score:
     start = time.monotonic()
     try:
         score = env.score(problem, response, truncated)
@@ -71,7 +82,7 @@ def _score_here(env: Environment, problem: Problem, response: str, truncated: bo
     return score
 
 
-def _score_in_threads(env: Environment, tasks: list[tuple]) -> list[Score]:
+def _score_in_threads(env: Scorer, tasks: list[tuple]) -> list[Score]:
     timeout = env.config.score_timeout_s
     executor = ThreadPoolExecutor(max_workers=env.config.score_workers)
     try:
@@ -130,7 +141,7 @@ class _Worker:
 class WorkerPool:
     """Worker processes holding one unpickled copy of the environment each; restarted when killed or dead."""
 
-    def __init__(self, env: Environment, workers: int, start_method: str = "spawn") -> None:
+    def __init__(self, env: Scorer, workers: int, start_method: str = "spawn") -> None:
         self._env_bytes = pickle.dumps(env)  # fails here, clearly, for an environment that does not pickle
         self._context = mp.get_context(start_method)
         self._workers = [_Worker(self._context, self._env_bytes) for _ in range(workers)]

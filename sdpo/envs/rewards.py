@@ -41,43 +41,43 @@ def completion_text(completion: Any) -> str:
     return completion if isinstance(completion, str) else completion[-1]["content"]
 
 
-class MathVerify:
+class _AnswerReward:
+    """A built-in reward against one answer column: `rate` scores each completion's text against its row's answer."""
+
+    def __init__(self, column: str) -> None:
+        self.required_columns = [column]
+
+    def __call__(self, prompts: list, completions: list, **columns: list) -> list[tuple[float, str]]:
+        answers = columns[self.required_columns[0]]
+        return [self.rate(completion_text(c), str(gold)) for c, gold in zip(completions, answers, strict=True)]
+
+    def rate(self, text: str, gold: str) -> tuple[float, str]:
+        raise NotImplementedError
+
+
+class MathVerify(_AnswerReward):
     """1 when math-verify finds the completion's final answer equivalent to the answer column; feedback when the
     completion has no answer at all (never the gold answer)."""
 
     __name__ = "math_verify"
 
-    def __init__(self, column: str) -> None:
-        self.required_columns = [column]
-
-    def __call__(self, prompts: list, completions: list, **columns: list) -> list[tuple[float, str]]:
+    def rate(self, text: str, gold: str) -> tuple[float, str]:
         from sdpo.envs.math import NO_ANSWER_FEEDBACK, verify_answer
 
-        out = []
-        for completion, gold in zip(completions, columns[self.required_columns[0]], strict=True):
-            predicted, correct = verify_answer(completion_text(completion), str(gold))
-            out.append((float(correct), "") if predicted else (0.0, NO_ANSWER_FEEDBACK))
-        return out
+        predicted, correct = verify_answer(text, gold)
+        return (float(correct), "") if predicted else (0.0, NO_ANSWER_FEEDBACK)
 
 
-class ExactMatch:
+class ExactMatch(_AnswerReward):
     """1 when the completion (its <think> part dropped, surrounding space and case ignored) equals the answer
     column; feedback on a miss says an exact answer alone is expected (never the answer)."""
 
     __name__ = "exact_match"
 
-    def __init__(self, column: str) -> None:
-        self.required_columns = [column]
-
-    def __call__(self, prompts: list, completions: list, **columns: list) -> list[tuple[float, str]]:
-        out = []
-        for completion, gold in zip(completions, columns[self.required_columns[0]], strict=True):
-            text = completion_text(completion).rsplit("</think>", 1)[-1]
-            if text.strip().casefold() == str(gold).strip().casefold():
-                out.append((1.0, ""))
-            else:
-                out.append((0.0, "The response is not the expected answer: reply with the exact answer only."))
-        return out
+    def rate(self, text: str, gold: str) -> tuple[float, str]:
+        if text.rsplit("</think>", 1)[-1].strip().casefold() == gold.strip().casefold():
+            return 1.0, ""
+        return 0.0, "The response is not the expected answer: reply with the exact answer only."
 
 
 REWARDS: Registry[Callable[[str], RewardFunction]] = Registry("reward function")

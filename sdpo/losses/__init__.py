@@ -5,9 +5,10 @@ Shape suffixes name tensor dimensions: `_B` samples (rollouts) in a (micro-)batc
 response-aligned and right-padded: position t of row b concerns response token t, and a `mask_BR` marks the real
 (loss-bearing) tokens.
 
-The trainer maps config names to functions through the registries: ADVANTAGE_ESTIMATORS ("grpo"),
-AGGREGATIONS ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"), DISTILL_MODES ("sampled_token",
-"full_logits", "topk_logits") and KL_ESTIMATORS ("k1", "k2", "k3"), each via `.get(name)`.
+Config names map to functions through the registries, each via `.get(name)` and nowhere else: ADVANTAGE_ESTIMATORS
+("grpo", used by `sdpo.rollout.episodes.episode_advantages`), AGGREGATIONS ("token-mean", "seq-mean-token-mean",
+"seq-mean-token-sum-norm"), DISTILL_MODES ("sampled_token", "sequence", "full_logits", "topk_logits": each a
+`DistillMode` that declares whether it needs both models' logits) and KL_ESTIMATORS ("k1", "k2", "k3").
 
 The whole objective of a micro-batch (GRPO, pure SDPO, both hybrids) is one function of per-token tensors,
 `sdpo.losses.objective.objective`.
@@ -24,6 +25,7 @@ from sdpo.losses.advantages import ADVANTAGE_ESTIMATORS, group_advantages, mix_a
 from sdpo.losses.aggregate import AGGREGATIONS, aggregate, masked_mean
 from sdpo.losses.distill import (
     DISTILL_MODES,
+    DistillMode,
     distill_per_token,
     divergence,
     is_ratio,
@@ -38,6 +40,7 @@ __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "AGGREGATIONS",
     "DISTILL_MODES",
+    "DistillMode",
     "KL_ESTIMATORS",
     "aggregate",
     "chunked_response_terms",

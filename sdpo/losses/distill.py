@@ -8,6 +8,8 @@ renormalised). The divergence over a support is chosen by `alpha`: 0 forward KL,
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 import math
 
 import torch
@@ -17,9 +19,24 @@ from torch import Tensor
 from sdpo.losses.advantages import sdpo_token_advantages
 from sdpo.registry import Registry
 
-# Entries take (student_logits_BRV, teacher_logits_BRV, response_ids_BR, *, alpha, topk, tail, temperature) with the
-# teacher already detached, and return the per-token loss [B, R]; a new mode registers with the same signature.
-DISTILL_MODES: Registry = Registry("distillation mode")
+
+
+@dataclass(frozen=True)
+class DistillMode:
+    """A distillation mode and what it needs (`needs_logits`), so that its callers ask the mode instead of naming it.
+
+    Logit-level modes compare the two distributions at every position from both models' logits: `logit_loss`
+    (student_logits_BRV, teacher_logits_BRV, response_ids_BR, *, alpha, topk, tail, temperature), the teacher
+    detached, computed chunk by chunk inside the forward. Sampled-token modes need only the sampled tokens'
+    log-probs log s(y_t) and log q(y_t), which an inference engine can supply too: `token_loss`(student_logp_BR,
+    teacher_logp_BR, mask_BR, advantage_clip), reverse KL only. Both return the per-token loss [B, R]."""
+
+    needs_logits: bool
+    logit_loss: Callable[..., Tensor] | None = None
+    token_loss: Callable[[Tensor, Tensor, Tensor, float | None], Tensor] | None = None
+
+
+DISTILL_MODES: Registry[DistillMode] = Registry("distillation mode")
 
 # logsumexp of the top-k log-probs is clamped to this before computing the tail mass (spec sec. 3): when the top-k
 # holds (numerically) all the mass, log(1 - exp(0)) would be -inf and poison the loss with NaN.
@@ -110,16 +127,6 @@ def _sampled_token_logps(student_logits_BRV: Tensor, teacher_logits_BRV: Tensor,
             gather_token(log_softmax_temperature(teacher_logits_BRV, temperature), response_ids_BR))
 
 
-@DISTILL_MODES.register("sampled_token")
-def _sampled_token(student_logits_BRV, teacher_logits_BRV, response_ids_BR, *, alpha, topk, tail, temperature):
-    # Reverse KL estimated at the sampled token: its gradient (s - q) * grad s is the REINFORCE form of
-    # grad KL(S || T) with per-token advantage q - s (spec sec. 3). No other alpha has this form.
-    if alpha != 1.0:
-        raise ValueError(f"distillation mode 'sampled_token' supports only alpha=1.0 (reverse KL), got {alpha}")
-    s_BR, q_BR = _sampled_token_logps(student_logits_BRV, teacher_logits_BRV, response_ids_BR, temperature)
-    return sampled_token_distill(s_BR, q_BR)
-
-
 def sampled_token_distill(student_logp_BR: Tensor, teacher_logp_BR: Tensor, advantage_clip: float | None = None) -> Tensor:
     """The sampled-token loss from the two log-probs of the sampled tokens (also when an engine scored the teacher):
     -A_SDPO * s with A_SDPO = q - s detached, clipped to [-advantage_clip, advantage_clip] when given (spec sec. 3)."""
@@ -139,25 +146,23 @@ def sequence_distill(student_logp_BR: Tensor, teacher_logp_BR: Tensor, mask_BR: 
     return -advantage_B[:, None] * student_logp_BR * mask
 
 
-@DISTILL_MODES.register("sequence")
-def _sequence(student_logits_BRV, teacher_logits_BRV, response_ids_BR, *, alpha, topk, tail, temperature):
-    # Every position counts as a real token here (the registry has no mask); the trainer calls `sequence_distill`
-    # with the response mask (sdpo/losses/objective.py).
-    if alpha != 1.0:
-        raise ValueError(f"distillation mode 'sequence' supports only alpha=1.0 (reverse KL), got {alpha}")
-    s_BR, q_BR = _sampled_token_logps(student_logits_BRV, teacher_logits_BRV, response_ids_BR, temperature)
-    return sequence_distill(s_BR, q_BR, torch.ones_like(s_BR, dtype=torch.bool))
-
-
-@DISTILL_MODES.register("full_logits")
 def _full_logits(student_logits_BRV, teacher_logits_BRV, response_ids_BR, *, alpha, topk, tail, temperature):
     return divergence(log_softmax_temperature(student_logits_BRV, temperature),
                       log_softmax_temperature(teacher_logits_BRV, temperature), alpha)
 
 
-@DISTILL_MODES.register("topk_logits")
 def _topk_logits(student_logits_BRV, teacher_logits_BRV, response_ids_BR, *, alpha, topk, tail, temperature):
     return divergence(*topk_support(student_logits_BRV, teacher_logits_BRV, topk, tail, temperature), alpha)
+
+
+# The sampled-token form: reverse KL estimated at the sampled token, whose gradient (s - q) * grad s is the REINFORCE
+# form of grad KL(S || T) with per-token advantage q - s (spec sec. 3). No other alpha has this form.
+DISTILL_MODES.register("sampled_token")(DistillMode(
+    needs_logits=False, token_loss=lambda s_BR, q_BR, mask_BR, clip: sampled_token_distill(s_BR, q_BR, clip)))
+DISTILL_MODES.register("sequence")(DistillMode(
+    needs_logits=False, token_loss=lambda s_BR, q_BR, mask_BR, clip: sequence_distill(s_BR, q_BR, mask_BR)))
+DISTILL_MODES.register("full_logits")(DistillMode(needs_logits=True, logit_loss=_full_logits))
+DISTILL_MODES.register("topk_logits")(DistillMode(needs_logits=True, logit_loss=_topk_logits))
 
 
 def distill_per_token(
@@ -173,13 +178,19 @@ def distill_per_token(
     """Per-token distillation loss [B, R] of the student toward the teacher; `mode` names a DISTILL_MODES entry.
 
     The teacher is always detached (stop-gradient, paper Eq. 1). `topk` and `tail` matter only for topk_logits;
-    `response_ids_BR` only for sampled_token. Mask and aggregate the result with `aggregate`.
+    `response_ids_BR` only for the sampled-token modes, whose every position counts as a real token here (the
+    objective passes them the response mask). Mask and aggregate the result with `aggregate`.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    loss_fn = DISTILL_MODES.get(mode)
-    return loss_fn(student_logits_BRV, teacher_logits_BRV.detach(), response_ids_BR,
-                   alpha=alpha, topk=topk, tail=tail, temperature=temperature)
+    entry = DISTILL_MODES.get(mode)
+    if entry.needs_logits:
+        return entry.logit_loss(student_logits_BRV, teacher_logits_BRV.detach(), response_ids_BR,
+                                alpha=alpha, topk=topk, tail=tail, temperature=temperature)
+    if alpha != 1.0:
+        raise ValueError(f"distillation mode {mode!r} supports only alpha=1.0 (reverse KL), got {alpha}")
+    s_BR, q_BR = _sampled_token_logps(student_logits_BRV, teacher_logits_BRV.detach(), response_ids_BR, temperature)
+    return entry.token_loss(s_BR, q_BR, torch.ones_like(s_BR, dtype=torch.bool), None)
 
 
 def is_ratio(logp_BR: Tensor, old_logp_BR: Tensor, clip: float) -> Tensor:

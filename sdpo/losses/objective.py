@@ -25,7 +25,7 @@ from torch import Tensor
 from sdpo.config import AlgorithmConfig
 from sdpo.losses.advantages import mix_advantages, sdpo_token_advantages
 from sdpo.losses.aggregate import aggregate
-from sdpo.losses.distill import is_ratio, sampled_token_distill, sequence_distill
+from sdpo.losses.distill import DISTILL_MODES, is_ratio
 from sdpo.losses.policy import clipped_policy_loss, kl_penalty, truncated_is_weights
 
 
@@ -109,12 +109,9 @@ def objective(x: TokenInputs, counts: StepCounts, algo: AlgorithmConfig, max_res
             out.sums["distill/loss"] = out.sums["distill/is_clip_fraction"] = (0.0, 0.0)
         elif algo.mix == "loss":
             ratio_BR = is_ratio(logp_BR, old_BR, algo.distill.is_clip)
-            if x.distill_BR is not None:
-                per_token_BR = x.distill_BR.to(logp_BR.dtype)
-            elif algo.distill.mode == "sequence":
-                per_token_BR = sequence_distill(logp_BR, teacher_logp_BR, distill_mask_BR)
-            else:
-                per_token_BR = sampled_token_distill(logp_BR, teacher_logp_BR, algo.distill.advantage_clip)
+            # Logit-level modes were computed in the forward (`distill_BR`); sampled-token ones need log q(y_t) only.
+            per_token_BR = (x.distill_BR.to(logp_BR.dtype) if x.distill_BR is not None else DISTILL_MODES.get(
+                algo.distill.mode).token_loss(logp_BR, teacher_logp_BR, distill_mask_BR, algo.distill.advantage_clip))
             distill_loss = aggregate(per_token_BR * ratio_BR * tis_BR, distill_mask_BR, num_tokens=counts.distill_tokens,
                                      num_seqs=counts.distill_seqs, **agg)
             out.loss = out.loss + (1.0 - algo.grpo_weight) * distill_loss

@@ -15,6 +15,7 @@ same question and given to every turn of the episode (`episode_advantages`).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+import contextlib
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -25,7 +26,7 @@ from transformers import PreTrainedTokenizerBase
 from sdpo.batch import RolloutBatch, pad_right
 from sdpo.envs.base import Environment, Problem
 from sdpo.envs.episode import Episode, Turn, step_episodes
-from sdpo.losses import group_advantages
+from sdpo.losses import ADVANTAGE_ESTIMATORS
 from sdpo.models import render_chat
 from sdpo.rollout.base import Completion, RolloutEngine, SamplingSettings
 
@@ -64,19 +65,11 @@ def episode_return(rewards: Sequence[float], mode: str, discount: float = 1.0) -
     raise ValueError(f"algorithm.episode_return must be one of final, any_success, discounted, not {mode!r}")
 
 
-def episode_advantages(batch: RolloutBatch, norm_by_std: bool) -> Tensor:
-    """GRPO advantages: per row for single-turn batches; per episode (its return against the other episodes of its
-    question), given to each of the episode's turns, for multi-turn ones."""
-    if batch.episode_ids_B is None:
-        return group_advantages(batch.rewards_B, batch.group_ids_B, norm_by_std)
-    if batch.returns_B is None:
-        raise ValueError("a multi-turn batch needs returns_B (set by EpisodeRollout.batch)")
-    _, episode_B = torch.unique(batch.episode_ids_B, return_inverse=True)
-    count = int(episode_B.max()) + 1
-    # Every row of an episode holds the same return and group: scatter any of them to the episode.
-    returns_E = torch.zeros(count, dtype=torch.float32).scatter(0, episode_B, batch.returns_B.float())
-    groups_E = torch.zeros(count, dtype=torch.long).scatter(0, episode_B, batch.group_ids_B)
-    return group_advantages(returns_E, groups_E, norm_by_std)[episode_B]
+def episode_advantages(batch: RolloutBatch, norm_by_std: bool, estimator: str = "grpo") -> Tensor:
+    """`algorithm.advantage_estimator` over episodes: each episode's return (a single-turn row's reward) against the
+    other episodes of its question, given to every turn of the episode."""
+    returns_E, groups_E, episode_B = batch.episodes()
+    return ADVANTAGE_ESTIMATORS.get(estimator)(returns_E, groups_E, norm_by_std)[episode_B]
 
 
 @dataclass(frozen=True)
@@ -108,8 +101,9 @@ class EpisodeRollout:
     """G episodes per question, advanced one turn at a time: `begin`, then `next_turn` until `live` is empty."""
 
     def __init__(self, engine: RolloutEngine, env: Environment, tokenizer: PreTrainedTokenizerBase,
-                 limits: EpisodeLimits) -> None:
+                 limits: EpisodeLimits, timer: Callable[[str], contextlib.AbstractContextManager] | None = None) -> None:
         self.engine, self.env, self.tokenizer, self.limits = engine, env, tokenizer, limits
+        self.timer = timer or (lambda stage: contextlib.nullcontext())  # `generate` and `score` stages
         self.episodes: list[Episode] = []
         self.groups: list[int] = []
         self.rows: list[TurnRow] = []
@@ -136,7 +130,8 @@ class EpisodeRollout:
         if turn == 0:  # the single-turn call: n samples of each question's prompt
             prompts = self._first_prompts
             contexts = [self.episodes[e].problem for e in live]
-            completions = self.engine.generate(prompts, replace(sampling, n=self._n))
+            with self.timer("generate"):
+                completions = self.engine.generate(prompts, replace(sampling, n=self._n))
             prompts = [prompts[c.prompt_index] for c in completions]
         else:
             rendered = [render_context(self.tokenizer, self.episodes[e].messages, self.limits.max_prompt_len,
@@ -144,12 +139,14 @@ class EpisodeRollout:
             prompts = [ids for ids, _ in rendered]
             contexts = [replace(self.episodes[e].problem, messages=kept) for e, (_, kept) in zip(live, rendered)]
             seed = None if sampling.seed is None else sampling.seed + turn * TURN_SEED_STRIDE
-            completions = self.engine.generate(prompts, replace(sampling, n=1, seed=seed))
+            with self.timer("generate"):
+                completions = self.engine.generate(prompts, replace(sampling, n=1, seed=seed))
         if len(completions) != len(live):
             raise RuntimeError(f"the engine returned {len(completions)} completions for {len(live)} live episodes")
-        results = step_episodes(self.env, [self.episodes[e] for e in live], [c.text for c in completions],
-                                [c.truncated for c in completions], self.limits.success_threshold,
-                                self.limits.max_turns)
+        with self.timer("score"):
+            results = step_episodes(self.env, [self.episodes[e] for e in live], [c.text for c in completions],
+                                    [c.truncated for c in completions], self.limits.success_threshold,
+                                    self.limits.max_turns)
         rows = [TurnRow(e, turn, p, ctx, c, r) for e, p, ctx, c, r in zip(live, prompts, contexts, completions, results)]
         self.rows += rows
         return rows
@@ -191,15 +188,6 @@ def _rollout_to_end(engine: RolloutEngine, env: Environment, tokenizer: PreTrain
     rollout.begin(problems, prompt_ids, sampling.n)
     rollout.run(sampling, any_rank)
     return rollout
-
-
-def run_episodes(engine: RolloutEngine, env: Environment, tokenizer: PreTrainedTokenizerBase,
-                 problems: Sequence[Problem], prompt_ids: Sequence[list[int]], sampling: SamplingSettings,
-                 config: Any, any_rank: Callable[[bool], bool] = bool) -> tuple[RolloutBatch, list[Problem]]:
-    """The trainer's generation box for multi-turn episodes: rollouts, scored turn by turn, as one batch."""
-    rollout = _rollout_to_end(engine, env, tokenizer, problems, prompt_ids, sampling,
-                              EpisodeLimits.from_config(config), any_rank)
-    return rollout.batch(config.algorithm.episode_return, config.algorithm.episode_discount)
 
 
 def episode_metrics(batch: RolloutBatch, success_threshold: float) -> dict[str, Tensor]:

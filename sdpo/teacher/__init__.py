@@ -10,19 +10,33 @@ from sdpo.teacher.reprompt import (
     strip_thinking,
     teacher_prompt_ids,
 )
-from sdpo.teacher.teacher import TEACHER_KINDS, InitialWeights, Teacher, TeacherFeatures, eval_mode
+from sdpo.teacher.teacher import (
+    TEACHER_KINDS,
+    TEACHER_SCORERS,
+    InitialWeights,
+    NoTeacher,
+    Teacher,
+    TeacherFeatures,
+    build_teacher,
+    eval_mode,
+    reprompt_limit,
+)
 
 __all__ = [
     "TEACHER_KINDS",
+    "TEACHER_SCORERS",
     "InitialWeights",
+    "NoTeacher",
     "Reprompt",
     "RepromptStats",
     "Teacher",
     "TeacherFeatures",
     "build_reprompts",
+    "build_teacher",
     "eval_mode",
     "fit_bodies",
     "group_reprompts",
+    "reprompt_limit",
     "reprompt_stats",
     "strip_thinking",
     "teacher_prompt_ids",

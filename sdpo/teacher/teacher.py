@@ -13,9 +13,12 @@ Where the weights live depends on the policy:
   disabled (a fresh LoRA adapter starts at zero); the EMA weights are a second adapter, "sdpo_ema", switched in for
   the teacher forward only. The KL reference of the policy loss is an `InitialWeights` too.
 
-Who scores (`algorithm.teacher.scorer`): "trainer", a forward pass inside the update (`micro_batch_features`), or
-"engine", the rollout engine's prompt log-probs once per generation batch (`score_with_engine`), for engines that
-declare the capability (`RolloutEngine.scores_teacher`).
+Who scores (`algorithm.teacher.scorer`, a type in `TEACHER_SCORERS`): "trainer", a forward pass inside the update
+(`micro_batch_features`), or "engine" (`EngineScorer`), the rollout engine's prompt log-probs once per generation
+batch, for engines that declare the capability (`RolloutEngine.scores_teacher`).
+
+GRPO has no teacher: `build_teacher` gives a `NoTeacher`, whose every call is a no-op, so that the step has no
+"is there a teacher?" branch.
 
 The teacher returns features and heads instead of logits (`sdpo.models.ResponseFeatures`), so that the loss can
 project to the vocabulary one sequence chunk at a time (`sdpo.losses.chunked_response_terms`). Every teacher forward
@@ -27,20 +30,20 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 import contextlib
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from sdpo.batch import ModelInputs, RolloutBatch, SharedPromptInputs, any_shared, build_prompt_inputs
-from sdpo.config import TeacherConfig
-from sdpo.models import PromptPass, ResponseFeatures, is_peft_model, reshard, response_features
+from sdpo.config import RepromptConfig, SDPOConfig, TeacherConfig
+from sdpo.models import PromptPass, ResponseFeatures, is_peft_model, reshard, response_features, unwrap
 from sdpo.registry import Registry
 from sdpo.sharding import copy_whole_into, full_state_dict, lerp_, load_full_state_dict, whole
+from sdpo.teacher.reprompt import Reprompt, teacher_prompt_ids
 
 EMA_ADAPTER = "sdpo_ema"
-
 
 
 @contextlib.contextmanager
@@ -174,6 +177,22 @@ class EMAWeights:
             copy_whole_into(teacher_param, state[name])
 
 
+class LiveWeights:
+    """The current policy weights (live and trust-region teachers): nothing of its own to hold, place or save."""
+
+    def use(self, policy: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
+        return contextlib.nullcontext(policy)
+
+    def place(self, policy: nn.Module, prepare_copy: Callable[[nn.Module], nn.Module]) -> None:
+        pass
+
+    def parameters(self) -> list[Tensor]:
+        return []
+
+    def release(self) -> None:
+        pass
+
+
 # kind -> the weights whose logits the teacher mixes: [(source, weight)], sources "live", "initial" and "ema".
 TeacherKind = Callable[[TeacherConfig], list[tuple[str, float]]]
 TEACHER_KINDS: Registry[TeacherKind] = Registry("teacher kind")
@@ -211,16 +230,20 @@ class TeacherFeatures:
 
 class Teacher:
     """`copy_policy`: how to take a frozen copy of the policy before it is prepared (`frozen_copy` unless the policy is
-    partitioned at load time, as under DeepSpeed ZeRO-3; see `sdpo.distributed.Distributed.frozen_copy`)."""
+    partitioned at load time, as under DeepSpeed ZeRO-3; see `sdpo.distributed.Distributed.frozen_copy`).
+    `reprompt_len`: the longest reprompt in tokens (`reprompt_limit`)."""
 
     def __init__(self, config: TeacherConfig, policy: nn.Module,
-                 copy_policy: Callable[[nn.Module], nn.Module] = frozen_copy) -> None:
+                 copy_policy: Callable[[nn.Module], nn.Module] = frozen_copy, reprompt_len: int = 2**31) -> None:
         self.config, self.kind = config, config.kind
         sources = TEACHER_KINDS.get(config.kind)(config)
         needed = {source for source, _ in sources}
         self.initial = InitialWeights(policy, copy_policy) if "initial" in needed else None
         self.ema = EMAWeights(policy, copy_policy, config.update_rate) if "ema" in needed else None
-        self._sources = [(source, weight) for source, weight in sources if weight != 0.0]
+        stores = {"live": LiveWeights(), "initial": self.initial, "ema": self.ema}
+        self._sources = [(stores[source], weight) for source, weight in sources if weight != 0.0]
+        self.scorer: TeacherScorer = TEACHER_SCORERS.get(config.scorer)()
+        self.reprompt_len = reprompt_len
 
     @property
     def model(self) -> nn.Module | None:
@@ -245,8 +268,9 @@ class Teacher:
 
     @contextlib.contextmanager
     def cacheable_casts(self) -> Iterator[None]:
-        """Inside an autocast region around an optimizer step (`SDPOTrainer._step_autocast`): let autocast cache its
-        16-bit casts of the teacher's own full copies (EMA, initial) for the whole region, as it does the policy's.
+        """Inside an autocast region around an optimizer step (`sdpo.learner.Learner._step_autocast`): let autocast
+        cache its 16-bit casts of the teacher's own full copies (EMA, initial) for the whole region, as it does the
+        policy's.
 
         Autocast caches only casts of leaf tensors that require a gradient, so the copies' parameters say they do
         for the region only. No gradient can reach them: every teacher forward runs under no_grad. Without this,
@@ -266,11 +290,6 @@ class Teacher:
         """The tensors this teacher holds besides the policy's own (a full copy, an adapter, or nothing)."""
         return [p for store in self._stores() for p in store.parameters()]
 
-    def _weights(self, policy: nn.Module, source: str) -> contextlib.AbstractContextManager[nn.Module]:
-        if source == "live":
-            return contextlib.nullcontext(policy)
-        return {"initial": self.initial, "ema": self.ema}[source].use(policy)
-
     @torch.no_grad()
     def features(self, policy: nn.Module, inputs: ModelInputs | SharedPromptInputs,
                  passes: list[PromptPass] | None = None) -> TeacherFeatures:
@@ -278,7 +297,7 @@ class Teacher:
         `passes`: the sources' `prompt_passes`, which `inputs` (SharedPromptInputs) continue."""
         features, weights = [], []
         for k, (source, weight) in enumerate(self._sources):
-            with self._weights(policy, source) as model, eval_mode(model):
+            with source.use(policy) as model, eval_mode(model):
                 features.append(response_features(model, inputs, passes[k] if passes else None).detach())
             weights.append(weight)
         return TeacherFeatures(features, weights)
@@ -294,12 +313,12 @@ class Teacher:
         activations): for a block of at most `micro_batch_size` questions that is G x 2 x kv_width numbers per
         reprompt token and layer, a fraction of what the block's student activations hold."""
         reprompts = [block.teacher_prompt_ids[i] for i in block.distill_rows]
-        if self.config.scorer != "trainer" or not any_shared(reprompts):
+        if not self.scorer.forward_in_update or not any_shared(reprompts):
             return None
         prompts = build_prompt_inputs(reprompts, pad_id).to(device)
         passes = []
         for source, _ in self._sources:
-            with self._weights(policy, source) as model, eval_mode(model):
+            with source.use(policy) as model, eval_mode(model):
                 passes.append(PromptPass(model, prompts))
         return passes
 
@@ -319,19 +338,21 @@ class Teacher:
     # -- scoring
 
     def check_engine(self, engine: Any) -> None:
-        if self.config.scorer == "engine" and not engine.scores_teacher:
-            raise ValueError(f"algorithm.teacher.scorer=engine: the {type(engine).__name__} engine cannot score "
-                             "the teacher (use rollout=vllm, or algorithm.teacher.scorer=trainer)")
+        self.scorer.check(engine)
 
-    def score_with_engine(self, batch: RolloutBatch, engine: Any) -> None:
-        """scorer=engine: log q(y_t) under the reprompt for the rows with a signal (0 elsewhere), before the update."""
-        if self.config.scorer != "engine":
-            return
-        rows = batch.distill_rows
-        batch.teacher_logp_BR = torch.zeros(len(batch), batch.response_width)
-        if rows:
-            scores = engine.score_teacher([batch.teacher_prompt_ids[i] for i in rows], [batch.response_ids[i] for i in rows])
-            batch.teacher_logp_BR[rows, : scores.token_logp_BR.shape[1]] = scores.token_logp_BR
+    def engine_context_len(self, max_new_tokens: int) -> int:
+        """The longest sequence the rollout engine reads for the teacher (0: it reads none)."""
+        return self.reprompt_len + max_new_tokens if not self.scorer.forward_in_update else 0
+
+    def attach(self, batch: RolloutBatch, reprompts: list[Reprompt], tokenizer: Any, config: RepromptConfig,
+               chat_template_kwargs: Any, engine: Any) -> None:
+        """The teacher's context on the batch: each row's rendered reprompt (within `reprompt_len`) and whether it
+        carries a signal (the distillation mask); scorer=engine also scores it now, before the update."""
+        within_window = replace(config, max_reprompt_len=self.reprompt_len)
+        batch.teacher_prompt_ids = teacher_prompt_ids(reprompts, batch.prompt_ids, tokenizer, within_window,
+                                                     chat_template_kwargs)
+        batch.distill_mask_B = torch.tensor([r.has_signal for r in reprompts])
+        self.scorer.score(batch, engine)
 
     def micro_batch_features(self, policy: nn.Module, micro: RolloutBatch, pad_id: int, device: torch.device,
                              any_rank: Callable[[bool], bool], share_prompts: bool = False,
@@ -340,7 +361,7 @@ class Teacher:
         masked: their teacher terms are zeros), or None when no rank needs one (`any_rank`: sharded, the forward is
         a collective). `share_prompts`: rows with the same reprompt run it once (`RolloutBatch.teacher_inputs`);
         `passes`: the block's `prompt_passes`, whose reprompts the rows continue."""
-        if self.config.scorer != "trainer" or not any_rank(bool(micro.distill_mask_B.any())):
+        if not self.scorer.forward_in_update or not any_rank(bool(micro.distill_mask_B.any())):
             return None
         rows = torch.tensor(micro.distill_rows, dtype=torch.long)
         if len(rows) == 0:  # sharded, another rank needs the teacher: join its forward with a stand-in row (masked)
@@ -349,10 +370,111 @@ class Teacher:
         return self.features(policy, inputs.to(device), passes).of_rows(rows, micro.response_width)
 
     @staticmethod
-    def token_logp(micro: RolloutBatch, terms: dict[str, Tensor], distill_mask_BR: Tensor) -> Tensor | None:
+    def token_logp(micro: RolloutBatch, terms: dict[str, Tensor], distill_mask_BR: Tensor | None) -> Tensor | None:
         """log q(y_t): from the trainer's teacher forward (`terms`) or the engine's scores; None: nothing scored."""
+        if distill_mask_BR is None:
+            return None
         if "teacher_logp" in terms:
             return terms["teacher_logp"].float()
         if micro.teacher_logp_BR is not None and distill_mask_BR.any():
             return micro.teacher_logp_BR.to(distill_mask_BR.device)[:, : distill_mask_BR.shape[1]]
         return None
+
+
+class TeacherScorer:
+    """Who computes the teacher's log-probs (`algorithm.teacher.scorer`)."""
+
+    forward_in_update = True  # a teacher forward inside the update, per micro-batch
+
+    def check(self, engine: Any) -> None:
+        """At start: whether `engine` can do what this scorer asks of it."""
+
+    def score(self, batch: RolloutBatch, engine: Any) -> None:
+        """Before the update: scores computed outside the trainer's forwards, onto `batch`."""
+
+
+TEACHER_SCORERS: Registry[type[TeacherScorer]] = Registry("teacher scorer")
+TEACHER_SCORERS.register("trainer")(TeacherScorer)
+
+
+@TEACHER_SCORERS.register("engine")
+class EngineScorer(TeacherScorer):
+    """The rollout engine's prompt log-probs, once per generation batch, for engines that declare the capability
+    (`RolloutEngine.scores_teacher`)."""
+
+    forward_in_update = False
+
+    def check(self, engine: Any) -> None:
+        if not engine.scores_teacher:
+            raise ValueError(f"algorithm.teacher.scorer=engine: the {type(engine).__name__} engine cannot score "
+                             "the teacher (use rollout=vllm, or algorithm.teacher.scorer=trainer)")
+
+    def score(self, batch: RolloutBatch, engine: Any) -> None:
+        """log q(y_t) under the reprompt for the rows with a signal (0 elsewhere)."""
+        rows = batch.distill_rows
+        batch.teacher_logp_BR = torch.zeros(len(batch), batch.response_width)
+        if rows:
+            scores = engine.score_teacher([batch.teacher_prompt_ids[i] for i in rows], [batch.response_ids[i] for i in rows])
+            batch.teacher_logp_BR[rows, : scores.token_logp_BR.shape[1]] = scores.token_logp_BR
+
+
+class NoTeacher:
+    """GRPO (algorithm.grpo_weight = 1): nothing re-scores the rollouts. Every teacher call of a step is a no-op, so
+    that the algorithm without a teacher is a case of the same step, not a branch through it."""
+
+    model = None
+
+    def place(self, policy: nn.Module, prepare_copy: Callable[[nn.Module], nn.Module]) -> None:
+        pass
+
+    def check_engine(self, engine: Any) -> None:
+        pass
+
+    def engine_context_len(self, max_new_tokens: int) -> int:
+        return 0
+
+    def attach(self, batch: RolloutBatch, reprompts: list[Reprompt], *args: Any) -> None:
+        """No teacher prompts and no distillation mask: the batch's rows carry the policy loss only."""
+
+    def cacheable_casts(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def prompt_passes(self, *args: Any) -> None:
+        return None
+
+    def micro_batch_features(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    token_logp = staticmethod(Teacher.token_logp)
+
+    def release(self) -> None:
+        pass
+
+    def update(self, policy: nn.Module) -> None:
+        pass
+
+    def owned_parameters(self) -> list[Tensor]:
+        return []
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        pass
+
+
+def reprompt_limit(config: SDPOConfig, model: nn.Module) -> int:
+    """algorithm.reprompt.max_reprompt_len within the model's context window: the teacher reads a reprompt and a
+    response, and positions past the window are undefined (vLLM refuses them: the paper's 10240 exceeds SmolLM2's
+    8192)."""
+    limit = config.algorithm.reprompt.max_reprompt_len
+    window = getattr(unwrap(model).config, "max_position_embeddings", None)
+    return min(limit, window - config.rollout.max_new_tokens) if window else limit
+
+
+def build_teacher(config: SDPOConfig, policy: nn.Module,
+                  copy_policy: Callable[[nn.Module], nn.Module] = frozen_copy) -> Teacher | NoTeacher:
+    """The algorithm's teacher: none for GRPO (grpo_weight = 1), else `algorithm.teacher`'s kind and scorer."""
+    if not config.algorithm.uses_teacher:
+        return NoTeacher()
+    return Teacher(config.algorithm.teacher, policy, copy_policy, reprompt_limit(config, policy))

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 
 from sdpo.envs.base import ENVIRONMENTS, DataError
 from sdpo.envs.code.env import CodeEnv, CodeEnvConfig, CodeTask
+from sdpo.envs.code.extract import answer_instruction
 from sdpo.envs.rows import data_file, get_field, read_jsonl
 
 STDIN_INSTRUCTION = (
     "Write a Python 3 program that reads the input from standard input and prints the answer to standard output. "
-    "End your answer with the complete program in a single ```python code block."
+    + answer_instruction("program")
 )
 
 

@@ -9,6 +9,11 @@ _CLOSE = re.compile(r"^[ \t]*```[ \t]*$")
 _PYTHON_TAGS = {"python", "python3", "py", "py3"}
 
 
+def answer_instruction(what: str) -> str:
+    """The prompts' closing request for what `extract_program` reads: "the complete <what>" in one ```python block."""
+    return f"End your answer with the complete {what} in a single ```python code block."
+
+
 def extract_program(response: str) -> str | None:
     """The last closed ```python block (```py and ```python3 count too); else the last closed untagged block.
 

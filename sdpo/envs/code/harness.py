@@ -76,23 +76,46 @@ def encode(value, depth=0):
     return {"__repr__": _short_repr(value)}
 
 
-def decode(value):
-    """Inverse of `encode` for test arguments sent in (tuples, sets, complex numbers survive the JSON trip)."""
+def decode(value, opaque=None):
+    """Inverse of `encode`: tuples, sets, dicts, non-finite floats and complex numbers survive the JSON trip.
+
+    The one decoder of both sides. Here (test arguments sent in) `opaque` is None: a value the tags cannot rebuild
+    stays as it came (a `__repr__` tag or an untagged object is left a dict; unhashable set members or dict keys
+    raise TypeError). The trusted scorer (sdpo.envs.code.values.decode) passes `opaque`, which then stands for such a
+    value, built from its text; an untagged JSON object (an expected value from data) gets its members decoded.
+    """
     if isinstance(value, list):
-        return [decode(item) for item in value]
+        return [decode(item, opaque) for item in value]
     if not isinstance(value, dict):
         return value
     if "__tuple__" in value:
-        return tuple(decode(item) for item in value["__tuple__"])
+        return tuple(decode(item, opaque) for item in value["__tuple__"])
     if "__set__" in value:
-        return set(decode(item) for item in value["__set__"])
+        items = [decode(item, opaque) for item in value["__set__"]]
+        try:
+            return set(items)
+        except TypeError:  # unhashable members cannot form a set; keep the order-free intent
+            if opaque is None:
+                raise
+            return opaque("{" + ", ".join(map(repr, items)) + "}")
     if "__dict__" in value:
-        return {decode(k): decode(v) for k, v in value["__dict__"]}
+        pairs = [(decode(k, opaque), decode(v, opaque)) for k, v in value["__dict__"]]
+        try:
+            return dict(pairs)
+        except TypeError:
+            if opaque is None:
+                raise
+            return opaque(repr(pairs))
     if "__float__" in value:
         return float(value["__float__"])
     if "__complex__" in value:
-        return complex(*value["__complex__"])
-    return value
+        real, imag = value["__complex__"]
+        return complex(decode(real, opaque), decode(imag, opaque))
+    if opaque is None:
+        return value
+    if "__repr__" in value:
+        return opaque(str(value["__repr__"]))
+    return {key: decode(item, opaque) for key, item in value.items()}
 
 
 def _node_to_list(value):

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 from sdpo.envs.base import ENVIRONMENTS, DataError
 from sdpo.envs.code.env import CodeEnv, CodeEnvConfig, CodeTask
+from sdpo.envs.code.extract import answer_instruction
 from sdpo.envs.rows import data_file, get_field, read_jsonl
 
 HUMANEVAL_INSTRUCTION = (
-    "Complete the following Python function. End your answer with the complete function (with any imports it "
-    "needs) in a single ```python code block."
+    "Complete the following Python function. " + answer_instruction("function (with any imports it needs)")
 )
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from sdpo.envs.base import ENVIRONMENTS, DataError
 from sdpo.envs.code.env import CodeEnv, CodeEnvConfig, CodeTask
+from sdpo.envs.code.extract import answer_instruction
 from sdpo.envs.rows import data_file, get_field, read_jsonl
 
 # What a LeetCode submission may take for granted. `sortedcontainers` reaches the sandbox as a judge library
@@ -92,7 +93,7 @@ def is_same_tree(a, b):
             pairs += [(a.left, b.left), (a.right, b.right)]
     return True
 """
-FUNCTION_INSTRUCTION = "End your answer with the complete solution in a single ```python code block."
+FUNCTION_INSTRUCTION = answer_instruction("solution")
 
 
 @dataclass

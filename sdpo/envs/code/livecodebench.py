@@ -27,14 +27,14 @@ from typing import Any
 from sdpo.config import ConfigError
 from sdpo.envs.base import ENVIRONMENTS, DataError
 from sdpo.envs.code.env import CodeEnv, CodeEnvConfig, CodeTask
-from sdpo.envs.code.leetcode import LEETCODE_PREAMBLE
+from sdpo.envs.code.extract import answer_instruction
+from sdpo.envs.code.leetcode import FUNCTION_INSTRUCTION, LEETCODE_PREAMBLE
 from sdpo.envs.rows import data_file, get_field, read_jsonl
 
 STDIN_FORMAT = (
-    "Read the input from standard input and write the answer to standard output. End your answer with the "
-    "complete program in a single ```python code block."
+    "Read the input from standard input and write the answer to standard output. " + answer_instruction("program")
 )
-CALL_FORMAT = "Complete the starter code below. End your answer with the complete solution in a single ```python code block."
+CALL_FORMAT = "Complete the starter code below. " + FUNCTION_INSTRUCTION
 
 
 @dataclass

@@ -18,10 +18,11 @@ from typing import Any
 from sdpo.config import check_choice
 from sdpo.envs.base import ENVIRONMENTS, DataError
 from sdpo.envs.code.env import CodeEnv, CodeEnvConfig, CodeTask
+from sdpo.envs.code.extract import answer_instruction
 from sdpo.envs.code.humaneval import assert_display
 from sdpo.envs.rows import data_file, get_field, read_jsonl
 
-MBPP_INSTRUCTION = "End your answer with the complete function in a single ```python code block."
+MBPP_INSTRUCTION = answer_instruction("function")
 # The data set's split by task_id (its README): 1-10 few-shot prompts, 11-510 test, 511-600 validation, rest train.
 MBPP_SPLITS = ((10, "prompt"), (510, "test"), (600, "validation"), (10**9, "train"))
 

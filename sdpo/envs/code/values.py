@@ -11,6 +11,8 @@ import json
 import math
 from typing import Any
 
+from sdpo.envs.code import harness
+
 
 class Unrepresentable:
     """A value the harness could only send as its repr (an arbitrary object); equal only to the same repr."""
@@ -29,32 +31,9 @@ class Unrepresentable:
 
 
 def decode(value: Any) -> Any:
-    if isinstance(value, list):
-        return [decode(item) for item in value]
-    if not isinstance(value, dict):
-        return value
-    if "__tuple__" in value:
-        return tuple(decode(item) for item in value["__tuple__"])
-    if "__set__" in value:
-        items = [decode(item) for item in value["__set__"]]
-        try:
-            return set(items)
-        except TypeError:  # unhashable members cannot form a set here; keep the order-free intent
-            return Unrepresentable("{" + ", ".join(map(repr, items)) + "}")
-    if "__dict__" in value:
-        pairs = [(decode(k), decode(v)) for k, v in value["__dict__"]]
-        try:
-            return dict(pairs)
-        except TypeError:
-            return Unrepresentable(repr(pairs))
-    if "__float__" in value:
-        return float(value["__float__"])
-    if "__complex__" in value:
-        real, imag = value["__complex__"]
-        return complex(decode(real), decode(imag))
-    if "__repr__" in value:
-        return Unrepresentable(str(value["__repr__"]))
-    return {key: decode(item) for key, item in value.items()}  # a plain JSON object (expected values from data)
+    """A program's value from the harness's tagged JSON (or an expected value from data); what cannot be rebuilt
+    is `Unrepresentable`."""
+    return harness.decode(value, Unrepresentable)
 
 
 def values_match(actual: Any, expected: Any, atol: float = 0.0, strict_types: bool = False) -> bool:

@@ -1,0 +1,194 @@
+"""`algorithm.*`: the objective (SDPO, GRPO, their hybrids), the self-teacher, its reprompt and the losses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sdpo.config.checks import ConfigError, check_choice, check_range
+
+
+@dataclass
+class RepromptConfig:
+    """How the self-teacher's context is built (spec section 2). The templates are the paper's exact strings."""
+
+    reprompt_template: str = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question.\n"
+    solution_template: str = "\nCorrect solution:\n\n{successful_previous_attempt}\n\n"
+    feedback_template: str = (
+        "\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback_raw}\n\n"
+    )
+    # The rollout's own attempt, for the paper's Table 6 ablation ("own attempt + output + solution": it hurts, 44.5
+    # vs 48.3 without it); put before the feedback when include_own_attempt is on.
+    own_attempt_template: str = "\nYour earlier attempt:\n\n{own_attempt}\n\n"
+    success_reward_threshold: float = 1.0
+    # Sibling solutions in the teacher's context; false: environment feedback only (paper Table 6, "output only").
+    include_solution: bool = True
+    include_own_attempt: bool = False
+    # A successful rollout is distilled toward a *sibling* success, never toward itself.
+    dont_reprompt_on_self_success: bool = True
+    remove_thinking_from_demonstration: bool = True
+    include_environment_feedback: bool = True
+    environment_feedback_only_without_solution: bool = False
+    # Reprompt token budget; demonstration and feedback are shortened first, never the question or instruction.
+    max_reprompt_len: int = 10240
+
+    def __post_init__(self) -> None:
+        for key in ("prompt", "solution", "feedback"):
+            if "{" + key + "}" not in self.reprompt_template:
+                raise ConfigError(f"algorithm.reprompt.reprompt_template must contain {{{key}}}")
+        if "{successful_previous_attempt}" not in self.solution_template:
+            raise ConfigError("algorithm.reprompt.solution_template must contain {successful_previous_attempt}")
+        if "{feedback_raw}" not in self.feedback_template:
+            raise ConfigError("algorithm.reprompt.feedback_template must contain {feedback_raw}")
+        if "{own_attempt}" not in self.own_attempt_template:
+            raise ConfigError("algorithm.reprompt.own_attempt_template must contain {own_attempt}")
+        if not self.include_solution and not self.include_environment_feedback:
+            raise ConfigError("algorithm.reprompt.include_solution=false and include_environment_feedback=false leave "
+                              "the teacher nothing to learn from: turn one of them on")
+        check_range("algorithm.reprompt.max_reprompt_len", self.max_reprompt_len, 16)
+
+
+TEACHER_KINDS = ["live", "frozen", "ema", "trust_region"]
+
+
+@dataclass
+class TeacherConfig:
+    """Which weights the self-teacher scores with (spec section 4)."""
+
+    kind: str = "ema"
+    # EMA rate tau: teacher <- (1 - tau) teacher + tau student after each finite-gradient optimizer step.
+    update_rate: float = 0.05
+    # trust_region: teacher logits = lerp(reference logits, live logits, mix). The paper gives no value.
+    trust_region_mix: float = 0.5
+    # Who computes the teacher's log-probs: "trainer" (a forward pass in the update, every kind and distillation
+    # mode) or "engine" (vLLM's prompt log-probs of the response under the reprompt, once per generation batch,
+    # before the update). The engine holds the policy as of the last sync, so "engine" needs kind=live, and it
+    # yields the sampled token's log-prob only: distill.mode=sampled_token; rollout.temperature=1.0.
+    scorer: str = "trainer"
+
+    def __post_init__(self) -> None:
+        check_choice("algorithm.teacher.kind", self.kind, TEACHER_KINDS)
+        check_choice("algorithm.teacher.scorer", self.scorer, TEACHER_SCORERS)
+        check_range("algorithm.teacher.update_rate", self.update_rate, 0.0, 1.0)
+        check_range("algorithm.teacher.trust_region_mix", self.trust_region_mix, 0.0, 1.0)
+
+
+DISTILL_MODES = ["sampled_token", "full_logits", "topk_logits", "sequence"]
+TEACHER_SCORERS = ["trainer", "engine"]
+
+
+@dataclass
+class DistillConfig:
+    """The self-distillation loss (spec section 3)."""
+
+    mode: str = "topk_logits"
+    topk: int = 100
+    # topk_logits: add a tail bucket with the leftover mass (true) or renormalise over the k entries (false).
+    tail: bool = True
+    # 0: forward KL(T||S); 1: reverse KL(S||T) (paper Eq. 1); in between: generalised JSD.
+    alpha: float = 0.5
+    # Importance-sampling clip for off-policy mini-batches: min(exp(s - old), is_clip).
+    is_clip: float = 2.0
+    # Clip of the sampled-token SDPO advantage A = q(y_t) - s(y_t) to [-clip, clip] (the paper's test-time runs use
+    # 5.0), in the advantage-level hybrid and the sampled-token loss; None: no clip. Logit-level modes have no such
+    # advantage, so the clip is rejected there rather than ignored.
+    advantage_clip: float | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("algorithm.distill.mode", self.mode, DISTILL_MODES)
+        check_range("algorithm.distill.topk", self.topk, 1)
+        check_range("algorithm.distill.alpha", self.alpha, 0.0, 1.0)
+        if self.advantage_clip is not None:
+            check_range("algorithm.distill.advantage_clip", self.advantage_clip, 1e-6)
+            if self.mode != "sampled_token":
+                raise ConfigError(
+                    f"algorithm.distill.advantage_clip={self.advantage_clip} clips the sampled-token SDPO advantage, "
+                    f"which algorithm.distill.mode={self.mode} does not use: it would do nothing. Remove it "
+                    "(algorithm.distill.advantage_clip=null) or set algorithm.distill.mode=sampled_token"
+                )
+        if not self.logit_level and self.alpha != 1.0:
+            raise ConfigError(
+                f"algorithm.distill.mode={self.mode} supports only the reverse KL: set algorithm.distill.alpha=1.0"
+            )
+
+    @property
+    def logit_level(self) -> bool:
+        """Whether the loss needs both models' logits (full / top-k), rather than the sampled tokens' log-probs (for
+        validation; the losses ask the mode itself, `sdpo.losses.DISTILL_MODES`, and a test holds the two equal)."""
+        return self.mode in ("full_logits", "topk_logits")
+
+
+KL_ESTIMATORS = ["k1", "k2", "k3"]
+
+
+@dataclass
+class PolicyLossConfig:
+    """The GRPO clipped policy-gradient loss (spec section 5)."""
+
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.28
+    # KL to the reference (initial) weights; 0 disables it and skips the reference forward.
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+
+    def __post_init__(self) -> None:
+        check_range("algorithm.policy.clip_eps_low", self.clip_eps_low, 0.0, 1.0)
+        check_range("algorithm.policy.clip_eps_high", self.clip_eps_high, 0.0)
+        check_choice("algorithm.policy.kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+
+
+AGGREGATIONS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+ADVANTAGE_ESTIMATORS = ["grpo"]
+
+
+@dataclass
+class AlgorithmConfig:
+    """SDPO, GRPO and their hybrids are one objective with a GRPO weight lambda (paper Eq. 3).
+
+    grpo_weight = 0: pure SDPO (distillation only); 1: GRPO (no teacher at all); in between: a hybrid, mixed
+    either at the advantage level (mix=advantage: A = lambda A_GRPO + (1 - lambda) A_SDPO inside the clipped
+    policy-gradient loss, sampled-token SDPO advantage) or at the loss level (mix=loss:
+    lambda * policy_loss + (1 - lambda) * distill_loss, any distillation mode).
+    """
+
+    name: str = "sdpo"  # a label for run names and plots
+    grpo_weight: float = 0.0
+    mix: str = "loss"
+    advantage_estimator: str = "grpo"
+    # The paper's GRPO advantage is r - mean(group) without std normalisation.
+    norm_adv_by_std: bool = False
+    loss_agg_mode: str = "token-mean"
+    # Token-level truncated IS between the inference engine's and the trainer's log-probs; None disables it.
+    tis_threshold: float | None = 2.0
+    # Multi-turn episodes (rollout.max_turns > 1): the return GRPO baselines over a question's episodes and gives to
+    # every turn of the episode. "final": the last turn's reward; "any_success": the best turn's reward;
+    # "discounted": sum over turns t (from 0) of episode_discount^t * reward_t (a later success is worth less).
+    episode_return: str = "final"
+    episode_discount: float = 0.9
+    policy: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    reprompt: RepromptConfig = field(default_factory=RepromptConfig)
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.grpo_weight < 1.0
+
+    @property
+    def uses_policy_loss(self) -> bool:
+        return self.grpo_weight > 0.0 or self.mix == "advantage"
+
+    def __post_init__(self) -> None:
+        check_range("algorithm.grpo_weight", self.grpo_weight, 0.0, 1.0)
+        check_choice("algorithm.mix", self.mix, ["loss", "advantage"])
+        check_choice("algorithm.advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS)
+        check_choice("algorithm.loss_agg_mode", self.loss_agg_mode, AGGREGATIONS)
+        check_choice("algorithm.episode_return", self.episode_return, ["final", "any_success", "discounted"])
+        check_range("algorithm.episode_discount", self.episode_discount, 0.0, 1.0)
+        if self.distill.advantage_clip is not None and not self.uses_teacher:
+            raise ConfigError(f"algorithm.distill.advantage_clip={self.distill.advantage_clip} clips the SDPO advantage, "
+                              "and algorithm.grpo_weight=1.0 (GRPO) has none: remove it")
+        if self.mix == "advantage" and self.uses_teacher and self.distill.mode != "sampled_token":
+            raise ConfigError(
+                "algorithm.mix=advantage mixes the sampled-token SDPO advantage into the policy gradient: "
+                "set algorithm.distill.mode=sampled_token (and alpha=1.0), or use algorithm.mix=loss"
+            )

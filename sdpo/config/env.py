@@ -1,0 +1,32 @@
+"""`env.*`: the fields every environment has; each environment module registers a subclass with its own."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from omegaconf import MISSING
+
+from sdpo.config.checks import check_range
+
+
+@dataclass
+class EnvConfig:
+    """Fields every environment has; each environment subclasses this with its own."""
+
+    # The Environment class; a researcher's own class works without editing the library.
+    _target_: str = MISSING
+    name: str = MISSING
+    # Local data root; relative paths resolve against the repository root (the tests and presets use ../shared/data).
+    data_dir: str = "../shared/data"
+    train_split: str = "train"
+    eval_split: str = "test"
+    max_train_rows: int | None = None
+    max_eval_rows: int | None = None
+    # Scoring runs in a worker pool; one slow sample gets a failure result after this many seconds.
+    score_workers: int = 2
+    score_timeout_s: float = 30.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_range("env.score_workers", self.score_workers, 1)
+        check_range("env.score_timeout_s", self.score_timeout_s, 0.0)

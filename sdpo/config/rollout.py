@@ -1,0 +1,70 @@
+"""`rollout.*`: how rollouts are sampled, by transformers or by a colocated vLLM engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sdpo.config.checks import check_choice, check_range
+
+
+@dataclass
+class VLLMConfig:
+    gpu_memory_utilization: float = 0.5
+    # Free the KV cache (level 1) or also the weights (level 2) during the update; 0 disables sleep mode.
+    sleep_level: int = 0
+    # false: vLLM's torch.compile (and CUDA graphs on a GPU; vLLM's own default). On the 2-core CPU a training step
+    # generated the same tokens in 0.83-0.92x the eager time, for about 90 s more start-up once per run
+    # (benchmarks/results/vs_trl_cpu.md): worth it past 100-200 steps. The 10-step CPU preset keeps eager mode.
+    enforce_eager: bool = False
+    # Weights are streamed to the engine in buckets of at most this many MiB.
+    sync_bucket_mb: int = 256
+    # None: max_prompt_len + max_new_tokens (+ the reprompt length when the engine scores the teacher).
+    max_model_len: int | None = None
+    # "auto": the trainer's compute dtype (model.autocast_dtype, resolved from the machine), so that the sampler and
+    # the trainer run one precision; or an explicit bfloat16 / float16 / float32.
+    dtype: str = "auto"
+    seed: int = 0
+    # KV-cache size in GiB. None: gpu_memory_utilization sizes it on a GPU; on vLLM's CPU backend (where that
+    # fraction is of host memory and start-up fails when other processes hold it) the engine uses 1 GiB.
+    kv_cache_gb: float | None = None
+    # Most log-probs per position the engine may return (top-k of engine teacher scoring; vLLM's default is 20).
+    max_logprobs: int = 20
+
+    def __post_init__(self) -> None:
+        check_range("rollout.vllm.gpu_memory_utilization", self.gpu_memory_utilization, 0.0, 1.0)
+        check_choice("rollout.vllm.sleep_level", self.sleep_level, [0, 1, 2])
+        check_range("rollout.vllm.sync_bucket_mb", self.sync_bucket_mb, 1)
+        check_range("rollout.vllm.max_logprobs", self.max_logprobs, 0)
+        check_choice("rollout.vllm.dtype", self.dtype, ["auto", "bfloat16", "float16", "float32"])
+        if self.kv_cache_gb is not None:
+            check_range("rollout.vllm.kv_cache_gb", self.kv_cache_gb, 0.01)
+
+
+ROLLOUT_ENGINES = ["hf", "vllm"]
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"
+    num_generations: int = 8  # G rollouts per question
+    max_prompt_len: int = 2048
+    max_new_tokens: int = 8192
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: off
+    stop: list[str] = field(default_factory=list)
+    # Model turns per episode (docs/multi_turn.md): 1 is single-turn; more lets the environment answer each failed
+    # turn (its `follow_up`) and the model try again, max_new_tokens per turn, the conversation evicted
+    # first-in-first-out (question kept) to fit max_prompt_len.
+    max_turns: int = 1
+    # transformers engine: sequences per generate() call.
+    hf_batch_size: int = 64
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+
+    def __post_init__(self) -> None:
+        check_choice("rollout.engine", self.engine, ROLLOUT_ENGINES)
+        check_range("rollout.num_generations", self.num_generations, 1)
+        check_range("rollout.temperature", self.temperature, 1e-6)
+        check_range("rollout.top_p", self.top_p, 1e-6, 1.0)
+        check_range("rollout.max_new_tokens", self.max_new_tokens, 1)
+        check_range("rollout.max_turns", self.max_turns, 1)

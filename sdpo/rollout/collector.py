@@ -1,0 +1,96 @@
+"""The rollout side of a training step: questions -> episodes (one turn or many) -> a scored `RolloutBatch`.
+
+A single-turn run is a one-turn episode: one code path generates, scores (the environment's pooled, sandboxed
+`score_batch`) and assembles the batch; `rollout.max_turns` > 1 only lets episodes go on (sdpo/rollout/episodes.py,
+docs/multi_turn.md). The collector also renders each question's prompt once and picks the rollout engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+import logging
+from typing import TYPE_CHECKING, Any
+
+from transformers import PreTrainedTokenizerBase
+
+from sdpo.batch import RolloutBatch
+from sdpo.config import SDPOConfig
+from sdpo.distributed import Distributed
+from sdpo.envs import Environment, Problem
+from sdpo.evaluation import evaluate_policy
+from sdpo.models import render_chat
+from sdpo.rollout import RolloutEngine, SamplingSettings, build_engine
+from sdpo.rollout.episodes import EpisodeLimits, EpisodeRollout, episode_metrics
+from sdpo.tracking import StageTimer
+
+if TYPE_CHECKING:
+    from sdpo.learner import Learner
+
+log = logging.getLogger(__name__)
+
+
+class Collector:
+    """`engine` is set once the policy it samples from exists (`build_engine`), or given (a researcher's own)."""
+
+    def __init__(self, config: SDPOConfig, env: Environment, tokenizer: PreTrainedTokenizerBase, dist: Distributed,
+                 timer: StageTimer) -> None:
+        self.config, self.env, self.tokenizer, self.dist, self.timer = config, env, tokenizer, dist, timer
+        self.engine: RolloutEngine | None = None
+        self.limits = EpisodeLimits.from_config(config)
+        self._prompt_ids: dict[int, list[int]] = {}  # keyed by id(problem): ids need not be unique across splits
+
+    def build_engine(self, learner: Learner, model_path: Any) -> RolloutEngine:
+        """The configured engine over the learner's policy, with a context window for the rollouts and for what the
+        teacher has it read (reprompt plus response when the engine scores the teacher)."""
+        rollout = self.config.rollout
+        max_model_len = max(rollout.max_prompt_len + rollout.max_new_tokens,
+                            learner.teacher.engine_context_len(rollout.max_new_tokens))
+        return build_engine(rollout, learner.unwrapped, self.tokenizer, model_path, max_model_len,
+                            learner.autocast_dtype, sharded=not self.dist.whole_weights)
+
+    def renderable(self, problems: list[Problem]) -> list[Problem]:
+        """Render every prompt once; drop (and report) those longer than rollout.max_prompt_len."""
+        limit, kept = self.config.rollout.max_prompt_len, []
+        for p in problems:
+            ids = render_chat(self.tokenizer, p.messages, self.config.model.chat_template_kwargs)
+            if len(ids) <= limit:
+                self._prompt_ids[id(p)] = ids
+                kept.append(p)
+        if len(kept) < len(problems):
+            log.warning("dropped %d of %d problems longer than rollout.max_prompt_len=%d tokens",
+                        len(problems) - len(kept), len(problems), limit)
+        if problems and not kept:
+            raise ValueError("every problem is longer than rollout.max_prompt_len: raise it")
+        return kept
+
+    def prompt_ids(self, problem: Problem) -> list[int]:
+        return self._prompt_ids[id(problem)]
+
+    def collect(self, problems: list[Problem], step: int) -> tuple[RolloutBatch, list[Problem], dict[str, float]]:
+        """G episodes per question, generated and scored turn by turn: the batch (one row per model turn), each row's
+        problem as the turn saw it, and the batch's reward and length metrics (means over processes)."""
+        seed = self.dist.sampling_seed(self.config.trainer.seed, step)
+        sampling = SamplingSettings.from_config(self.config.rollout, seed=seed)
+        rollout = EpisodeRollout(self.engine, self.env, self.tokenizer, self.limits, self.timer)
+        rollout.begin(problems, [self.prompt_ids(p) for p in problems], sampling.n)
+        rollout.run(sampling, self.dist.any_rank)
+        batch, problems_B = rollout.batch(self.config.algorithm.episode_return, self.config.algorithm.episode_discount)
+        if self.limits.max_turns == 1:  # a one-turn episode is a single-turn row: no episode fields to carry
+            batch = replace(batch, episode_ids_B=None, turn_B=None, returns_B=None)
+        return batch, problems_B, self.metrics(batch)
+
+    def metrics(self, batch: RolloutBatch) -> dict[str, float]:
+        lengths = batch.response_lengths_B
+        return self.dist.reduce_mean({
+            "reward/mean": batch.rewards_B.mean(),
+            "response/length_mean": lengths.mean(),
+            "response/truncated_fraction": batch.truncated_B.float().mean(),
+            **episode_metrics(batch, self.config.algorithm.reprompt.success_reward_threshold),
+        }) | {"response/length_max": float(self.dist.reduce(lengths.max(), "max"))}
+
+    def evaluate(self, problems: list[Problem]) -> dict[str, float]:
+        """avg@k / pass@k (or episode success) on this process's share of `problems`, averaged over processes."""
+        mine = self.dist.share(problems)
+        return self.dist.reduce_mean(evaluate_policy(self.engine, self.env, self.tokenizer, mine,
+                                                     [self.prompt_ids(p) for p in mine], self.config,
+                                                     self.dist.any_rank))
