@@ -32,7 +32,9 @@ from sdpo.config import SDPOConfig
 def main(config: SDPOConfig) -> None:
     from sdpo import console
     from sdpo.cli import library_output_to_log
-    from sdpo.probe import format_verdict, probe
+    from tqdm.auto import tqdm
+
+    from sdpo.probe import PROBE_STAGES, format_verdict, probe
     from sdpo.rollout import SamplingSettings
     from sdpo.trainer import SDPOTrainer
 
@@ -47,15 +49,25 @@ def main(config: SDPOConfig) -> None:
         f"{rcfg.num_generations} rollouts (temperature {rcfg.temperature}) · rollouts {engine}",
         f"run directory {tcfg.output_dir}" + (f" (log: {log_file})" if log_file else ""),
     ]), flush=True)
-    with library_output_to_log(config) as (log_file, _):
+    with library_output_to_log(config) as (log_file, terminal):
+        bar = tqdm(total=1 + len(PROBE_STAGES), desc="loading the model and the engine", file=terminal,
+                   disable=not config.logging.progress_bar, bar_format="{desc}: {n}/{total} stages [{elapsed}]")
         trainer = SDPOTrainer(config)  # the env, the tokenizer, the policy and the rollout engine of a real run
+
+        def progress(stage: str) -> None:
+            bar.update(1)
+            bar.set_description_str(stage)
+
         try:
             problems = trainer.next_questions()
             sampling = SamplingSettings.from_config(rcfg, seed=tcfg.seed)
             result = probe(trainer.env, problems, trainer.collector.prompt_ids, trainer.engine,
                            trainer.learner.unwrapped, trainer.tokenizer, sampling, config.algorithm.reprompt,
-                           seed_key=f"{tcfg.seed}:probe", chat_template_kwargs=config.model.chat_template_kwargs)
+                           seed_key=f"{tcfg.seed}:probe", chat_template_kwargs=config.model.chat_template_kwargs,
+                           progress=progress)
+            bar.update(1)
         finally:
+            bar.close()
             trainer.engine.close()
     print(format_verdict(result))
     out = trainer.run_dir / "probe.json"

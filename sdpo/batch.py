@@ -217,6 +217,9 @@ class RolloutBatch:
     rewards_B: Tensor | None = None
     feedback: list[str] = field(default_factory=list)
     returns_B: Tensor | None = None  # float; the episode's return (algorithm.episode_return) on each of its turns
+    # The teacher's context from the data, per row (a reward function's Score.info["teacher_context"], else the
+    # problem's teacher_context); only reprompts read it. Empty: the problems' own.
+    data_context: list[str | None] = field(default_factory=list)
     # -- from the reprompt builder (spec section 2)
     teacher_prompt_ids: list[list[int]] | None = None
     distill_mask_B: Tensor | None = None  # bool; the sample's reprompt has a solution or feedback

@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 
 from sdpo.config import ConfigError, SDPOConfig
 from sdpo.console import setup_logging
+from sdpo.envs.base import DataError
 from sdpo.hydra_config import CONFIG_DIR, check_overrides, register_configs, to_config
 
 # What each script reads of the config: sections or dotted keys (a key counts with everything below it), less the
@@ -45,8 +46,9 @@ TEST_TIME_IGNORES = ("eval", "trainer.total_steps", "trainer.save_every", "train
 # The probe builds the trainer (its env, policy, engine, and trainer.resume's weights) and samples one step's
 # questions; it takes no optimizer step and saves nothing. trainer.mini_batch_questions: a smaller
 # trainer.questions_per_step must still divide by it.
-PROBE_USES = ("model", "env", "rollout", "algorithm.reprompt", "logging.verbose", "trainer.seed",
-              "trainer.questions_per_step", "trainer.mini_batch_questions", "trainer.output_dir", "trainer.resume")
+PROBE_USES = ("model", "env", "rollout", "algorithm.reprompt", "logging.verbose", "logging.progress_bar",
+              "trainer.seed", "trainer.questions_per_step", "trainer.mini_batch_questions", "trainer.output_dir",
+              "trainer.resume")
 
 # The default run directory of a script other than train.py, as configs/config.yaml's trainer.output_dir.
 TIMESTAMP = "${now:%Y%m%d-%H%M%S}"
@@ -122,10 +124,16 @@ def run(main: Callable[[SDPOConfig], None], uses: Sequence[str] | None = None, i
     def task(cfg: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
 
-        config = to_config(cfg)
+        try:
+            config = to_config(cfg)
+        except ConfigError as exc:  # a value out of range: the message alone, as for unknown keys
+            sys.exit(f"error: {exc}")
         hydra_config = HydraConfig.get()
         setup_logging(Path(hydra_config.runtime.output_dir) / f"{hydra_config.job.name}.log", config.logging.verbose)
-        main(config)
+        try:
+            main(config)
+        except (ConfigError, DataError) as exc:  # bad input: what to fix, without a traceback
+            sys.exit(f"error: {exc}")
 
     hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")(task)()
 

@@ -244,7 +244,7 @@ def evaluate_checkpoint(
 
 def evaluate_policy(engine: RolloutEngine, env: Environment, tokenizer: Any, problems: Sequence[Problem],
                     prompt_ids: Sequence[list[int]], config: Any,
-                    any_rank: Callable[[bool], bool] = bool) -> dict[str, float]:
+                    any_rank: Callable[[bool], bool] = bool, prefix: str = "eval") -> dict[str, float]:
     """The trainer's held-out evaluation of `problems` (rendered as `prompt_ids`) with the eval.* sampling settings:
     avg@k / pass@k of single answers, or with rollout.max_turns > 1 success within the turn budget and the first
     turn's avg@k (`sdpo.rollout.episodes.evaluate_episodes`). `any_rank`: see `Distributed.any_rank`."""
@@ -256,7 +256,7 @@ def evaluate_policy(engine: RolloutEngine, env: Environment, tokenizer: Any, pro
                                             seed=config.trainer.seed + 7919)
     if config.rollout.max_turns > 1:
         return evaluate_episodes(engine, env, tokenizer, problems, prompt_ids, sampling,
-                                 EpisodeLimits.from_config(config), any_rank=any_rank)
+                                 EpisodeLimits.from_config(config), prefix, any_rank=any_rank)
     rendered = {id(p): ids for p, ids in zip(problems, prompt_ids)}
     return evaluate(engine, env, problems, lambda p: rendered[id(p)], sampling, ks=ecfg.ks,
-                    success_threshold=config.algorithm.reprompt.success_reward_threshold).metrics
+                    success_threshold=config.algorithm.reprompt.success_reward_threshold, prefix=prefix).metrics

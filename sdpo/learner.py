@@ -255,7 +255,7 @@ class Learner:
 
     def _distill_kwargs(self) -> dict[str, Any]:
         d = self.config.algorithm.distill
-        return {"mode": d.mode, "alpha": d.alpha, "topk": d.topk, "tail": d.tail}
+        return {"mode": d.mode, "alpha": d.alpha, "topk": d.topk, "tail": d.tail, "entry_clip": d.entry_clip}
 
     # ------------------------------------------------------------------------------------------------------------
     # checkpoints

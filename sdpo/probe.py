@@ -51,6 +51,7 @@ class ProbeResult:
     gap_per_token: float  # mean log q(y_t) - log p(y_t) over the tokens of failed rollouts with a signal
     gap_abs_per_token: float  # mean |log q(y_t) - log p(y_t)| over the same tokens
     echo_fraction: float  # reprompted generations that echo the template or the feedback/demonstration
+    data_context_fraction: float = 0.0  # rollouts whose reprompt carries the data's teacher context (reference, hint)
 
     @property
     def logp_uplift(self) -> float:
@@ -83,6 +84,10 @@ def response_logprobs(model: torch.nn.Module, prompts: Sequence[list[int]], resp
     return [logp_BR[i, : len(r)] for i, r in enumerate(responses)]
 
 
+# What `probe` does, in order: its `progress` hears each name as the stage begins.
+PROBE_STAGES = ("student rollouts", "teacher context", "teacher generations", "log-probabilities")
+
+
 def probe(
     env: Environment,
     problems: Sequence[Problem],
@@ -94,6 +99,7 @@ def probe(
     reprompt_config: RepromptConfig,
     seed_key: str = "probe",
     chat_template_kwargs=None,
+    progress: Callable[[str], None] | None = None,
 ) -> ProbeResult:
     """Measure what the self-teacher adds on `problems` (see the module docstring). `model` must hold the weights
     `engine` samples from (the initial policy)."""
@@ -106,7 +112,10 @@ def probe(
         return ([c.prompt_index for c in completions], [c.token_ids for c in completions],
                 [c.text for c in completions], [c.truncated for c in completions])
 
+    stage = progress or (lambda name: None)  # each of PROBE_STAGES as it begins
+
     # -- the student: a training step's rollouts, and greedy answers
+    stage(PROBE_STAGES[0])
     groups, responses, texts, truncated = rollouts(student_prompts, sampling)
     rollout_problems = [problems[g] for g in groups]
     scores = env.score_batch(rollout_problems, texts, truncated)
@@ -117,13 +126,16 @@ def probe(
     solved = {g for g, r in zip(groups, rewards) if r >= threshold}
 
     # -- the teacher's context, exactly as the trainer builds it
+    stage(PROBE_STAGES[1])
+    contexts = [s.info.get("teacher_context") or p.teacher_context for s, p in zip(scores, rollout_problems)]
     reprompts = group_reprompts(seed_key, reprompt_config, rollout_problems, texts, rewards,
-                                [s.feedback for s in scores], groups)
+                                [s.feedback for s in scores], groups, contexts=contexts)
     teacher_prompts = teacher_prompt_ids(reprompts, [student_prompts[g] for g in groups], tokenizer, reprompt_config,
                                          chat_template_kwargs)
     failed = [i for i, r in enumerate(rewards) if r < threshold and reprompts[i].has_signal]
 
     # -- the teacher acting on it: one sampled generation per failed rollout, greedy on one reprompt per question
+    stage(PROBE_STAGES[2])
     teacher_sampled, echo = [], []
     if failed:
         _, _, t_texts, t_truncated = rollouts([teacher_prompts[i] for i in failed], replace(sampling, n=1))
@@ -138,6 +150,7 @@ def probe(
         teacher_greedy = [s.reward >= threshold for s in g_scores]
 
     # -- log-probs: a correct response under the question and under the reprompt; the gap on the student's tokens
+    stage(PROBE_STAGES[3])
     temperature = sampling.temperature if sampling.temperature > 0 else 1.0
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     reference = getattr(env, "reference_response", None)
@@ -174,6 +187,7 @@ def probe(
         success_group_fraction=len(solved) / max(len(problems), 1),
         signal_fraction=sum(r.has_signal for r in reprompts) / n,
         feedback_fraction=sum(r.feedback is not None for r in reprompts) / n,
+        data_context_fraction=sum(r.from_data for r in reprompts) / n,
         teacher_success_sampled=_mean([float(x) for x in teacher_sampled]),
         teacher_success_greedy=_mean([float(x) for x in teacher_greedy]),
         logp_correct_student=logp_student, logp_correct_teacher=logp_teacher,
@@ -190,7 +204,8 @@ def verdict(result: ProbeResult) -> list[tuple[str, str, str]]:
     rows.append(("groups with a success (GRPO signal)", f(grpo_signal),
                  "little GRPO signal" if grpo_signal <= 0.25 else "GRPO has signal"))
     rows.append(("student success sampled / greedy", f"{f(result.student_success_sampled)} / {f(result.student_success_greedy)}", ""))
-    rows.append(("rollouts with a teacher signal / with feedback", f"{f(result.signal_fraction)} / {f(result.feedback_fraction)}",
+    rows.append(("rollouts with a teacher signal / feedback / data context",
+                 f"{f(result.signal_fraction)} / {f(result.feedback_fraction)} / {f(result.data_context_fraction)}",
                  "SDPO inactive" if result.signal_fraction < 0.1 else ""))
     uplift_s = result.teacher_success_sampled - result.student_success_sampled
     rows.append(("teacher success sampled / greedy (reprompted)",

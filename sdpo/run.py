@@ -86,7 +86,11 @@ class RunLoop:
         bar.close()
         self.save()
         if t.dist.is_main:
-            plot_curves([t.run_dir], CURVES, t.run_dir / "reward_curve.png")
+            # Diversity (pass@1 against pass@n: a narrowing policy closes the gap) and forgetting (other envs).
+            n = cfg.eval.samples_per_question
+            extra = ["eval/pass@1", f"eval/pass@{n}"] if n > 1 else []
+            extra += [f"eval_{name}/avg@{n}" for name in cfg.eval.other_envs]
+            plot_curves([t.run_dir], CURVES + extra, t.run_dir / "reward_curve.png")
         self.tracker.close()
         return metrics
 

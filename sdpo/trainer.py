@@ -123,7 +123,7 @@ class SDPOTrainer:
         rewards, groups = batch.rewards_B.tolist(), batch.group_ids_B.tolist()
         episodes = batch.episode_ids_B.tolist() if batch.episode_ids_B is not None else None
         reprompts = group_reprompts(f"{self.config.trainer.seed}:{self.step}", rcfg, problems_B, batch.response_text,
-                                    rewards, batch.feedback, groups, episodes)
+                                    rewards, batch.feedback, groups, episodes, batch.data_context or None)
         stats = reprompt_stats(reprompts, rewards, groups, rcfg.success_reward_threshold)
         failure_modes = context_metrics(rcfg, [p.question for p in problems_B], batch.response_text,
                                         [r.solution for r in reprompts], [r.feedback for r in reprompts], rewards,

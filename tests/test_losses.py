@@ -521,3 +521,102 @@ def test_masked_mean():
 def test_registries_cover_the_documented_names():
     assert DISTILL_MODES.names() == ["full_logits", "sampled_token", "sequence", "topk_logits"]
     assert ADVANTAGE_ESTIMATORS.names() == ["grpo"]
+
+
+# ---------------------------------------------------------------- per-token and per-entry clips of the distillation
+
+
+def ref_clipped_divergence(s_log, t_log, alpha, entry_clip):
+    """Each support entry's term of the divergence, capped at entry_clip, summed: loop style."""
+    m_log = [torch.log((1 - alpha) * torch.exp(s) + alpha * torch.exp(t)) for s, t in zip(s_log, t_log)]
+    total = 0.0
+    for s, t, m in zip(s_log, t_log, m_log):
+        if alpha == 0:
+            term = torch.exp(t) * (t - s)
+        elif alpha == 1:
+            term = torch.exp(s) * (s - t)
+        else:
+            term = (1 - alpha) * torch.exp(s) * (s - m) + alpha * torch.exp(t) * (t - m)
+        total = total + torch.clamp(term, max=entry_clip)
+    return total
+
+
+@pytest.mark.parametrize("mode, alpha", [("full_logits", 1.0), ("full_logits", 0.0), ("full_logits", 0.5),
+                                         ("topk_logits", 0.5)])
+def test_entry_clip_caps_each_vocabulary_term_value_and_gradients(mode, alpha):
+    # Sharp random logits, so that some entries' terms exceed the cap and others do not.
+    s_logits, t_logits = 3 * rand(B, R, V, seed=11), 3 * rand(B, R, V, seed=12)
+    ids = torch.randint(0, V, (B, R), generator=torch.Generator().manual_seed(13))
+    clip, k = 0.05, 4
+
+    def ref(s, t):
+        t = t.detach()
+        rows = []
+        for b in range(B):
+            row = []
+            for r in range(R):
+                s_row = [s[b, r, v] for v in range(V)]
+                t_row = [t[b, r, v] for v in range(V)]
+                if mode == "full_logits":
+                    s_log, t_log = ref_log_softmax(s_row, 1.0), ref_log_softmax(t_row, 1.0)
+                else:
+                    s_log, t_log = ref_topk(s_row, t_row, k, True, 1.0)
+                row.append(ref_clipped_divergence(s_log, t_log, alpha, clip))
+            rows.append(torch.stack(row))
+        return torch.stack(rows)
+
+    lib = lambda s, t: distill_per_token(s, t, ids, mode, alpha, k, True, 1.0, entry_clip=clip)  # noqa: E731
+    grads_match(lib, ref, [s_logits, t_logits])
+    unclipped = distill_per_token(s_logits, t_logits, ids, mode, alpha, k, True, 1.0)
+    clipped = distill_per_token(s_logits, t_logits, ids, mode, alpha, k, True, 1.0, entry_clip=clip)
+    assert (clipped < unclipped - 1e-9).any() and (clipped <= unclipped + 1e-12).all()  # the cap bites, never adds
+
+
+def test_no_entry_clip_is_the_unclipped_loss_bit_for_bit():
+    s_logits, t_logits = rand(B, R, V, seed=21), rand(B, R, V, seed=22)
+    ids = torch.zeros(B, R, dtype=torch.long)
+    for alpha in (0.0, 0.5, 1.0):
+        a = distill_per_token(s_logits, t_logits, ids, "full_logits", alpha, 0, False, 1.0)
+        b = divergence(torch.log_softmax(s_logits, -1), torch.log_softmax(t_logits, -1), alpha)
+        assert torch.equal(a, b)
+
+
+def test_token_clip_caps_each_token_divergence_in_the_objective_value_and_gradient():
+    from sdpo.config import AlgorithmConfig, DistillConfig
+    from sdpo.losses.objective import StepCounts, TokenInputs, objective
+
+    gen = torch.Generator().manual_seed(31)
+    logp = (-torch.rand(B, R, generator=gen, dtype=F64)).requires_grad_(True)
+    distill = (torch.rand(B, R, generator=gen, dtype=F64) * 2).requires_grad_(True)  # per-token divergences >= 0
+    mask = torch.rand(B, R, generator=gen) > 0.2
+    clip = 1.0
+    algo = AlgorithmConfig(grpo_weight=0.0, mix="loss",
+                           distill=DistillConfig(mode="full_logits", alpha=1.0, token_clip=clip))
+    counts = StepCounts(tokens=float(mask.sum()), seqs=float(B), distill_tokens=float(mask.sum()), distill_seqs=float(B))
+    x = TokenInputs(logp_BR=logp, mask_BR=mask, advantages_B=torch.zeros(B, dtype=F64), entropy_BR=torch.zeros(B, R),
+                    distill_mask_BR=mask, teacher_logp_BR=logp.detach() - 0.1, distill_BR=distill)
+    result = objective(x, counts, algo, max_response_len=R)
+    # Brute force: token-mean over the distilled tokens of min(d, clip) (on-policy: IS ratio 1, no sampler).
+    total = 0.0
+    for b in range(B):
+        for r in range(R):
+            if mask[b, r]:
+                total = total + torch.clamp(distill[b, r], max=clip)
+    expected = total / mask.sum()
+    close(result.loss, expected, 1e-12)
+    grad, = torch.autograd.grad(result.loss, distill)
+    want = ((distill.detach() < clip) & mask).to(F64) / mask.sum()
+    close(grad, want, 1e-12)
+    capped = ((distill.detach() > clip) & mask).sum()
+    assert capped > 0
+    total_w = result.sums["distill/token_clip_fraction"]
+    assert float(total_w[0]) == float(capped) and float(total_w[1]) == float(mask.sum())
+
+
+def test_clips_are_refused_where_they_would_do_nothing():
+    from sdpo.config import ConfigError, DistillConfig
+
+    with pytest.raises(ConfigError, match="advantage_clip"):
+        DistillConfig(mode="sampled_token", alpha=1.0, token_clip=1.0)
+    with pytest.raises(ConfigError, match="out of range"):
+        DistillConfig(mode="full_logits", entry_clip=-1.0)

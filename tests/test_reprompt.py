@@ -125,7 +125,9 @@ def test_table_6_feedback_types_solution_only_feedback_only_and_own_attempt():
     # The own attempt alone is no signal: a lone success still gets no distillation.
     assert not build([1.0], config=RepromptConfig(include_own_attempt=True))[0].has_signal
     with pytest.raises(ValueError, match="leave the teacher nothing to learn from"):
-        RepromptConfig(include_solution=False, include_environment_feedback=False)
+        RepromptConfig(include_solution=False, include_environment_feedback=False, data_context="off")
+    # The data's own teacher context (privileged_context) alone is something to learn from.
+    RepromptConfig(include_solution=False, include_environment_feedback=False, data_context="prefer")
 
 
 def test_messages_keep_system_and_replace_the_last_user_message():

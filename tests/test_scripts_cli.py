@@ -78,6 +78,20 @@ def test_a_script_refuses_an_override_it_does_not_use(tmp_path, script, override
     assert not (tmp_path / "runs").exists()  # refused before Hydra made a run directory
 
 
+def test_bad_input_prints_what_to_fix_without_a_traceback(tmp_path):
+    # A value out of range, and a data file with a broken line: one line each, no traceback.
+    proc = run_script("train.py", "model=tiny", "rollout=hf", "algorithm.distill.alpha=2", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == ("error: algorithm.distill.alpha=2.0 is out of range; it must lie "
+                                                    "in [0.0, 1.0]")
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": \n')
+    proc = run_script("train.py", "model=tiny", "rollout=hf", "env=dataset", f"env.path={data}",
+                      "env.rewards=[exact_match]", cwd=tmp_path, timeout=180)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {data}:2: not valid JSON")
+
+
 def test_cfg_job_still_prints_the_config_with_the_scripts_run_directory(tmp_path):
     proc = run_script("eval.py", "model=tiny", "--cfg", "job", cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

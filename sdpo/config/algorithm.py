@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from sdpo.config.checks import ConfigError, check_choice, check_range
 
 
+DATA_CONTEXT_MODES = ["off", "fallback", "prefer", "both"]
+
+
 @dataclass
 class RepromptConfig:
     """How the self-teacher's context is built (spec section 2). The templates are the paper's exact strings."""
@@ -30,6 +33,13 @@ class RepromptConfig:
     environment_feedback_only_without_solution: bool = False
     # Reprompt token budget; demonstration and feedback are shortened first, never the question or instruction.
     max_reprompt_len: int = 10240
+    # Teacher context from the data (a problem's `teacher_context`: a dataset's privileged_context column, an
+    # environment's reference, or a reward function's Score.info["teacher_context"]), in the solution slot:
+    # "fallback": where no successful sibling is drawn (a sibling wins); "prefer": wherever the data has one (the
+    # sibling only where it has none); "both": the sibling's solution, then the data's; "off": never.
+    data_context: str = "fallback"
+    # How the data's context is written into the solution slot; {context} is its text.
+    data_context_template: str = "{context}"
 
     def __post_init__(self) -> None:
         for key in ("prompt", "solution", "feedback"):
@@ -41,10 +51,13 @@ class RepromptConfig:
             raise ConfigError("algorithm.reprompt.feedback_template must contain {feedback_raw}")
         if "{own_attempt}" not in self.own_attempt_template:
             raise ConfigError("algorithm.reprompt.own_attempt_template must contain {own_attempt}")
-        if not self.include_solution and not self.include_environment_feedback:
-            raise ConfigError("algorithm.reprompt.include_solution=false and include_environment_feedback=false leave "
-                              "the teacher nothing to learn from: turn one of them on")
+        if not self.include_solution and not self.include_environment_feedback and self.data_context == "off":
+            raise ConfigError("algorithm.reprompt.include_solution=false, include_environment_feedback=false and "
+                              "data_context=off leave the teacher nothing to learn from: turn one of them on")
         check_range("algorithm.reprompt.max_reprompt_len", self.max_reprompt_len, 16)
+        check_choice("algorithm.reprompt.data_context", self.data_context, DATA_CONTEXT_MODES)
+        if "{context}" not in self.data_context_template:
+            raise ConfigError("algorithm.reprompt.data_context_template must contain {context}")
 
 
 TEACHER_KINDS = ["live", "frozen", "ema", "trust_region"]
@@ -92,9 +105,22 @@ class DistillConfig:
     # 5.0), in the advantage-level hybrid and the sampled-token loss; None: no clip. Logit-level modes have no such
     # advantage, so the clip is rejected there rather than ignored.
     advantage_clip: float | None = None
+    # Logit-level modes: a cap on each token's divergence (token_clip) and on each vocabulary entry's term of it
+    # (entry_clip), so that a few outlier tokens or entries cannot dominate the signal; no gradient flows through a
+    # capped term. None: no cap (the paper's loss). The sampled-token modes' per-token clip is advantage_clip.
+    token_clip: float | None = None
+    entry_clip: float | None = None
 
     def __post_init__(self) -> None:
         check_choice("algorithm.distill.mode", self.mode, DISTILL_MODES)
+        for key in ("token_clip", "entry_clip"):
+            value = getattr(self, key)
+            if value is not None:
+                check_range(f"algorithm.distill.{key}", value, 1e-6)
+                if not self.logit_level:
+                    raise ConfigError(f"algorithm.distill.{key}={value} caps a logit-level divergence, which "
+                                      f"algorithm.distill.mode={self.mode} does not compute: use "
+                                      "algorithm.distill.advantage_clip (its per-token clip) or a logit-level mode")
         check_range("algorithm.distill.topk", self.topk, 1)
         check_range("algorithm.distill.alpha", self.alpha, 0.0, 1.0)
         if self.advantage_clip is not None:

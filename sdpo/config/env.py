@@ -26,6 +26,10 @@ class EnvConfig:
     score_workers: int = 2
     score_timeout_s: float = 30.0
     seed: int = 0
+    # The environment's own correct response (its `reference_response`: arithmetic, convention, math, code datasets)
+    # as each training question's teacher context (algorithm.reprompt.data_context); never shown to the student,
+    # and held-out questions are never reprompted.
+    reference_as_teacher_context: bool = False
 
     def __post_init__(self) -> None:
         check_range("env.score_workers", self.score_workers, 1)

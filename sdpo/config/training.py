@@ -95,6 +95,10 @@ class EvalConfig:
     pass_k: list[int] | None = None
     # scripts/eval.py writes its JSON report here; None: report.json in its run directory (runs/eval-<env>-<time>/).
     output_file: str | None = None
+    # Other environments' held-out questions (registered names, each with its default settings and at most
+    # num_questions of them), evaluated on the same schedule: what training costs elsewhere (forgetting). Logged as
+    # eval_<name>/avg@n, pass@k, ... and drawn in the run's reward_curve.png.
+    other_envs: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_range("eval.samples_per_question", self.samples_per_question, 1)

@@ -64,6 +64,10 @@ class ArithmeticEnv(Environment):
         limit = cfg.max_eval_rows if split in ("test", cfg.eval_split) else cfg.max_train_rows
         return [self._problem(op, a, b) for op, a, b in chosen[:limit]]
 
+    def reference_response(self, problem: Problem) -> str:
+        """A correct response (the probe's reference; env.reference_as_teacher_context)."""
+        return str(problem.data["answer"])
+
     def _problem(self, op: str, a: int, b: int) -> Problem:
         cfg: ArithmeticEnvConfig = self.config  # type: ignore[assignment]
         answer = {"+": a + b, "-": a - b, "*": a * b}[op]

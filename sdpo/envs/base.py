@@ -23,9 +23,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 class DataError(ValueError):
     """A malformed data row; the message names the file, the line and the field."""
 
-    def __init__(self, path: str | Path, line: int | None, field_name: str, problem: str) -> None:
+    def __init__(self, path: str | Path, line: int | None, field_name: str | None, problem: str) -> None:
         where = f"{path}:{line}" if line is not None else str(path)
-        super().__init__(f"{where}: field {field_name!r}: {problem}")
+        super().__init__(f"{where}: field {field_name!r}: {problem}" if field_name else f"{where}: {problem}")
 
 
 class Environment(ABC):

@@ -11,12 +11,14 @@ A single file has one split, "train": without an eval split or `env.eval_path` t
 
 Prompts: the prompt column holds text (it becomes the user message, after `env.system_prompt` when set) or a chat
 (a list of {"role", "content"} messages). Every other column reaches the reward functions (sdpo/envs/rewards.py).
+A `privileged_context` column (`env.teacher_context_column`, TRL's name) is text only the self-teacher sees.
 A missing column fails at load time, naming the columns the dataset has.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,9 @@ class DatasetEnvConfig(EnvConfig):
     rewards: list[str] = field(default_factory=list)
     reward_weights: list[float] | None = None
     answer_column: str = "answer"  # what the built-in rewards compare with
+    # Text only the self-teacher sees (a reference solution, a hint), rendered into its reprompt
+    # (algorithm.reprompt.data_context); TRL's column name. Rows without it (or None / "") have none.
+    teacher_context_column: str | None = "privileged_context"
 
 
 @ENVIRONMENTS.register("dataset")
@@ -134,7 +139,12 @@ class DatasetEnv(Environment):
         messages = chat_messages(prompt, cfg.system_prompt, where, line, cfg.prompt_column)
         problem_id = str(row[cfg.id_column]) if cfg.id_column else f"{split}/{index}"
         columns = {k: v for k, v in row.items() if k != cfg.prompt_column}
-        return Problem(id=problem_id, messages=messages, data={"prompt": prompt, "columns": columns})
+        context = row.get(cfg.teacher_context_column) if cfg.teacher_context_column else None
+        if context is not None and not isinstance(context, str):
+            raise DataError(where, line, cfg.teacher_context_column,
+                            f"expected text (what only the teacher sees) or nothing, got {type(context).__name__}")
+        return Problem(id=problem_id, messages=messages, data={"prompt": prompt, "columns": columns},
+                       teacher_context=context or None)
 
     # -- scoring
 
@@ -201,9 +211,37 @@ def read_split(path: Path, split: str, required: bool = True) -> Any:
         raise ValueError(f"env.path: {path} is not a .jsonl, .json, .parquet or .csv file")
     try:
         return datasets.load_dataset(**args, split=split)
-    except ValueError as exc:
-        if "Unknown split" not in str(exc) and "Bad split" not in str(exc):
+    except Exception as exc:
+        broken = first_broken_json_line(path) if args["path"] == "json" and path.is_file() else None
+        if broken is not None:  # datasets' reader failed on a line: say which, instead of its traceback
+            raise broken from None
+        if not isinstance(exc, ValueError) or ("Unknown split" not in str(exc) and "Bad split" not in str(exc)):
             raise
         if required:
             raise ValueError(f"{path}: no split {split!r} ({exc}); set env.train_split") from None
         return None
+
+
+def first_broken_json_line(path: Path) -> DataError | None:
+    """The first line of a JSON Lines file (or the place in a JSON file) that does not parse as a row, as an error
+    naming file:line and what is wrong there; None when every line parses (compressed files are not read)."""
+    if path.suffixes and path.suffixes[-1] in _COMPRESSION:
+        return None
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as exc:
+            return DataError(path, exc.lineno, None, f"not valid JSON ({exc.msg}, column {exc.colno})")
+        return None
+    for line, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            return DataError(path, line, None, f"not valid JSON ({exc.msg}, column {exc.colno}): fix or remove "
+                             "the line")
+        if not isinstance(row, dict):
+            return DataError(path, line, None, f"a row must be a JSON object, got {type(row).__name__}")
+    return None

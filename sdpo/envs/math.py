@@ -112,6 +112,10 @@ class MathEnv(Environment):
         limit = cfg.max_train_rows if split in ("train", cfg.train_split) else cfg.max_eval_rows
         return problems[:limit]
 
+    def reference_response(self, problem: Problem) -> str:
+        """The final answer in the form the checker reads (the probe's reference; env.reference_as_teacher_context)."""
+        return f"The final answer is $\\boxed{{{problem.data['answer']}}}$."
+
     def score(self, problem: Problem, response: str, truncated: bool = False) -> Score:
         level = self.config.feedback
         predicted, correct = verify_answer(response, problem.data["answer"])

@@ -16,6 +16,10 @@ class Problem:
     id: str
     messages: list[dict[str, str]]  # the chat the policy sees: optional system message, then the user question
     data: dict[str, Any] = field(default_factory=dict)  # what scoring needs (answer, tests, ...)
+    # What only the self-teacher sees (a reference solution or a hint the data carries: "privileged" context, OPSD):
+    # rendered into the reprompt (algorithm.reprompt.data_context), never into `messages`, so never into the
+    # student's prompt or a rollout.
+    teacher_context: str | None = None
 
     @property
     def question(self) -> str:

@@ -26,8 +26,8 @@ class DistillMode:
     """A distillation mode and what it needs (`needs_logits`), so that its callers ask the mode instead of naming it.
 
     Logit-level modes compare the two distributions at every position from both models' logits: `logit_loss`
-    (student_logits_BRV, teacher_logits_BRV, response_ids_BR, *, alpha, topk, tail, temperature), the teacher
-    detached, computed chunk by chunk inside the forward. Sampled-token modes need only the sampled tokens'
+    (student_logits_BRV, teacher_logits_BRV, response_ids_BR, *, alpha, topk, tail, temperature, entry_clip), the
+    teacher detached, computed chunk by chunk inside the forward. Sampled-token modes need only the sampled tokens'
     log-probs log s(y_t) and log q(y_t), which an inference engine can supply too: `token_loss`(student_logp_BR,
     teacher_logp_BR, mask_BR, advantage_clip), reverse KL only. Both return the per-token loss [B, R]."""
 
@@ -62,29 +62,34 @@ def gather_token(logp_BRV: Tensor, ids_BR: Tensor) -> Tensor:
     return logp_BRV.gather(-1, ids_BR.long().unsqueeze(-1)).squeeze(-1)
 
 
-def _kl(p_log: Tensor, q_log: Tensor) -> Tensor:
-    """KL(P || Q) summed over the last dim, from log-probs (F.kl_div convention: kl_div(input=Q, target=P))."""
-    return F.kl_div(q_log, p_log, reduction="none", log_target=True).sum(-1)
+def _kl_terms(p_log: Tensor, q_log: Tensor) -> Tensor:
+    """The terms p (log p - log q) of KL(P || Q), one per support entry, from log-probs (F.kl_div convention)."""
+    return F.kl_div(q_log, p_log, reduction="none", log_target=True)
 
 
-def divergence(student_logp_K: Tensor, teacher_logp_K: Tensor, alpha: float) -> Tensor:
+def divergence(student_logp_K: Tensor, teacher_logp_K: Tensor, alpha: float, entry_clip: float | None = None) -> Tensor:
     """Divergence between two distributions given as log-probs over the same support (the last dim).
 
     alpha = 0: forward KL(T || S); alpha = 1: reverse KL(S || T), the paper's Eq. 1; otherwise the generalised JSD
     (1 - alpha) KL(S || M) + alpha KL(T || M) with M = (1 - alpha) S + alpha T (alpha = 0.5 is the usual JSD).
-    Pure math: differentiable in both arguments (callers detach the teacher).
+    `entry_clip`: each support entry's term is capped there before the sum (no gradient through a capped entry), so
+    that a few vocabulary entries cannot dominate a token's signal. Pure math: differentiable in both arguments
+    (callers detach the teacher).
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if alpha == 0.0:
-        return _kl(teacher_logp_K, student_logp_K)
-    if alpha == 1.0:
-        return _kl(student_logp_K, teacher_logp_K)
+    if alpha in (0.0, 1.0):
+        p_log, q_log = (teacher_logp_K, student_logp_K) if alpha == 0.0 else (student_logp_K, teacher_logp_K)
+        terms = _kl_terms(p_log, q_log)
+        return (terms if entry_clip is None else terms.clamp(max=entry_clip)).sum(-1)
     # log M via logsumexp of the weighted log-probs, stable when either probability underflows.
     mix_log = torch.logsumexp(
         torch.stack([student_logp_K + math.log(1.0 - alpha), teacher_logp_K + math.log(alpha)]), dim=0
     )
-    return (1.0 - alpha) * _kl(student_logp_K, mix_log) + alpha * _kl(teacher_logp_K, mix_log)
+    student_terms, teacher_terms = _kl_terms(student_logp_K, mix_log), _kl_terms(teacher_logp_K, mix_log)
+    if entry_clip is None:  # two sums, as before the clip existed: the same numbers to the last bit
+        return (1.0 - alpha) * student_terms.sum(-1) + alpha * teacher_terms.sum(-1)
+    return ((1.0 - alpha) * student_terms + alpha * teacher_terms).clamp(max=entry_clip).sum(-1)
 
 
 def _log1mexp(x: Tensor) -> Tensor:
@@ -146,13 +151,16 @@ def sequence_distill(student_logp_BR: Tensor, teacher_logp_BR: Tensor, mask_BR: 
     return -advantage_B[:, None] * student_logp_BR * mask
 
 
-def _full_logits(student_logits_BRV, teacher_logits_BRV, response_ids_BR, *, alpha, topk, tail, temperature):
+def _full_logits(student_logits_BRV, teacher_logits_BRV, response_ids_BR, *, alpha, topk, tail, temperature,
+                 entry_clip=None):
     return divergence(log_softmax_temperature(student_logits_BRV, temperature),
-                      log_softmax_temperature(teacher_logits_BRV, temperature), alpha)
+                      log_softmax_temperature(teacher_logits_BRV, temperature), alpha, entry_clip)
 
 
-def _topk_logits(student_logits_BRV, teacher_logits_BRV, response_ids_BR, *, alpha, topk, tail, temperature):
-    return divergence(*topk_support(student_logits_BRV, teacher_logits_BRV, topk, tail, temperature), alpha)
+def _topk_logits(student_logits_BRV, teacher_logits_BRV, response_ids_BR, *, alpha, topk, tail, temperature,
+                 entry_clip=None):
+    return divergence(*topk_support(student_logits_BRV, teacher_logits_BRV, topk, tail, temperature), alpha,
+                      entry_clip)
 
 
 # The sampled-token form: reverse KL estimated at the sampled token, whose gradient (s - q) * grad s is the REINFORCE
@@ -174,8 +182,10 @@ def distill_per_token(
     topk: int,
     tail: bool,
     temperature: float,
+    entry_clip: float | None = None,
 ) -> Tensor:
     """Per-token distillation loss [B, R] of the student toward the teacher; `mode` names a DISTILL_MODES entry.
+    `entry_clip` (logit-level modes): the cap on each support entry's term (`divergence`).
 
     The teacher is always detached (stop-gradient, paper Eq. 1). `topk` and `tail` matter only for topk_logits;
     `response_ids_BR` only for the sampled-token modes, whose every position counts as a real token here (the
@@ -186,7 +196,7 @@ def distill_per_token(
     entry = DISTILL_MODES.get(mode)
     if entry.needs_logits:
         return entry.logit_loss(student_logits_BRV, teacher_logits_BRV.detach(), response_ids_BR,
-                                alpha=alpha, topk=topk, tail=tail, temperature=temperature)
+                                alpha=alpha, topk=topk, tail=tail, temperature=temperature, entry_clip=entry_clip)
     if alpha != 1.0:
         raise ValueError(f"distillation mode {mode!r} supports only alpha=1.0 (reverse KL), got {alpha}")
     s_BR, q_BR = _sampled_token_logps(student_logits_BRV, teacher_logits_BRV.detach(), response_ids_BR, temperature)

@@ -1,7 +1,7 @@
 """The training objective of one micro-batch as one pure function: GRPO, pure SDPO and both hybrids (spec sec. 3, 5).
 
     loss = w_pg * aggregate(PPO-clip(A) * TIS + kl_coef * KL_ref)          (when the policy loss is used)
-         + w_sd * aggregate(distill * IS * TIS, distill mask)              (mix=loss with a teacher)
+         + w_sd * aggregate(min(distill, token_clip) * IS * TIS, distill mask)   (mix=loss with a teacher)
 
 - GRPO (grpo_weight = 1): A = A_GRPO, w_pg = 1, no teacher.
 - pure SDPO (grpo_weight = 0, mix=loss): the distillation term only.
@@ -112,6 +112,10 @@ def objective(x: TokenInputs, counts: StepCounts, algo: AlgorithmConfig, max_res
             # Logit-level modes were computed in the forward (`distill_BR`); sampled-token ones need log q(y_t) only.
             per_token_BR = (x.distill_BR.to(logp_BR.dtype) if x.distill_BR is not None else DISTILL_MODES.get(
                 algo.distill.mode).token_loss(logp_BR, teacher_logp_BR, distill_mask_BR, algo.distill.advantage_clip))
+            if algo.distill.token_clip is not None:  # a logit-level divergence (>= 0) capped per token
+                capped_BR = (per_token_BR.detach() > algo.distill.token_clip) & distill_mask_BR
+                per_token_BR = per_token_BR.clamp(max=algo.distill.token_clip)
+                out.sums["distill/token_clip_fraction"] = (capped_BR.sum(), n_distill)
             distill_loss = aggregate(per_token_BR * ratio_BR * tis_BR, distill_mask_BR, num_tokens=counts.distill_tokens,
                                      num_seqs=counts.distill_seqs, **agg)
             out.loss = out.loss + (1.0 - algo.grpo_weight) * distill_loss

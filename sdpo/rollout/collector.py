@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 from transformers import PreTrainedTokenizerBase
 
 from sdpo.batch import RolloutBatch
-from sdpo.config import SDPOConfig
+from sdpo.config import ConfigError, SDPOConfig
 from sdpo.distributed import Distributed
-from sdpo.envs import Environment, Problem
+from sdpo.envs import ENVIRONMENTS, Environment, Problem, build_environment
 from sdpo.evaluation import evaluate_policy
 from sdpo.models import render_chat
 from sdpo.rollout import RolloutEngine, SamplingSettings, build_engine
@@ -38,6 +38,9 @@ class Collector:
         self.engine: RolloutEngine | None = None
         self.limits = EpisodeLimits.from_config(config)
         self._prompt_ids: dict[int, list[int]] = {}  # keyed by id(problem): ids need not be unique across splits
+        self._others: list[tuple[str, Environment, list[Problem]]] | None = None  # eval.other_envs
+        for name in config.eval.other_envs:  # a misspelled name fails at start, listing the valid ones
+            ENVIRONMENTS.get(name)
 
     def build_engine(self, learner: Learner, model_path: Any) -> RolloutEngine:
         """The configured engine over the learner's policy, with a context window for the rollouts and for what the
@@ -48,9 +51,17 @@ class Collector:
         return build_engine(rollout, learner.unwrapped, self.tokenizer, model_path, max_model_len,
                             learner.autocast_dtype, sharded=not self.dist.whole_weights)
 
-    def renderable(self, problems: list[Problem]) -> list[Problem]:
-        """Render every prompt once; drop (and report) those longer than rollout.max_prompt_len."""
+    def renderable(self, problems: list[Problem], training_env: bool = True) -> list[Problem]:
+        """Render every prompt once; drop (and report) those longer than rollout.max_prompt_len. With
+        env.reference_as_teacher_context, each of the training environment's problems carries its reference for the
+        teacher."""
         limit, kept = self.config.rollout.max_prompt_len, []
+        if training_env and self.config.env.reference_as_teacher_context:
+            reference = getattr(self.env, "reference_response", None)
+            if reference is None:
+                raise ConfigError(f"env.reference_as_teacher_context=true: the {self.config.env.name} environment "
+                                  "has no reference_response; give the data a privileged_context column instead")
+            problems = [replace(p, teacher_context=reference(p)) for p in problems]
         for p in problems:
             ids = render_chat(self.tokenizer, p.messages, self.config.model.chat_template_kwargs)
             if len(ids) <= limit:
@@ -89,8 +100,22 @@ class Collector:
         }) | {"response/length_max": float(self.dist.reduce(lengths.max(), "max"))}
 
     def evaluate(self, problems: list[Problem]) -> dict[str, float]:
-        """avg@k / pass@k (or episode success) on this process's share of `problems`, averaged over processes."""
-        mine = self.dist.share(problems)
-        return self.dist.reduce_mean(evaluate_policy(self.engine, self.env, self.tokenizer, mine,
-                                                     [self.prompt_ids(p) for p in mine], self.config,
-                                                     self.dist.any_rank))
+        """avg@k / pass@k (or episode success) on this process's share of `problems`, and on eval.other_envs'
+        held-out questions (eval_<name>/...), averaged over processes."""
+        metrics = {}
+        for prefix, env, held_out in [("eval", self.env, problems), *self.other_held_out()]:
+            mine = self.dist.share(held_out)
+            metrics |= evaluate_policy(self.engine, env, self.tokenizer, mine, [self.prompt_ids(p) for p in mine],
+                                       self.config, self.dist.any_rank, prefix)
+        return self.dist.reduce_mean(metrics)
+
+    def other_held_out(self) -> list[tuple[str, Environment, list[Problem]]]:
+        """(metric prefix, environment, held-out questions) of each of eval.other_envs, built on first use with the
+        environment's default settings."""
+        if self._others is None:
+            self._others = []
+            for name in self.config.eval.other_envs:
+                env = build_environment(ENVIRONMENTS.get(name).config_class())
+                held_out = self.renderable(env.load(env.config.eval_split), training_env=False)
+                self._others.append((f"eval_{name}", env, held_out[: self.config.eval.num_questions]))
+        return self._others

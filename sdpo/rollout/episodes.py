@@ -176,6 +176,7 @@ class EpisodeRollout:
             rewards_B=torch.tensor([r.result.reward for r in rows], dtype=torch.float32),
             feedback=[r.result.feedback for r in rows],
             returns_B=torch.tensor([returns[r.episode] for r in rows], dtype=torch.float32),
+            data_context=[r.result.info.get("teacher_context") or r.context.teacher_context for r in rows],
         )
         return batch, [r.context for r in rows]
 

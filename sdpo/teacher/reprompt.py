@@ -4,10 +4,15 @@
 token ids within `max_reprompt_len`. Both are functions of their arguments only (strings, a tokenizer, a seed key).
 
 For each rollout y_i of a question x the teacher sees
-    reprompt_template.format(prompt=x, solution=<a successful sibling>, feedback=<the env's feedback on y_i>)
+    reprompt_template.format(prompt=x, solution=<a successful sibling and/or the data's context>,
+                             feedback=<the env's feedback on y_i>)
 as the last user message (system messages kept), and re-scores y_i's own tokens under it. y_i itself is never put in
 the teacher's context (paper Table 6: adding it hurts) unless `include_own_attempt` asks for that ablation. A rollout
 whose reprompt has neither a solution nor feedback gets no distillation signal (`has_signal` is False).
+
+Teacher context from the data (`Problem.teacher_context`: a reference solution or hint only the teacher sees, what
+the literature calls privileged information) goes through the solution slot (`solution_slot`), before or instead of
+a sibling's answer as `algorithm.reprompt.data_context` says; it never reaches the student's prompt.
 """
 
 from __future__ import annotations
@@ -64,9 +69,10 @@ class Reprompt:
     """The teacher context of one rollout, before rendering with the chat template."""
 
     problem: Problem
-    solution: str | None  # the demonstration text, or None
+    solution: str | None  # the demonstration text (a sibling's solution and/or the data's context), or None
     feedback: str | None  # the environment's feedback text, or None
     own_attempt: str | None = None  # the rollout's own response (include_own_attempt: an ablation), or None
+    from_data: bool = False  # the solution slot holds the data's teacher context (algorithm.reprompt.data_context)
 
     @property
     def has_signal(self) -> bool:
@@ -99,18 +105,22 @@ def build_reprompts(
     config: RepromptConfig,
     rng: random.Random,
     episode_ids: Sequence[int] | None = None,
+    contexts: Sequence[str | None] | None = None,
 ) -> list[Reprompt]:
-    """One `Reprompt` per rollout (group-major inputs, one entry per rollout; `episode_ids` for multi-turn rows)."""
+    """One `Reprompt` per rollout (group-major inputs, one entry per rollout; `episode_ids` for multi-turn rows;
+    `contexts`: each rollout's teacher context from the data, by default its problem's)."""
     demos = pick_demonstrations(
         rewards, group_ids, config.success_reward_threshold, config.dont_reprompt_on_self_success, rng, episode_ids
     )
+    contexts = [p.teacher_context for p in problems] if contexts is None else contexts
     reprompts = []
     for i, problem in enumerate(problems):
-        solution = None
+        sibling = None
         if demos[i] is not None and config.include_solution:
-            solution = responses[demos[i]]
+            sibling = responses[demos[i]]
             if config.remove_thinking_from_demonstration:
-                solution = strip_thinking(solution)
+                sibling = strip_thinking(sibling)
+        solution, from_data = solution_slot(sibling, contexts[i], config)
         env_feedback = feedback[i].strip() if feedback else ""
         use_feedback = (
             config.include_environment_feedback
@@ -118,8 +128,21 @@ def build_reprompts(
             and not (config.environment_feedback_only_without_solution and solution is not None)
         )
         own_attempt = responses[i] if config.include_own_attempt else None
-        reprompts.append(Reprompt(problem, solution, env_feedback if use_feedback else None, own_attempt))
+        reprompts.append(Reprompt(problem, solution, env_feedback if use_feedback else None, own_attempt, from_data))
     return reprompts
+
+
+def solution_slot(sibling: str | None, context: str | None, config: RepromptConfig) -> tuple[str | None, bool]:
+    """What fills the solution slot: a successful sibling's answer and/or the data's teacher context, as
+    algorithm.reprompt.data_context orders them; and whether the data's context is in it."""
+    data = None
+    if context and context.strip() and config.data_context != "off":
+        data = config.data_context_template.format(context=context.strip())
+    if data is None or (config.data_context == "fallback" and sibling is not None):
+        return sibling, False
+    if config.data_context == "both" and sibling is not None:
+        return f"{sibling}\n\n{data}", True
+    return data, True
 
 
 def group_reprompts(
@@ -131,10 +154,12 @@ def group_reprompts(
     feedback: Sequence[str],
     group_ids: Sequence[int],
     episode_ids: Sequence[int] | None = None,
+    contexts: Sequence[str | None] | None = None,
 ) -> list[Reprompt]:
-    """One reprompt per rollout, question by question (multi-turn rows: one per turn, `episode_ids` naming episodes); each question's demonstration is drawn with a generator seeded
-    by (`seed_key`, question id): the same choice however the groups are spread over processes, and no RNG state
-    to checkpoint. The trainer's `seed_key` is "<trainer.seed>:<step>"."""
+    """One reprompt per rollout, question by question (multi-turn rows: one per turn, `episode_ids` naming episodes;
+    `contexts`: each row's teacher context from the data). Each question's demonstration is drawn with a generator
+    seeded by (`seed_key`, question id): the same choice however the groups are spread over processes, and no RNG
+    state to checkpoint. The trainer's `seed_key` is "<trainer.seed>:<step>"."""
     rows_by_group: dict[int, list[int]] = defaultdict(list)
     for i, group in enumerate(group_ids):
         rows_by_group[group].append(i)
@@ -143,7 +168,8 @@ def group_reprompts(
         rng = random.Random(f"{seed_key}:{problems[rows[0]].id}")
         picked = build_reprompts([problems[i] for i in rows], [responses[i] for i in rows], [rewards[i] for i in rows],
                                  [feedback[i] for i in rows], [group_ids[i] for i in rows], config, rng,
-                                 None if episode_ids is None else [episode_ids[i] for i in rows])
+                                 None if episode_ids is None else [episode_ids[i] for i in rows],
+                                 None if contexts is None else [contexts[i] for i in rows])
         for i, reprompt in zip(rows, picked, strict=True):
             reprompts[i] = reprompt
     return reprompts  # type: ignore[return-value]
@@ -187,7 +213,8 @@ class RepromptStats:
     success_group_fraction: float  # questions with at least one successful rollout
     reprompt_fraction: float  # rollouts that get a distillation signal
     feedback_fraction: float  # rollouts whose reprompt carries environment feedback
-    solution_fraction: float  # rollouts whose reprompt carries a sibling solution
+    solution_fraction: float  # rollouts whose reprompt carries a sibling solution (or the data's context)
+    data_context_fraction: float  # rollouts whose reprompt carries the data's teacher context
 
 
 def reprompt_stats(reprompts: Sequence[Reprompt], rewards: Sequence[float], group_ids: Sequence[int], threshold: float) -> RepromptStats:
@@ -199,6 +226,7 @@ def reprompt_stats(reprompts: Sequence[Reprompt], rewards: Sequence[float], grou
         reprompt_fraction=sum(r.has_signal for r in reprompts) / n,
         feedback_fraction=sum(r.feedback is not None for r in reprompts) / n,
         solution_fraction=sum(r.solution is not None for r in reprompts) / n,
+        data_context_fraction=sum(r.from_data for r in reprompts) / n,
     )
 
 

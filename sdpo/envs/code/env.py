@@ -169,6 +169,12 @@ class CodeEnv(Environment):
         cfg: CodeEnvConfig = self.config  # type: ignore[assignment]
         return ExecutionLimits(cfg.time_limit_s, cfg.total_time_limit_s, cfg.memory_mb, cfg.max_processes, cfg.stop_on_error)
 
+    def reference_response(self, problem: Problem) -> str | None:
+        """The dataset's reference program as a fenced answer (MBPP's code, HumanEval's prompt + canonical solution),
+        or None where the dataset ships none: the probe's reference, env.reference_as_teacher_context."""
+        reference = problem.data.get("reference")
+        return f"```python\n{reference.strip()}\n```" if reference else None
+
     def score(self, problem: Problem, response: str, truncated: bool = False) -> Score:
         if truncated:
             return Score(0.0, TRUNCATED_FEEDBACK, {"status": "truncated"})
