@@ -1,4 +1,6 @@
-"""Rollouts across turns (rollout.max_turns > 1): G episodes per question, all live episodes generating together.
+"""Rollouts as episodes: G episodes per question, all live episodes generating together. Every run's rollouts come
+from here (`sdpo.rollout.collector.Collector`): a single-turn run is one-turn episodes; rollout.max_turns > 1 lets
+an episode go on while the environment answers.
 
 Each model turn becomes one row of the step's `RolloutBatch`: its prompt is the conversation before the turn
 (rendered with the chat template, earliest exchanges evicted first-in-first-out to fit rollout.max_prompt_len, the
