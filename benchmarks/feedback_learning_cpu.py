@@ -81,6 +81,19 @@ def run_probe(args: argparse.Namespace) -> Path:
     return out
 
 
+def step_rows(run: Path) -> list[dict]:
+    """A run's logged training steps (the rows with a reward), or none when it has no metrics yet."""
+    if not (run / "metrics.jsonl").exists():
+        return []
+    return [r for r in read_metrics(run) if r.get("reward/mean") is not None]
+
+
+def metric_mean(rows: list[dict], key: str) -> float:
+    """The mean of `key` over the rows that logged it (nan when none did)."""
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.mean(values) if values else float("nan")
+
+
 def probe_section(out: Path) -> list[str]:
     log = out / "probe.log"
     if not log.exists():
@@ -130,17 +143,16 @@ def summarize(runs: dict[str, list[Path]], args: argparse.Namespace) -> str:
               "(mean) | wall s | CPU s |", "|---|---|---|---|---|---|---|"]
     for name, dirs in runs.items():
         for d in dirs:
-            rows = [r for r in read_metrics(d) if r.get("reward/mean") is not None] if (d / "metrics.jsonl").exists() else []
+            rows = step_rows(d)
             cost = json.loads((d / "cost.json").read_text()) if (d / "cost.json").exists() else {}
-            mean = lambda key: statistics.mean(r[key] for r in rows if r.get(key) is not None) if any(r.get(key) is not None for r in rows) else float("nan")  # noqa: E731
             reward = f"{rows[0]['reward/mean']:.3f} -> {rows[-1]['reward/mean']:.3f}" if rows else "n/a"
             # A run stopped before its end has no cost.json: its training steps' stage timers stand in for the wall
             # time (marked *; without start-up and evaluations).
             wall = (f"{cost['wall_s']:.0f}" if "wall_s" in cost else
                     f"{sum(v for r in rows for k, v in r.items() if k.startswith('time/') and v):.0f}*")
             lines.append(f"| {d.name} | {rows[-1]['step'] if rows else 0} | {reward} | "
-                         f"{mean('teacher/success_group_fraction'):.3f} | "
-                         f"{mean('teacher/feedback_fraction'):.3f} | {wall} | {cost.get('cpu_s', float('nan')):.0f} |")
+                         f"{metric_mean(rows, 'teacher/success_group_fraction'):.3f} | "
+                         f"{metric_mean(rows, 'teacher/feedback_fraction'):.3f} | {wall} | {cost.get('cpu_s', float('nan')):.0f} |")
     return "\n".join(lines) + "\n"
 
 

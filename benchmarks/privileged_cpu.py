@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-from benchmarks.feedback_learning_cpu import run_script  # noqa: E402
+from benchmarks.feedback_learning_cpu import metric_mean, run_script, step_rows  # noqa: E402
 from benchmarks.machine import describe  # noqa: E402
 from sdpo.tracking import plot_curves, read_metrics  # noqa: E402
 
@@ -129,14 +129,13 @@ def summarize(runs: dict[str, list[Path]], args: argparse.Namespace) -> str:
               "|---|---|---|---|---|"]
     for dirs in runs.values():
         for d in dirs:
-            rows = [r for r in read_metrics(d) if r.get("reward/mean") is not None] if (d / "metrics.jsonl").exists() else []
+            rows = step_rows(d)
             if not rows:
                 continue
-            mean = lambda key: statistics.mean(r[key] for r in rows if r.get(key) is not None) if any(  # noqa: E731
-                r.get(key) is not None for r in rows) else float("nan")
+            means = [metric_mean(rows, key) for key in ("teacher/success_group_fraction",
+                                                         "teacher/data_context_fraction", "distill/student_teacher_kl")]
             lines.append(f"| {d.name} | {rows[0]['reward/mean']:.3f} -> {rows[-1]['reward/mean']:.3f} | "
-                         f"{mean('teacher/success_group_fraction'):.3f} | {mean('teacher/data_context_fraction'):.3f} | "
-                         f"{mean('distill/student_teacher_kl'):.3f} |")
+                         + " | ".join(f"{m:.3f}" for m in means) + " |")
     return "\n".join(lines) + "\n"
 
 
