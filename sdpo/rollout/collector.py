@@ -49,7 +49,7 @@ class Collector:
         max_model_len = max(rollout.max_prompt_len + rollout.max_new_tokens,
                             learner.teacher.engine_context_len(rollout.max_new_tokens))
         return build_engine(rollout, learner.unwrapped, self.tokenizer, model_path, max_model_len,
-                            learner.autocast_dtype, sharded=not self.dist.whole_weights)
+                            learner.autocast_dtype, sharded=self.dist.sharded)
 
     def renderable(self, problems: list[Problem], training_env: bool = True) -> list[Problem]:
         """Render every prompt once; drop (and report) those longer than rollout.max_prompt_len. With
