@@ -7,7 +7,12 @@
    the first --tt-questions held-out questions of two-digit multiplication (11-25), the harder task where the base
    model rarely answers right first.
 
+3. Cost (--parts cost): the update's seconds per model token (the tokens the model wrote, the only ones with a
+   loss) of 1-turn and 3-turn episodes on the default run's task with feedback, the 3-turn step with one row per turn
+   (trainer.pack_episodes=false, the path before issue #31) and with each episode one sequence (the default).
+
     python benchmarks/multi_turn_cpu.py --steps 6 --eval-every 3 --results benchmarks/results/multi_turn_cpu.md
+    python benchmarks/multi_turn_cpu.py --parts cost --cost-steps 4 --results benchmarks/results/multi_turn_cost_cpu.md
 """
 
 from __future__ import annotations
@@ -76,6 +81,60 @@ def training_table(runs: dict[str, tuple[Path, float]], args: argparse.Namespace
     return lines
 
 
+COST_RUNS = {"1 turn": ["rollout.max_turns=1"],
+             "3 turns, one row per turn (before)": ["rollout.max_turns=3", "trainer.pack_episodes=false"],
+             "3 turns, one sequence per episode": ["rollout.max_turns=3", "trainer.pack_episodes=true"]}
+
+
+def cost_run(name: str, args: argparse.Namespace) -> list[dict[str, float]]:
+    """`--cost-steps` training steps of the default run with feedback; per step its stage times and token counts."""
+    from sdpo.trainer import SDPOTrainer
+
+    overrides = ["env.feedback=true", "eval.every=0", "trainer.keep_last=1", "logging.progress_bar=false",
+                 f"trainer.seed={args.seed}", f"trainer.total_steps={args.cost_steps}", *COST_RUNS[name], *args.extra,
+                 f"trainer.output_dir={Path(args.out) / 'cost' / name.split(',')[0].replace(' ', '_')}"]
+    trainer = SDPOTrainer(load_config(overrides))
+    steps = []
+    for _ in range(args.cost_steps):
+        start = time.perf_counter()
+        result = trainer.training_step()
+        batch, metrics = result.batch, result.metrics
+        steps.append({
+            "seconds": time.perf_counter() - start,
+            "update": metrics.get("time/update", 0.0), "teacher": metrics.get("time/teacher_forward", 0.0),
+            "generate": metrics.get("time/generate", 0.0),
+            "rows": len(batch), "model_tokens": sum(len(r) for r in batch.response_ids),
+            "row_positions": sum(len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids)),
+            "sequence_positions": sum(len(batch.prompt_ids[c[-1]]) + len(batch.response_ids[c[-1]])
+                                      for c in batch.chains()),
+            "load": os.getloadavg()[0]})
+    trainer.engine.close()
+    return steps
+
+
+def cost_table(runs: dict[str, list[dict[str, float]]]) -> list[str]:
+    """Means over the steps after the first (its update also pays one-time start-up costs)."""
+    lines = ["| run | steps | rows / step | model tokens / step | positions: rows / episode sequences | update s / step "
+             "| teacher fwd s / step | (update + teacher) ms per model token | step s per model token x 1000 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    per_token = {}
+    for name, steps in runs.items():
+        kept = steps[1:] or steps
+        mean = {k: sum(s[k] for s in kept) / len(kept) for k in kept[0]}
+        per_token[name] = 1000 * (mean["update"] + mean["teacher"]) / mean["model_tokens"]
+        lines.append(f"| {name} | {len(kept)} | {mean['rows']:.1f} | {mean['model_tokens']:.0f} | "
+                     f"{mean['row_positions']:.0f} / {mean['sequence_positions']:.0f} | {mean['update']:.2f} | "
+                     f"{mean['teacher']:.2f} | {per_token[name]:.2f} | {1000 * mean['seconds'] / mean['model_tokens']:.2f} |")
+    base = per_token.get("1 turn")
+    if base:
+        lines += ["", "Update + teacher forward per model token, relative to 1 turn: " + ", ".join(
+            f"{name} {value / base:.2f}x" for name, value in per_token.items() if name != "1 turn") + "."]
+    lines += ["", "Per step (all steps, in order): " + "; ".join(
+        f"{name}: " + ", ".join(f"{s['update'] + s['teacher']:.1f} s/{s['model_tokens']} tok (load {s['load']:.1f})"
+                                for s in steps) for name, steps in runs.items())]
+    return lines
+
+
 def run_test_time_table(args: argparse.Namespace) -> tuple[list[str], dict]:
     from sdpo.test_time import run_test_time
 
@@ -108,6 +167,8 @@ def main() -> None:
     parser.add_argument("--tt-questions", type=int, default=8)
     parser.add_argument("--tt-budget", type=int, default=32)
     parser.add_argument("--tt-k", type=int, default=8, help="attempts per step (rollout.num_generations)")
+    parser.add_argument("--cost-steps", type=int, default=4, help="training steps per cost run")
+    parser.add_argument("--cost-runs", nargs="+", default=list(COST_RUNS), help="which cost runs (names as listed)")
     parser.add_argument("--extra", nargs="*", default=[], help="Hydra overrides applied to every run")
     parser.add_argument("--out", default="benchmarks/runs/multi_turn_cpu")
     parser.add_argument("--results", default=None)
@@ -126,6 +187,11 @@ def main() -> None:
         runs = {name: run_training(name, args) for name in names}
         lines += ["", "## Training: multi-turn GRPO vs multi-turn SDPO", "",
                   f"Overrides (on the CPU preset): `{' '.join(train_overrides(args))}`", "", *training_table(runs, args)]
+    if "cost" in args.parts:
+        runs = {name: cost_run(name, args) for name in args.cost_runs}
+        lines += ["", "## Cost per model token: 1 turn against 3 turns", "",
+                  "Overrides (on the CPU preset): `env.feedback=true eval.every=0` and, per run, "
+                  + "; ".join(f"{name}: `{' '.join(o)}`" for name, o in COST_RUNS.items()), "", *cost_table(runs)]
     if "test_time" in args.parts:
         table, report = run_test_time_table(args)
         lines += ["", "## Test-time: SDPO vs best-of-k vs multi-turn", "",

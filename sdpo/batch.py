@@ -7,6 +7,8 @@ Token sequences stay as Python lists until a forward pass needs them. `build_mod
 `[left padding | prompt | response | right padding]`, so that every response starts at the same column and the
 logits of all response positions are one contiguous slice. `build_shared_prompt_inputs` lays out each distinct
 prompt once and the responses that continue them apart, for forwards that run a prompt once for all its rollouts.
+`PackedInputs` runs the turns of a multi-turn episode as one sequence (`turn_chains`): a turn's prompt is the
+conversation so far, so its rows are positions of the episode's last row and need no forward of their own.
 """
 
 from __future__ import annotations
@@ -173,12 +175,138 @@ def build_shared_prompt_inputs(prompts: Sequence[Sequence[int]], responses: Sequ
 
 
 def forward_inputs(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
-                   share_prompts: bool = False, shared: PromptInputs | None = None) -> ModelInputs | SharedPromptInputs:
+                   share_prompts: bool = False, shared: PromptInputs | None = None,
+                   chains: Sequence[Sequence[int]] | None = None) -> ModelInputs | SharedPromptInputs | PackedInputs:
     """A forward batch of responses after their prompts. `share_prompts`: rows with one prompt run it once, where
-    any do; `shared`: distinct prompts already laid out (a block's), which these rows continue."""
+    any do; `shared`: distinct prompts already laid out (a block's), which these rows continue; `chains`: rows that
+    run as one sequence (`turn_chains`), where any chain has more than one row (`shared` then holds the chains'
+    first prompts)."""
+    if chains is not None and any(len(chain) > 1 for chain in chains):
+        return build_packed_inputs(prompts, responses, chains, pad_id, share_prompts, shared)
     if shared is not None or (share_prompts and any_shared(prompts)):
         return build_shared_prompt_inputs(prompts, responses, pad_id, shared)
     return build_model_inputs(prompts, responses, pad_id)
+
+
+def turn_chains(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                episodes: Sequence[int] | None = None, turns: Sequence[int] | None = None) -> list[list[int]]:
+    """The rows that can run as one sequence, each chain in turn order: the next turn of an episode continues its
+    previous turn's chain when its prompt starts with that turn's prompt and response, token for token (the
+    conversation re-rendered with the chat template; sdpo.rollout.episodes). A turn whose prompt does not
+    (earlier exchanges evicted by rollout.max_prompt_len, or a response whose text re-tokenizes differently) starts
+    a chain of its own, under exactly the prompt it was sampled from. Without `episodes` every row is a chain.
+    Chains are in order of their first row."""
+    if episodes is None:
+        return [[i] for i in range(len(prompts))]
+    turns = range(len(prompts)) if turns is None else turns
+    rows_of: dict[int, list[int]] = {}
+    for i, episode in enumerate(episodes):
+        rows_of.setdefault(int(episode), []).append(i)
+    chains: list[list[int]] = []
+    for rows in rows_of.values():
+        rows.sort(key=lambda i: int(turns[i]))
+        chain = [rows[0]]
+        for i in rows[1:]:
+            last = chain[-1]
+            tail = [*prompts[last], *responses[last]]
+            if len(prompts[i]) >= len(tail) and list(prompts[i][: len(tail)]) == tail:
+                chain.append(i)
+            else:
+                chains.append(chain)
+                chain = [i]
+        chains.append(chain)
+    return sorted(chains, key=lambda chain: chain[0])
+
+
+@dataclass
+class PackedInputs:
+    """Rows run as a few longer sequences: each chain of `turn_chains` is one sequence, its first row's prompt
+    followed by the rest of its last row (every later turn's response, and the environment's replies between them,
+    which carry no loss). The model runs `sequences` ([C, P + Rc], or its prompts shared); row b's response
+    positions are the entries `index_BR[b]` of the sequences' response positions flattened to [C * Rc] (padding
+    columns point at a real position; they are masked later). Equal in value to running every row alone: each turn
+    sees the same tokens at the same positions, once."""
+
+    sequences: ModelInputs | SharedPromptInputs
+    index_BR: Tensor  # long [B, R]
+
+    def to(self, device: torch.device | str) -> PackedInputs:
+        return PackedInputs(self.sequences.to(device), self.index_BR.to(device))
+
+
+def build_packed_inputs(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                        chains: Sequence[Sequence[int]], pad_id: int, share_prompts: bool = False,
+                        shared: PromptInputs | None = None) -> PackedInputs:
+    firsts = [list(prompts[chain[0]]) for chain in chains]
+    rests = [[*prompts[chain[-1]], *responses[chain[-1]]][len(first):] for chain, first in zip(chains, firsts)]
+    sequences = forward_inputs(firsts, rests, pad_id, share_prompts, shared)
+    width = max(max(len(r) for r in rests), 1)  # the sequences' response columns (`_right_padded`)
+    index_BR = torch.zeros(len(responses), max(max((len(r) for r in responses), default=0), 1), dtype=torch.long)
+    for c, (chain, first) in enumerate(zip(chains, firsts)):
+        for i in chain:
+            start = c * width + len(prompts[i]) - len(first)
+            index_BR[i] = start + torch.arange(index_BR.shape[1]).clamp(max=max(len(responses[i]) - 1, 0))
+    return PackedInputs(sequences, index_BR)
+
+
+@dataclass
+class BranchInputs:
+    """Rows whose prompts branch off a few longer sequences (`trunks`): the self-teacher's reprompts of a multi-turn
+    episode, each the conversation up to its turn (a prefix of the episode's sequence) followed by the reprompt and
+    the turn's response. Each trunk runs once (`sdpo.models.PromptPass`); row b sees the first `visible_B[b]` tokens
+    of trunk `trunk_of_B[b]` and continues them with its own tokens, `branch_ids` = [left-padded rest of its prompt
+    (at least one token) | right-padded response], at the positions that follow. The response's features are the
+    branch columns [T - 1, T - 1 + R)."""
+
+    trunks: PromptInputs  # [C, P]
+    trunk_of_B: Tensor  # long [B]
+    visible_B: Tensor  # long [B]: the trunk tokens the row sees
+    branch_ids: Tensor  # [B, T + R]
+    branch_mask: Tensor  # [B, T + R]
+    tail_width: int  # T
+
+    def to(self, device: torch.device | str) -> BranchInputs:
+        return replace(self, trunks=self.trunks.to(device), trunk_of_B=self.trunk_of_B.to(device),
+                       visible_B=self.visible_B.to(device), branch_ids=self.branch_ids.to(device),
+                       branch_mask=self.branch_mask.to(device))
+
+    @property
+    def attention_mask(self) -> Tensor:
+        """[B, P + T + R]: the row's visible trunk tokens, then its branch."""
+        trunk_mask = self.trunks.attention_mask[self.trunk_of_B]
+        visible = trunk_mask.bool() & (positions(trunk_mask) < self.visible_B[:, None])
+        return torch.cat([visible.to(self.branch_mask.dtype), self.branch_mask], dim=1)
+
+    @property
+    def position_ids(self) -> Tensor:
+        """[B, T + R]: the branch continues the visible trunk."""
+        return self.visible_B[:, None] + positions(self.branch_mask)
+
+    @property
+    def response_slice(self) -> slice:
+        return slice(self.tail_width - 1, self.branch_ids.shape[1] - 1)
+
+
+def build_branch_inputs(trunks: Sequence[Sequence[int]], trunk_of: Sequence[int], prompts: Sequence[Sequence[int]],
+                        responses: Sequence[Sequence[int]], pad_id: int) -> BranchInputs:
+    """Each row's prompt branches off its trunk where they first differ (leaving the prompt at least one token of
+    its own, whose hidden state predicts the response's first token); a trunk is cut after the last token a row
+    sees."""
+    visible = []
+    for prompt, c in zip(prompts, trunk_of):
+        trunk, n, limit = trunks[c], 0, min(len(trunks[c]), len(prompt) - 1)
+        while n < limit and prompt[n] == trunk[n]:
+            n += 1
+        visible.append(n)
+    kept = [max([v for v, c in zip(visible, trunk_of) if c == t], default=0) for t in range(len(trunks))]
+    # A trunk no row sees any of keeps one token (a pass needs one); the rows mask it out.
+    laid_out = _left_padded([list(trunk[: max(k, 1)]) for trunk, k in zip(trunks, kept)], pad_id)
+    tails = _left_padded([list(prompt[v:]) for prompt, v in zip(prompts, visible)], pad_id)
+    response_ids, response_mask = _right_padded(responses, pad_id)
+    return BranchInputs(PromptInputs(laid_out.input_ids, laid_out.attention_mask, {}),
+                        torch.tensor(list(trunk_of), dtype=torch.long), torch.tensor(visible, dtype=torch.long),
+                        torch.cat([tails.input_ids, response_ids], dim=1),
+                        torch.cat([tails.attention_mask, response_mask], dim=1), tails.input_ids.shape[1])
 
 
 def _left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> PromptInputs:
@@ -266,19 +394,50 @@ class RolloutBatch:
         groups_E = torch.zeros(count, dtype=torch.long).scatter(0, episode_B, self.group_ids_B)
         return returns_E, groups_E, episode_B
 
-    def student_inputs(self, pad_id: int, share_prompts: bool = False,
-                       shared: PromptInputs | None = None) -> ModelInputs | SharedPromptInputs:
+    def student_inputs(self, pad_id: int, share_prompts: bool = False, shared: PromptInputs | None = None,
+                       pack: bool = False) -> ModelInputs | SharedPromptInputs | PackedInputs:
         """The policy's forward batch. `share_prompts`: rows with one prompt run it once, where any do; `shared`:
-        the optimizer step's distinct prompts, which these rows continue (see `SharedPromptInputs`)."""
-        return self._inputs(self.prompt_ids, pad_id, share_prompts, shared)
+        the optimizer step's distinct prompts, which these rows continue (see `SharedPromptInputs`); `pack`: the
+        turns of an episode run as one sequence (`PackedInputs`; `shared` then holds `sequence_prompts`)."""
+        return forward_inputs(self.prompt_ids, self.response_ids, pad_id, share_prompts, shared,
+                              self.chains() if pack else None)
 
-    def teacher_inputs(self, pad_id: int, share_prompts: bool = False,
-                       shared: PromptInputs | None = None) -> ModelInputs | SharedPromptInputs:
+    def chains(self) -> list[list[int]]:
+        """The rows that run as one sequence (`turn_chains`): an episode's turns; each row alone in a single-turn
+        batch."""
+        if self.episode_ids_B is None:
+            return [[i] for i in range(len(self))]
+        return turn_chains(self.prompt_ids, self.response_ids, self.episode_ids_B.tolist(), self.turn_B.tolist())
+
+    def sequence_prompts(self, pack: bool) -> list[list[int]]:
+        """The prompts the forward's sequences start with: every row's, or with `pack` each chain's first."""
+        return [self.prompt_ids[chain[0]] for chain in self.chains()] if pack else self.prompt_ids
+
+    def episode_rows(self) -> list[list[int]]:
+        """Each episode's rows in turn order, episodes in order of first appearance (single-turn: each row)."""
+        if self.episode_ids_B is None:
+            return [[i] for i in range(len(self))]
+        rows_of: dict[int, list[int]] = {}
+        for i, episode in enumerate(self.episode_ids_B.tolist()):
+            rows_of.setdefault(episode, []).append(i)
+        return [sorted(rows, key=lambda i: int(self.turn_B[i])) for rows in rows_of.values()]
+
+    def teacher_inputs(self, pad_id: int, share_prompts: bool = False, shared: PromptInputs | None = None,
+                       pack: bool = False) -> ModelInputs | SharedPromptInputs | BranchInputs:
         """The teacher's forward batch: the reprompts (the failed rollouts of a group with one successful sibling
         share one), each run once with `share_prompts`; `shared`: a block's distinct reprompts, which these rows
-        continue (`sdpo.teacher.Teacher.prompt_passes`)."""
+        continue (`sdpo.teacher.Teacher.prompt_passes`); `pack`: a multi-turn episode's reprompts branch off its
+        sequence (the conversation up to each turn runs once: `BranchInputs`)."""
         if self.teacher_prompt_ids is None:
             raise ValueError("the batch has no teacher prompts yet: build them with sdpo.teacher.build_reprompts")
+        chains = self.chains() if pack else []
+        if any(len(chain) > 1 for chain in chains):
+            trunks = [[*self.prompt_ids[chain[-1]], *self.response_ids[chain[-1]]] for chain in chains]
+            trunk_of = [0] * len(self)
+            for c, chain in enumerate(chains):
+                for i in chain:
+                    trunk_of[i] = c
+            return build_branch_inputs(trunks, trunk_of, self.teacher_prompt_ids, self.response_ids, pad_id)
         return self._inputs(self.teacher_prompt_ids, pad_id, share_prompts, shared)
 
     @property
@@ -316,13 +475,15 @@ class RolloutBatch:
             chosen = groups[start : start + questions_per_minibatch]
             yield self.select(torch.isin(self.group_ids_B, chosen).nonzero().flatten())
 
-    def prompt_blocks(self, max_prompts: int) -> Iterator[RolloutBatch]:
+    def prompt_blocks(self, max_prompts: int, by_episode: bool = False) -> Iterator[RolloutBatch]:
         """The samples in blocks of whole prompts, at most `max_prompts` distinct prompts per block (in order of
-        first appearance): every sample of a prompt lands in the same block."""
-        index = distinct_prompts(self.prompt_ids)
-        block_of = [index[tuple(p)] // max_prompts for p in self.prompt_ids]
+        first appearance): every sample of a prompt lands in the same block. `by_episode`: whole episodes, each
+        placed by its first turn's prompt."""
+        episodes = self.episode_rows() if by_episode else [[i] for i in range(len(self))]
+        index = distinct_prompts([self.prompt_ids[rows[0]] for rows in episodes])
+        block_of = [index[tuple(self.prompt_ids[rows[0]])] // max_prompts for rows in episodes]
         for block in range(max(block_of, default=-1) + 1):
-            yield self.select([i for i, b in enumerate(block_of) if b == block])
+            yield self.select([i for rows, b in zip(episodes, block_of) if b == block for i in rows])
 
     def micro_batches(self, size: int) -> Iterator[RolloutBatch]:
         for start in range(0, len(self), size):
@@ -334,3 +495,25 @@ class RolloutBatch:
         micro-batches normalised by the optimizer step's counts, so the order changes only floating-point rounding."""
         order = sorted(range(len(self)), key=lambda i: (len(self.response_ids[i]), len(self.prompt_ids[i])))
         return self.select(order)
+
+    def episode_micro_batches(self, size: int) -> Iterator[RolloutBatch]:
+        """Micro-batches of whole episodes, at most `size` sequences each (an episode is one sequence, or one per
+        unbroken run of turns: `turn_chains`; one with more than `size` gets a micro-batch of its own), the
+        episodes ordered as `by_length` orders rows, by their last turn, the longest row of the episode's sequence.
+        A single-turn batch gives `by_length().micro_batches(size)`'s micro-batches."""
+        episodes = self.episode_rows()
+        episode_of = {i: e for e, rows in enumerate(episodes) for i in rows}
+        sequences = [0] * len(episodes)
+        for chain in self.chains():
+            sequences[episode_of[chain[0]]] += 1
+        key = lambda e: (len(self.response_ids[episodes[e][-1]]), len(self.prompt_ids[episodes[e][-1]]))  # noqa: E731
+        micro: list[int] = []
+        count = 0
+        for e in sorted(range(len(episodes)), key=key):
+            if micro and count + sequences[e] > size:
+                yield self.select([i for m in micro for i in episodes[m]])
+                micro, count = [], 0
+            micro.append(e)
+            count += sequences[e]
+        if micro:
+            yield self.select([i for m in micro for i in episodes[m]])

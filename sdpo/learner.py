@@ -2,8 +2,9 @@
 teacher context and advantages into optimizer steps:
 
     old / reference log-probs (when needed) -> for each mini-batch of whole groups: one optimizer step
-        -> blocks of shared prompts (their key/value caches) -> micro-batches: teacher forward, student forward,
-           chunked vocabulary projection, `objective` -> backward -> clip, step, schedule, EMA teacher
+        -> blocks of shared prompts (their key/value caches) -> micro-batches (whole episodes, each one sequence):
+           teacher forward, student forward, chunked vocabulary projection, `objective` -> backward
+        -> clip, step, schedule, EMA teacher
 
 It owns the policy, the optimizer and its schedule, the self-teacher's weights, the KL reference, autocast and
 prompt sharing. Where the processes are and how the weights are spread over them is `sdpo.distributed`'s business:
@@ -71,6 +72,9 @@ class Learner:
         # weight would stay) nor under gradient checkpointing (where a forward keeps no weights for its backward, so
         # the cache would add a 16-bit copy of the model).
         self.cast_weights_once = dist.whole_weights and not checkpointing
+        # The turns of a multi-turn episode run as one sequence (trainer.pack_episodes, sdpo.batch.PackedInputs):
+        # one forward per episode, not one per turn over the conversation so far.
+        self.pack_episodes = config.trainer.pack_episodes
         # Logit-level distillation (full / top-k) needs both models' logits, so it is computed chunk by chunk in the
         # forward; the sampled-token forms need only log q(y_t) and live in the objective.
         self.distill_logits = acfg.mix == "loss" and DISTILL_MODES.get(acfg.distill.mode).needs_logits
@@ -141,17 +145,24 @@ class Learner:
         trainer.share_prompts, where rollouts share prompts: blocks of at most `micro_batch_size` distinct prompts,
         each block's prompts run once for the micro-batches of their rollouts (a pass keeps its prompts' activations
         until its last backward: no more prompts than a micro-batch has rows), and the teacher's reprompts likewise.
-        Lazily, so that a block's passes run after the previous block's last backward."""
+        Multi-turn with trainer.pack_episodes: micro-batches of whole episodes, each one sequence, at most
+        `micro_batch_size` sequences (a sequence is at most rollout.max_prompt_len + max_new_tokens positions, as one
+        turn's row is), in blocks by their first prompt. Lazily, so that a block's passes run after the
+        previous block's last backward."""
         size = self.config.trainer.micro_batch_size
-        shared = self.share_prompts and any_shared(minibatch.prompt_ids)
-        blocks = list(minibatch.prompt_blocks(size)) if shared else [minibatch]
+        pack = self._packs(minibatch)
+        shared = self.share_prompts and any_shared(minibatch.sequence_prompts(pack))
+        blocks = list(minibatch.prompt_blocks(size, by_episode=pack)) if shared else [minibatch]
         for b, block in enumerate(blocks):
-            prompts = self.prompt_pass(block) if shared else None
-            reprompts = self.teacher_prompt_passes(block) if shared else None
-            rows = list(block.by_length().micro_batches(size))
+            prompts = self.prompt_pass(block, pack) if shared else None
+            reprompts = self.teacher_prompt_passes(block, pack) if shared else None
+            rows = list(block.episode_micro_batches(size) if pack else block.by_length().micro_batches(size))
             for i, micro in enumerate(rows):
                 last = i == len(rows) - 1
                 yield MicroBatch(micro, prompts, reprompts, last, last and b == len(blocks) - 1)
+
+    def _packs(self, batch: RolloutBatch) -> bool:
+        return self.pack_episodes and batch.episode_ids_B is not None
 
     def micro_batch_step(self, micro: MicroBatch, counts: StepCounts, sums: MetricSums) -> None:
         """Forward and backward of one micro-batch; gradients are synchronised with the step's last."""
@@ -162,20 +173,23 @@ class Learner:
                 self.dist.backward(loss, prompts_grad)
         self.teacher.release()
 
-    def prompt_pass(self, block: RolloutBatch) -> PromptPass:
+    def prompt_pass(self, block: RolloutBatch, pack: bool) -> PromptPass:
         """A block's distinct prompts through the policy once, for all its micro-batches (their responses continue
-        the prompts' key/value cache: sdpo.models.PromptPass)."""
-        prompts = build_prompt_inputs(block.prompt_ids, self.pad_id)
+        the prompts' key/value cache: sdpo.models.PromptPass); `pack`: the prompts its episodes' sequences start
+        with."""
+        prompts = build_prompt_inputs(block.sequence_prompts(pack), self.pad_id)
         # The pass's backward runs inside its block's last micro-batch's (the step's last is the synchronising one);
         # its forward must not prepare one.
         with self.dist.micro_batch(last=False), self._autocast():
             return PromptPass(self.policy, prompts.to(self.dist.device))
 
-    def teacher_prompt_passes(self, block: RolloutBatch) -> list[PromptPass] | None:
+    def teacher_prompt_passes(self, block: RolloutBatch, pack: bool) -> list[PromptPass] | None:
         """A block's distinct reprompts through the teacher once (no gradient), for all its micro-batches' teacher
-        forwards (`sdpo.teacher.Teacher.prompt_passes`); None without a trainer-side teacher or shared reprompts."""
+        forwards (`sdpo.teacher.Teacher.prompt_passes`); None without a trainer-side teacher or shared reprompts, or
+        where multi-turn reprompts branch off their episode's conversation instead."""
         with self.timer("teacher_forward"), self._autocast():
-            return self.teacher.prompt_passes(self.unwrapped, block, self.pad_id, self.dist.device)
+            return self.teacher.prompt_passes(self.unwrapped, block, self.pad_id, self.dist.device,
+                                              branch=pack and self.share_prompts)
 
     def micro_batch_loss(self, micro: MicroBatch, counts: StepCounts, sums: MetricSums) -> Tensor:
         """The loss of one micro-batch, normalised by the optimizer step's global counts (summed over micro-batches).
@@ -187,10 +201,11 @@ class Learner:
         distill_mask_BR = mask_BR & rows.distill_mask_B.to(device)[:, None] if rows.distill_mask_B is not None else None
         with self.timer("teacher_forward"), self._autocast():  # counted apart from time/update
             teacher = self.teacher.micro_batch_features(self.unwrapped, rows, pad_id, device, self.dist.any_rank,
-                                                        self.share_prompts, micro.reprompts)
+                                                        self.share_prompts, micro.reprompts,
+                                                        branch=self.share_prompts and self._packs(rows))
         with self._autocast():
             shared = micro.prompts.prompts if micro.prompts is not None else None
-            inputs = rows.student_inputs(pad_id, self.share_prompts, shared)
+            inputs = rows.student_inputs(pad_id, self.share_prompts, shared, self._packs(rows))
             student = response_features(self.policy, inputs.to(device), micro.prompts, micro.last_in_block)
             terms = chunked_response_terms(
                 student.values_BRX, student.head, rows.response_ids_BR.to(device), self.config.rollout.temperature,
@@ -222,7 +237,8 @@ class Learner:
         with self._autocast():
             logp = response_logprobs(model, batch.prompt_ids, batch.response_ids, self.pad_id,
                                      self.config.rollout.temperature, self.config.trainer.logits_chunk_size,
-                                     self.config.trainer.micro_batch_size, self.dist.device, self.share_prompts)
+                                     self.config.trainer.micro_batch_size, self.dist.device, self.share_prompts,
+                                     batch.chains() if self._packs(batch) else None)
         reshard(model)
         return logp
 

@@ -25,7 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from sdpo import attention  # noqa: F401  (registers model.attn_implementation=sdpa_cpu_float32)
-from sdpo.batch import PromptInputs, SharedPromptInputs, forward_inputs, pad_right
+from sdpo.batch import BranchInputs, PackedInputs, PromptInputs, SharedPromptInputs, forward_inputs, pad_right
 from sdpo.config import ModelConfig
 from sdpo.losses import chunked_response_terms
 from sdpo.sharding import is_zero3
@@ -257,9 +257,17 @@ def no_logits(input_ids: torch.Tensor) -> torch.Tensor:
 def response_features(model: torch.nn.Module, inputs, prompts: PromptPass | None = None,
                       last: bool = True) -> ResponseFeatures:
     """The response positions' features through the model's own forward (so DDP / FSDP / PEFT hooks run).
-    `SharedPromptInputs` continue `prompts` (a `PromptPass` over their prompts; by default one of their own)."""
+    `SharedPromptInputs` continue `prompts` (a `PromptPass` over their prompts; by default one of their own);
+    `PackedInputs` run as their sequences, whose features each row then reads at its own positions."""
+    if isinstance(inputs, PackedInputs):
+        sequences = response_features(model, inputs.sequences, prompts, last)
+        # index_select on the flattened positions: its backward is an index_add (see `PromptPass.continued`).
+        flat = sequences.values_BRX.flatten(0, 1).index_select(0, inputs.index_BR.flatten())
+        return ResponseFeatures(flat.view(*inputs.index_BR.shape, -1), sequences.head, sequences.are_logits)
     if isinstance(inputs, SharedPromptInputs):
         return _continued_features(model, inputs, prompts, last)
+    if isinstance(inputs, BranchInputs):
+        return _branch_features(model, inputs)
     window = inputs.response_hidden_slice
     zero3 = is_zero3(model)
     out = model(
@@ -278,20 +286,29 @@ def response_features(model: torch.nn.Module, inputs, prompts: PromptPass | None
 @torch.no_grad()
 def response_logprobs(model: torch.nn.Module, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
                       pad_id: int, temperature: float, chunk_size: int = 256, batch_size: int = 16,
-                      device: torch.device | str = "cpu", share_prompts: bool = False) -> torch.Tensor:
+                      device: torch.device | str = "cpu", share_prompts: bool = False,
+                      chains: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
     """log p(response_t | prompt, response_<t) of every response token at the sampling temperature, [B, R] float32
     on the CPU (columns past a row's response hold no meaning): the training forward (`response_features`, the
-    chunked vocabulary projection), `batch_size` rows at a time (`share_prompts`: rows with one prompt run it once).
-    The caller picks the mode (train / eval) and the autocast. The learner's old and reference log-probs and the
-    probe's log-probability uplift are this one function."""
+    chunked vocabulary projection), `batch_size` sequences at a time (`share_prompts`: rows with one prompt run it
+    once; `chains`: rows that run as one sequence, `sdpo.batch.turn_chains`; by default each row alone). The caller
+    picks the mode (train / eval) and the autocast. The learner's old and reference log-probs and the probe's
+    log-probability uplift are this one function."""
     out = torch.zeros(len(responses), max((len(r) for r in responses), default=0) or 1)
-    for start in range(0, len(prompts), batch_size):
-        part = responses[start : start + batch_size]
-        inputs = forward_inputs(prompts[start : start + batch_size], part, pad_id, share_prompts)
+    chains = [[i] for i in range(len(responses))] if chains is None else chains
+    for start in range(0, len(chains), batch_size):
+        part = [list(chain) for chain in chains[start : start + batch_size]]
+        rows = [i for chain in part for i in chain]
+        local, n = [], 0  # the chains over `rows`' positions
+        for chain in part:
+            local.append(list(range(n, n + len(chain))))
+            n += len(chain)
+        row_responses = [responses[i] for i in rows]
+        inputs = forward_inputs([prompts[i] for i in rows], row_responses, pad_id, share_prompts, chains=local)
         features = response_features(model, inputs.to(device))
-        ids_BR = pad_right(part, 0, torch.long, max(max(len(r) for r in part), 1)).to(device)
+        ids_BR = pad_right(row_responses, 0, torch.long, max(max(len(r) for r in row_responses), 1)).to(device)
         logp_BR = chunked_response_terms(features.values_BRX, features.head, ids_BR, temperature, chunk_size)["logp"]
-        out[start : start + len(part), : logp_BR.shape[1]] = logp_BR.float().cpu()
+        out[rows, : logp_BR.shape[1]] = logp_BR.float().cpu()
     return out
 
 
@@ -382,6 +399,16 @@ def _continued_features(model: torch.nn.Module, inputs: SharedPromptInputs, prom
                 position_ids=inputs.response_position_ids, past_key_values=cache, output_hidden_states=True,
                 logits_to_keep=no_logits(inputs.response_ids), use_cache=True)
     return ResponseFeatures(torch.cat([first_BX[:, None], out.hidden_states[-1][:, :-1]], dim=1), _output_head(model))
+
+
+def _branch_features(model: torch.nn.Module, inputs: BranchInputs) -> ResponseFeatures:
+    """Rows that branch off their trunk's first tokens (a multi-turn episode's reprompts, teacher only: no gradient
+    reaches the trunk's cache)."""
+    cache, _ = PromptPass(model, inputs.trunks).continued(inputs.trunk_of_B)
+    out = model(input_ids=inputs.branch_ids, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids,
+                past_key_values=cache, output_hidden_states=True, logits_to_keep=no_logits(inputs.branch_ids),
+                use_cache=True)
+    return ResponseFeatures(out.hidden_states[-1][:, inputs.response_slice], _output_head(model))
 
 
 def response_hidden_states(model: torch.nn.Module, inputs) -> torch.Tensor:

@@ -5,10 +5,11 @@ runs train on exactly the same global batch; each rank holds half of the questio
 must match: the updated weights (loss normalised by the global token count, gradients summed over ranks), the
 all-reduced metrics, and the EMA teacher, which must also be the same on every rank. The same for DDP, FSDP2 and
 DeepSpeed ZeRO-3 / ZeRO-2, each set up on the CPU as its accelerate config file would on GPUs
-(`sdpo.testing.launch_on_cpu_as`).
+(`sdpo.testing.launch_on_cpu_as`); and multi-turn episodes under DDP (each packed into one sequence, never split
+across ranks).
 
 Run by hand: python -m torch.distributed.run --standalone --nproc_per_node 2 tests/test_distributed.py --worker OUT \
-    --sharding {ddp,fsdp2,zero3,zero2} [--lora]
+    --sharding {ddp,fsdp2,zero3,zero2} [--lora] [--multi-turn]
 """
 
 from __future__ import annotations
@@ -48,8 +49,14 @@ DEEPSPEED = ("zero3", "zero2")  # the sharding names of sdpo.testing.launch_on_c
 LORA = ["model.lora.enabled=true", "model.lora.r=4"]  # the EMA teacher is then a second adapter
 
 
-def run_worker(out: Path, sharding: str = "ddp", resume: bool = False, lora: bool = False) -> None:
-    """One training step (or, with `resume`, the state restored from its checkpoint); every rank writes what it holds."""
+MULTI_TURN = ["rollout.max_turns=3", "rollout.max_new_tokens=32", "rollout.max_prompt_len=512",
+              "algorithm.reprompt.max_reprompt_len=1024"]  # episodes packed into one sequence each (the default)
+
+
+def run_worker(out: Path, sharding: str = "ddp", resume: bool = False, lora: bool = False,
+               multi_turn: bool = False) -> None:
+    """One training step (or, with `resume`, the state restored from its checkpoint); every rank writes what it holds.
+    `multi_turn`: episodes of up to 3 turns (tests/test_episodes.py's scripted guessing game)."""
     from sdpo.testing import launch_on_cpu_as
 
     launch_on_cpu_as(sharding)
@@ -66,10 +73,16 @@ def run_worker(out: Path, sharding: str = "ddp", resume: bool = False, lora: boo
     from sdpo.models import load_tokenizer, resolve_checkpoint
     from sdpo.testing import ScriptedEngine
 
-    config = load_config([*TINY_OVERRIDES, *OVERRIDES, *(LORA if lora else []), f"trainer.output_dir={out / 'run'}",
-                          f"trainer.resume={'auto' if resume else 'none'}"])
-    engine = ScriptedEngine(load_tokenizer(resolve_checkpoint(ModelConfig(name_or_path="tiny"))), max_len=6)
-    trainer = SDPOTrainer(config, env=InlineParityEnv(ParityEnvConfig()), engine=engine)
+    config = load_config([*TINY_OVERRIDES, *OVERRIDES, *(LORA if lora else []), *(MULTI_TURN if multi_turn else []),
+                          f"trainer.output_dir={out / 'run'}", f"trainer.resume={'auto' if resume else 'none'}"])
+    tokenizer = load_tokenizer(resolve_checkpoint(ModelConfig(name_or_path="tiny")))
+    if multi_turn:
+        from test_episodes import GuessEnv, guessing_engine
+
+        env, engine = GuessEnv(num_questions=4), guessing_engine(tokenizer)
+    else:
+        env, engine = InlineParityEnv(ParityEnvConfig()), ScriptedEngine(tokenizer, max_len=6)
+    trainer = SDPOTrainer(config, env=env, engine=engine)
     dist = trainer.dist
     assert dist.sharded == (sharding in ("fsdp2", "zero3")) and dist.deepspeed == (sharding in DEEPSPEED)
     if dist.deepspeed:  # the learning-rate schedule drives the AdamW that DeepSpeed's ZeRO optimizer steps
@@ -119,19 +132,24 @@ def run_worker(out: Path, sharding: str = "ddp", resume: bool = False, lora: boo
         "counts": vars(trainer.learner.step_counts(batch)),
         "groups": sorted({(pid, int(g)) for pid, g in zip(batch.problem_ids, batch.group_ids_B)}),
         "samples_per_problem": {pid: batch.problem_ids.count(pid) for pid in set(batch.problem_ids)},
+        "episodes": {pid: len({int(e) for p, e in zip(batch.problem_ids, batch.episodes()[2]) if p == pid})
+                     for pid in set(batch.problem_ids)},
+        "packed": trainer.learner._packs(batch) and len(batch.chains()) < len(batch),
         **after_step,
     }, out / f"rank{dist.rank}-of-{dist.world}.pt")
 
 
-@pytest.mark.parametrize("sharding, lora", [("ddp", False), ("fsdp2", False), ("fsdp2", True), ("zero3", False),
-                                           ("zero3", True), ("zero2", False)],
-                         ids=["ddp", "fsdp2", "fsdp2-lora", "deepspeed-zero3", "deepspeed-zero3-lora", "deepspeed-zero2"])
-def test_two_processes_take_the_same_step_as_one(tmp_path, sharding, lora):
+@pytest.mark.parametrize("sharding, lora, multi_turn",
+                         [("ddp", False, False), ("fsdp2", False, False), ("fsdp2", True, False), ("zero3", False, False),
+                          ("zero3", True, False), ("zero2", False, False), ("ddp", False, True)],
+                         ids=["ddp", "fsdp2", "fsdp2-lora", "deepspeed-zero3", "deepspeed-zero3-lora", "deepspeed-zero2",
+                              "ddp-multi-turn"])
+def test_two_processes_take_the_same_step_as_one(tmp_path, sharding, lora, multi_turn):
     if sharding in DEEPSPEED:
         pytest.importorskip("deepspeed", reason="the deepspeed extra (pip install -e '.[deepspeed]')")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "WANDB_MODE": "disabled"}
-    flags = ["--sharding", sharding, *(["--lora"] if lora else [])]
+    flags = ["--sharding", sharding, *(["--lora"] if lora else []), *(["--multi-turn"] if multi_turn else [])]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(Path(__file__).resolve()), "--worker", str(tmp_path), *flags]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -155,7 +173,7 @@ def test_two_processes_take_the_same_step_as_one(tmp_path, sharding, lora):
         assert len(resumed["moments"]) == len(trained["moments"]) > 0
         for a, b in zip(resumed["moments"], trained["moments"]):
             assert torch.equal(a, b)
-    run_worker(tmp_path, lora=lora)  # the single-process reference, in this process
+    run_worker(tmp_path, lora=lora, multi_turn=multi_turn)  # the single-process reference, in this process
 
     single = torch.load(tmp_path / "rank0-of-1.pt", weights_only=False)
     ranks = [torch.load(tmp_path / f"rank{r}-of-2.pt", weights_only=False) for r in range(2)]
@@ -165,7 +183,12 @@ def test_two_processes_take_the_same_step_as_one(tmp_path, sharding, lora):
     per_rank = [{pid for pid, _ in r["groups"]} for r in ranks]
     assert not per_rank[0] & per_rank[1] and len(per_rank[0]) == len(per_rank[1]) == 2
     assert per_rank[0] | per_rank[1] == {pid for pid, _ in single["groups"]}
-    assert all(n == 4 for r in ranks for n in r["samples_per_problem"].values())
+    assert all(n == 4 for r in ranks for n in r["episodes"].values())  # a problem's episodes on one rank
+    if multi_turn:  # episodes of several turns, each packed into one sequence
+        assert all(r["packed"] for r in ranks) and single["packed"]
+        assert any(n > 4 for r in ranks for n in r["samples_per_problem"].values())
+    else:
+        assert all(n == 4 for r in ranks for n in r["samples_per_problem"].values())
 
     # Greedy rollouts from the updated policy: the same per prompt, however the prompts were spread over ranks.
     assert ranks[0]["greedy"] + ranks[1]["greedy"] == single["greedy"]
@@ -209,7 +232,7 @@ def test_two_processes_take_the_same_step_as_one(tmp_path, sharding, lora):
 if __name__ == "__main__" and "--worker" in sys.argv:
     os.environ.setdefault("WANDB_MODE", "disabled")
     run_worker(Path(sys.argv[sys.argv.index("--worker") + 1]), sharding=sys.argv[sys.argv.index("--sharding") + 1],
-               resume="--resume" in sys.argv, lora="--lora" in sys.argv)
+               resume="--resume" in sys.argv, lora="--lora" in sys.argv, multi_turn="--multi-turn" in sys.argv)
 
 
 def test_reduce_mean_leaves_undefined_values_out(monkeypatch):

@@ -52,6 +52,10 @@ class TrainerConfig:
     # runs each distinct reprompt of a block once. In effect in one process or under DDP, without gradient
     # checkpointing, for models without sliding-window layers; FSDP2 and DeepSpeed run one forward per row.
     share_prompts: bool = True
+    # Multi-turn (rollout.max_turns > 1): the turns of an episode run as one sequence (each turn's prompt is the
+    # conversation so far, so its tokens are positions of the last turn's row), micro_batch_size episodes per
+    # forward; the same values and gradients as one row per turn (sdpo.batch.PackedInputs, docs/multi_turn.md).
+    pack_episodes: bool = True
     optim: OptimConfig = field(default_factory=OptimConfig)
     # The run directory; configs/config.yaml sets its one default, runs/<algorithm.name>-<env.name>-<timestamp>
     # (Hydra's run directory too). A config built in Python must name one.

@@ -303,8 +303,8 @@ class Teacher:
         return TeacherFeatures(features, weights)
 
     @torch.no_grad()
-    def prompt_passes(self, policy: nn.Module, block: RolloutBatch, pad_id: int,
-                      device: torch.device) -> list[PromptPass] | None:
+    def prompt_passes(self, policy: nn.Module, block: RolloutBatch, pad_id: int, device: torch.device,
+                      branch: bool = False) -> list[PromptPass] | None:
         """scorer=trainer: the distinct reprompts of a block's rows with a signal through each source once (one
         `PromptPass` per source), for `micro_batch_features` to continue; None where no two rows share a reprompt.
 
@@ -313,7 +313,7 @@ class Teacher:
         activations): for a block of at most `micro_batch_size` questions that is G x 2 x kv_width numbers per
         reprompt token and layer, a fraction of what the block's student activations hold."""
         reprompts = [block.teacher_prompt_ids[i] for i in block.distill_rows]
-        if not self.scorer.forward_in_update or not any_shared(reprompts):
+        if not self.scorer.forward_in_update or not any_shared(reprompts) or branch:  # branches share otherwise
             return None
         prompts = build_prompt_inputs(reprompts, pad_id).to(device)
         passes = []
@@ -356,17 +356,18 @@ class Teacher:
 
     def micro_batch_features(self, policy: nn.Module, micro: RolloutBatch, pad_id: int, device: torch.device,
                              any_rank: Callable[[bool], bool], share_prompts: bool = False,
-                             passes: list[PromptPass] | None = None) -> TeacherFeatures | None:
+                             passes: list[PromptPass] | None = None, branch: bool = False) -> TeacherFeatures | None:
         """scorer=trainer: the teacher forward for the micro-batch's rows with a distillation signal (the others are
         masked: their teacher terms are zeros), or None when no rank needs one (`any_rank`: sharded, the forward is
         a collective). `share_prompts`: rows with the same reprompt run it once (`RolloutBatch.teacher_inputs`);
-        `passes`: the block's `prompt_passes`, whose reprompts the rows continue."""
+        `passes`: the block's `prompt_passes`, whose reprompts the rows continue; `branch`: a multi-turn episode's
+        reprompts continue its conversation's cache (`sdpo.batch.BranchInputs`)."""
         if not self.scorer.forward_in_update or not any_rank(bool(micro.distill_mask_B.any())):
             return None
         rows = torch.tensor(micro.distill_rows, dtype=torch.long)
         if len(rows) == 0:  # sharded, another rank needs the teacher: join its forward with a stand-in row (masked)
             rows = torch.zeros(1, dtype=torch.long)
-        inputs = micro.select(rows).teacher_inputs(pad_id, share_prompts, passes[0].prompts if passes else None)
+        inputs = micro.select(rows).teacher_inputs(pad_id, share_prompts, passes[0].prompts if passes else None, branch)
         return self.features(policy, inputs.to(device), passes).of_rows(rows, micro.response_width)
 
     @staticmethod
@@ -439,7 +440,7 @@ class NoTeacher:
     def cacheable_casts(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
 
-    def prompt_passes(self, *args: Any) -> None:
+    def prompt_passes(self, *args: Any, **kwargs: Any) -> None:
         return None
 
     def micro_batch_features(self, *args: Any, **kwargs: Any) -> None:
