@@ -188,7 +188,13 @@ def main() -> None:
         lines += ["", "## Training: multi-turn GRPO vs multi-turn SDPO", "",
                   f"Overrides (on the CPU preset): `{' '.join(train_overrides(args))}`", "", *training_table(runs, args)]
     if "cost" in args.parts:
-        runs = {name: cost_run(name, args) for name in args.cost_runs}
+        # Each run in a fresh process: three trainers with their vLLM engines in one would hold ~18 GiB.
+        import multiprocessing
+
+        runs = {}
+        for name in args.cost_runs:
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                runs[name] = pool.apply(cost_run, (name, args))
         lines += ["", "## Cost per model token: 1 turn against 3 turns", "",
                   "Overrides (on the CPU preset): `env.feedback=true eval.every=0` and, per run, "
                   + "; ".join(f"{name}: `{' '.join(o)}`" for name, o in COST_RUNS.items()), "", *cost_table(runs)]

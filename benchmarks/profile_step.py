@@ -212,13 +212,13 @@ def instrumented(trainer, flops: FlopCounter):
             return fn(model, inputs, prompts, last)
         return wrapper
 
-    def prompt_pass(block):  # a block's shared prompts: part of the student's forward
-        prompts = saved_prompt_pass(block)
+    def prompt_pass(block, pack):  # a block's shared prompts: part of the student's forward
+        prompts = saved_prompt_pass(block, pack)
         flops.record_prompts("student", prompts.prompts)
         return prompts
 
-    def teacher_prompt_passes(block):  # a block's shared reprompts, once per teacher source
-        passes = saved_teacher_passes(block)
+    def teacher_prompt_passes(block, pack):  # a block's shared reprompts, once per teacher source
+        passes = saved_teacher_passes(block, pack)
         for _ in passes or []:
             flops.record_prompts("teacher", passes[0].prompts)
         return passes
@@ -374,7 +374,7 @@ def shared_prompts_ab(overrides: list[str], repeats: int) -> dict:
         for _ in range(repeats):
             for label, (share, teacher, prefix) in SHARING.items():
                 trainer.learner.share_prompts = share
-                trainer.learner.teacher_prompt_passes = teacher_passes if teacher else (lambda block: None)
+                trainer.learner.teacher_prompt_passes = teacher_passes if teacher else (lambda block, pack: None)
                 sdpo.batch.MIN_PREFIX_SAVING = min_prefix_saving if prefix else 1 << 62  # no prefix pays
                 seconds, parts = replay()
                 out[label].append({"update": seconds, **parts, **flops.pop()})

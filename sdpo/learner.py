@@ -72,7 +72,7 @@ class Learner:
         # weight would stay) nor under gradient checkpointing (where a forward keeps no weights for its backward, so
         # the cache would add a 16-bit copy of the model).
         self.cast_weights_once = dist.whole_weights and not checkpointing
-        # The turns of a multi-turn episode run as one sequence (trainer.pack_episodes, sdpo.batch.PackedInputs):
+        # The turns of a multi-turn episode run as one sequence (trainer.pack_episodes, sdpo.layout.PackedInputs):
         # one forward per episode, not one per turn over the conversation so far.
         self.pack_episodes = config.trainer.pack_episodes
         # Logit-level distillation (full / top-k) needs both models' logits, so it is computed chunk by chunk in the

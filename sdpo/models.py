@@ -25,7 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from sdpo import attention  # noqa: F401  (registers model.attn_implementation=sdpa_cpu_float32)
-from sdpo.batch import BranchInputs, PackedInputs, PromptInputs, SharedPromptInputs, forward_inputs, pad_right
+from sdpo.layout import BranchInputs, PackedInputs, PromptInputs, SharedPromptInputs, forward_inputs, pad_right
 from sdpo.config import ModelConfig
 from sdpo.losses import chunked_response_terms
 from sdpo.sharding import is_zero3

@@ -10,8 +10,7 @@ import torch
 
 from conftest import TINY_OVERRIDES
 from test_episodes import GuessEnv, guessing_engine
-from sdpo.batch import (PackedInputs, RolloutBatch, build_branch_inputs, build_model_inputs, forward_inputs,
-                        turn_chains)
+from sdpo.batch import PackedInputs, RolloutBatch, build_branch_inputs, build_model_inputs, forward_inputs, turn_chains
 from sdpo.hydra_config import load_config
 from sdpo.learner import MicroBatch
 from sdpo.losses.objective import MetricSums
@@ -47,9 +46,9 @@ def test_micro_batches_hold_whole_episodes_and_at_most_their_size_in_sequences()
                          torch.zeros(6, dtype=torch.bool), episode_ids_B=torch.tensor([0, 0, 0, 1, 1, 2]),
                          turn_B=torch.tensor([0, 1, 2, 0, 1, 0]))
     assert batch.chains() == [[0, 1, 2], [3], [4], [5]]
-    # Ordered by their last turn's (response, prompt) length: episode 1, 0, 2; episode 1 alone fills a micro-batch
-    # of 2 sequences, and overfills one of 1.
-    for size, expected in [(1, [[3, 4], [0, 1, 2], [5]]), (2, [[3, 4], [0, 1, 2, 5]]), (3, [[3, 4, 0, 1, 2], [5]])]:
+    # Ordered by their last row's length (2, 3, 6 tokens): episode 1, 2, 0; episode 1 alone fills a micro-batch of
+    # 2 sequences, and overfills one of 1.
+    for size, expected in [(1, [[3, 4], [5], [0, 1, 2]]), (2, [[3, 4], [5, 0, 1, 2]]), (3, [[3, 4, 5], [0, 1, 2]])]:
         micro = [m.prompt_ids for m in batch.episode_micro_batches(size)]
         assert micro == [[prompts[i] for i in rows] for rows in expected], size
 
@@ -245,11 +244,9 @@ def test_a_single_turn_batch_is_untouched_by_packing(tmp_path):
     trainer = SDPOTrainer(config)
     batch = scored_batch(trainer)
     assert batch.episode_ids_B is None and not trainer.learner._packs(batch)
-    # Each row is an episode of its own: episode-wise blocks and micro-batches are the row-wise ones.
+    # Each row is an episode of its own: episode-wise blocks are the row-wise ones.
     assert batch.chains() == batch.episode_rows() == [[i] for i in range(len(batch))]
     for size in (1, 3, 8):
-        by_episode = [m.response_ids for m in batch.episode_micro_batches(size)]
-        assert by_episode == [m.response_ids for m in batch.by_length().micro_batches(size)]
         blocks = [b.response_ids for b in batch.prompt_blocks(size, by_episode=True)]
         assert blocks == [b.response_ids for b in batch.prompt_blocks(size)]
     assert not isinstance(batch.student_inputs(0, pack=True), PackedInputs)

@@ -225,7 +225,8 @@ def test_shared_prompts_give_the_update_the_same_gradient(tmp_path, algorithm):
     assert trainer.learner.share_prompts and [len(block) for block in batch.prompt_blocks(3)] == [12, 4]
     reprompt_passes = []  # the teacher's: its blocks' distinct reprompts once (no gradient)
     original = trainer.learner.teacher_prompt_passes
-    trainer.learner.teacher_prompt_passes = lambda block: reprompt_passes.append(original(block)) or reprompt_passes[-1]
+    trainer.learner.teacher_prompt_passes = (
+        lambda block, pack: reprompt_passes.append(original(block, pack)) or reprompt_passes[-1])
     grads = step_gradients(trainer, batch, **{"per row": {"share_prompts": False}, "shared": {"share_prompts": True}})
     assert any(g.abs().sum() > 0 for g in grads["per row"])
     assert isinstance(trainer.learner.teacher, Teacher) == any(p is not None for p in reprompt_passes)

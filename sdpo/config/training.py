@@ -53,8 +53,9 @@ class TrainerConfig:
     # checkpointing, for models without sliding-window layers; FSDP2 and DeepSpeed run one forward per row.
     share_prompts: bool = True
     # Multi-turn (rollout.max_turns > 1): the turns of an episode run as one sequence (each turn's prompt is the
-    # conversation so far, so its tokens are positions of the last turn's row), micro_batch_size episodes per
-    # forward; the same values and gradients as one row per turn (sdpo.batch.PackedInputs, docs/multi_turn.md).
+    # conversation so far, so its tokens are positions of the last turn's row), at most micro_batch_size sequences
+    # per forward, and the teacher's reprompts branch off it; the same values and gradients as one row per turn
+    # (sdpo.layout.PackedInputs, docs/multi_turn.md).
     pack_episodes: bool = True
     optim: OptimConfig = field(default_factory=OptimConfig)
     # The run directory; configs/config.yaml sets its one default, runs/<algorithm.name>-<env.name>-<timestamp>
