@@ -90,7 +90,7 @@ class SDPOTrainer:
         self.rollouts = RolloutsAhead(self.collector, self.sampler, self.next_questions, config.rollout.async_steps,
                                       config.trainer.total_steps, self.timer)  # now, or rollout.async_steps ahead
         self.run = RunLoop(self)  # resumes from a checkpoint (trainer.resume), opens the metrics log
-        if self.step > 0 or self.engine.out_of_process:  # resumed weights; a server holds whatever it last had
+        if self.step > 0 or getattr(self.engine, "out_of_process", False):  # resumed weights; a server: any weights
             self.sync_engine()
             self.timer.pop()  # not part of the first step's time
 
