@@ -77,7 +77,7 @@ class SDPOTrainer:
         self.sampler = QuestionSampler(len(self.train_problems), config.trainer.seed)
         # The policy, its optimizer, the teacher's weights and the KL reference (copies taken from a fresh load
         # where the launch splits weights while loading).
-        reload = lambda: load_model(replace(config.model, gradient_checkpointing=False), self.model_path)
+        reload = lambda: load_model(replace(config.model, gradient_checkpointing=False), self.model_path)  # noqa: E731
         self.learner = Learner(config, self.dist, inputs.load_policy(), reload, self.tokenizer.pad_token_id, self.timer)
         self.engine = engine or self.collector.build_engine(self.learner, self.model_path)
         self.collector.engine = self.engine

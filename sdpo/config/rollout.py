@@ -51,8 +51,8 @@ class ServerConfig:
     # server sees it (127.0.0.1 when both run on one machine), and its port (0: a free one).
     sync_host: str = "127.0.0.1"
     sync_port: int = 0
-    # Process-group backend of the weight sync: gloo (CPU tensors), nccl (GPU to GPU); auto: nccl where the server's
-    # workers and this trainer both have CUDA, else gloo.
+    # Process-group backend of the weight sync: gloo (through host memory), nccl (GPU to GPU); auto: nccl when this
+    # trainer has CUDA (the server's workers then need it too), else gloo.
     sync_backend: str = "auto"
     # Seconds one request (a generation, a weight sync) may take before the run fails naming the server.
     request_timeout_s: float = 1800.0

