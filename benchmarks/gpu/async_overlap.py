@@ -12,7 +12,8 @@ nothing else outside this repository: a random-init model of Qwen3-0.6B's shape 
 Per row: one warm-up step, then --steps timed steps. Reported per step (means): the trainer's wall time,
 `rollout_wait` (generation the overlap did not hide), the generation that ran in the background (`ahead/generate`),
 the update and the sync; overlap = 1 - rollout_wait / background generation (1: generation fully hidden).
-Weights go to the server through NCCL (rollout.server.sync_backend=auto) after every step.
+Weights go to the server after every step through NCCL across two GPUs, gloo (host memory) on one GPU, where
+NCCL refuses two ranks on the same device.
 """
 
 from __future__ import annotations
@@ -98,7 +99,9 @@ def main() -> None:
     if args.small:
         common += ["rollout.vllm.kv_cache_gb=0.25", "rollout.vllm.enforce_eager=true"]
     elif args.one_gpu or torch.cuda.device_count() < 2:
-        common += ["rollout.server.devices=0", f"rollout.vllm.gpu_memory_utilization={args.server_memory}"]
+        # NCCL refuses two ranks on one device: the sync goes through host memory (gloo) when both share the GPU.
+        common += ["rollout.server.devices=0", f"rollout.vllm.gpu_memory_utilization={args.server_memory}",
+                   "rollout.server.sync_backend=gloo"]
     else:
         common += ["rollout.server.devices=1", "rollout.vllm.gpu_memory_utilization=0.85"]
     placement = ("CPU" if not on_gpu else "one GPU" if args.one_gpu or torch.cuda.device_count() < 2

@@ -52,7 +52,8 @@ class ServerConfig:
     sync_host: str = "127.0.0.1"
     sync_port: int = 0
     # Process-group backend of the weight sync: gloo (through host memory), nccl (GPU to GPU); auto: nccl when this
-    # trainer has CUDA (the server's workers then need it too), else gloo.
+    # trainer has CUDA (the server's workers then need it too), else gloo. Trainer and server on the same GPU: gloo
+    # (NCCL refuses two ranks on one device).
     sync_backend: str = "auto"
     # Seconds one request (a generation, a weight sync) may take before the run fails naming the server.
     request_timeout_s: float = 1800.0
