@@ -112,10 +112,12 @@ def _model_source(config: SDPOConfig, model: Any) -> tuple[Path | None, Any]:
     name = str(getattr(base.config, "name_or_path", "") or "")
     path = Path(name).expanduser() if name and (Path(name).expanduser() / "config.json").exists() else None
     config.model = dataclasses.replace(config.model, name_or_path=str(path) if path else type(base).__name__)
-    if path is None and config.rollout.engine == "vllm":
-        raise ConfigError("rollout=vllm loads the policy from a checkpoint directory, and this model object has none: "
-                          "save it (model.save_pretrained(dir); tokenizer.save_pretrained(dir)) and pass model=dir, or "
-                          "use rollout=hf")
+    rollout = config.rollout
+    loads_checkpoint = rollout.engine == "vllm" or (rollout.engine == "vllm_server" and not rollout.server.url)
+    if path is None and loads_checkpoint:
+        raise ConfigError(f"rollout={rollout.engine} loads the policy from a checkpoint directory, and this model "
+                          "object has none: save it (model.save_pretrained(dir); tokenizer.save_pretrained(dir)) and "
+                          "pass model=dir, or use rollout=hf")
     return path, model
 
 

@@ -56,7 +56,7 @@ class RunLoop:
     def state_objects(self) -> dict[str, Any]:
         """What a checkpoint keeps besides the weights and optimizer state, by name in its trainer_state."""
         t = self.trainer
-        return {"scheduler": t.learner.scheduler, "teacher": t.learner.teacher, "sampler": t.sampler,
+        return {"scheduler": t.learner.scheduler, "teacher": t.learner.teacher, "sampler": t.rollouts,
                 "failure_modes": t.failure_modes, "best": self.best}
 
     def train(self) -> dict[str, float]:

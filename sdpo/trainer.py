@@ -38,6 +38,7 @@ from sdpo.learner import Learner
 from sdpo.models import load_model
 from sdpo.precision import keep_freed_memory, resolve_precision, use_all_cores
 from sdpo.rollout import RolloutEngine
+from sdpo.rollout.ahead import RolloutsAhead
 from sdpo.rollout.collector import Collector
 from sdpo.rollout.episodes import episode_advantages
 from sdpo.run import RunLoop, run_directory
@@ -86,7 +87,12 @@ class SDPOTrainer:
         self.threads = use_all_cores()
         keep_freed_memory()
         self.failure_modes = FailureModes()  # sdpo/diagnostics.py: echo, copying, drift, vanishing updates
+        self.rollouts = RolloutsAhead(self.collector, self.sampler, self.next_questions, config.rollout.async_steps,
+                                      config.trainer.total_steps, self.timer)  # now, or rollout.async_steps ahead
         self.run = RunLoop(self)  # resumes from a checkpoint (trainer.resume), opens the metrics log
+        if self.step > 0 or getattr(self.engine, "out_of_process", False):  # resumed weights; a server: any weights
+            self.sync_engine()
+            self.timer.pop()  # not part of the first step's time
 
     def train(self) -> dict[str, float]:
         """Steps until trainer.total_steps, with evaluation, keep-best, checkpoints and logging (`sdpo.run`)."""
@@ -98,18 +104,24 @@ class SDPOTrainer:
     def training_step(self) -> StepResult:
         """One generation batch: rollouts, rewards, teacher context, advantages, then the optimizer steps over it."""
         acfg = self.config.algorithm
-        batch, problems_B, metrics = self.collector.collect(self.next_questions(), self.step)
+        batch, problems_B, metrics = self.rollouts.take(self.step)  # with async_steps, sampled by older weights
         with self.timer("teacher_context"):  # reprompts and their token ids (and engine-side teacher scoring)
             metrics |= self.teacher_context(batch, problems_B)
         batch.advantages_B = episode_advantages(batch, acfg.norm_adv_by_std, acfg.advantage_estimator)
         with self.timer("update"):
             metrics |= self.learner.update(batch, self.step)
-        with self.timer("sync"):
-            sync = self.engine.sync_weights(self.learner.unwrapped)
-        metrics |= {"sync/seconds": sync.seconds, "sync/mib": sync.bytes / 2**20, **sync.extra}
-        metrics |= self.failure_modes.drift(metrics)
         self.step += 1
+        metrics |= self.sync_engine()
+        metrics |= self.failure_modes.drift(metrics)
         return StepResult(metrics | self.timer.pop(), batch)
+
+    def sync_engine(self) -> dict[str, float]:
+        """The engine serves the policy's weights from now on, as version `self.step` (after the rollouts sampled by
+        the previous weights, with async_steps, are in)."""
+        self.rollouts.drain()
+        with self.timer("sync"):
+            sync = self.engine.sync_weights(self.learner.unwrapped, version=self.step)
+        return {"sync/seconds": sync.seconds, "sync/mib": sync.bytes / 2**20, **sync.extra}
 
     def next_questions(self) -> list[Problem]:
         """This process's share of the step's questions (every process draws the same global list)."""

@@ -69,7 +69,7 @@ class RecordingEngine:
         self.prompts += [list(p) for p in prompts]
         return [Completion(i, [], "", False) for i, _ in enumerate(prompts) for _ in range(sampling.n)]
 
-    def sync_weights(self, model):
+    def sync_weights(self, model, version=None):
         from sdpo.rollout.base import SyncStats
 
         return SyncStats()

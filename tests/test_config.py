@@ -85,7 +85,7 @@ def test_config_name_lists_are_the_registries():
     from sdpo import config
     from sdpo.losses import ADVANTAGE_ESTIMATORS, AGGREGATIONS, DISTILL_MODES, KL_ESTIMATORS
     from sdpo.rollout import ENGINES
-    import sdpo.rollout.vllm  # noqa: F401  (registers the vllm engine; vllm itself is imported lazily)
+    import sdpo.rollout.server  # noqa: F401  (registers the vllm and vllm_server engines; vllm is imported lazily)
     from sdpo.teacher import TEACHER_KINDS, TEACHER_SCORERS
 
     assert sorted(config.TEACHER_KINDS) == TEACHER_KINDS.names()

@@ -37,7 +37,7 @@ from sdpo.config.algorithm import (
 from sdpo.config.checks import ConfigError, check_choice, check_range
 from sdpo.config.env import EnvConfig
 from sdpo.config.model import LoRAConfig, ModelConfig
-from sdpo.config.rollout import ROLLOUT_ENGINES, RolloutConfig, VLLMConfig
+from sdpo.config.rollout import ROLLOUT_ENGINES, RolloutConfig, ServerConfig, VLLMConfig
 from sdpo.config.training import (
     TEST_TIME_METHODS,
     EvalConfig,
@@ -72,7 +72,7 @@ class SDPOConfig:
         algo = self.algorithm
         if algo.uses_teacher and algo.teacher.scorer == "engine":
             needs = {
-                "rollout=vllm": self.rollout.engine == "vllm",
+                "rollout=vllm or rollout=vllm_server": self.rollout.engine in ("vllm", "vllm_server"),
                 "algorithm.teacher.kind=live (the engine holds the current policy)": algo.teacher.kind == "live",
                 "algorithm.distill.mode=sampled_token (the engine gives the sampled token's log-prob only)":
                     algo.distill.mode == "sampled_token",
@@ -106,6 +106,7 @@ __all__ = [
     "RepromptConfig",
     "RolloutConfig",
     "SDPOConfig",
+    "ServerConfig",
     "TeacherConfig",
     "TestTimeConfig",
     "TrainerConfig",

@@ -1,10 +1,10 @@
-"""`rollout.*`: how rollouts are sampled, by transformers or by a colocated vLLM engine."""
+"""`rollout.*`: how rollouts are sampled: by transformers, a colocated vLLM engine or a vLLM server."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sdpo.config.checks import check_choice, check_range
+from sdpo.config.checks import ConfigError, check_choice, check_range
 
 
 @dataclass
@@ -40,7 +40,41 @@ class VLLMConfig:
             check_range("rollout.vllm.kv_cache_gb", self.kv_cache_gb, 0.01)
 
 
-ROLLOUT_ENGINES = ["hf", "vllm"]
+@dataclass
+class ServerConfig:
+    """rollout=vllm_server: a vLLM OpenAI-compatible server in its own process (sdpo/rollout/server.py)."""
+
+    # The server's address, e.g. http://gpu-node-2:8000. None: the engine starts one on this machine
+    # (scripts/serve.py's command line, from rollout.vllm.* and the policy's checkpoint) and stops it at the end.
+    url: str | None = None
+    # The address the server's workers connect to for the weight-sync process group: this trainer's host as the
+    # server sees it (127.0.0.1 when both run on one machine), and its port (0: a free one).
+    sync_host: str = "127.0.0.1"
+    sync_port: int = 0
+    # Process-group backend of the weight sync: gloo (through host memory), nccl (GPU to GPU); auto: nccl when this
+    # trainer has CUDA (the server's workers then need it too), else gloo. Trainer and server on the same GPU: gloo
+    # (NCCL refuses two ranks on one device).
+    sync_backend: str = "auto"
+    # Seconds one request (a generation, a weight sync) may take before the run fails naming the server.
+    request_timeout_s: float = 1800.0
+    # Seconds a server the engine started may take to come up (vLLM loads, profiles and compiles first).
+    startup_timeout_s: float = 600.0
+    # Requests in flight at once (one per prompt; the server batches them).
+    max_concurrency: int = 256
+    # A server the engine starts: extra `vllm serve` arguments (e.g. ["--tensor-parallel-size", "2"]) and the
+    # devices it may use (CUDA_VISIBLE_DEVICES; None: inherited).
+    extra_args: list[str] = field(default_factory=list)
+    devices: str | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("rollout.server.sync_backend", self.sync_backend, ["auto", "gloo", "nccl"])
+        check_range("rollout.server.sync_port", self.sync_port, 0, 65535)
+        check_range("rollout.server.request_timeout_s", self.request_timeout_s, 1.0)
+        check_range("rollout.server.startup_timeout_s", self.startup_timeout_s, 1.0)
+        check_range("rollout.server.max_concurrency", self.max_concurrency, 1)
+
+
+ROLLOUT_ENGINES = ["hf", "vllm", "vllm_server"]
 
 
 @dataclass
@@ -59,7 +93,14 @@ class RolloutConfig:
     max_turns: int = 1
     # transformers engine: sequences per generate() call.
     hf_batch_size: int = 64
+    # Asynchronous training (docs/rollout.md): the batch of step t + k is generated while step t updates, by the
+    # weights of step t (k optimizer steps old when it is used; truncated IS against the sampler's log-probs corrects
+    # for it). 0: generate, then update (the synchronous loop). Needs rollout=vllm_server: the server generates in
+    # its own process while this one trains.
+    async_steps: int = 0
+    # vLLM's engine settings, for the colocated engine and for a server that rollout=vllm_server starts.
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
 
     def __post_init__(self) -> None:
         check_choice("rollout.engine", self.engine, ROLLOUT_ENGINES)
@@ -68,3 +109,10 @@ class RolloutConfig:
         check_range("rollout.top_p", self.top_p, 1e-6, 1.0)
         check_range("rollout.max_new_tokens", self.max_new_tokens, 1)
         check_range("rollout.max_turns", self.max_turns, 1)
+        check_range("rollout.async_steps", self.async_steps, 0)
+        if self.async_steps and self.engine != "vllm_server":
+            raise ConfigError(
+                f"rollout.async_steps={self.async_steps} needs rollout=vllm_server (generation in the server's process "
+                f"while this one trains); rollout={self.engine} generates in the trainer's process: use "
+                "rollout.async_steps=0"
+            )

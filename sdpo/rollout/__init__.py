@@ -1,4 +1,4 @@
-"""Rollout engines behind one interface: `hf` (transformers generate) and `vllm` (colocated vLLM)."""
+"""Rollout engines behind one interface: `hf` (transformers generate), `vllm` (colocated vLLM), `vllm_server`."""
 
 from __future__ import annotations
 
@@ -28,6 +28,10 @@ def build_engine(
         from sdpo.rollout.vllm import VLLMEngine  # imports vllm lazily; a clear error says how to install it
 
         return VLLMEngine(model_path, tokenizer, config, max_model_len=max_model_len)
+    if config.engine == "vllm_server":
+        from sdpo.rollout.server import ServerEngine  # a server process; the trainer's process needs no vLLM
+
+        return ServerEngine(model_path, tokenizer, config, max_model_len=max_model_len)
     return ENGINES.get(config.engine)(model_path, tokenizer, config, max_model_len=max_model_len)  # type: ignore[call-arg]
 
 

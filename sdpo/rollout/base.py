@@ -1,8 +1,9 @@
 """The rollout-engine interface: token prompts in, n sampled completions per prompt out.
 
-Engines: `hf` (transformers `generate` on the policy itself, so weight sync is free) and `vllm` (a colocated vLLM
-`LLM`, synced after every optimizer step). The trainer calls `generate` and `sync_weights`; an engine that declares
-`scores_teacher` also offers `score_teacher` (algorithm.teacher.scorer=engine).
+Engines: `hf` (transformers `generate` on the policy itself, so weight sync is free), `vllm` (a colocated vLLM
+`LLM`, synced after every optimizer step) and `vllm_server` (a vLLM server in its own process, synced through a
+process group). The trainer calls `generate` and `sync_weights`; an engine that declares `scores_teacher` also offers
+`score_teacher` (algorithm.teacher.scorer=engine).
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ class Completion:
     text: str  # decoded without special tokens
     truncated: bool  # stopped by max_new_tokens, not by EOS or a stop string
     logprobs: list[float] | None = None  # the sampler's log-probs of token_ids (processed, at the temperature)
+    # The version of the weights that sampled it, as the engine reports it (the server: the trainer's step at its
+    # last sync); None where the engine reports none (it then serves the weights of the last sync).
+    weights_version: int | None = None
 
 
 @dataclass
@@ -73,15 +77,19 @@ class TeacherScores:
 
 
 class RolloutEngine(ABC):
-    # An optional capability: True where `score_teacher` works (the vLLM engine).
+    # An optional capability: True where `score_teacher` works (the vLLM engines).
     scores_teacher: bool = False
+    # True where the engine generates in another process, so that generation may overlap the update
+    # (rollout.async_steps); such an engine may also hold other weights than the policy's when the run starts.
+    out_of_process: bool = False
 
     @abstractmethod
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingSettings) -> list[Completion]:
         """n completions per prompt, prompt-major: completions[i * n + j] belongs to prompts[i]."""
 
-    def sync_weights(self, model: torch.nn.Module) -> SyncStats:
-        """Make the next `generate` use `model`'s current weights."""
+    def sync_weights(self, model: torch.nn.Module, version: int | None = None) -> SyncStats:
+        """Make the next `generate` use `model`'s current weights. `version`: the optimizer steps in them (the
+        trainer's step), which an engine that reports versions serves with them (`Completion.weights_version`)."""
         return SyncStats()
 
     def score_teacher(self, teacher_prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],

@@ -46,6 +46,10 @@ class Collector:
         """The configured engine over the learner's policy, with a context window for the rollouts and for what the
         teacher has it read (reprompt plus response when the engine scores the teacher)."""
         rollout = self.config.rollout
+        if rollout.engine == "vllm_server" and self.dist.world > 1:
+            raise ConfigError(f"rollout=vllm_server syncs one trainer process's weights to the server; this launch has "
+                              f"{self.dist.world} processes: run it as one process (the server can still use "
+                              "several GPUs: rollout.server.extra_args=[--tensor-parallel-size,N]) or use rollout=vllm")
         max_model_len = max(rollout.max_prompt_len + rollout.max_new_tokens,
                             learner.teacher.engine_context_len(rollout.max_new_tokens))
         return build_engine(rollout, learner.unwrapped, self.tokenizer, model_path, max_model_len,
@@ -77,18 +81,23 @@ class Collector:
     def prompt_ids(self, problem: Problem) -> list[int]:
         return self._prompt_ids[id(problem)]
 
-    def collect(self, problems: list[Problem], step: int) -> tuple[RolloutBatch, list[Problem], dict[str, float]]:
+    def collect(self, problems: list[Problem], step: int, timer: StageTimer | None = None
+                ) -> tuple[RolloutBatch, list[Problem], dict[str, float]]:
         """G episodes per question, generated and scored turn by turn: the batch (one row per model turn), each row's
-        problem as the turn saw it, and the batch's reward and length metrics (means over processes)."""
+        problem as the turn saw it, and the batch's reward and length metrics (means over processes), with the
+        version of the weights that sampled it where the engine reports one (`rollout/weights_version`). `timer`:
+        where the generate / score stages are timed (a background collection's own; default the step's)."""
         seed = self.dist.sampling_seed(self.config.trainer.seed, step)
         sampling = SamplingSettings.from_config(self.config.rollout, seed=seed)
-        rollout = EpisodeRollout(self.engine, self.env, self.tokenizer, self.limits, self.timer)
+        rollout = EpisodeRollout(self.engine, self.env, self.tokenizer, self.limits, timer or self.timer)
         rollout.begin(problems, [self.prompt_ids(p) for p in problems], sampling.n)
         rollout.run(sampling, self.dist.any_rank)
         batch, problems_B = rollout.batch(self.config.algorithm.episode_return, self.config.algorithm.episode_discount)
         if self.limits.max_turns == 1:  # a one-turn episode is a single-turn row: no episode fields to carry
             batch = replace(batch, episode_ids_B=None, turn_B=None, returns_B=None)
-        return batch, problems_B, self.metrics(batch)
+        versions = [row.completion.weights_version for row in rollout.rows]
+        reported = {"rollout/weights_version": float(min(versions))} if versions and None not in versions else {}
+        return batch, problems_B, self.metrics(batch) | reported
 
     def metrics(self, batch: RolloutBatch) -> dict[str, float]:
         lengths = batch.response_lengths_B

