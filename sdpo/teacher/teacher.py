@@ -361,7 +361,7 @@ class Teacher:
         masked: their teacher terms are zeros), or None when no rank needs one (`any_rank`: sharded, the forward is
         a collective). `share_prompts`: rows with the same reprompt run it once (`RolloutBatch.teacher_inputs`);
         `passes`: the block's `prompt_passes`, whose reprompts the rows continue; `branch`: a multi-turn episode's
-        reprompts continue its conversation's cache (`sdpo.batch.BranchInputs`)."""
+        reprompts continue its conversation's cache (`sdpo.layout.BranchInputs`)."""
         if not self.scorer.forward_in_update or not any_rank(bool(micro.distill_mask_B.any())):
             return None
         rows = torch.tensor(micro.distill_rows, dtype=torch.long)
