@@ -116,9 +116,7 @@ class RolloutBatch:
     def chains(self) -> list[list[int]]:
         """The rows that run as one sequence (`turn_chains`): an episode's turns; each row alone in a single-turn
         batch."""
-        if self.episode_ids_B is None:
-            return [[i] for i in range(len(self))]
-        return turn_chains(self.prompt_ids, self.response_ids, self.episode_ids_B.tolist(), self.turn_B.tolist())
+        return turn_chains(self.prompt_ids, self.response_ids, self.episode_rows())
 
     def sequence_prompts(self, pack: bool) -> list[list[int]]:
         """The prompts the forward's sequences start with: every row's, or with `pack` each chain's first."""

@@ -187,22 +187,17 @@ def forward_inputs(prompts: Sequence[Sequence[int]], responses: Sequence[Sequenc
 
 
 def turn_chains(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
-                episodes: Sequence[int] | None = None, turns: Sequence[int] | None = None) -> list[list[int]]:
+                episodes: Sequence[Sequence[int]] | None = None) -> list[list[int]]:
     """The rows that can run as one sequence, each chain in turn order: the next turn of an episode continues its
     previous turn's chain when its prompt starts with that turn's prompt and response, token for token (the
     conversation re-rendered with the chat template; sdpo.rollout.episodes). A turn whose prompt does not
     (earlier exchanges evicted by rollout.max_prompt_len, or a response whose text re-tokenizes differently) starts
-    a chain of its own, under exactly the prompt it was sampled from. Without `episodes` every row is a chain.
-    Chains are in order of their first row."""
+    a chain of its own, under exactly the prompt it was sampled from. `episodes`: each episode's rows in turn order
+    (`RolloutBatch.episode_rows`); without, every row is a chain. Chains are in order of their first row."""
     if episodes is None:
         return [[i] for i in range(len(prompts))]
-    turns = range(len(prompts)) if turns is None else turns
-    rows_of: dict[int, list[int]] = {}
-    for i, episode in enumerate(episodes):
-        rows_of.setdefault(int(episode), []).append(i)
     chains: list[list[int]] = []
-    for rows in rows_of.values():
-        rows.sort(key=lambda i: int(turns[i]))
+    for rows in episodes:
         chain = [rows[0]]
         for i in rows[1:]:
             last = chain[-1]

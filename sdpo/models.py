@@ -291,7 +291,7 @@ def response_logprobs(model: torch.nn.Module, prompts: Sequence[Sequence[int]], 
     """log p(response_t | prompt, response_<t) of every response token at the sampling temperature, [B, R] float32
     on the CPU (columns past a row's response hold no meaning): the training forward (`response_features`, the
     chunked vocabulary projection), `batch_size` sequences at a time (`share_prompts`: rows with one prompt run it
-    once; `chains`: rows that run as one sequence, `sdpo.batch.turn_chains`; by default each row alone). The caller
+    once; `chains`: rows that run as one sequence, `sdpo.layout.turn_chains`; by default each row alone). The caller
     picks the mode (train / eval) and the autocast. The learner's old and reference log-probs and the probe's
     log-probability uplift are this one function."""
     out = torch.zeros(len(responses), max((len(r) for r in responses), default=0) or 1)

@@ -26,16 +26,19 @@ from sdpo.trainer import SDPOTrainer
 def test_a_turn_continues_its_episode_only_where_its_prompt_extends_the_previous_turn():
     prompts = [[1, 2], [1, 2, 7, 8, 9], [1, 2, 7, 8, 9, 5, 6], [1, 2], [1, 2, 3, 9, 9]]
     responses = [[7, 8], [5], [4], [3, 4], [1]]
-    episodes, turns = [0, 0, 0, 1, 1], [0, 1, 2, 0, 1]
+    episodes = [[0, 1, 2], [3, 4]]  # each episode's rows in turn order
     # Episode 0: turn 1's prompt starts with turn 0's prompt + response; turn 2's does not continue turn 1's
     # (prompt [1, 2, 7, 8, 9] + response [5] is followed by 5, 6: fine) -> all three chain.
-    assert turn_chains(prompts, responses, episodes, turns) == [[0, 1, 2], [3], [4]]
+    assert turn_chains(prompts, responses, episodes) == [[0, 1, 2], [3], [4]]
     # Episode 1's second turn does not start with [1, 2, 3, 4] (a re-tokenized or evicted turn): a chain of its own.
     assert turn_chains(prompts, responses) == [[0], [1], [2], [3], [4]]  # single-turn: every row alone
     # Rows of another episode never chain, even where their tokens would.
-    assert turn_chains(prompts[:2], responses[:2], [0, 1], [0, 0]) == [[0], [1]]
-    # Rows out of turn order are ordered by their turn.
-    assert turn_chains([prompts[1], prompts[0]], [responses[1], responses[0]], [0, 0], [1, 0]) == [[1, 0]]
+    assert turn_chains(prompts[:2], responses[:2], [[0], [1]]) == [[0], [1]]
+    # Rows out of turn order are ordered by their turn (`RolloutBatch.episode_rows`).
+    batch = RolloutBatch(["q"] * 2, [prompts[1], prompts[0]], [responses[1], responses[0]], [""] * 2,
+                         torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.bool),
+                         episode_ids_B=torch.tensor([0, 0]), turn_B=torch.tensor([1, 0]))
+    assert batch.chains() == [[1, 0]]
 
 
 def test_micro_batches_hold_whole_episodes_and_at_most_their_size_in_sequences():

@@ -17,8 +17,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sdpo.config import ConfigError, ModelConfig, RolloutConfig, ServerConfig, VLLMConfig
-from sdpo.models import load_tokenizer, render_chat, resolve_checkpoint
+from sdpo.config import ConfigError, RolloutConfig, ServerConfig, VLLMConfig
+from sdpo.models import render_chat
 from sdpo.rollout.base import SamplingSettings
 from sdpo.rollout.server import ServerEngine, ServerError, ServerProcess, free_port, server_command
 
@@ -33,16 +33,6 @@ def rollout_config(url: str | None = None) -> RolloutConfig:
     vllm = VLLMConfig(dtype="float32", kv_cache_gb=0.25, sync_bucket_mb=4, enforce_eager=True, max_logprobs=5)
     return RolloutConfig(engine="vllm_server", max_prompt_len=64, max_new_tokens=MAX_NEW, num_generations=4,
                          vllm=vllm, server=ServerConfig(url=url, startup_timeout_s=300))
-
-
-@pytest.fixture(scope="module")
-def tiny_path() -> Path:
-    return resolve_checkpoint(ModelConfig(name_or_path="tiny"))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_path):
-    return load_tokenizer(tiny_path)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from sdpo.batch import build_model_inputs, pad_right
 from sdpo.config import ModelConfig, RolloutConfig, VLLMConfig
-from sdpo.models import load_tokenizer, render_chat, resolve_checkpoint
+from sdpo.models import render_chat
 from sdpo.precision import allowed_cores, use_all_cores
 from sdpo.rollout.base import SamplingSettings, SyncStats
 from sdpo.rollout.hf import HFEngine
@@ -34,16 +34,6 @@ MAX_NEW = 12
 
 # ---------------------------------------------------------------------------------------------------------------
 # fixtures and helpers
-
-
-@pytest.fixture(scope="module")
-def tiny_path() -> Path:
-    return resolve_checkpoint(ModelConfig(name_or_path="tiny"))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_path):
-    return load_tokenizer(tiny_path)
 
 
 def rollout_config(**vllm_overrides) -> RolloutConfig:
