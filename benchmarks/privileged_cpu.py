@@ -1,20 +1,24 @@
 """Teacher context from the data (issue #30): does SDPO learn where GRPO is blind when the teacher sees a reference?
 
-The task is `experiment=convention_cpu` (sdpo/envs/convention.py): single-digit multiplication asked plainly and
-graded under an answer convention the question does not state, so almost no rollout succeeds and GRPO's group
-advantage is zero. Four methods, each `scripts/train.py` in its own process, over several seeds:
+Two tasks (--task, `TASKS`), where almost no rollout succeeds so that GRPO's group advantage is (nearly) zero:
+`convention` (experiment=convention_cpu, sdpo/envs/convention.py: single-digit multiplication asked plainly and graded
+under an answer convention the question does not state) and `answer_first` (the default task with 4 new tokens: only a
+response that starts with the number can succeed). Four methods, each `scripts/train.py` in its own process, over
+several seeds:
 
 - grpo: the baseline;
-- sdpo_rule: pure SDPO whose teacher reads the checker's rule only (the feedback; algorithm.reprompt.data_context=off);
-- sdpo_reference: pure SDPO whose teacher also reads the environment's correct response for the training question
+- sdpo_rule: pure SDPO whose teacher reads the checker's feedback only (algorithm.reprompt.data_context=off);
+- sdpo_reference: pure SDPO whose teacher reads the environment's correct response for the training question
   (env.reference_as_teacher_context=true, data_context=prefer: in the solution slot) - what only the teacher sees;
 - sdpo_grpo_reference: the lambda = 0.9 hybrid with the same context.
 
 Held-out questions are other products than the training ones, and their references are never shown (evaluation never
-reprompts). Each run also evaluates plain arithmetic (eval.other_envs=[arithmetic]: what training costs elsewhere)
-and logs pass@1 and pass@n (diversity). Before the runs, scripts/probe.py reads what each context offers.
+reprompts). Each run also evaluates other environments (eval.other_envs: what training costs elsewhere) and logs
+pass@1 and pass@n (diversity). Before the runs, scripts/probe.py reads what each context offers.
 
     python benchmarks/privileged_cpu.py --seeds 0 1 2 --results benchmarks/results/privileged_cpu.md
+    python benchmarks/privileged_cpu.py --task answer_first --out benchmarks/runs/privileged_answer_first \\
+        --results benchmarks/results/privileged_answer_first_cpu.md
 
 --summarize-only rebuilds the report from the run directories; --only picks methods; --no-probe skips the probes.
 """
@@ -22,9 +26,11 @@ and logs pass@1 and pass@n (diversity). Before the runs, scripts/probe.py reads 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 import json
 import os
 from pathlib import Path
+import re
 import statistics
 import sys
 import time
@@ -38,24 +44,66 @@ from benchmarks.feedback_learning_cpu import metric_mean, run_script, step_rows 
 from benchmarks.machine import describe  # noqa: E402
 from sdpo.tracking import plot_curves, read_metrics  # noqa: E402
 
-PRESET = "experiment=convention_cpu"
 REFERENCE = ["env.reference_as_teacher_context=true", "algorithm.reprompt.data_context=prefer"]
-METHODS: dict[str, list[str]] = {
-    "grpo": ["algorithm=grpo"],
-    "sdpo_rule": ["algorithm=sdpo", "algorithm.reprompt.data_context=off"],
-    "sdpo_reference": ["algorithm=sdpo", *REFERENCE],
-    "sdpo_grpo_reference": ["algorithm=sdpo_grpo", *REFERENCE],
+COMMON = ["logging.progress_bar=false", "trainer.save_every=0", "trainer.keep_last=1"]
+
+
+@dataclass(frozen=True)
+class Task:
+    title: str
+    preset: list[str]  # overrides of every run and probe
+    methods: dict[str, list[str]]
+    probes: dict[str, list[str]]
+    other_envs: dict[str, str]  # label -> eval.other_envs entry
+    about: str  # what a run is, for the report
+
+
+TASKS = {
+    # The convention task (sdpo/envs/convention.py): plain questions graded under an unstated answer convention
+    # whose rule the checker's feedback states. No rollout meets it: GRPO is blind.
+    "convention": Task(
+        "the convention task", ["experiment=convention_cpu"],
+        {"grpo": ["algorithm=grpo"],
+         "sdpo_rule": ["algorithm=sdpo", "algorithm.reprompt.data_context=off"],
+         "sdpo_reference": ["algorithm=sdpo", *REFERENCE],
+         "sdpo_grpo_reference": ["algorithm=sdpo_grpo", *REFERENCE]},
+        {"rule only": ["algorithm.reprompt.data_context=off"], "reference": REFERENCE},
+        {"arithmetic": "arithmetic"},
+        "10 steps of 8 questions x 4 rollouts, 16 new tokens, held-out avg@4 on 20 unseen products every 2 steps"),
+    # Answer first (calibrated with scripts/probe.py in benchmarks/results/privileged_answer_first_cpu.md): the
+    # default task with 4 new tokens, so only a response that starts with the number can succeed; SmolLM2 writes
+    # "7 * 8 = " first by habit. Rule only: the checker's feedback ("no number" / "X is not correct"); reference: the
+    # bare answer in the solution slot, without the feedback (the calibration's best teacher).
+    "answer_first": Task(
+        "answer first under a 4-token budget (arithmetic, rollout.max_new_tokens=4)", ["rollout.max_new_tokens=4"],
+        {"grpo": ["algorithm=grpo"],
+         "sdpo_rule": ["algorithm=sdpo", "env.feedback=true", "algorithm.reprompt.data_context=off"],
+         "sdpo_reference": ["algorithm=sdpo", "env.feedback=false", *REFERENCE],
+         "sdpo_grpo_reference": ["algorithm=sdpo_grpo", "env.feedback=false", *REFERENCE]},
+        {"rule only": ["algorithm=sdpo", "env.feedback=true", "algorithm.reprompt.data_context=off"],
+         "reference": ["algorithm=sdpo", "env.feedback=false", *REFERENCE]},
+        {"arithmetic at 48 tokens": "{name:arithmetic,label:arithmetic_48,max_new_tokens:48}",
+         "2-digit addition": "{name:arithmetic,label:addition,ops:[+],min_operand:10,max_operand:99,max_eval_rows:20,"
+                             "max_new_tokens:48}"},
+        "10 steps of 8 questions x 4 rollouts, 4 new tokens, held-out avg@4 on 20 unseen products every 2 steps"),
 }
-PROBES: dict[str, list[str]] = {"rule only": ["algorithm.reprompt.data_context=off"], "reference": REFERENCE}
-COMMON = [PRESET, "logging.progress_bar=false", "trainer.save_every=0", "trainer.keep_last=1",
-          "eval.other_envs=[arithmetic]"]
+
+
+def label_of(entry: str) -> str:
+    match = re.search(r"label:(\w+)", entry)
+    return match.group(1) if match else entry
+
+
+def common(args: argparse.Namespace) -> list[str]:
+    task = TASKS[args.task]
+    return [*task.preset, *COMMON, f"eval.other_envs=[{','.join(task.other_envs.values())}]"]
 
 
 def run_one(name: str, seed: int, args: argparse.Namespace) -> Path:
     out = Path(args.out) / f"{name}-seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
-    wall, cpu, code = run_script("train.py", [*COMMON, *METHODS[name], f"trainer.seed={seed}",
+    wall, cpu, code = run_script("train.py", [*common(args), *TASKS[args.task].methods[name], f"trainer.seed={seed}",
                                               f"trainer.output_dir={out}", *args.extra], out / "train.log")
     (out / "cost.json").write_text(json.dumps({"wall_s": wall, "cpu_s": cpu, "exit_code": code}) + "\n")
     print(f"{out.name}: exit {code}, {wall:.0f} s wall, {cpu:.0f} s CPU", flush=True)
@@ -65,7 +113,8 @@ def run_one(name: str, seed: int, args: argparse.Namespace) -> Path:
 def run_probe(label: str, overrides: list[str], args: argparse.Namespace) -> Path:
     out = Path(args.out) / f"probe-{label.replace(' ', '_')}"
     out.mkdir(parents=True, exist_ok=True)
-    wall, _, code = run_script("probe.py", [PRESET, *overrides, *args.probe_extra, f"trainer.output_dir={out}"],
+    wall, _, code = run_script("probe.py", [*TASKS[args.task].preset, *overrides, *args.probe_extra,
+                                            f"trainer.output_dir={out}"],
                                out / "probe.log")
     print(f"probe ({label}): exit {code}, {wall:.0f} s wall", flush=True)
     return out
@@ -77,8 +126,8 @@ def probe_rows(args: argparse.Namespace) -> list[str]:
             ("teacher success sampled / greedy", ("teacher_success_sampled", "teacher_success_greedy")),
             ("log p(correct): question -> reprompt", ("logp_correct_student", "logp_correct_teacher")),
             ("echo rate", "echo_fraction")]
-    found = {label: json.loads((Path(args.out) / f"probe-{label.replace(' ', '_')}" / "probe.json").read_text())
-             for label in PROBES if (Path(args.out) / f"probe-{label.replace(' ', '_')}" / "probe.json").exists()}
+    files = {label: Path(args.out) / f"probe-{label.replace(' ', '_')}" / "probe.json" for label in TASKS[args.task].probes}
+    found = {label: json.loads(path.read_text()) for label, path in files.items() if path.exists()}
     if not found:
         return ["(no probe run)"]
     lines = ["| measure | " + " | ".join(found) + " |", "|---|" + "---|" * len(found)]
@@ -100,12 +149,13 @@ def first_last(rows: list[dict], key: str) -> tuple[float, float] | None:
 
 def summarize(runs: dict[str, list[Path]], args: argparse.Namespace) -> str:
     n = args.eval_samples
+    task = TASKS[args.task]
     keys = {"held-out": f"eval/avg@{n}", "pass@1": "eval/pass@1", f"pass@{n}": f"eval/pass@{n}",
-            "arithmetic (other env)": f"eval_arithmetic/avg@{n}"}
-    lines = ["# Teacher context from the data on the CPU: GRPO vs SDPO (rule only, reference) on the convention task",
+            **{f"{label} (other env)": f"eval_{label_of(entry)}/avg@{n}" for label, entry in task.other_envs.items()}}
+    lines = [f"# Teacher context from the data on the CPU: GRPO vs SDPO (rule only, reference) on {task.title}",
              "", f"Date: {time.strftime('%Y-%m-%d')}. Machine: {describe()}.", f"Command: `python {' '.join(sys.argv)}`",
-             f"Every run: `scripts/train.py {' '.join(COMMON)} <method> trainer.seed=<seed>` (10 steps of 8 questions "
-             "x 4 rollouts, held-out avg@4 on 20 unseen products every 2 steps; one run at a time).", "",
+             f"Every run: `scripts/train.py {' '.join(common(args))} <method> trainer.seed=<seed>` ({task.about}; one "
+             "run at a time).", "",
              "## The probe (scripts/probe.py, initial weights, before training)", "", *probe_rows(args), "",
              "## Start -> end, mean over seeds (per seed in brackets)", "",
              "| method | seeds | " + " | ".join(keys) + " | wall s (mean) |", "|---|---|" + "---|" * len(keys) + "---|"]
@@ -123,7 +173,7 @@ def summarize(runs: dict[str, list[Path]], args: argparse.Namespace) -> str:
             start, end = statistics.mean(p[0] for p in pairs), statistics.mean(p[1] for p in pairs)
             cells.append(f"{start:.3f} -> {end:.3f} ({end - start:+.3f}) [" + ", ".join(f"{p[1]:.2f}" for p in pairs) + "]")
         wall = statistics.mean(json.loads((d / "cost.json").read_text())["wall_s"] for d in done)
-        lines.append(f"| {name} (`{' '.join(METHODS[name])}`) | {len(done)} | " + " | ".join(cells) + f" | {wall:.0f} |")
+        lines.append(f"| {name} (`{' '.join(task.methods[name])}`) | {len(done)} | " + " | ".join(cells) + f" | {wall:.0f} |")
     lines += ["", "## Training signal per run (means over its steps)", "",
               "| run | reward first -> last | groups with a success | rollouts with data context | student-teacher KL |",
               "|---|---|---|---|---|"]
@@ -141,8 +191,10 @@ def summarize(runs: dict[str, list[Path]], args: argparse.Namespace) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="convention", choices=list(TASKS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--only", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--only", nargs="+", default=None, choices=list(TASKS["convention"].methods),
+                        help="methods (default: all of the task's)")
     parser.add_argument("--eval-samples", type=int, default=4)
     parser.add_argument("--extra", nargs="*", default=[], help="Hydra overrides for every training run")
     parser.add_argument("--probe-extra", nargs="*", default=["trainer.questions_per_step=8",
@@ -152,8 +204,9 @@ def main() -> None:
     parser.add_argument("--results", default=None, help="markdown file for the report (a .png curve next to it)")
     parser.add_argument("--summarize-only", action="store_true")
     args = parser.parse_args()
+    args.only = args.only or list(TASKS[args.task].methods)
     if not (args.summarize_only or args.no_probe):
-        for label, overrides in PROBES.items():
+        for label, overrides in TASKS[args.task].probes.items():
             run_probe(label, overrides, args)
     runs: dict[str, list[Path]] = {name: [] for name in args.only}
     for seed in args.seeds:  # seed-major: an interrupted benchmark still has every method at the first seeds
@@ -166,8 +219,8 @@ def main() -> None:
         Path(args.results).write_text(report)
         png = Path(args.results).with_suffix(".png")
         dirs = [d for ds in runs.values() for d in ds if (d / "metrics.jsonl").exists()]
-        plot_curves(dirs, [f"eval/avg@{args.eval_samples}", f"eval_arithmetic/avg@{args.eval_samples}",
-                           "reward/mean"], png, labels=[d.name for d in dirs])
+        others = [f"eval_{label_of(entry)}/avg@{args.eval_samples}" for entry in TASKS[args.task].other_envs.values()]
+        plot_curves(dirs, [f"eval/avg@{args.eval_samples}", *others, "reward/mean"], png, labels=[d.name for d in dirs])
         print(f"wrote {args.results} and {png}")
 
 

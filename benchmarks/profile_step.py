@@ -103,9 +103,26 @@ class FlopCounter:
         self.padded[who] += prefix + forward_flops(self.config, n * (width - common), [], 0, [(common, width - common)] * n)
         self.rows.append(n * (width - common))
 
-    def record(self, who: str, inputs, prompts_given: bool) -> None:
+    def record(self, who: str, inputs, prompts_given: bool, head: tuple[int, int] | None = None) -> None:
+        """`head`: (real, padded) positions of the output head where they are not the inputs' response positions
+        (a packed episode's turns)."""
         from sdpo.batch import SharedPromptInputs
+        from sdpo.layout import BranchInputs, PackedInputs
 
+        if isinstance(inputs, PackedInputs):  # each episode's sequence once; the head on its turns' responses only
+            real = sum(int(row.unique().numel()) for row in inputs.index_BR)
+            self.record(who, inputs.sequences, prompts_given, head=(real, inputs.index_BR.numel()))
+            return
+        if isinstance(inputs, BranchInputs):  # the trunks once, each row's branch on its trunk's visible prefix
+            self.record_prompts(who, inputs.trunks)
+            branch, response = inputs.branch_mask.sum(-1).tolist(), inputs.branch_mask[:, inputs.tail_width:].sum(-1)
+            n, width = inputs.branch_mask.shape
+            visible = inputs.visible_B.tolist()
+            self.real[who] += forward_flops(self.config, sum(branch), [], int(response.sum()), list(zip(visible, branch)))
+            self.padded[who] += forward_flops(self.config, n * width, [], n * (width - inputs.tail_width),
+                                              [(inputs.trunks.attention_mask.shape[1], width)] * n)
+            self.rows.append(n * width)
+            return
         if isinstance(inputs, SharedPromptInputs):  # the responses on their prompts' cache
             if not prompts_given:  # response_features runs the pass itself
                 used = inputs.prompt_of_B.unique()
@@ -115,16 +132,17 @@ class FlopCounter:
             responses = inputs.response_mask.sum(-1).tolist()
             n, width = inputs.response_mask.shape
             prompt_width = inputs.prompts.attention_mask.shape[1]
-            self.real[who] += forward_flops(self.config, sum(responses), [], sum(responses), list(zip(prompt_B, responses)))
-            self.padded[who] += forward_flops(self.config, n * width, [], n * width, [(prompt_width, width)] * n)
+            real_head, padded_head = head or (sum(responses), n * width)
+            self.real[who] += forward_flops(self.config, sum(responses), [], real_head, list(zip(prompt_B, responses)))
+            self.padded[who] += forward_flops(self.config, n * width, [], padded_head, [(prompt_width, width)] * n)
             self.rows.append(n * width)
             return
         mask = inputs.attention_mask
         lengths = mask.sum(-1).tolist()
-        responses = mask[:, inputs.prompt_width:].sum().item()
         n, width = mask.shape
-        self.real[who] += forward_flops(self.config, sum(lengths), lengths, responses)
-        self.padded[who] += forward_flops(self.config, n * width, [width] * n, n * inputs.response_width)
+        real_head, padded_head = head or (mask[:, inputs.prompt_width:].sum().item(), n * inputs.response_width)
+        self.real[who] += forward_flops(self.config, sum(lengths), lengths, real_head)
+        self.padded[who] += forward_flops(self.config, n * width, [width] * n, padded_head)
         self.rows.append(n * width)
 
     def pop(self) -> dict[str, float]:

@@ -22,8 +22,9 @@ rollout temperature: what the first training step sees) it measures, with the in
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 import math
+from typing import Any
 
 import torch
 
@@ -52,12 +53,15 @@ class ProbeResult:
     gap_abs_per_token: float  # mean |log q(y_t) - log p(y_t)| over the same tokens
     echo_fraction: float  # reprompted generations that echo the template or the feedback/demonstration
     data_context_fraction: float = 0.0  # rollouts whose reprompt carries the data's teacher context (reference, hint)
+    # A few failed rollouts with a signal, as text: the question, the student's response, the teacher's reprompt and
+    # what the teacher wrote from it (with both rewards): what the numbers above count. Not in the verdict table.
+    examples: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def logp_uplift(self) -> float:
         return self.logp_correct_teacher - self.logp_correct_student
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self) | {"logp_uplift": self.logp_uplift}
 
 
@@ -100,6 +104,7 @@ def probe(
     seed_key: str = "probe",
     chat_template_kwargs=None,
     progress: Callable[[str], None] | None = None,
+    num_examples: int = 4,
 ) -> ProbeResult:
     """Measure what the self-teacher adds on `problems` (see the module docstring). `model` must hold the weights
     `engine` samples from (the initial policy)."""
@@ -136,12 +141,16 @@ def probe(
 
     # -- the teacher acting on it: one sampled generation per failed rollout, greedy on one reprompt per question
     stage(PROBE_STAGES[2])
-    teacher_sampled, echo = [], []
+    teacher_sampled, echo, examples = [], [], []
     if failed:
         _, _, t_texts, t_truncated = rollouts([teacher_prompts[i] for i in failed], replace(sampling, n=1))
         t_scores = env.score_batch([rollout_problems[i] for i in failed], t_texts, t_truncated)
         teacher_sampled = [s.reward >= threshold for s in t_scores]
         echo = [echoes(t, reprompts[i], reprompt_config) for t, i in zip(t_texts, failed)]
+        for k, i in enumerate(failed[:num_examples]):
+            examples.append({"question": rollout_problems[i].question, "response": texts[i], "reward": rewards[i],
+                             "reprompt": tokenizer.decode(teacher_prompts[i]), "teacher": t_texts[k],
+                             "teacher_reward": t_scores[k].reward})
     first_failed = list({groups[i]: i for i in reversed(failed)}.values())
     teacher_greedy = []
     if first_failed:
@@ -193,6 +202,7 @@ def probe(
         logp_correct_student=logp_student, logp_correct_teacher=logp_teacher,
         gap_per_token=gap, gap_abs_per_token=gap_abs,
         echo_fraction=_mean([float(x) for x in echo]),
+        examples=examples,
     )
 
 

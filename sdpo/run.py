@@ -89,7 +89,7 @@ class RunLoop:
             # Diversity (pass@1 against pass@n: a narrowing policy closes the gap) and forgetting (other envs).
             n = cfg.eval.samples_per_question
             extra = ["eval/pass@1", f"eval/pass@{n}"] if n > 1 else []
-            extra += [f"eval_{name}/avg@{n}" for name in cfg.eval.other_envs]
+            extra += [f"eval_{other.label}/avg@{n}" for other in cfg.eval.other_env_specs]
             plot_curves([t.run_dir], CURVES + extra, t.run_dir / "reward_curve.png")
         self.tracker.close()
         return metrics

@@ -100,6 +100,15 @@ def test_probe_on_scripted_rollouts(tiny):
     assert result.logp_correct_student == pytest.approx(sum(student) / 7, abs=1e-3)
     assert result.logp_uplift == pytest.approx(result.logp_correct_teacher - result.logp_correct_student)
 
+    # The examples are the first failed rollouts as text, with what the teacher wrote from their reprompts.
+    assert len(result.examples) == 4
+    for example, k in zip(result.examples, failed):
+        assert example["response"] == texts[k] and example["reward"] == 0.0
+        assert example["reprompt"] == tokenizer.decode(teacher_prompts[k]) and "feedback from your" in example["reprompt"]
+        n = answer_of[problems[rows[k][0]].question]
+        assert example["teacher"] == f"Answer: {n}" and example["teacher_reward"] == 1.0
+    assert result.as_dict()["examples"] == result.examples
+
     table = format_verdict(result)
     assert "groups with a success" in table and "verdict" in table
     # The scripted teacher succeeds and one group in two has a success: neither reading of little GRPO signal.

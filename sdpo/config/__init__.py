@@ -44,6 +44,7 @@ from sdpo.config.training import (
     KeepBestConfig,
     LoggingConfig,
     OptimConfig,
+    OtherEnv,
     TestTimeConfig,
     TrainerConfig,
 )
@@ -102,6 +103,7 @@ __all__ = [
     "LoggingConfig",
     "ModelConfig",
     "OptimConfig",
+    "OtherEnv",
     "PolicyLossConfig",
     "RepromptConfig",
     "RolloutConfig",

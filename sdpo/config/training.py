@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from sdpo.config.checks import ConfigError, check_choice, check_range
 
@@ -86,6 +88,30 @@ class TrainerConfig:
             )
 
 
+@dataclass(frozen=True)
+class OtherEnv:
+    """One entry of eval.other_envs: a registered environment evaluated beside the training one."""
+
+    name: str
+    label: str  # metrics are eval_<label>/...
+    settings: dict[str, Any]  # fields of the environment's config (the rest keep its defaults)
+    max_new_tokens: int | None = None  # None: eval.max_new_tokens, else rollout.max_new_tokens
+
+    @classmethod
+    def parse(cls, entry: Any) -> OtherEnv:
+        if isinstance(entry, str):
+            return cls(entry, entry, {})
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str):
+            raise ConfigError(f"eval.other_envs[] must be an environment name or a mapping with a 'name', not "
+                              f"{entry!r}; e.g. eval.other_envs='[arithmetic,{{name:science,max_new_tokens:128}}]'")
+        settings = dict(entry)
+        name, label = settings.pop("name"), settings.pop("label", entry["name"])
+        max_new_tokens = settings.pop("max_new_tokens", None)
+        if max_new_tokens is not None:
+            check_range(f"eval.other_envs[{label}].max_new_tokens", max_new_tokens, 1)
+        return cls(name, str(label), settings, max_new_tokens)
+
+
 @dataclass
 class EvalConfig:
     every: int = 0  # 0: no validation during training
@@ -100,15 +126,24 @@ class EvalConfig:
     pass_k: list[int] | None = None
     # scripts/eval.py writes its JSON report here; None: report.json in its run directory (runs/eval-<env>-<time>/).
     output_file: str | None = None
-    # Other environments' held-out questions (registered names, each with its default settings and at most
-    # num_questions of them), evaluated on the same schedule: what training costs elsewhere (forgetting). Logged as
-    # eval_<name>/avg@n, pass@k, ... and drawn in the run's reward_curve.png.
-    other_envs: list[str] = field(default_factory=list)
-
+    # Other environments' held-out questions (at most num_questions of each), evaluated on the same schedule: what
+    # training costs elsewhere (forgetting). Each entry is a registered environment name (its default settings) or a
+    # mapping {name: <env>, label: <metric prefix>, max_new_tokens: N, <any of the env's settings>}, for example
+    # eval.other_envs='[arithmetic,{name:science,max_new_tokens:128}]'. Logged as eval_<label>/avg@n, pass@k, ...
+    # (label: the name) and drawn in the run's reward_curve.png.
+    other_envs: list[Any] = field(default_factory=list)
     def __post_init__(self) -> None:
         check_range("eval.samples_per_question", self.samples_per_question, 1)
         for k in self.pass_k or []:
             check_range("eval.pass_k[]", k, 1, self.samples_per_question)
+        labels = [other.label for other in self.other_env_specs]
+        if len(set(labels)) < len(labels):
+            raise ConfigError(f"eval.other_envs names an environment twice ({labels}): give each entry a label, "
+                              "e.g. {name:arithmetic,label:addition,ops:[+]}")
+
+    @property
+    def other_env_specs(self) -> list[OtherEnv]:
+        return [OtherEnv.parse(entry) for entry in self.other_envs]
 
     @property
     def ks(self) -> list[int]:

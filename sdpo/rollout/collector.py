@@ -7,14 +7,14 @@ docs/multi_turn.md). The collector also renders each question's prompt once and 
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 import logging
 from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedTokenizerBase
 
 from sdpo.batch import RolloutBatch
-from sdpo.config import ConfigError, SDPOConfig
+from sdpo.config import ConfigError, OtherEnv, SDPOConfig
 from sdpo.distributed import Distributed
 from sdpo.envs import ENVIRONMENTS, Environment, Problem, build_environment
 from sdpo.evaluation import evaluate_policy
@@ -29,6 +29,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def other_env_config(other: OtherEnv) -> Any:
+    """The environment config of one of eval.other_envs: its registered class with the entry's settings."""
+    config_class = ENVIRONMENTS.get(other.name).config_class
+    valid = {f.name for f in fields(config_class)}
+    if unknown := sorted(set(other.settings) - valid):
+        raise ConfigError(f"eval.other_envs[{other.label}]: environment {other.name!r} has no setting {unknown}; "
+                          f"its settings: {sorted(valid - {'_target_'})}")
+    return config_class(**other.settings)
+
+
 class Collector:
     """`engine` is set once the policy it samples from exists (`build_engine`), or given (a researcher's own)."""
 
@@ -38,9 +48,9 @@ class Collector:
         self.engine: RolloutEngine | None = None
         self.limits = EpisodeLimits.from_config(config)
         self._prompt_ids: dict[int, list[int]] = {}  # keyed by id(problem): ids need not be unique across splits
-        self._others: list[tuple[str, Environment, list[Problem]]] | None = None  # eval.other_envs
-        for name in config.eval.other_envs:  # a misspelled name fails at start, listing the valid ones
-            ENVIRONMENTS.get(name)
+        self._others: list[tuple[str, Environment, list[Problem], SDPOConfig]] | None = None  # eval.other_envs
+        for other in config.eval.other_env_specs:  # a misspelled name or setting fails at start, saying what is valid
+            other_env_config(other)
 
     def build_engine(self, learner: Learner, model_path: Any) -> RolloutEngine:
         """The configured engine over the learner's policy, with a context window for the rollouts and for what the
@@ -112,19 +122,22 @@ class Collector:
         """avg@k / pass@k (or episode success) on this process's share of `problems`, and on eval.other_envs'
         held-out questions (eval_<name>/...), averaged over processes."""
         metrics = {}
-        for prefix, env, held_out in [("eval", self.env, problems), *self.other_held_out()]:
+        for prefix, env, held_out, config in [("eval", self.env, problems, self.config), *self.other_held_out()]:
             mine = self.dist.share(held_out)
             metrics |= evaluate_policy(self.engine, env, self.tokenizer, mine, [self.prompt_ids(p) for p in mine],
-                                       self.config, self.dist.any_rank, prefix)
+                                       config, self.dist.any_rank, prefix)
         return self.dist.reduce_mean(metrics)
 
-    def other_held_out(self) -> list[tuple[str, Environment, list[Problem]]]:
-        """(metric prefix, environment, held-out questions) of each of eval.other_envs, built on first use with the
-        environment's default settings."""
+    def other_held_out(self) -> list[tuple[str, Environment, list[Problem], SDPOConfig]]:
+        """(metric prefix, environment, held-out questions, the config its evaluation reads) of each of
+        eval.other_envs, built on first use with the entry's settings."""
         if self._others is None:
             self._others = []
-            for name in self.config.eval.other_envs:
-                env = build_environment(ENVIRONMENTS.get(name).config_class())
+            for other in self.config.eval.other_env_specs:
+                env = build_environment(other_env_config(other))
                 held_out = self.renderable(env.load(env.config.eval_split), training_env=False)
-                self._others.append((f"eval_{name}", env, held_out[: self.config.eval.num_questions]))
+                config = self.config
+                if other.max_new_tokens is not None:
+                    config = replace(config, eval=replace(config.eval, max_new_tokens=other.max_new_tokens))
+                self._others.append((f"eval_{other.label}", env, held_out[: self.config.eval.num_questions], config))
         return self._others
