@@ -1,7 +1,7 @@
 """What the default run costs elsewhere (issue #30): forgetting on other tasks and diversity (pass@1 / pass@n).
 
 The default run (configs/experiment/cpu.yaml: SmolLM2-135M-Instruct on single-digit multiplication, the lambda = 0.9
-hybrid) and, for comparison, GRPO and pure SDPO on the same task, each `scripts/train.py` in its own process, one
+hybrid) and, for comparison, GRPO (and with --only, pure SDPO) on the same task, each `scripts/train.py` in its own process, one
 at a time, evaluated on the run's schedule on other tasks through `eval.other_envs` (`OTHER_ENVS`): two-digit
 addition and subtraction at 48 new tokens, the only built-in tasks besides multiplication on which SmolLM2-135M
 scores between 0 and 1 within the default run's budget (science and GSM8K need reasoning of hundreds of tokens and
@@ -89,7 +89,7 @@ def summarize(runs: dict[str, list[Path]], n: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--only", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--only", nargs="+", default=["default (hybrid)", "grpo"], choices=list(METHODS))
     parser.add_argument("--eval-samples", type=int, default=4, help="the default run's eval.samples_per_question")
     parser.add_argument("--out", default="benchmarks/runs/forgetting_cpu")
     parser.add_argument("--results", default=None, help="markdown file for the report (a .png curve next to it)")

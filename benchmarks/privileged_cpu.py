@@ -139,6 +139,12 @@ def probe_rows(args: argparse.Namespace) -> list[str]:
             else:
                 cells.append(f"{result[key]:.2f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for label, result in found.items():
+        examples = result.get("examples", [])[:3]
+        if examples:
+            lines += ["", f"What the student and the reprompted teacher wrote ({label}; probe.json's first failed rollouts):"]
+            lines += [f"- student {e['response']!r} -> teacher {e['teacher']!r} (teacher reward {e['teacher_reward']:g})"
+                      for e in examples]
     return lines
 
 
