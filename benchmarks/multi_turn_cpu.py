@@ -84,9 +84,10 @@ def training_table(runs: dict[str, tuple[Path, float]], args: argparse.Namespace
 COST_RUNS = {"1 turn": ["rollout.max_turns=1"],
              "3 turns, one row per turn (before)": ["rollout.max_turns=3", "trainer.pack_episodes=false"],
              "3 turns, one sequence per episode": ["rollout.max_turns=3", "trainer.pack_episodes=true"],
-             # About as many turns per forward as the 1-turn run has rows (8): 3 episodes of up to 3 turns.
-             "3 turns, one sequence per episode, 3 per micro-batch": ["rollout.max_turns=3", "trainer.pack_episodes=true",
-                                                                      "trainer.micro_batch_size=3"]}
+             # Micro-batches of up to 24 turns: about 8 episodes of 3 turns, as micro-batches were cut before they
+             # counted turns (up to 8 sequences, i.e. episodes).
+             "3 turns, one sequence per episode, 24 turns per micro-batch": [
+                 "rollout.max_turns=3", "trainer.pack_episodes=true", "trainer.micro_batch_size=24"]}
 
 
 def cost_run(name: str, args: argparse.Namespace) -> list[dict[str, float]]:
