@@ -83,7 +83,11 @@ def training_table(runs: dict[str, tuple[Path, float]], args: argparse.Namespace
 
 COST_RUNS = {"1 turn": ["rollout.max_turns=1"],
              "3 turns, one row per turn (before)": ["rollout.max_turns=3", "trainer.pack_episodes=false"],
-             "3 turns, one sequence per episode": ["rollout.max_turns=3", "trainer.pack_episodes=true"]}
+             "3 turns, one sequence per episode": ["rollout.max_turns=3", "trainer.pack_episodes=true"],
+             # Micro-batches of up to 24 turns: about 8 episodes of 3 turns, as micro-batches were cut before they
+             # counted turns (up to 8 sequences, i.e. episodes).
+             "3 turns, one sequence per episode, 24 turns per micro-batch": [
+                 "rollout.max_turns=3", "trainer.pack_episodes=true", "trainer.micro_batch_size=24"]}
 
 
 def cost_run(name: str, args: argparse.Namespace) -> list[dict[str, float]]:
@@ -107,7 +111,7 @@ def cost_run(name: str, args: argparse.Namespace) -> list[dict[str, float]]:
             "row_positions": sum(len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids)),
             "sequence_positions": sum(len(batch.prompt_ids[c[-1]]) + len(batch.response_ids[c[-1]])
                                       for c in batch.chains()),
-            "load": os.getloadavg()[0]})
+            "load": os.getloadavg()[0], "peak_rss_mib": peak_rss_mib()})
     trainer.engine.close()
     return steps
 
@@ -115,8 +119,8 @@ def cost_run(name: str, args: argparse.Namespace) -> list[dict[str, float]]:
 def cost_table(runs: dict[str, list[dict[str, float]]]) -> list[str]:
     """Means over the steps after the first (its update also pays one-time start-up costs)."""
     lines = ["| run | steps | rows / step | model tokens / step | positions: rows / episode sequences | update s / step "
-             "| teacher fwd s / step | (update + teacher) ms per model token | step s per model token x 1000 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| teacher fwd s / step | (update + teacher) ms per model token | step s per model token x 1000 "
+             "| peak RSS of the run (MiB) |", "|---|---|---|---|---|---|---|---|---|---|"]
     per_token = {}
     for name, steps in runs.items():
         kept = steps[1:] or steps
@@ -124,7 +128,8 @@ def cost_table(runs: dict[str, list[dict[str, float]]]) -> list[str]:
         per_token[name] = 1000 * (mean["update"] + mean["teacher"]) / mean["model_tokens"]
         lines.append(f"| {name} | {len(kept)} | {mean['rows']:.1f} | {mean['model_tokens']:.0f} | "
                      f"{mean['row_positions']:.0f} / {mean['sequence_positions']:.0f} | {mean['update']:.2f} | "
-                     f"{mean['teacher']:.2f} | {per_token[name]:.2f} | {1000 * mean['seconds'] / mean['model_tokens']:.2f} |")
+                     f"{mean['teacher']:.2f} | {per_token[name]:.2f} | {1000 * mean['seconds'] / mean['model_tokens']:.2f} | "
+                     f"{max(s['peak_rss_mib'] for s in steps):.0f} |")
     base = per_token.get("1 turn")
     if base:
         lines += ["", "Update + teacher forward per model token, relative to 1 turn: " + ", ".join(
@@ -203,7 +208,7 @@ def main() -> None:
         lines += ["", "## Test-time: SDPO vs best-of-k vs multi-turn", "",
                   f"Overrides: `{' '.join(test_time_overrides(args))}`; {report['num_questions']} questions, "
                   f"{report['seconds']:.0f} s", "", *table]
-    lines += ["", f"Peak RSS {peak_rss_mib():.0f} MiB."]
+    lines += ["", f"Peak RSS of this process (the cost runs run in processes of their own) {peak_rss_mib():.0f} MiB."]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.results:

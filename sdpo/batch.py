@@ -206,23 +206,20 @@ class RolloutBatch:
         return self.select(order)
 
     def episode_micro_batches(self, size: int) -> Iterator[RolloutBatch]:
-        """Micro-batches of whole episodes, at most `size` sequences each (an episode is one sequence, or one per
-        unbroken run of turns: `turn_chains`; one with more than `size` gets a micro-batch of its own), the
-        episodes ordered by the length of their last turn's row (the longest sequence of the episode), so that a
-        micro-batch pads little."""
+        """Micro-batches of whole episodes, at most `size` turns (rows: the responses a forward trains, as many as a
+        micro-batch of single-turn rows holds) each; an episode of more turns gets a micro-batch of its own. An
+        episode's turns run as one sequence (or one per unbroken run of turns: `turn_chains`), so a micro-batch also
+        holds at most `size` sequences. Episodes are ordered by the length of their last turn's row (the longest
+        sequence of the episode), so that a micro-batch pads little."""
         episodes = self.episode_rows()
-        episode_of = {i: e for e, rows in enumerate(episodes) for i in rows}
-        sequences = [0] * len(episodes)
-        for chain in self.chains():
-            sequences[episode_of[chain[0]]] += 1
         length = lambda e: len(self.prompt_ids[episodes[e][-1]]) + len(self.response_ids[episodes[e][-1]])  # noqa: E731
         micro: list[int] = []
         count = 0
         for e in sorted(range(len(episodes)), key=length):
-            if micro and count + sequences[e] > size:
+            if micro and count + len(episodes[e]) > size:
                 yield self.select([i for m in micro for i in episodes[m]])
                 micro, count = [], 0
             micro.append(e)
-            count += sequences[e]
+            count += len(episodes[e])
         if micro:
             yield self.select([i for m in micro for i in episodes[m]])

@@ -146,8 +146,8 @@ class Learner:
         each block's prompts run once for the micro-batches of their rollouts (a pass keeps its prompts' activations
         until its last backward: no more prompts than a micro-batch has rows), and the teacher's reprompts likewise.
         Multi-turn with trainer.pack_episodes: micro-batches of whole episodes, each one sequence, at most
-        `micro_batch_size` sequences (a sequence is at most rollout.max_prompt_len + max_new_tokens positions, as one
-        turn's row is), in blocks by their first prompt. Lazily, so that a block's passes run after the
+        `micro_batch_size` turns (so at most as many sequences, each at most rollout.max_prompt_len + max_new_tokens
+        positions, as one turn's row is), in blocks by their first prompt. Lazily, so that a block's passes run after the
         previous block's last backward."""
         size = self.config.trainer.micro_batch_size
         pack = self._packs(minibatch)

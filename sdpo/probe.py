@@ -206,6 +206,19 @@ def probe(
     )
 
 
+# How much more often the reprompted teacher must succeed than the student (sampled, or greedy) before the probe
+# calls it a teacher that shows the behaviour. In three CPU cases the teacher succeeded at most 0.03 more often than
+# the student (sampled; greedy not at all more) and none learned from it (benchmarks/results/privileged_cpu.md, privileged_answer_first_cpu.md): the bar is set by
+# those negatives; no positive case at this scale has been measured yet.
+TEACHER_LEAD = 0.15
+
+
+def teacher_leads(result: ProbeResult) -> bool:
+    leads = [result.teacher_success_sampled - result.student_success_sampled,
+             result.teacher_success_greedy - result.student_success_greedy]
+    return any(not math.isnan(x) and x >= TEACHER_LEAD for x in leads)
+
+
 def verdict(result: ProbeResult) -> list[tuple[str, str, str]]:
     """(measure, value, reading) rows, and a last row with the overall reading (docs/probe.md explains the bars)."""
     f = lambda x: "n/a" if math.isnan(x) else f"{x:.2f}"  # noqa: E731
@@ -233,9 +246,9 @@ def verdict(result: ProbeResult) -> list[tuple[str, str, str]]:
         overall = "SDPO has nothing to learn from: no successes to demonstrate and no feedback"
     elif math.isnan(uplift) or uplift < 1.0:
         overall = "the teacher's context does not make correct answers much likelier: expect little from SDPO"
-    elif grpo_signal <= 0.25 and not (result.teacher_success_sampled > 0 or result.teacher_success_greedy > 0):
-        overall = ("SDPO has signal where GRPO has little, but the reprompted teacher never succeeds itself: only "
-                   "log-prob mass moves, expect slow gains")
+    elif grpo_signal <= 0.25 and not teacher_leads(result):
+        overall = ("SDPO has signal where GRPO has little, but the reprompted teacher rarely succeeds where the "
+                   "student fails: only log-prob mass moves, expect slow gains")
     elif grpo_signal <= 0.25:
         overall = "SDPO has signal where GRPO has little: the feedback case SDPO is for"
     else:

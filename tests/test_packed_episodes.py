@@ -41,7 +41,7 @@ def test_a_turn_continues_its_episode_only_where_its_prompt_extends_the_previous
     assert batch.chains() == [[1, 0]]
 
 
-def test_micro_batches_hold_whole_episodes_and_at_most_their_size_in_sequences():
+def test_micro_batches_hold_whole_episodes_and_at_most_their_size_in_turns():
     # Episode 0: 3 chained turns (one sequence); episode 1: 2 turns that do not chain (two); episode 2: one turn.
     prompts = [[1], [1, 2, 3], [1, 2, 3, 4, 5], [6], [7], [8]]
     responses = [[2], [4], [6], [9], [9], [9, 9]]
@@ -49,9 +49,10 @@ def test_micro_batches_hold_whole_episodes_and_at_most_their_size_in_sequences()
                          torch.zeros(6, dtype=torch.bool), episode_ids_B=torch.tensor([0, 0, 0, 1, 1, 2]),
                          turn_B=torch.tensor([0, 1, 2, 0, 1, 0]))
     assert batch.chains() == [[0, 1, 2], [3], [4], [5]]
-    # Ordered by their last row's length (2, 3, 6 tokens): episode 1, 2, 0; episode 1 alone fills a micro-batch of
-    # 2 sequences, and overfills one of 1.
-    for size, expected in [(1, [[3, 4], [5], [0, 1, 2]]), (2, [[3, 4], [5, 0, 1, 2]]), (3, [[3, 4, 5], [0, 1, 2]])]:
+    # Ordered by their last row's length (2, 3, 6 tokens): episode 1, 2, 0. Micro-batches count turns (rows), as
+    # single-turn micro-batches do: an episode of more turns than the size gets one of its own.
+    for size, expected in [(1, [[3, 4], [5], [0, 1, 2]]), (2, [[3, 4], [5], [0, 1, 2]]), (3, [[3, 4, 5], [0, 1, 2]]),
+                           (5, [[3, 4, 5], [0, 1, 2]]), (6, [[3, 4, 5, 0, 1, 2]])]:
         micro = [m.prompt_ids for m in batch.episode_micro_batches(size)]
         assert micro == [[prompts[i] for i in rows] for rows in expected], size
 

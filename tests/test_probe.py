@@ -153,8 +153,12 @@ def _result(**fields) -> ProbeResult:
 @pytest.mark.parametrize("fields, reading", [
     ({"signal_fraction": 0.0}, "nothing to learn from"),
     ({"logp_correct_teacher": -13.5}, "does not make correct answers much likelier"),
-    ({}, "the reprompted teacher never succeeds itself"),
+    ({}, "the reprompted teacher rarely succeeds where the student fails"),
+    # A teacher that succeeds now and then, barely more than the student (the CPU negatives): still "rarely".
+    ({"teacher_success_sampled": 0.06, "student_success_sampled": 0.03, "teacher_success_greedy": 0.12,
+      "student_success_greedy": 0.25}, "the reprompted teacher rarely succeeds where the student fails"),
     ({"teacher_success_sampled": 0.3}, "the feedback case SDPO is for"),
+    ({"teacher_success_greedy": 0.5, "student_success_greedy": 0.25}, "the feedback case SDPO is for"),
     ({"success_group_fraction": 0.8, "teacher_success_sampled": 0.5}, "both have signal"),
 ])
 def test_verdict_readings(fields, reading):

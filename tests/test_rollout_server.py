@@ -9,6 +9,7 @@ that the server's numbers compare with transformers' at the tolerances of tests/
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 import signal
@@ -203,6 +204,20 @@ def test_multi_turn_episodes_through_the_server(server, tmp_path) -> None:
         assert step["rollout/weights_version"] == 0.0 and trainer.engine.weights_version() == 1
     finally:
         trainer.rollouts.close()
+
+
+def test_packed_multi_turn_episodes_with_async_rollouts(server, tmp_path) -> None:
+    # Multi-turn episodes, each trained as one sequence (trainer.pack_episodes), sampled one step ahead: batch 1's
+    # episodes come from the initial weights while step 0 updates, and the packed update takes them like any other.
+    config = trainer_config(tmp_path, "vllm_server", f"rollout.server.url={server.url}", "env.feedback=true",
+                            "rollout.max_turns=3", "rollout.max_prompt_len=80", "rollout.async_steps=1",
+                            "trainer.total_steps=2", "algorithm.reprompt.max_reprompt_len=256")
+    metrics, batches, _ = run_steps(config, 2)
+    assert [m["rollout/staleness"] for m in metrics] == [0.0, 1.0]
+    assert [m["rollout/weights_version"] for m in metrics] == [0.0, 0.0]
+    for batch, m in zip(batches, metrics):
+        assert any(len(chain) > 1 for chain in batch.chains())  # turns that run as one sequence
+        assert m["episode/turns_mean"] > 1 and math.isfinite(m["optim/grad_norm"]) and m["optim/grad_norm"] > 0
 
 
 def test_a_killed_server_is_named_and_the_run_resumes(server, tiny_path, tokenizer, tmp_path) -> None:

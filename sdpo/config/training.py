@@ -45,7 +45,7 @@ class TrainerConfig:
     # Questions per optimizer step; questions_per_step / mini_batch_questions optimizer steps per generation batch.
     mini_batch_questions: int = 32
     epochs_per_step: int = 1  # passes over each generation batch
-    micro_batch_size: int = 8  # sequences per forward/backward (gradient accumulation inside a mini-batch)
+    micro_batch_size: int = 8  # rollouts (turns) per forward/backward (gradient accumulation inside a mini-batch)
     # Response positions per chunk of the logits / distillation computation (memory bound, not a result knob).
     logits_chunk_size: int = 512
     # Each distinct prompt of an optimizer step runs through the policy once (in blocks of at most micro_batch_size
@@ -55,9 +55,9 @@ class TrainerConfig:
     # checkpointing, for models without sliding-window layers; FSDP2 and DeepSpeed run one forward per row.
     share_prompts: bool = True
     # Multi-turn (rollout.max_turns > 1): the turns of an episode run as one sequence (each turn's prompt is the
-    # conversation so far, so its tokens are positions of the last turn's row), at most micro_batch_size sequences
-    # per forward, and the teacher's reprompts branch off it; the same values and gradients as one row per turn
-    # (sdpo.layout.PackedInputs, docs/multi_turn.md).
+    # conversation so far, so its tokens are positions of the last turn's row), whole episodes of at most
+    # micro_batch_size turns per forward, and the teacher's reprompts branch off it; the same values and gradients
+    # as one row per turn (sdpo.layout.PackedInputs, docs/multi_turn.md).
     pack_episodes: bool = True
     optim: OptimConfig = field(default_factory=OptimConfig)
     # The run directory; configs/config.yaml sets its one default, runs/<algorithm.name>-<env.name>-<timestamp>
@@ -132,6 +132,7 @@ class EvalConfig:
     # eval.other_envs='[arithmetic,{name:science,max_new_tokens:128}]'. Logged as eval_<label>/avg@n, pass@k, ...
     # (label: the name) and drawn in the run's reward_curve.png.
     other_envs: list[Any] = field(default_factory=list)
+
     def __post_init__(self) -> None:
         check_range("eval.samples_per_question", self.samples_per_question, 1)
         for k in self.pass_k or []:

@@ -120,7 +120,7 @@ class Collector:
 
     def evaluate(self, problems: list[Problem]) -> dict[str, float]:
         """avg@k / pass@k (or episode success) on this process's share of `problems`, and on eval.other_envs'
-        held-out questions (eval_<name>/...), averaged over processes."""
+        held-out questions (eval_<label>/...), averaged over processes."""
         metrics = {}
         for prefix, env, held_out, config in [("eval", self.env, problems, self.config), *self.other_held_out()]:
             mine = self.dist.share(held_out)
