@@ -208,8 +208,8 @@ def probe(
 
 # How much more often the reprompted teacher must succeed than the student (sampled, or greedy) before the probe
 # calls it a teacher that shows the behaviour. In three CPU cases the teacher succeeded at most 0.03 more often than
-# the student (sampled; greedy not at all more) and none learned from it (benchmarks/results/privileged_cpu.md, privileged_answer_first_cpu.md): the bar is set by
-# those negatives; no positive case at this scale has been measured yet.
+# the student (sampled; greedy not at all more) and none learned from it (benchmarks/results/privileged_cpu.md and
+# privileged_answer_first_cpu.md): the bar is set by those negatives; no positive case at this scale is measured yet.
 TEACHER_LEAD = 0.15
 
 
