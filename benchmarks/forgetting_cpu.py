@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 from pathlib import Path
+import shutil
 import statistics
 import sys
 import time
@@ -51,6 +52,7 @@ def run_one(name: str, seed: int, args: argparse.Namespace) -> Path:
     wall, cpu, code = run_script("train.py", [*COMMON, *METHODS[name], f"trainer.seed={seed}",
                                               f"trainer.output_dir={out}"], out / "train.log")
     (out / "cost.json").write_text(json.dumps({"wall_s": wall, "cpu_s": cpu, "exit_code": code}) + "\n")
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # ~1 GiB each; the report reads metrics.jsonl only
     print(f"{out.name}: exit {code}, {wall:.0f} s wall", flush=True)
     return out
 
