@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 from pathlib import Path
-import shutil
 import statistics
 import sys
 import time
@@ -28,9 +27,9 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-from benchmarks.feedback_learning_cpu import run_script  # noqa: E402
 from benchmarks.machine import describe  # noqa: E402
-from sdpo.tracking import plot_curves, read_metrics  # noqa: E402
+from benchmarks.privileged_cpu import start_end_cell, train_run  # noqa: E402
+from sdpo.tracking import plot_curves  # noqa: E402
 
 OTHER_ENVS = {
     "addition": "{name:arithmetic,label:addition,ops:[+],min_operand:10,max_operand:99,max_eval_rows:20}",
@@ -46,15 +45,7 @@ def run_dir(args: argparse.Namespace, name: str, seed: int) -> Path:
 
 
 def run_one(name: str, seed: int, args: argparse.Namespace) -> Path:
-    out = run_dir(args, name, seed)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-    wall, cpu, code = run_script("train.py", [*COMMON, *METHODS[name], f"trainer.seed={seed}",
-                                              f"trainer.output_dir={out}"], out / "train.log")
-    (out / "cost.json").write_text(json.dumps({"wall_s": wall, "cpu_s": cpu, "exit_code": code}) + "\n")
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # ~1 GiB each; the report reads metrics.jsonl only
-    print(f"{out.name}: exit {code}, {wall:.0f} s wall", flush=True)
-    return out
+    return train_run(run_dir(args, name, seed), [*COMMON, *METHODS[name], f"trainer.seed={seed}"])
 
 
 def summarize(runs: dict[str, list[Path]], n: int) -> str:
@@ -71,16 +62,7 @@ def summarize(runs: dict[str, list[Path]], n: int) -> str:
         done = [d for d in dirs if (d / "metrics.jsonl").exists()]
         if not done:
             continue
-        cells = []
-        for key in keys.values():
-            pairs = [[r[key] for r in read_metrics(d) if r.get(key) is not None] for d in done]
-            pairs = [(p[0], p[-1]) for p in pairs if p]
-            if not pairs:
-                cells.append("n/a")
-                continue
-            start, end = statistics.mean(p[0] for p in pairs), statistics.mean(p[1] for p in pairs)
-            cells.append(f"{start:.3f} -> {end:.3f} ({end - start:+.3f})"
-                         + (" [" + ", ".join(f"{p[1]:.2f}" for p in pairs) + "]" if len(pairs) > 1 else ""))
+        cells = [start_end_cell(done, key) for key in keys.values()]
         walls = [json.loads((d / "cost.json").read_text())["wall_s"] for d in done if (d / "cost.json").exists()]
         wall = f"{statistics.mean(walls):.0f}" if walls else "n/a"
         lines.append(f"| {name} (`{' '.join(METHODS[name]) or 'no override'}`) | {len(done)} | " + " | ".join(cells)

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 import json
 import os
 from pathlib import Path
-import re
 import shutil
 import statistics
 import sys
@@ -55,7 +54,7 @@ class Task:
     preset: list[str]  # overrides of every run and probe
     methods: dict[str, list[str]]
     probes: dict[str, list[str]]
-    other_envs: dict[str, str]  # label -> eval.other_envs entry
+    other_envs: dict[str, str]  # metric label (eval_<label>/...) -> eval.other_envs entry
     about: str  # what a run is, for the report
 
 
@@ -83,16 +82,11 @@ TASKS = {
          "sdpo_grpo_reference": ["algorithm=sdpo_grpo", "env.feedback=false", *REFERENCE]},
         {"rule only": ["algorithm=sdpo", "env.feedback=true", "algorithm.reprompt.data_context=off"],
          "reference": ["algorithm=sdpo", "env.feedback=false", *REFERENCE]},
-        {"arithmetic at 48 tokens": "{name:arithmetic,label:arithmetic_48,max_new_tokens:48}",
-         "2-digit addition": "{name:arithmetic,label:addition,ops:[+],min_operand:10,max_operand:99,max_eval_rows:20,"
+        {"arithmetic_48": "{name:arithmetic,label:arithmetic_48,max_new_tokens:48}",
+         "addition": "{name:arithmetic,label:addition,ops:[+],min_operand:10,max_operand:99,max_eval_rows:20,"
                              "max_new_tokens:48}"},
         "10 steps of 8 questions x 4 rollouts, 4 new tokens, held-out avg@4 on 20 unseen products every 2 steps"),
 }
-
-
-def label_of(entry: str) -> str:
-    match = re.search(r"label:(\w+)", entry)
-    return match.group(1) if match else entry
 
 
 def common(args: argparse.Namespace) -> list[str]:
@@ -100,16 +94,21 @@ def common(args: argparse.Namespace) -> list[str]:
     return [*task.preset, *COMMON, f"eval.other_envs=[{','.join(task.other_envs.values())}]"]
 
 
-def run_one(name: str, seed: int, args: argparse.Namespace) -> Path:
-    out = Path(args.out) / f"{name}-seed{seed}"
+def train_run(out: Path, overrides: list[str]) -> Path:
+    """scripts/train.py with `overrides` into `out` (fresh metrics), its cost in cost.json; its checkpoint (about
+    1 GiB) is deleted: the reports read metrics.jsonl only."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
-    wall, cpu, code = run_script("train.py", [*common(args), *TASKS[args.task].methods[name], f"trainer.seed={seed}",
-                                              f"trainer.output_dir={out}", *args.extra], out / "train.log")
+    wall, cpu, code = run_script("train.py", [*overrides, f"trainer.output_dir={out}"], out / "train.log")
     (out / "cost.json").write_text(json.dumps({"wall_s": wall, "cpu_s": cpu, "exit_code": code}) + "\n")
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # ~1 GiB each; the report reads metrics.jsonl only
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
     print(f"{out.name}: exit {code}, {wall:.0f} s wall, {cpu:.0f} s CPU", flush=True)
     return out
+
+
+def run_one(name: str, seed: int, args: argparse.Namespace) -> Path:
+    return train_run(Path(args.out) / f"{name}-seed{seed}",
+                     [*common(args), *TASKS[args.task].methods[name], f"trainer.seed={seed}", *args.extra])
 
 
 def run_probe(label: str, overrides: list[str], args: argparse.Namespace) -> Path:
@@ -155,11 +154,21 @@ def first_last(rows: list[dict], key: str) -> tuple[float, float] | None:
     return (points[0], points[-1]) if points else None
 
 
+def start_end_cell(runs: list[Path], key: str) -> str:
+    """`key`'s first and last logged values, means over `runs`, and each run's last in brackets (several runs)."""
+    pairs = [p for p in (first_last(read_metrics(d), key) for d in runs) if p is not None]
+    if not pairs:
+        return "n/a"
+    start, end = statistics.mean(p[0] for p in pairs), statistics.mean(p[1] for p in pairs)
+    seeds = " [" + ", ".join(f"{p[1]:.2f}" for p in pairs) + "]" if len(pairs) > 1 else ""
+    return f"{start:.3f} -> {end:.3f} ({end - start:+.3f}){seeds}"
+
+
 def summarize(runs: dict[str, list[Path]], args: argparse.Namespace) -> str:
     n = args.eval_samples
     task = TASKS[args.task]
     keys = {"held-out": f"eval/avg@{n}", "pass@1": "eval/pass@1", f"pass@{n}": f"eval/pass@{n}",
-            **{f"{label} (other env)": f"eval_{label_of(entry)}/avg@{n}" for label, entry in task.other_envs.items()}}
+            **{f"{label} (other env)": f"eval_{label}/avg@{n}" for label in task.other_envs}}
     lines = [f"# Teacher context from the data on the CPU: GRPO vs SDPO (rule only, reference) on {task.title}",
              "", f"Date: {time.strftime('%Y-%m-%d')}. Machine: {describe()}.", f"Command: `python {' '.join(sys.argv)}`",
              f"Every run: `scripts/train.py {' '.join(common(args))} <method> trainer.seed=<seed>` ({task.about}; one "
@@ -171,15 +180,7 @@ def summarize(runs: dict[str, list[Path]], args: argparse.Namespace) -> str:
         done = [d for d in dirs if (d / "cost.json").exists() and (d / "metrics.jsonl").exists()]
         if not done:
             continue
-        cells = []
-        for key in keys.values():
-            pairs = [first_last(read_metrics(d), key) for d in done]
-            pairs = [p for p in pairs if p is not None]
-            if not pairs:
-                cells.append("n/a")
-                continue
-            start, end = statistics.mean(p[0] for p in pairs), statistics.mean(p[1] for p in pairs)
-            cells.append(f"{start:.3f} -> {end:.3f} ({end - start:+.3f}) [" + ", ".join(f"{p[1]:.2f}" for p in pairs) + "]")
+        cells = [start_end_cell(done, key) for key in keys.values()]
         wall = statistics.mean(json.loads((d / "cost.json").read_text())["wall_s"] for d in done)
         lines.append(f"| {name} (`{' '.join(task.methods[name])}`) | {len(done)} | " + " | ".join(cells) + f" | {wall:.0f} |")
     lines += ["", "## Training signal per run (means over its steps)", "",
@@ -227,7 +228,7 @@ def main() -> None:
         Path(args.results).write_text(report)
         png = Path(args.results).with_suffix(".png")
         dirs = [d for ds in runs.values() for d in ds if (d / "metrics.jsonl").exists()]
-        others = [f"eval_{label_of(entry)}/avg@{args.eval_samples}" for entry in TASKS[args.task].other_envs.values()]
+        others = [f"eval_{label}/avg@{args.eval_samples}" for label in TASKS[args.task].other_envs]
         plot_curves(dirs, [f"eval/avg@{args.eval_samples}", *others, "reward/mean"], png, labels=[d.name for d in dirs])
         print(f"wrote {args.results} and {png}")
 
