@@ -147,16 +147,12 @@ class RolloutBatch:
                 for i in chain:
                     trunk_of[i] = c
             return build_branch_inputs(trunks, trunk_of, self.teacher_prompt_ids, self.response_ids, pad_id)
-        return self._inputs(self.teacher_prompt_ids, pad_id, share_prompts, shared)
+        return forward_inputs(self.teacher_prompt_ids, self.response_ids, pad_id, share_prompts, shared)
 
     @property
     def distill_rows(self) -> list[int]:
         """The rows whose reprompt carries a signal (a demonstration or feedback): the teacher scores only these."""
         return self.distill_mask_B.nonzero().flatten().tolist() if self.distill_mask_B is not None else []
-
-    def _inputs(self, prompts: list[list[int]], pad_id: int, share_prompts: bool,
-                shared: PromptInputs | None) -> ModelInputs | SharedPromptInputs:
-        return forward_inputs(prompts, self.response_ids, pad_id, share_prompts, shared)
 
     def select(self, index: Sequence[int] | Tensor) -> RolloutBatch:
         """The samples at `index`, with per-token tensors trimmed to the selection's longest response."""
