@@ -59,7 +59,7 @@ class RolloutBatch:
     # The teacher's context from the data, per row (a reward function's Score.info["teacher_context"], else the
     # problem's teacher_context); only reprompts read it. Empty: the problems' own.
     data_context: list[str | None] = field(default_factory=list)
-    # -- from the reprompt builder (spec section 2)
+    # -- from the reprompt builder (docs/algorithm.md §2)
     teacher_prompt_ids: list[list[int]] | None = None
     distill_mask_B: Tensor | None = None  # bool; the sample's reprompt has a solution or feedback
     # log q(y_t) under the reprompt, when the rollout engine scored the teacher (algorithm.teacher.scorer=engine)

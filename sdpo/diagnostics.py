@@ -1,6 +1,6 @@
 """Failure-mode metrics of self-distillation, logged every step under `diagnostics/` (issue #16).
 
-What public reports say goes wrong with SDPO on small models (spec section 10), each as a number per step:
+What public reports say goes wrong with SDPO on small models (docs/algorithm.md §10), each as a number per step:
 
 - `diagnostics/echo_template_fraction`: responses that contain a fixed phrase of the reprompt templates ("Correct
   solution:", "Correctly solve the original question.", ...). The student never sees these; only the teacher does.

@@ -4,7 +4,7 @@
 "best" means. After each evaluation the trainer asks `BestCheckpoint.observe`: an improvement is saved as the
 checkpoint `checkpoints/best/` (beside the `step-*` ones, which `keep_last` rotates; `best/` is never rotated), and
 with `trainer.collapse_drop` set, a value that many units worse than the best stops the run (SDPO runs are reported
-to collapse after a few hundred steps: spec section 10). The best value, its step and its path are in the trainer
+to collapse after a few hundred steps: docs/algorithm.md §10). The best value, its step and its path are in the trainer
 state of every checkpoint and in `checkpoints/best/BEST.json` (what the closing summary reads), so a resumed run
 keeps them; since `best/` is only ever replaced by a better value, its record wins over an older checkpoint's.
 """

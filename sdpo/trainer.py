@@ -129,7 +129,7 @@ class SDPOTrainer:
         return [self.train_problems[i] for i in self.dist.share(indices)]
 
     def teacher_context(self, batch: RolloutBatch, problems_B: list[Problem]) -> dict[str, float]:
-        """Reprompts (spec section 2): a sibling's solution and/or the env's feedback; a mask where there is neither.
+        """Reprompts (docs/algorithm.md §2): a sibling's solution and/or the env's feedback; a mask where there is neither.
         The teacher renders them onto the batch (and an engine-side teacher scores them now)."""
         rcfg = self.config.algorithm.reprompt
         rewards, groups = batch.rewards_B.tolist(), batch.group_ids_B.tolist()

@@ -66,7 +66,7 @@ def test_invalid_values_say_what_to_fix(override, expected):
 
 
 def test_dataclass_defaults_match_the_spec():
-    # The paper's scalar-environment setting (spec section 7): the schema's defaults, with no preset to undo.
+    # The paper's scalar-environment setting (docs/algorithm.md §7): the schema's defaults, with no preset to undo.
     distill, teacher, algo = DistillConfig(), TeacherConfig(), AlgorithmConfig()
     assert (distill.mode, distill.topk, distill.alpha, distill.is_clip, distill.tail) == ("topk_logits", 100, 0.5, 2.0, True)
     assert (teacher.kind, teacher.update_rate) == ("ema", 0.05)

@@ -1,4 +1,4 @@
-"""Code environments on real rows of ../shared/data, plus extraction, feedback, splits, LiveCodeBench and score.py.
+"""Code environments on real rows of data, plus extraction, feedback, splits, LiveCodeBench and score.py.
 
 For each code data set, a fast sample: the reference gets 1; a wrong answer, a crash and an infinite loop get 0 with
 the matching feedback. The full sets run in benchmarks/code_env_references.py. All programs run in the sandbox.

@@ -1,4 +1,4 @@
-"""LoRA through PEFT (spec section 4): only adapter weights train; the frozen teacher and the trust-region reference
+"""LoRA through PEFT (docs/algorithm.md §4): only adapter weights train; the frozen teacher and the trust-region reference
 are the base model with the adapter disabled, the EMA teacher a second adapter; never a copy of the base weights."""
 
 from __future__ import annotations

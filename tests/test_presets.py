@@ -1,4 +1,4 @@
-"""Every experiment preset builds its environment on the shipped data (../shared/data) and takes one training step on
+"""Every experiment preset builds its environment on the shipped data (data) and takes one training step on
 the tiny model: the preset's algorithm, teacher and environment settings as they are, only the sizes shrunk.
 
 Stand-ins where the data is not shipped, stated here rather than skipped: LiveCodeBench (`livecodebench`,

@@ -1,4 +1,4 @@
-"""The reprompt builder (spec section 2): pure string-level cases, then rendering and truncation with a tokenizer."""
+"""The reprompt builder (docs/algorithm.md §2): pure string-level cases, then rendering and truncation with a tokenizer."""
 
 from __future__ import annotations
 

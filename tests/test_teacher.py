@@ -1,4 +1,4 @@
-"""Teacher kinds (spec section 4): which weights score, how they move, eval mode."""
+"""Teacher kinds (docs/algorithm.md §4): which weights score, how they move, eval mode."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The typed config schema: the single source of every default, and the defaults are the paper's (spec section 7).
+"""The typed config schema: the single source of every default, and the defaults are the paper's (docs/algorithm.md §7).
 
 YAML files under `configs/` only override these values, and restate none (tests/test_config.py checks every leaf):
 the default run is the CPU-scale preset `configs/experiment/cpu.yaml`, the paper presets in `configs/experiment/`

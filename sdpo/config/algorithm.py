@@ -12,7 +12,7 @@ DATA_CONTEXT_MODES = ["off", "fallback", "prefer", "both"]
 
 @dataclass
 class RepromptConfig:
-    """How the self-teacher's context is built (spec section 2). The templates are the paper's exact strings."""
+    """How the self-teacher's context is built (docs/algorithm.md §2). The templates are the paper's exact strings."""
 
     reprompt_template: str = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question.\n"
     solution_template: str = "\nCorrect solution:\n\n{successful_previous_attempt}\n\n"
@@ -65,7 +65,7 @@ TEACHER_KINDS = ["live", "frozen", "ema", "trust_region"]
 
 @dataclass
 class TeacherConfig:
-    """Which weights the self-teacher scores with (spec section 4)."""
+    """Which weights the self-teacher scores with (docs/algorithm.md §4)."""
 
     kind: str = "ema"
     # EMA rate tau: teacher <- (1 - tau) teacher + tau student after each finite-gradient optimizer step.
@@ -91,7 +91,7 @@ TEACHER_SCORERS = ["trainer", "engine"]
 
 @dataclass
 class DistillConfig:
-    """The self-distillation loss (spec section 3)."""
+    """The self-distillation loss (docs/algorithm.md §3)."""
 
     mode: str = "topk_logits"
     topk: int = 100
@@ -148,7 +148,7 @@ KL_ESTIMATORS = ["k1", "k2", "k3"]
 
 @dataclass
 class PolicyLossConfig:
-    """The GRPO clipped policy-gradient loss (spec section 5)."""
+    """The GRPO clipped policy-gradient loss (docs/algorithm.md §5)."""
 
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.28

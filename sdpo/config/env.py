@@ -16,8 +16,8 @@ class EnvConfig:
     # The Environment class; a researcher's own class works without editing the library.
     _target_: str = MISSING
     name: str = MISSING
-    # Local data root; relative paths resolve against the repository root (the tests and presets use ../shared/data).
-    data_dir: str = "../shared/data"
+    # Local data root; relative paths resolve against the repository root (default: the repository's data/ folder).
+    data_dir: str = "data"
     train_split: str = "train"
     eval_split: str = "test"
     max_train_rows: int | None = None

@@ -165,7 +165,7 @@ TEST_TIME_METHODS = ["sdpo", "best_of_k", "multi_turn"]
 
 @dataclass
 class TestTimeConfig:
-    """Test-time self-distillation on single hard questions (spec section 8; scripts/test_time.py)."""
+    """Test-time self-distillation on single hard questions (docs/algorithm.md §8; scripts/test_time.py)."""
 
     __test__ = False  # a config, not a pytest test class
 

@@ -1,4 +1,4 @@
-"""Science QA: SciKnowEval L3 multiple choice, the paper's exact splits and prompt (spec section 6).
+"""Science QA: SciKnowEval L3 multiple choice, the paper's exact splits and prompt (docs/algorithm.md §6).
 
 Data: `sciknoweval_sdpo/<domain>/{train,test}.jsonl`, the files of the official SDPO code. The system prompt is
 the row's own (`system`, asking for `<reasoning>...</reasoning><answer>X</answer>`); the user message is the row's

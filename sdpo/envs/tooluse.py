@@ -1,4 +1,4 @@
-"""Tool use (ToolAlpaca-derived, ReAct format): the paper's tool-use environment (spec section 6).
+"""Tool use (ToolAlpaca-derived, ReAct format): the paper's tool-use environment (docs/algorithm.md §6).
 
 Data: `tooluse_sdpo/test.jsonl` is SDPO's exact test split (68 problems). SDPO's train split (4046 problems) is not
 available here: put it at `tooluse_sdpo/train.jsonl` (same fields) to train. Two extra held-out splits come from

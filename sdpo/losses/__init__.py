@@ -13,7 +13,7 @@ Config names map to functions through the registries, each via `.get(name)` and 
 The whole objective of a micro-batch (GRPO, pure SDPO, both hybrids) is one function of per-token tensors,
 `sdpo.losses.objective.objective`.
 
-Two ways to combine GRPO and SDPO (spec sec. 3):
+Two ways to combine GRPO and SDPO (docs/algorithm.md §3):
 - advantage level (paper Eq. 3): `mix_advantages(A_GRPO, sdpo_token_advantages(q, s), grpo_weight=lambda)` goes
   into `clipped_policy_loss`; the SDPO part is then sampled-token only and subject to PPO clipping.
 - loss level (TRL's port): (1 - w) * policy loss + w * aggregated `distill_per_token` (any mode), each aggregated

@@ -1,4 +1,4 @@
-"""Advantages: GRPO's group baseline, SDPO's per-token teacher-minus-student signal, and their mix (spec sec. 3, 5)."""
+"""Advantages: GRPO's group baseline, SDPO's per-token teacher-minus-student signal, and their mix (docs/algorithm.md §3, §5)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def group_advantages(
 
 
 def sdpo_token_advantages(teacher_logp_BR: Tensor, student_logp_BR: Tensor, clip: float | None = None) -> Tensor:
-    """A_SDPO_t = q_t(y_t) - s_t(y_t) at the sampled token, detached (spec sec. 3).
+    """A_SDPO_t = q_t(y_t) - s_t(y_t) at the sampled token, detached (docs/algorithm.md §3).
 
     `clip` bounds it to [-clip, clip]; the paper's test-time runs use 5.0, because a teacher that has seen the
     answer can give the sampled token far lower log-prob than the student and one token would dominate the step.

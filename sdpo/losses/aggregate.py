@@ -1,4 +1,4 @@
-"""Reducing per-token losses [B, R] to the scalar that is backpropagated (spec sec. 3, 5, 9).
+"""Reducing per-token losses [B, R] to the scalar that is backpropagated (docs/algorithm.md §3, §5, §9).
 
 Every mode divides by counts of the *whole optimizer step* (all micro-batches, all ranks), supplied by the caller.
 Then the sum over micro-batches of the returned values is exactly the step's loss, whatever the micro-batch size;

@@ -1,4 +1,4 @@
-"""Self-distillation losses: per-token divergences between student and (stop-gradient) teacher (spec sec. 3).
+"""Self-distillation losses: per-token divergences between student and (stop-gradient) teacher (docs/algorithm.md §3).
 
 Four modes (`DISTILL_MODES`): `sampled_token` (the sampled token only, a policy-gradient form of reverse KL),
 `sequence` (the same with one advantage per response: sequence-level credit, an ablation),
@@ -38,7 +38,7 @@ class DistillMode:
 
 DISTILL_MODES: Registry[DistillMode] = Registry("distillation mode")
 
-# logsumexp of the top-k log-probs is clamped to this before computing the tail mass (spec sec. 3): when the top-k
+# logsumexp of the top-k log-probs is clamped to this before computing the tail mass (docs/algorithm.md §3): when the top-k
 # holds (numerically) all the mass, log(1 - exp(0)) would be -inf and poison the loss with NaN.
 _TAIL_MAX_LOG_MASS = -1e-7
 
@@ -46,7 +46,7 @@ _TAIL_MAX_LOG_MASS = -1e-7
 def log_softmax_temperature(logits: Tensor, temperature: float) -> Tensor:
     """log_softmax(logits / temperature) over the last dim, computed in at least float32.
 
-    The sampler drew tokens at this temperature, so the trainer must score them at the same one (spec sec. 9).
+    The sampler drew tokens at this temperature, so the trainer must score them at the same one (docs/algorithm.md §9).
     Half-precision logits are upcast: a bf16 log-softmax over ~150k entries loses the small differences we train on.
     """
     if temperature <= 0:
@@ -106,7 +106,7 @@ def _with_tail(logp_K: Tensor) -> Tensor:
 def topk_support(
     student_logits_BRV: Tensor, teacher_logits_BRV: Tensor, k: int, tail: bool, temperature: float
 ) -> tuple[Tensor, Tensor]:
-    """Student and teacher log-probs on the student's top-k ids (temperature-scaled), spec sec. 3.
+    """Student and teacher log-probs on the student's top-k ids (temperature-scaled), docs/algorithm.md §3.
 
     Both are normalised over the full vocabulary before gathering, so the student's gradient also reaches the
     logits outside the top-k through the logsumexp. tail=True appends the leftover-mass bucket (-> K + 1 entries),
@@ -134,7 +134,7 @@ def _sampled_token_logps(student_logits_BRV: Tensor, teacher_logits_BRV: Tensor,
 
 def sampled_token_distill(student_logp_BR: Tensor, teacher_logp_BR: Tensor, advantage_clip: float | None = None) -> Tensor:
     """The sampled-token loss from the two log-probs of the sampled tokens (also when an engine scored the teacher):
-    -A_SDPO * s with A_SDPO = q - s detached, clipped to [-advantage_clip, advantage_clip] when given (spec sec. 3)."""
+    -A_SDPO * s with A_SDPO = q - s detached, clipped to [-advantage_clip, advantage_clip] when given (docs/algorithm.md §3)."""
     return -sdpo_token_advantages(teacher_logp_BR, student_logp_BR, advantage_clip) * student_logp_BR
 
 
@@ -164,7 +164,7 @@ def _topk_logits(student_logits_BRV, teacher_logits_BRV, response_ids_BR, *, alp
 
 
 # The sampled-token form: reverse KL estimated at the sampled token, whose gradient (s - q) * grad s is the REINFORCE
-# form of grad KL(S || T) with per-token advantage q - s (spec sec. 3). No other alpha has this form.
+# form of grad KL(S || T) with per-token advantage q - s (docs/algorithm.md §3). No other alpha has this form.
 DISTILL_MODES.register("sampled_token")(DistillMode(
     needs_logits=False, token_loss=lambda s_BR, q_BR, mask_BR, clip: sampled_token_distill(s_BR, q_BR, clip)))
 DISTILL_MODES.register("sequence")(DistillMode(
@@ -204,7 +204,7 @@ def distill_per_token(
 
 
 def is_ratio(logp_BR: Tensor, old_logp_BR: Tensor, clip: float) -> Tensor:
-    """Importance weight pi_theta / pi_old for off-policy steps, detached and capped at `clip` (spec sec. 3).
+    """Importance weight pi_theta / pi_old for off-policy steps, detached and capped at `clip` (docs/algorithm.md §3).
 
     The log-ratio is clamped to [-20, 20] first so that a stale token cannot overflow exp.
     """

@@ -49,7 +49,7 @@ def entropy_from_logprobs(logp_BRV: Tensor) -> Tensor:
 
 def _teacher_logits(features: Sequence[Tensor], heads: Sequence[Head], weights: Sequence[float]) -> Tensor:
     """sum_i w_i head_i(features_i), without gradient: one entry for a plain teacher, two for the trust region's
-    lerp(ref_logits, live_logits, mix) (spec sec. 4)."""
+    lerp(ref_logits, live_logits, mix) (docs/algorithm.md §4)."""
     with torch.no_grad():
         terms = [(head(f.detach()), w) for f, head, w in zip(features, heads, weights, strict=True)]
         if len(terms) == 1 and terms[0][1] == 1.0:

@@ -1,4 +1,4 @@
-"""The training objective of one micro-batch as one pure function: GRPO, pure SDPO and both hybrids (spec sec. 3, 5).
+"""The training objective of one micro-batch as one pure function: GRPO, pure SDPO and both hybrids (docs/algorithm.md §3, §5).
 
     loss = w_pg * aggregate(PPO-clip(A) * TIS + kl_coef * KL_ref)          (when the policy loss is used)
          + w_sd * aggregate(min(distill, token_clip) * IS * TIS, distill mask)   (mix=loss with a teacher)
@@ -48,7 +48,7 @@ class TokenInputs:
 
 @dataclass
 class StepCounts:
-    """Normalisers of one optimizer step, counted over all its micro-batches and ranks (spec sec. 3)."""
+    """Normalisers of one optimizer step, counted over all its micro-batches and ranks (docs/algorithm.md §3)."""
 
     tokens: float
     seqs: float
@@ -68,7 +68,7 @@ def objective(x: TokenInputs, counts: StepCounts, algo: AlgorithmConfig, max_res
     """The loss of one micro-batch, normalised by the step's counts (so micro-batch losses sum to the step's)."""
     logp_BR, mask_BR = x.logp_BR, x.mask_BR.bool()
     old_BR = x.old_logp_BR if x.old_logp_BR is not None else logp_BR.detach()
-    # Token-level truncated IS between the engine's sampler and the trainer (spec section 3).
+    # Token-level truncated IS between the engine's sampler and the trainer (docs/algorithm.md §3).
     tis_BR = torch.ones_like(logp_BR)
     if x.sampler_logp_BR is not None and algo.tis_threshold is not None:
         tis_BR = truncated_is_weights(old_BR, x.sampler_logp_BR, algo.tis_threshold)
@@ -123,7 +123,7 @@ def objective(x: TokenInputs, counts: StepCounts, algo: AlgorithmConfig, max_res
             out.sums["distill/is_clip_fraction"] = (((ratio_BR >= algo.distill.is_clip) & distill_mask_BR).sum(), n_distill)
     out.sums["policy/entropy"] = ((x.entropy_BR * mask_BR).sum(), n_tok)
     if x.sampler_logp_BR is not None:
-        # Engine-vs-trainer mismatch on the behaviour policy's log-probs (spec section 9).
+        # Engine-vs-trainer mismatch on the behaviour policy's log-probs (docs/algorithm.md §9).
         delta_BR = (old_BR - x.sampler_logp_BR).abs() * mask_BR
         out.sums["rollout/logp_abs_diff_mean"] = (delta_BR.sum(), n_tok)
         out.peaks["rollout/logp_abs_diff_max"] = delta_BR.max()

@@ -1,4 +1,4 @@
-"""Policy-gradient pieces: the PPO/DAPO clipped surrogate, KL-to-reference estimators, truncated IS (spec sec. 3, 5)."""
+"""Policy-gradient pieces: the PPO/DAPO clipped surrogate, KL-to-reference estimators, truncated IS (docs/algorithm.md §3, §5)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ KL_ESTIMATORS: Registry = Registry("KL estimator")
 def clipped_policy_loss(
     logp_BR: Tensor, old_logp_BR: Tensor, adv_BR: Tensor, eps_low: float, eps_high: float
 ) -> tuple[Tensor, Tensor]:
-    """Per-token PPO loss with DAPO's asymmetric "clip-higher" range [1 - eps_low, 1 + eps_high] (spec sec. 5).
+    """Per-token PPO loss with DAPO's asymmetric "clip-higher" range [1 - eps_low, 1 + eps_high] (docs/algorithm.md §5).
 
     Returns (loss_BR, clipped_BR): loss = -min(ratio * A, clip(ratio) * A); `clipped_BR` is True where the clipped
     branch is strictly smaller, i.e. where the token gets no gradient (the clip-fraction metric).
@@ -51,7 +51,7 @@ def kl_penalty(logp_BR: Tensor, ref_logp_BR: Tensor, estimator: str) -> Tensor:
 
 
 def truncated_is_weights(trainer_logp_BR: Tensor, sampler_logp_BR: Tensor, threshold: float) -> Tensor:
-    """Token-level truncated importance weights pi_trainer / pi_sampler, capped at `threshold` (spec sec. 3, 9).
+    """Token-level truncated importance weights pi_trainer / pi_sampler, capped at `threshold` (docs/algorithm.md §3, §9).
 
     Corrects the mismatch between the inference engine's sampling distribution and the trainer's numerics; the
     cap bounds the variance. A weight, not a gradient path, hence detached.

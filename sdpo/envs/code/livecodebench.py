@@ -9,7 +9,7 @@ JSON value per input line, after the LeetCode preamble (sdpo/envs/code/leetcode.
 output.
 
 The paper's window is 2025-02-01 to 2025-05-01 (131 problems of release v6); both ends inclusive. The files are
-not in ../shared/data (Git LFS / Hugging Face only): point `env.path` at a local copy.
+not in data (Git LFS / Hugging Face only): point `env.path` at a local copy.
 """
 
 from __future__ import annotations
