@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 
 from sdpo.config import ConfigError, SDPOConfig
 from sdpo.console import setup_logging
-from sdpo.envs.base import DataError
+from sdpo.envs.base import DataError, MissingDataError
 from sdpo.hydra_config import CONFIG_DIR, check_overrides, register_configs, to_config
 
 # What each script reads of the config: sections or dotted keys (a key counts with everything below it), less the
@@ -132,7 +132,7 @@ def run(main: Callable[[SDPOConfig], None], uses: Sequence[str] | None = None, i
         setup_logging(Path(hydra_config.runtime.output_dir) / f"{hydra_config.job.name}.log", config.logging.verbose)
         try:
             main(config)
-        except (ConfigError, DataError) as exc:  # bad input: what to fix, without a traceback
+        except (ConfigError, DataError, MissingDataError) as exc:  # bad input: what to fix, without a traceback
             sys.exit(f"error: {exc}")
 
     hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")(task)()

@@ -2,8 +2,9 @@
 the tiny model: the preset's algorithm, teacher and environment settings as they are, only the sizes shrunk.
 
 Stand-ins where the data is not shipped, stated here rather than skipped: LiveCodeBench (`livecodebench`,
-`test_time`) reads a two-problem file in LiveCodeBench's own release format written by the test, and `tooluse`
-trains on its shipped test split (SDPO's train split is not obtainable here; see docs/environments.md).
+`test_time`) reads, through the preset's own hub settings (the json builder), a two-problem file in LiveCodeBench's
+release format written by the test in place of the hub's test6.jsonl, and `tooluse` trains on its shipped test split
+(SDPO's train split is not shipped; see docs/environments.md).
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ def stand_in(experiment: str, tmp_path) -> list[str]:
         rows = [lcb_row(f"sum{i}", "2025-03-01T00:00:00", cases[:1], cases[1:]) for i in range(2)]
         (tmp_path / "lcb").mkdir()
         (tmp_path / "lcb" / "test6.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        # env= repeats the preset's choice so that the key check knows env.path (issue #10, defect 1).
-        return ["env=livecodebench", f"env.data_dir={tmp_path}", "env.path=lcb"]
+        # env= repeats the preset's choice so that the key check knows the livecodebench keys.
+        return ["env=livecodebench", f"env.hub.data_files={tmp_path / 'lcb' / 'test6.jsonl'}"]
     if experiment == "tooluse":
         return ["env.train_split=test"]
     return []

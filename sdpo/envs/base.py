@@ -9,9 +9,9 @@ nothing about models or torch. Feedback text is a first-class value: scalar-only
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from sdpo.config import EnvConfig
 from sdpo.envs.problem import Problem, Score
@@ -28,6 +28,10 @@ class DataError(ValueError):
         super().__init__(f"{where}: field {field_name!r}: {problem}" if field_name else f"{where}: {problem}")
 
 
+class MissingDataError(FileNotFoundError):
+    """A data set that is not there; the message says what is missing, where to get it and which option to set."""
+
+
 class Environment(ABC):
     """Subclass, set `config_class`, implement `load` and `score`; register with `@ENVIRONMENTS.register(name)`."""
 
@@ -36,6 +40,9 @@ class Environment(ABC):
     # "thread", or "inline" for bounded string parsing.
     scoring_mode: ClassVar[str] = "process"
 
+    # Where the full data set lives on the Hugging Face hub, for the missing-data message: (id, what to set).
+    hub_hint: ClassVar[str | None] = None
+
     def __init__(self, config: EnvConfig) -> None:
         self.config = config
 
@@ -43,6 +50,17 @@ class Environment(ABC):
     def data_dir(self) -> Path:
         path = Path(self.config.data_dir).expanduser()
         return path if path.is_absolute() else (REPO_ROOT / path).resolve()
+
+    def read_rows(self, relative: str, what: str, split: str | None = None) -> tuple[str | Path, Iterator[tuple[int, dict[str, Any]]]]:
+        """(where, rows) of one data file: `relative` under `env.data_dir`, or, with `env.hub.id` set, the hub data
+        set's `split` (None: `env.hub.split`, or its only split). `where` names the source in row errors; each row
+        comes with its line (file) or row number (hub, from 1)."""
+        from sdpo.envs.rows import data_file, hub_rows, read_jsonl
+
+        if self.config.hub.id is not None:
+            return hub_rows(self.config.hub, split, what)
+        path = data_file(self.data_dir, relative, what, self.hub_hint)
+        return path, read_jsonl(path)
 
     @abstractmethod
     def load(self, split: str) -> list[Problem]:

@@ -139,8 +139,8 @@ class Math500Env(MathEnv):
         wanted = {self.config.train_split: "train", self.config.eval_split: "test"}.get(split, split)
         if wanted != "test":  # train: the 4500-problem pool, as for `math`
             return super().rows(split)
-        path = data_file(self.data_dir, "math500/test.jsonl", "MATH-500")
-        return [self._math_row(row, path, line) for line, row in read_jsonl(path)]
+        path, rows = self.read_rows("math500/test.jsonl", "MATH-500", "test")
+        return [self._math_row(row, path, line) for line, row in rows]
 
 
 @ENVIRONMENTS.register("gsm8k")
@@ -151,9 +151,9 @@ class GSM8KEnv(MathEnv):
         wanted = {self.config.train_split: "train", self.config.eval_split: "test"}.get(split, split)
         if wanted not in ("train", "test"):
             raise ValueError(f"gsm8k has splits 'train' and 'test', not {split!r}")
-        path = data_file(self.data_dir, f"gsm8k/{wanted}.jsonl", f"GSM8K {wanted}")
+        path, records = self.read_rows(f"gsm8k/{wanted}.jsonl", f"GSM8K {wanted}", wanted)
         rows = []
-        for line, row in read_jsonl(path):
+        for line, row in records:
             solution = get_field(row, "answer", str, path, line)
             match = re.search(r"####\s*(.+?)\s*$", solution)
             if match is None:

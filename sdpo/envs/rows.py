@@ -1,32 +1,81 @@
-"""Reading data rows with errors that name the file, the line and the field (issue #4).
+"""Reading data rows with errors that name the file, the line and the field.
 
-Every environment reads local JSON Lines files (plain or .gz) under `env.data_dir`; a malformed row fails at load
-time, never halfway through training.
+Environments read JSON Lines files (plain or .gz) under `env.data_dir` (the repository's `data/` by default), or a
+Hugging Face data set named by `env.hub` (a hub id through `datasets.load_dataset`, or a local copy in the hub's
+layout); a malformed row fails at load time, never halfway through training.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+import datetime as dt
 import gzip
 import json
 from pathlib import Path
 from typing import Any
 
-from sdpo.envs.base import DataError
+from sdpo.envs.base import DataError, MissingDataError
 
 _MISSING = object()
 
 
-def data_file(data_dir: Path, relative: str, what: str) -> Path:
-    """`data_dir / relative`, or a FileNotFoundError that says where it looked and what the file is."""
+def data_file(data_dir: Path, relative: str, what: str, hub_hint: str | None = None) -> Path:
+    """`data_dir / relative`, or a MissingDataError that says what is missing, where to get it and what to set."""
     path = Path(relative).expanduser()
     path = path if path.is_absolute() else data_dir / path
     if not path.exists():
-        raise FileNotFoundError(
-            f"{what}: {path} does not exist. Set env.data_dir (now {data_dir}) to the folder that holds it; "
-            "see docs/environments.md for where each data set comes from."
+        source = f"get it from the Hugging Face hub ({hub_hint}) or " if hub_hint else ""
+        raise MissingDataError(
+            f"{what}: {path} does not exist; {source}set env.data_dir (now {data_dir}) to a folder that holds "
+            f"{relative} (docs/environments.md says where each data set comes from)"
         )
     return path
+
+
+def hub_rows(hub: Any, split: str | None, what: str) -> tuple[str, Iterator[tuple[int, dict[str, Any]]]]:
+    """(name, rows) of one split of the data set `env.hub` names: a hub id (the hub's cache serves it offline once
+    downloaded), a local folder in the hub's layout, or a `save_to_disk` folder. Rows are numbered from 1."""
+    import datasets
+
+    local = Path(hub.id).expanduser()
+    try:
+        if local.is_dir() and ((local / "dataset_dict.json").exists() or (local / "state.json").exists()):
+            loaded = datasets.load_from_disk(str(local))
+        else:
+            loaded = datasets.load_dataset(hub.id, name=hub.name, revision=hub.revision, data_files=hub.data_files)
+    except RuntimeError as exc:  # datasets >= 4 refuses repositories that need a loading script
+        raise MissingDataError(
+            f"{what}: env.hub.id={hub.id} cannot be loaded by `datasets` ({str(exc).splitlines()[0]}); read its data "
+            f"files with the json builder instead: env.hub.id=json env.hub.data_files=hf://datasets/{hub.id}/<file>"
+        ) from None
+    except (FileNotFoundError, ConnectionError, ValueError) as exc:
+        raise MissingDataError(
+            f"{what}: could not load env.hub.id={hub.id}"
+            + (f" (revision {hub.revision})" if hub.revision else "")
+            + f": {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. Download it once with network "
+            "access (the hub's cache then serves it offline) or set env.hub.id to a local copy in the hub's layout"
+        ) from None
+    if isinstance(loaded, datasets.Dataset):  # a save_to_disk folder of one split
+        loaded = datasets.DatasetDict({hub.split or "train": loaded})
+    wanted = split if split is not None else hub.split
+    if wanted is None:
+        if len(loaded) != 1:
+            raise MissingDataError(
+                f"{what}: env.hub.id={hub.id} has splits {sorted(loaded)}; set env.hub.split to the one to read"
+            )
+        wanted = next(iter(loaded))
+    if wanted not in loaded:
+        raise MissingDataError(
+            f"{what}: env.hub.id={hub.id} has no split {wanted!r} (it has {sorted(loaded)}); "
+            + ("set env.hub.split" if split is None else "map the files to it with env.hub.data_files={" + wanted + ": ...}")
+        )
+    where = f"{hub.id}" + (f"@{hub.revision}" if hub.revision else "") + f"[{wanted}]"
+    return where, ((number, _as_json(row)) for number, row in enumerate(loaded[wanted], start=1))
+
+
+def _as_json(row: dict[str, Any]) -> dict[str, Any]:
+    """A hub row as its JSON Lines file holds it: Arrow's inferred dates and times back to ISO text."""
+    return {k: v.isoformat() if isinstance(v, (dt.date, dt.time)) else v for k, v in row.items()}
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -1,7 +1,8 @@
 """Tool use (ToolAlpaca-derived, ReAct format): the paper's tool-use environment (docs/algorithm.md §6).
 
 Data: `tooluse_sdpo/test.jsonl` is SDPO's exact test split (68 problems). SDPO's train split (4046 problems) is not
-available here: put it at `tooluse_sdpo/train.jsonl` (same fields) to train. Two extra held-out splits come from
+shipped: put it at `tooluse_sdpo/train.jsonl` (same fields), or read it with `env.hub` (a local folder in the
+SDPO repository's layout, `datasets/tooluse` with its train/test JSON Lines files). Two extra held-out splits come from
 the original ToolAlpaca eval files in the same prompt format: `eval_simulated` and `eval_real` (only the rows whose
 gold inputs parse, `answer_parseable`).
 
@@ -83,6 +84,8 @@ def gold_actions(answer_text: str, path, line: int) -> tuple[list[str], dict[str
 @ENVIRONMENTS.register("tooluse")
 class ToolUseEnv(Environment):
     config_class = ToolUseEnvConfig
+    # SDPO's train split lives in its GitHub repository (lasgroup/SDPO, datasets/tooluse/train.json), not on the hub.
+    hub_hint = "env.hub.id=<a copy of lasgroup/SDPO's datasets/tooluse folder>"
     scoring_mode = "inline"  # regexes and json.loads on one response: bounded work
 
     def load(self, split: str) -> list[Problem]:
@@ -90,10 +93,10 @@ class ToolUseEnv(Environment):
         name = {cfg.train_split: "train", cfg.eval_split: "test"}.get(split, split)
         if name not in SPLIT_FILES:
             raise ValueError(f"tooluse has splits {sorted(SPLIT_FILES)}, not {split!r}")
-        what = "SDPO tool-use train split (not obtainable here; see docs/environments.md)" if name == "train" else "tool use"
-        path = data_file(self.data_dir, f"{cfg.folder}/{SPLIT_FILES[name]}", what)
+        what = "SDPO tool-use train split (not shipped; see docs/environments.md)" if name == "train" else "tool use"
+        path, rows = self.read_rows(f"{cfg.folder}/{SPLIT_FILES[name]}", what, name)
         problems = []
-        for line, row in read_jsonl(path):
+        for line, row in rows:
             if row.get("answer_parseable") is False:
                 continue
             names, inputs = gold_actions(get_field(row, "answer", str, path, line), path, line)

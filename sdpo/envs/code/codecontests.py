@@ -35,9 +35,9 @@ class CodeContestsEnv(CodeEnv):
 
     def read_tasks(self) -> list[CodeTask]:
         cfg: CodeContestsConfig = self.config  # type: ignore[assignment]
-        path = data_file(self.data_dir, cfg.file, "CodeContests subset")
+        path, rows = self.read_rows(cfg.file, "CodeContests subset")
         tasks = []
-        for line, row in read_jsonl(path):
+        for line, row in rows:
             if cfg.only_reference_passes and not get_field(row, "reference_passes_exact", bool, path, line):
                 continue
             tests = []

@@ -62,9 +62,9 @@ class HumanEvalEnv(CodeEnv):
 
     def read_tasks(self) -> list[CodeTask]:
         cfg: HumanEvalConfig = self.config  # type: ignore[assignment]
-        path = data_file(self.data_dir, cfg.file, "HumanEval")
+        path, rows = self.read_rows(cfg.file, "HumanEval")
         tasks = []
-        for line, row in read_jsonl(path):
+        for line, row in rows:
             prompt = get_field(row, "prompt", str, path, line)
             prelude, sources = split_check(get_field(row, "test", str, path, line), path, line)
             tests = [dict(zip(("input", "expected"), assert_display(s)), source=s) for s in sources]

@@ -124,9 +124,9 @@ class LeetCodeEnv(CodeEnv):
 
     def read_tasks(self) -> list[CodeTask]:
         cfg: LeetCodeConfig = self.config  # type: ignore[assignment]
-        path = data_file(self.data_dir, cfg.file, "LeetCodeDataset")
+        path, rows = self.read_rows(cfg.file, "LeetCodeDataset")
         tasks = []
-        for line, row in read_jsonl(path):
+        for line, row in rows:
             asserts = check_asserts(get_field(row, "test", str, path, line), path, line)
             cases = get_field(row, "input_output", list, path, line)
             if len(cases) != len(asserts):

@@ -8,8 +8,10 @@ as in LiveCodeBench's grader); "functional" tests call `Solution().<func_name>` 
 JSON value per input line, after the LeetCode preamble (sdpo/envs/code/leetcode.py), and compare with the JSON
 output.
 
-The paper's window is 2025-02-01 to 2025-05-01 (131 problems of release v6); both ends inclusive. The files are
-not in data (Git LFS / Hugging Face only): point `env.path` at a local copy.
+The paper's window is 2025-02-01 to 2025-05-01 (131 problems of release v6); both ends inclusive. The release files
+(about 1.3 GB) are not shipped in data/: read them from the hub (`env.hub`, as configs/experiment/livecodebench.yaml
+does: the json builder over the repository's `test6.jsonl`, since `datasets` no longer runs the repository's loading
+script), or point `env.path` at a local copy of the files.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ from sdpo.envs.code.extract import answer_instruction
 from sdpo.envs.code.leetcode import FUNCTION_INSTRUCTION, LEETCODE_PREAMBLE
 from sdpo.envs.rows import data_file, get_field, read_jsonl
 
+HUB_HINT = (
+    "env.hub.id=json env.hub.data_files=hf://datasets/livecodebench/code_generation_lite/test6.jsonl, "
+    "as configs/experiment/livecodebench.yaml sets"
+)
 STDIN_FORMAT = (
     "Read the input from standard input and write the answer to standard output. " + answer_instruction("program")
 )
@@ -82,16 +88,21 @@ def contest_date(value: str) -> dt.date:
 @ENVIRONMENTS.register("livecodebench")
 class LiveCodeBenchEnv(CodeEnv):
     config_class = LiveCodeBenchConfig
+    hub_hint = HUB_HINT
 
     def read_tasks(self) -> list[CodeTask]:
         cfg: LiveCodeBenchConfig = self.config  # type: ignore[assignment]
-        root = data_file(self.data_dir, cfg.path, "LiveCodeBench")
-        files = sorted(root.glob("*.jsonl")) if root.is_dir() else [root]
+        if cfg.hub.id is not None:
+            root = cfg.hub.id
+            sources = [self.read_rows(cfg.path, "LiveCodeBench")]
+        else:
+            root = data_file(self.data_dir, cfg.path, "LiveCodeBench", self.hub_hint)
+            sources = [(path, read_jsonl(path)) for path in (sorted(root.glob("*.jsonl")) if root.is_dir() else [root])]
         start = dt.date.fromisoformat(cfg.contest_date_start) if cfg.contest_date_start else None
         end = dt.date.fromisoformat(cfg.contest_date_end) if cfg.contest_date_end else None
         tasks, days = [], []
-        for path in files:
-            for line, row in read_jsonl(path):
+        for path, rows in sources:
+            for line, row in rows:
                 task = self._task(row, path, line)
                 day = dt.date.fromisoformat(task.meta["contest_date"])
                 days.append(day)

@@ -59,10 +59,10 @@ class MBPPEnv(CodeEnv):
     def read_tasks(self) -> list[CodeTask]:
         cfg: MBPPConfig = self.config  # type: ignore[assignment]
         relative = "mbpp/mbpp.jsonl" if cfg.variant == "full" else "mbpp/sanitized-mbpp.jsonl"
-        path = data_file(self.data_dir, relative, f"MBPP ({cfg.variant})")
+        path, rows = self.read_rows(relative, f"MBPP ({cfg.variant})")
         text_field = "text" if cfg.variant == "full" else "prompt"
         tasks = []
-        for line, row in read_jsonl(path):
+        for line, row in rows:
             task_id = get_field(row, "task_id", int, path, line)
             asserts = get_field(row, "test_list", list, path, line)
             if not asserts or not all(isinstance(a, str) for a in asserts):
@@ -92,9 +92,9 @@ class MBPPPlusEnv(CodeEnv):
 
     def read_tasks(self) -> list[CodeTask]:
         cfg: MBPPPlusConfig = self.config  # type: ignore[assignment]
-        path = data_file(self.data_dir, cfg.file, "MBPP+")
+        path, rows = self.read_rows(cfg.file, "MBPP+")
         tasks = []
-        for line, row in read_jsonl(path):
+        for line, row in rows:
             inputs = get_field(row, "base_input", list, path, line)
             if cfg.plus_inputs:
                 plus = get_field(row, "plus_input", (list, dict), path, line, default=[])
