@@ -1,5 +1,5 @@
 """The paper's SDPO ablations at CPU scale, one table: teacher regularisation (Table 4), feedback type (Table 6), credit
-granularity, the lambda hybrid; the paper's numbers beside them (spec sections 4 and 8).
+granularity, the lambda hybrid; the paper's numbers beside them (docs/algorithm.md §4, §8).
 
 Each row is a preset of the `ablation` config group (configs/ablation/) on the CPU preset with small sizes; one seed.
 The environment is an option (--env), so that the table can be rerun on another task, and so are the base preset
@@ -33,13 +33,13 @@ from machine import describe  # noqa: E402
 from sdpo.hydra_config import load_config  # noqa: E402
 from sdpo.tracking import read_metrics  # noqa: E402
 
-# (table, setting, ablation preset, the paper's number: spec sections 4 and 8)
+# (table, setting, ablation preset, the paper's number: docs/algorithm.md §4, §8)
 ROWS = [
     ("Table 4: teacher", "live", "teacher_live", "36.1 / 29.8 (best / avg, LCB)"),
     ("Table 4: teacher", "frozen (initial)", "teacher_frozen", "48.8 / 44.4"),
     ("Table 4: teacher", "EMA (0.05)", "teacher_ema", "49.3 / 45.3"),
     ("Table 4: teacher", "trust region (0.5)", "teacher_trust_region", "50.6 / 45.6 (best)"),
-    ("Table 6: feedback", "solution only", "feedback_solution_only", "not in the spec"),
+    ("Table 6: feedback", "solution only", "feedback_solution_only", "-"),
     ("Table 6: feedback", "feedback only", "feedback_only", "39.9 (LCB)"),
     ("Table 6: feedback", "solution + feedback", "feedback_both", "48.3 (best)"),
     ("Table 6: feedback", "own attempt + both", "feedback_own_attempt", "44.5"),
@@ -152,7 +152,7 @@ def write_report(args: argparse.Namespace, common: list[str], wanted: list[str],
         "demonstration copying, entropy change and length ratio against step 1); median seconds per step.",
         "",
         f"| ablation | setting | `ablation=` | {eval_key} | train reward | signal | echo tmpl | echo fb | copy | "
-        "d entropy | length x | s/step | paper (spec) |",
+        "d entropy | length x | s/step | paper |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for table, setting, name, paper in ROWS:

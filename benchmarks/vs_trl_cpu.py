@@ -12,7 +12,7 @@ runs are interleaved A B C ... A B C over --repeats so that machine drift hits a
 pooled over repetitions (per-repetition medians in brackets).
 
 Where the algorithms differ (TRL lets no closer setting be made): this library's hybrid mixes at the advantage level
-(A = 0.9 A_GRPO + 0.1 A_SDPO inside one clipped loss; spec Eq. 3), TRL's at the loss level
+(A = 0.9 A_GRPO + 0.1 A_SDPO inside one clipped loss; paper Eq. 3), TRL's at the loss level
 ((1 - w) L_policy + w L_distill, w = 0.1); TRL's teacher forward runs on every row of every micro-batch, this
 library's only on rows with a signal. (TRL's `dapo` normalisation is this library's token mean over the mini-batch.)
 This library's vLLM rows run the CPU preset's eager engine and, as "vLLM compiled", the schema default

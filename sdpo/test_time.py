@@ -1,4 +1,4 @@
-"""Test-time self-distillation (paper section on single hard questions; spec sections 7-8).
+"""Test-time self-distillation (the paper's runs on single hard questions; docs/algorithm.md §7, §8).
 
 One question at a time, from the initial weights: sample `rollout.num_generations` attempts, score them, stop at
 the first success; otherwise take a training step on the failed attempts (SDPO: the self-teacher sees the

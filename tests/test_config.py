@@ -65,7 +65,7 @@ def test_invalid_values_say_what_to_fix(override, expected):
     assert expected in error_text(info.value)
 
 
-def test_dataclass_defaults_match_the_spec():
+def test_dataclass_defaults_match_the_paper():
     # The paper's scalar-environment setting (docs/algorithm.md §7): the schema's defaults, with no preset to undo.
     distill, teacher, algo = DistillConfig(), TeacherConfig(), AlgorithmConfig()
     assert (distill.mode, distill.topk, distill.alpha, distill.is_clip, distill.tail) == ("topk_logits", 100, 0.5, 2.0, True)

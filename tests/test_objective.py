@@ -43,7 +43,7 @@ def random_inputs(seed: int, *, teacher: bool, off_policy: bool, sampler: bool, 
 
 
 def brute_force(x: dict, algo: AlgorithmConfig) -> torch.Tensor:
-    """The loss summed token by token in float64, as the spec (sections 3 and 5) writes it."""
+    """The loss summed token by token in float64, as docs/algorithm.md §3 and §5 write it."""
     pol, dis, lam = algo.policy, algo.distill, algo.grpo_weight
     teacher = "distill_mask_BR" in x
     policy_sum, distill_sum = 0.0, 0.0
