@@ -53,7 +53,8 @@ def hub_rows(hub: Any, split: str | None, what: str) -> tuple[str, Iterator[tupl
             f"{what}: could not load env.hub.id={hub.id}"
             + (f" (revision {hub.revision})" if hub.revision else "")
             + f": {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. Download it once with network "
-            "access (the hub's cache then serves it offline) or set env.hub.id to a local copy in the hub's layout"
+            "access (the scripts run offline unless HF_HUB_OFFLINE=0 is set; the hub's cache then serves it offline) "
+            "or set env.hub.id to a local copy in the hub's layout"
         ) from None
     if isinstance(loaded, datasets.Dataset):  # a save_to_disk folder of one split
         loaded = datasets.DatasetDict({hub.split or "train": loaded})
