@@ -43,6 +43,14 @@ def train_command(run: Run, run_dir: Path) -> list[str]:
     return [sys.executable, str(TRAIN_SCRIPT), *run.overrides, f"trainer.output_dir={run_dir}"]
 
 
+def _shown(path: Path) -> str:
+    """A path as the table shows it: relative to the working directory where it lies under it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def read_marker(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / MARKER
     if not path.exists():
@@ -128,7 +136,7 @@ def run_sweep(sweep: Sweep, out: Path, extra: Sequence[str] = (), *, retry_faile
     runs = sweep.runs(tuple(extra))
     out.mkdir(parents=True, exist_ok=True)
     (out / SWEEP_RECORD).write_text(json.dumps({
-        "sweep": sweep.name, "config": str(sweep.path), "extra": list(extra), **(record or {})}, indent=1) + "\n")
+        "sweep": sweep.name, "config": _shown(sweep.path), "extra": list(extra), **(record or {})}, indent=1) + "\n")
     result = SweepResult()
     todo = []
     for run in runs:
