@@ -254,3 +254,36 @@ def test_curves_one_colour_per_method_on_every_panel_one_legend_integer_steps(tm
     kl_panel = fig.axes[1]
     assert [line.get_label() for line in kl_panel.get_lines()] == ["sdpo"]
     assert len(kl_panel.collections) == 1  # the band over sdpo's two seeds
+
+
+# --- Hydra's own multirun -----------------------------------------------------------------------------------------
+
+JOB = """\
+import logging, sys
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+from sdpo.cli import run
+
+def main(config):
+    logging.getLogger("job").info("job with seed %d", config.trainer.seed)
+    Path(config.trainer.output_dir, "written.txt").write_text(config.trainer.output_dir)
+
+if __name__ == "__main__":
+    run(main)
+"""
+
+
+@pytest.mark.parametrize("sweep_dir", [None, "out"])
+def test_multirun_keeps_each_jobs_log_config_and_outputs_in_one_directory(tmp_path, sweep_dir):
+    """`-m`: each job's log, .hydra/ and what it writes to trainer.output_dir share one directory (sdpo/cli.py)."""
+    (tmp_path / "job.py").write_text(JOB.format(repo=str(REPO)))
+    argv = [sys.executable, "job.py", "-m", "trainer.seed=0,1", "algorithm=grpo"]
+    argv += [f"trainer.output_dir={sweep_dir}"] if sweep_dir else []
+    subprocess.run(argv, cwd=tmp_path, check=True, capture_output=True, timeout=300)
+    root = tmp_path / sweep_dir if sweep_dir else next((tmp_path / "runs").glob("multirun-*"))
+    for seed in (0, 1):
+        job = root / f"algorithm=grpo,trainer.seed={seed}"
+        assert f"job with seed {seed}" in (job / "job.log").read_text()
+        assert (job / ".hydra" / "config.yaml").exists()
+        assert Path((job / "written.txt").read_text()) == job.resolve()
+    assert not (tmp_path / "multirun").exists()
