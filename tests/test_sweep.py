@@ -206,7 +206,7 @@ def test_table_means_intervals_reach_and_separation(tmp_path):
     assert "not separated (95% intervals overlap): grpo ~ sdpo_grpo" in text  # 0.61 +- 0.025 vs 0.63 +- 0.025
     assert "separated: grpo > sdpo" in text and "sdpo_grpo > sdpo" in text
     assert "| grpo | 3 | 0.410 -> 0.610 (+0.200) | 0.610 ± 0.025 | 0.600, 0.610, 0.620 |" in text
-    assert "| 41.2 | 0.610 |" in text and "| 48.8 (best) | 0.510 |" in text
+    assert "| 41.2 | 0.610 ± 0.025 |" in text and "| 48.8 (best) | 0.510 ± 0.025 |" in text
     assert "paper: paper Table 9" in text
     write_table(out)
     assert (out / "curves.png").stat().st_size > 0 and json.loads((out / "table.json").read_text()) == summary_json(s)
@@ -287,3 +287,34 @@ def test_multirun_keeps_each_jobs_log_config_and_outputs_in_one_directory(tmp_pa
         assert (job / ".hydra" / "config.yaml").exists()
         assert Path((job / "written.txt").read_text()) == job.resolve()
     assert not (tmp_path / "multirun").exists()
+
+
+# --- the shipped sweeps -------------------------------------------------------------------------------------------
+
+SWEEPS = sorted(p.stem for p in (REPO / "configs" / "sweep").glob("*.yaml"))
+
+
+def test_every_paper_sweep_has_a_cpu_twin():
+    papers = [name for name in SWEEPS if name.startswith("paper_")]
+    assert papers and all(f"cpu_{name.removeprefix('paper_')}" in SWEEPS for name in papers)
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_every_run_of_every_shipped_sweep_composes(name, tmp_path):
+    """scripts/sweep.py --dry-run: each run's config composes as scripts/train.py would and logs the metrics."""
+    from sdpo.sweep import dry_run
+
+    results = dry_run(load_sweep(name), tmp_path)
+    assert results and [(run.name, problem) for run, problem in results if problem] == []
+
+
+def test_dry_run_names_what_would_fail(tmp_path):
+    from sdpo.sweep import dry_run
+
+    methods = {"grpo": ["algorithm=grpo"], "typo": ["algorithm=sdpo", "trainer.optim.lrr=1e-5"]}
+    metrics = ["eval/avg@8"]
+    sweep = load_sweep(str(sweep_file(tmp_path, methods=methods, seeds=[0], metrics=metrics,
+                                      overrides=["eval.every=2", "eval.samples_per_question=4"])))
+    (grpo, grpo_problem), (typo, typo_problem) = dry_run(sweep, tmp_path / "runs")
+    assert grpo_problem == "metric eval/avg@8 is not logged: eval.samples_per_question=4 logs eval/avg@4"
+    assert "unknown config key 'trainer.optim.lrr'" in typo_problem and "did you mean trainer.optim.lr" in typo_problem

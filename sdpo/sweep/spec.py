@@ -8,7 +8,7 @@ seeds, overrides shared by every run and the metrics to report; docs/sweeps.md d
       sdpo: [algorithm=sdpo]
     seeds: [0, 1, 2]
     metrics:                                                  # a key, or a mapping
-      - {key: eval/avg@4, label: held-out avg@4, reach: 0.8, paper: {grpo: 41.2, sdpo: 48.8}}
+      - {key: eval/avg@4, label: held-out avg@4, reach: 0.8, paper: {grpo: 41.2, sdpo: 48.8}, compare: best}
       - reward/mean
     paper_source: paper Table 4 (LiveCodeBench v6, Qwen3-8B)  # where the `paper:` numbers come from
     keep_checkpoints: false      # delete a done run's checkpoints (default true); the table reads metrics only
@@ -31,7 +31,7 @@ from sdpo.config import ConfigError
 
 SWEEP_DIR = Path(__file__).resolve().parents[2] / "configs" / "sweep"
 TOP_KEYS = ("description", "overrides", "methods", "seeds", "metrics", "paper_source", "keep_checkpoints")
-METRIC_KEYS = ("key", "label", "reach", "goal", "paper")
+METRIC_KEYS = ("key", "label", "reach", "goal", "paper", "compare")
 # Keys the sweep sets for each run itself.
 RESERVED = ("trainer.seed", "trainer.output_dir")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -48,6 +48,7 @@ class Metric:
     reach: float | None = None  # report the first step each run reaches this value
     goal: str = "max"  # max: higher is better (best = the largest value); min: lower is better
     paper: dict[str, float | str] = field(default_factory=dict)  # method -> the paper's reported number
+    compare: str = "end"  # which of this run's values stands beside the paper's: end (final) or best
 
     def better(self, a: float, b: float) -> bool:
         return a > b if self.goal == "max" else a < b
@@ -143,6 +144,9 @@ def _metric(entry: Any, where: str, methods: dict[str, tuple[str, ...]]) -> Metr
     goal = entry.get("goal", "max")
     if goal not in ("max", "min"):
         raise SweepError(f"{where}: goal={goal!r}; allowed values: 'max' (higher is better), 'min'")
+    compare = entry.get("compare", "end")
+    if compare not in ("end", "best"):
+        raise SweepError(f"{where}: compare={compare!r}; allowed values: 'end' (the final value), 'best'")
     reach = entry.get("reach")
     if reach is not None and not isinstance(reach, (int, float)):
         raise SweepError(f"{where}: reach must be a number (the value whose first step to report), got {reach!r}")
@@ -156,7 +160,7 @@ def _metric(entry: Any, where: str, methods: dict[str, tuple[str, ...]]) -> Metr
         if not isinstance(value, (int, float, str)):
             raise SweepError(f"{where}: paper.{method} must be a number or a short text, got {value!r}")
     return Metric(str(entry["key"]), str(entry.get("label") or entry["key"]),
-                  None if reach is None else float(reach), goal, dict(paper))
+                  None if reach is None else float(reach), goal, dict(paper), compare)
 
 
 def parse_sweep(data: Any, path: Path) -> Sweep:

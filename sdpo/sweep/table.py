@@ -123,7 +123,7 @@ def metric_table(ms: MetricSummary, sweep: Sweep, outcomes: list[RunOutcome]) ->
     head = ["method", "seeds", "start -> end (means)", "end: mean ± 95% CI", "end per seed", "best: mean ± 95% CI",
             "best per seed"]
     head += [f"first step reaching {metric.reach:g} (per seed)"] if reach else []
-    head += ["paper", "this run (end)"] if paper else []
+    head += ["paper", f"this run ({metric.compare})"] if paper else []
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method in sweep.methods:
         if method not in ms.end:
@@ -137,7 +137,7 @@ def metric_table(ms: MetricSummary, sweep: Sweep, outcomes: list[RunOutcome]) ->
         if reach:
             cells.append(", ".join("never" if s is None else str(s) for s in ms.reach[method]))
         if paper:
-            cells += [_paper(metric.paper.get(method)), f"{end.mean:.3f}"]
+            cells += [_paper(metric.paper.get(method)), (best if metric.compare == "best" else end).text()]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     for label, estimates in (("end", ms.end), ("best", ms.best)):
