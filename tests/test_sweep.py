@@ -189,7 +189,7 @@ def test_sigint_stops_the_sweep_and_the_next_start_continues(tmp_path):
 def test_table_means_intervals_reach_and_separation(tmp_path):
     methods = {**BASE["methods"], "sdpo_grpo": ["algorithm=sdpo_grpo"]}
     metrics = [{"key": "eval/avg@4", "label": "held-out", "reach": 0.465,
-                "paper": {"grpo": 41.2, "sdpo": "48.8 (best)"}}, "reward/mean"]
+                "paper": {"grpo": 41.2, "sdpo": "48.8 (best)"}}, {"key": "reward/mean", "mean": True}]
     sweep = load_sweep(str(sweep_file(tmp_path, methods=methods, metrics=metrics, paper_source="paper Table 9")))
     out = tmp_path / "runs"
     run_sweep(sweep, out, command=fake_command, progress=False)
@@ -202,12 +202,15 @@ def test_table_means_intervals_reach_and_separation(tmp_path):
     assert end.half_width == pytest.approx(4.302652729911275 * 0.01 / math.sqrt(3), rel=1e-9)
     # first step at or above 0.465: grpo 0.45 / 0.46 / 0.47 at step 1, 0.50+ at 2; sdpo 0.47 for seed 2 at step 3
     assert held_out.reach["grpo"] == [2, 2, 1] and held_out.reach["sdpo"] == [4, 4, 3]
+    # reward/mean = base + 0.02 * step over steps 0..4: mean base + 0.04, the same for every seed
+    assert s.metrics[1].mean["sdpo"].values == pytest.approx((0.34, 0.34, 0.34))
     text = markdown(s)
     assert "not separated (95% intervals overlap): grpo ~ sdpo_grpo" in text  # 0.61 +- 0.025 vs 0.63 +- 0.025
     assert "separated: grpo > sdpo" in text and "sdpo_grpo > sdpo" in text
     assert "| grpo | 3 | 0.410 -> 0.610 (+0.200) | 0.610 ± 0.025 | 0.600, 0.610, 0.620 |" in text
     assert "| 41.2 | 0.610 ± 0.025 |" in text and "| 48.8 (best) | 0.510 ± 0.025 |" in text
     assert "paper: paper Table 9" in text
+    assert "| mean over steps: mean ± 95% CI |" in text and "| 0.340 ± 0.000 |" in text
     write_table(out)
     assert (out / "curves.png").stat().st_size > 0 and json.loads((out / "table.json").read_text()) == summary_json(s)
 

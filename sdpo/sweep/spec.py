@@ -31,7 +31,7 @@ from sdpo.config import ConfigError
 
 SWEEP_DIR = Path(__file__).resolve().parents[2] / "configs" / "sweep"
 TOP_KEYS = ("description", "overrides", "methods", "seeds", "metrics", "paper_source", "keep_checkpoints")
-METRIC_KEYS = ("key", "label", "reach", "goal", "paper", "compare")
+METRIC_KEYS = ("key", "label", "reach", "goal", "paper", "compare", "mean")
 # Keys the sweep sets for each run itself.
 RESERVED = ("trainer.seed", "trainer.output_dir")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -49,6 +49,7 @@ class Metric:
     goal: str = "max"  # max: higher is better (best = the largest value); min: lower is better
     paper: dict[str, float | str] = field(default_factory=dict)  # method -> the paper's reported number
     compare: str = "end"  # which of this run's values stands beside the paper's: end (final) or best
+    mean: bool = False  # also report each run's mean over its steps (timings: seconds per step)
 
     def better(self, a: float, b: float) -> bool:
         return a > b if self.goal == "max" else a < b
@@ -147,6 +148,8 @@ def _metric(entry: Any, where: str, methods: dict[str, tuple[str, ...]]) -> Metr
     compare = entry.get("compare", "end")
     if compare not in ("end", "best"):
         raise SweepError(f"{where}: compare={compare!r}; allowed values: 'end' (the final value), 'best'")
+    if not isinstance(entry.get("mean", False), bool):
+        raise SweepError(f"{where}: mean must be true or false, got {entry['mean']!r}")
     reach = entry.get("reach")
     if reach is not None and not isinstance(reach, (int, float)):
         raise SweepError(f"{where}: reach must be a number (the value whose first step to report), got {reach!r}")
@@ -160,7 +163,7 @@ def _metric(entry: Any, where: str, methods: dict[str, tuple[str, ...]]) -> Metr
         if not isinstance(value, (int, float, str)):
             raise SweepError(f"{where}: paper.{method} must be a number or a short text, got {value!r}")
     return Metric(str(entry["key"]), str(entry.get("label") or entry["key"]),
-                  None if reach is None else float(reach), goal, dict(paper), compare)
+                  None if reach is None else float(reach), goal, dict(paper), compare, entry.get("mean", False))
 
 
 def parse_sweep(data: Any, path: Path) -> Sweep:

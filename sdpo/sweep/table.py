@@ -39,6 +39,7 @@ class MetricSummary:
     start: dict[str, Estimate]  # method -> over its seeds
     end: dict[str, Estimate]
     best: dict[str, Estimate]
+    mean: dict[str, Estimate]  # each run's mean over its steps
     reach: dict[str, list[int | None]]  # method -> first step reaching metric.reach, per seed
     seeds: dict[str, list[int]]  # method -> the seeds behind the estimates
 
@@ -73,7 +74,7 @@ def first_reach(points: list[tuple[int, float]], metric: Metric) -> int | None:
 
 
 def summarize_metric(metric: Metric, sweep: Sweep, outcomes: list[RunOutcome]) -> MetricSummary:
-    summary = MetricSummary(metric, {}, {}, {}, {}, {})
+    summary = MetricSummary(metric, {}, {}, {}, {}, {}, {})
     for method in sweep.methods:
         series = [(o.run.seed, o.points(metric.key)) for o in outcomes
                   if o.run.method == method and o.status == "done"]
@@ -85,6 +86,7 @@ def summarize_metric(metric: Metric, sweep: Sweep, outcomes: list[RunOutcome]) -
         summary.start[method] = estimate([points[0][1] for _, points in series])
         summary.end[method] = estimate([points[-1][1] for _, points in series])
         summary.best[method] = estimate([pick(v for _, v in points) for _, points in series])
+        summary.mean[method] = estimate([sum(v for _, v in points) / len(points) for _, points in series])
         if metric.reach is not None:
             summary.reach[method] = [first_reach(points, metric) for _, points in series]
     return summary
@@ -123,6 +125,7 @@ def metric_table(ms: MetricSummary, sweep: Sweep, outcomes: list[RunOutcome]) ->
     head = ["method", "seeds", "start -> end (means)", "end: mean ± 95% CI", "end per seed", "best: mean ± 95% CI",
             "best per seed"]
     head += [f"first step reaching {metric.reach:g} (per seed)"] if reach else []
+    head += ["mean over steps: mean ± 95% CI"] if metric.mean else []
     head += ["paper", f"this run ({metric.compare})"] if paper else []
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method in sweep.methods:
@@ -136,6 +139,8 @@ def metric_table(ms: MetricSummary, sweep: Sweep, outcomes: list[RunOutcome]) ->
                  end.text(), _seeds(end.values), best.text(), _seeds(best.values)]
         if reach:
             cells.append(", ".join("never" if s is None else str(s) for s in ms.reach[method]))
+        if metric.mean:
+            cells.append(ms.mean[method].text())
         if paper:
             cells += [_paper(metric.paper.get(method)), (best if metric.compare == "best" else end).text()]
         lines.append("| " + " | ".join(cells) + " |")
@@ -215,6 +220,7 @@ def summary_json(summary: Summary) -> dict[str, Any]:
         "runs": {o.run.name: o.status for o in summary.outcomes},
         "metrics": {ms.metric.key: {method: {"seeds": ms.seeds[method], "start": est(ms.start[method]),
                                              "end": est(ms.end[method]), "best": est(ms.best[method]),
+                                             "mean": est(ms.mean[method]),
                                              "reach": ms.reach.get(method)}
                                     for method in ms.end}
                     for ms in summary.metrics},
