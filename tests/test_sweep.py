@@ -321,3 +321,11 @@ def test_dry_run_names_what_would_fail(tmp_path):
     (grpo, grpo_problem), (typo, typo_problem) = dry_run(sweep, tmp_path / "runs")
     assert grpo_problem == "metric eval/avg@8 is not logged: eval.samples_per_question=4 logs eval/avg@4"
     assert "unknown config key 'trainer.optim.lrr'" in typo_problem and "did you mean trainer.optim.lr" in typo_problem
+
+
+def test_train_refuses_a_sweep_with_the_command_that_runs_it():
+    from sdpo.config import ConfigError
+    from sdpo.hydra_config import check_overrides
+
+    with pytest.raises(ConfigError, match=r"run it with `python scripts/sweep.py sweep=cpu_methods`"):
+        check_overrides(["sweep=cpu_methods"])
