@@ -81,7 +81,7 @@ class SweepResult:
     done: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # finished by an earlier start
-    interrupted: str | None = None  # the run a signal stopped
+    interrupted: str | None = None  # the run a signal stopped, or the next one when it came between two runs
 
     @property
     def stopped(self) -> bool:
@@ -154,7 +154,9 @@ def run_sweep(sweep: Sweep, out: Path, extra: Sequence[str] = (), *, retry_faile
     env = {**os.environ, "WANDB_RUN_GROUP": sweep.name}
     with _Stop() as stop:
         for run in todo:
-            if stop.signal is not None:
+            if stop.signal is not None:  # between two runs: none started
+                result.interrupted = run.name
+                bar.write(f"stopped by signal {stop.signal} before {run.name}")
                 break
             run_dir = (out / run.name).resolve()
             (run_dir / MARKER).unlink(missing_ok=True)
