@@ -67,6 +67,11 @@ def stop_during(out: Path, name: str, name_arg: str, log: Path) -> tuple[int, fl
         return proc.wait(), into
 
 
+def embedded(table: Path) -> str:
+    """A sweep's table.md inside this report: its headings two levels down."""
+    return "\n".join("##" + line if line.startswith("#") else line for line in table.read_text().splitlines())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", default="cpu_methods")
@@ -117,11 +122,10 @@ def main() -> None:
              f"{'identical' if table_a == table_b else 'DIFFERENT'}", ""]
     if table_a != table_b:
         lines += ["```", json.dumps(table_a, indent=1), json.dumps(table_b, indent=1), "```", ""]
-    lines += ["## A's table", "", (a / "table.md").read_text().replace("# Sweep", "### Sweep", 1), "",
-              "## B's table (after the stop and the second start)", "",
-              (b / "table.md").read_text().replace("# Sweep", "### Sweep", 1), "",
+    lines += ["## A's table", "", embedded(a / "table.md"), "", "## B's table (after the stop and the second start)", "",
+              embedded(b / "table.md"), "",
               f"## A sweep with a bad override in one method (exit {code_bad})", "", "```", BAD_SWEEP.rstrip(), "```", "",
-              (bad / "runs" / "table.md").read_text().replace("# Sweep", "### Sweep", 1)]
+              embedded(bad / "runs" / "table.md")]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.results:
