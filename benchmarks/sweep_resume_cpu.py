@@ -115,17 +115,18 @@ def main() -> None:
              f"- B: the same into `{b}`, SIGINT {into:.0f} s into its fifth run ({names[4]}): exit "
              f"{code_stop} with {len(before)} runs marked; started again: exit {code_b}, "
              f"{times['B'] / 60:.1f} min in all",
-             f"- B's runs 1-4 not run again (markers unchanged by the second start): {len(kept)} of 4 ({', '.join(kept)})",
+             f"- B's runs 1-4 not run again (markers unchanged by the second start): {len(kept)} of 4 "
+             f"({', '.join(kept)})",
              f"- {names[4]} marked before the second start: {names[4] in before} (a stopped run is left unmarked and "
              "restarted)",
              f"- A's and B's table.json (every number of the table but times): "
              f"{'identical' if table_a == table_b else 'DIFFERENT'}", ""]
     if table_a != table_b:
         lines += ["```", json.dumps(table_a, indent=1), json.dumps(table_b, indent=1), "```", ""]
-    lines += ["## A's table", "", embedded(a / "table.md"), "", "## B's table (after the stop and the second start)", "",
-              embedded(b / "table.md"), "",
-              f"## A sweep with a bad override in one method (exit {code_bad})", "", "```", BAD_SWEEP.rstrip(), "```", "",
-              embedded(bad / "runs" / "table.md")]
+    lines += ["## A's table", "", embedded(a / "table.md"), "",
+              "## B's table (after the stop and the second start)", "", embedded(b / "table.md"), "",
+              f"## A sweep with a bad override in one method (exit {code_bad})", "",
+              "```", BAD_SWEEP.rstrip(), "```", "", embedded(bad / "runs" / "table.md")]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.results:
