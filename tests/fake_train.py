@@ -5,12 +5,14 @@
     fake.sleep=<s>     sleep this long before each step
     fake.steps=<n>     steps to log (default 4)
 
-Every start appends a line to <output_dir>/starts (how many times the sweep started this run); with
+Every start appends a line to <output_dir>/starts (how many times the sweep started this run) and writes the wandb
+group and job type it was given to <output_dir>/wandb_env; with
 trainer.resume=auto it continues after the last checkpoint/step-<n>/COMPLETE. The held-out value at step s is
   base(algorithm) + 0.05 * s + 0.01 * seed.
 """
 
 import json
+import os
 from pathlib import Path
 import sys
 import time
@@ -24,6 +26,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     with (out / "starts").open("a") as f:
         f.write(" ".join(sys.argv[1:]) + "\n")
+    (out / "wandb_env").write_text(f"{os.environ.get('WANDB_RUN_GROUP')} {os.environ.get('WANDB_JOB_TYPE')}")
     if "fake.fail" in args:
         print("building the trainer", flush=True)
         print(f"error: {args['fake.fail']}", file=sys.stderr, flush=True)

@@ -109,6 +109,7 @@ def test_sweep_runs_records_and_skips_finished_runs(tmp_path):
     assert len(result.done) == 6 and not result.failed and not result.skipped
     marker = json.loads((out / "sdpo-seed1" / "sweep_run.json").read_text())
     assert marker["status"] == "done" and marker["exit_code"] == 0 and marker["wall_s"] > 0
+    assert (out / "sdpo-seed1" / "wandb_env").read_text() == "toy sdpo"  # wandb group: the sweep; job type: method
     again = run_sweep(sweep, out, command=fake_command, progress=False)
     assert again.skipped == result.done and not again.done
     assert all(starts(out / name) == 1 for name in result.done)
