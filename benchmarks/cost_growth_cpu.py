@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import machine
-from benchmarks.profile_step import UPDATE_PARTS
+from benchmarks.profile_parts import UPDATE_PARTS
 
 ALGORITHMS = {"grpo": ["algorithm=grpo"], "hybrid": ["algorithm=sdpo_grpo"]}
 SIZES = {  # name -> overrides

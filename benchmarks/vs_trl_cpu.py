@@ -47,7 +47,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 from benchmarks import machine
-from benchmarks.profile_step import PRECISIONS, force_length, make_trainer
+from benchmarks.profile_parts import PRECISIONS, force_length, make_trainer
 
 BASE = ["experiment=cpu", "trainer.optim.lr=3e-5", "trainer.optim.warmup_steps=0"]
 OURS = {  # run name -> Hydra overrides

@@ -43,7 +43,7 @@ def main(config: SDPOConfig) -> None:
     tcfg, rcfg = config.trainer, config.rollout
     engine = rcfg.engine + (f" ({rcfg.vllm.dtype})" if rcfg.engine == "vllm" else "")
     log_file = console.log_path()
-    print("\n".join([  # not "probe: ...", the verdict table's first line (benchmarks/feedback_learning_cpu.py)
+    print("\n".join([  # not "probe: ...": the verdict table's first line, which reports quote from
         f"pre-flight probe of {config.model.name_or_path}" + (f" at {tcfg.resume}" if tcfg.resume != "none" else "")
         + f" on {config.env.name}/{config.env.train_split}: {tcfg.questions_per_step} questions x "
         f"{rcfg.num_generations} rollouts (temperature {rcfg.temperature}) · rollouts {engine}",

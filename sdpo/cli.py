@@ -98,6 +98,21 @@ def check_used(overrides: Sequence[str], script: str, uses: Sequence[str] | None
             raise ConfigError(f"{script} does not use {key}: it reads {describe_uses(uses, ignores)}")
 
 
+def multirun_argv(argv: Sequence[str]) -> list[str]:
+    """Hydra's multirun (`-m`): each job's run directory is <sweep dir>/<its overrides> (hydra.sweep.subdir, e.g.
+    `algorithm=grpo,trainer.seed=1`), and trainer.output_dir is that directory, so that its log, .hydra/,
+    config.yaml, metrics and checkpoints lie together. The sweep directory is the command line's trainer.output_dir,
+    else runs/multirun-<time>."""
+    base = f"runs/multirun-{TIMESTAMP}"
+    rest = []
+    for arg in argv:
+        if override_key(arg) == "trainer.output_dir":
+            base = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    return [*rest, f"hydra.sweep.dir={base}", "trainer.output_dir=${hydra:runtime.output_dir}"]
+
+
 def run(main: Callable[[SDPOConfig], None], uses: Sequence[str] | None = None, ignores: Sequence[str] = (),
         run_dir: str | None = None) -> None:
     """Reject unknown group options and keys with a message that names the valid ones, and keys the script does
@@ -119,6 +134,8 @@ def run(main: Callable[[SDPOConfig], None], uses: Sequence[str] | None = None, i
     if run_dir is not None and not any(override_key(o) == "trainer.output_dir" for o in args.overrides):
         # Hydra reads sys.argv when it composes; first, where its parser takes it for an override whatever follows.
         sys.argv.insert(1, f"trainer.output_dir={run_dir}")
+    if args.multirun:
+        sys.argv[1:] = multirun_argv(sys.argv[1:])
 
     @functools.wraps(main)  # Hydra names the job (and its log file) after the function it unwraps to: the script's
     def task(cfg: DictConfig) -> None:

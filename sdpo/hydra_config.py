@@ -74,6 +74,8 @@ def _check_choices(choices: Sequence[str]) -> None:
         loader = GlobalHydra.instance().config_loader()
         for choice in choices:
             group, _, option = choice.removeprefix("+").partition("=")
+            if group == "sweep":  # configs/sweep/ is read by scripts/sweep.py, not composed into a run's config
+                raise ConfigError(f"{choice} names a sweep: run it with `python scripts/sweep.py {choice}`")
             if group.startswith(("~", "hydra")) or "." in group or option in ("", "null"):
                 continue
             options = loader.get_group_options(group)

@@ -202,40 +202,90 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_curves(run_dirs: list[Path], keys: list[str], out_png: Path, labels: list[str] | None = None,
-                smooth: int = 1, title: str | None = None) -> Path:
-    """Overlay the curves of `keys` (one panel each; `prefix*` picks the run's first match) from several runs."""
+def _series(dirs: list[Path], key: str) -> tuple[str | None, list[int], list[list[float]]]:
+    """The resolved metric name, and the steps with the values of each run that logged them."""
+    per_run = []
+    name = None
+    for run in dirs:
+        rows = read_metrics(run)
+        resolved = _resolve_key(key, rows)
+        name = name or resolved
+        per_run.append({r["step"]: r[resolved] for r in rows if resolved and r.get(resolved) is not None})
+    steps = sorted({s for points in per_run for s in points})
+    return name, steps, [[points[s] for points in per_run if s in points] for s in steps]
+
+
+def curves_figure(groups: dict[str, list[Path]], keys: list[str], smooth: int = 1, title: str | None = None):
+    """A figure with one panel per key; each group (a run, or a method's runs over seeds) one colour on every panel
+    and one legend for all panels. A group of several runs: their mean at each step, with a 95% Student t band over
+    the runs that logged that step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    from sdpo.sweep.stats import estimate
 
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.6), squeeze=False)
-    plotted = [False] * len(keys)
-    for run, label in zip(run_dirs, labels or [Path(p).name for p in run_dirs], strict=True):
-        rows = read_metrics(run)
-        for i, (ax, key) in enumerate(zip(axes[0], keys)):
-            name = _resolve_key(key, rows)
-            points = [(r["step"], r[name]) for r in rows if name and r.get(name) is not None]
-            if points:
-                steps, values = zip(*points)
-                ax.plot(steps, _smooth(list(values), smooth), label=label, marker="." if len(points) < 30 else None)
-                ax.set_title(name if key.endswith("*") else key)
-                plotted[i] = True
-    for ax, key, has_data in zip(axes[0], keys, plotted):
-        if not has_data:
-            ax.set_title(key)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    handles = {}
+    for ax, key in zip(axes[0], keys):
+        shown = None
+        for i, (label, dirs) in enumerate(groups.items()):
+            colour = colours[i % len(colours)]
+            name, steps, values = _series(dirs, key)
+            if not values:
+                continue
+            shown = name if key.endswith("*") else key
+            estimates = [estimate(v) for v in values]
+            means = _smooth([e.mean for e in estimates], smooth)
+            (line,) = ax.plot(steps, means, color=colour, label=label, marker="." if len(steps) < 30 else None)
+            handles.setdefault(label, line)
+            if any(e.half_width is not None for e in estimates):
+                low = [e.low if e.low is not None else e.mean for e in estimates]
+                high = [e.high if e.high is not None else e.mean for e in estimates]
+                ax.fill_between(steps, low, high, color=colour, alpha=0.2, linewidth=0)
+        ax.set_title(shown or key)
+        if shown is None:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    handles = [ax for ax, ok in zip(axes[0], plotted) if ok]
     if handles:
-        handles[0].legend(fontsize=8)
+        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 6), fontsize=8,
+                   frameon=False)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    legend_rows = (len(handles) + 5) // 6
+    fig.tight_layout(rect=(0, 0.06 * legend_rows if handles else 0, 1, 1))
+    return fig
+
+
+def _save(fig, out_png: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
     return out_png
+
+
+def plot_curves(run_dirs: list[Path], keys: list[str], out_png: Path, labels: list[str] | None = None,
+                smooth: int = 1, title: str | None = None) -> Path:
+    """Overlay the curves of `keys` (one panel each; `prefix*` picks the run's first match) from several runs, each
+    run one colour on every panel. Runs given the same label are one curve: their mean, with a 95% band."""
+    names = labels or [Path(p).name for p in run_dirs]
+    if len(names) != len(run_dirs):
+        raise ValueError(f"{len(run_dirs)} runs but {len(names)} labels")
+    groups: dict[str, list[Path]] = {}
+    for run, label in zip(run_dirs, names):
+        groups.setdefault(label, []).append(Path(run))
+    return _save(curves_figure(groups, keys, smooth, title), out_png)
+
+
+def plot_mean_curves(groups: dict[str, list[Path]], keys: list[str], out_png: Path, smooth: int = 1,
+                     title: str | None = None) -> Path:
+    """One curve per group (a method over its seeds): the mean at each step and a 95% band."""
+    return _save(curves_figure(groups, keys, smooth, title), out_png)
