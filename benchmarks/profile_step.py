@@ -339,14 +339,15 @@ def update_replay(trainer):
 def colocate_engine(trainer, memory_policy: bool = True) -> None:
     """Build a vLLM engine in this process beside the trainer (as `rollout=vllm` does); with memory_policy=False, undo
     the strict NUMA memory binding its CPU worker sets for the whole process."""
-    from sdpo.rollout import build_engine
+    from sdpo.rollout import EngineSource, build_engine
 
     config = trainer.config
     engine_config = copy.deepcopy(config.rollout)
     engine_config.engine = "vllm"
     max_len = config.rollout.max_prompt_len + config.rollout.max_new_tokens
-    trainer.colocated = build_engine(engine_config, trainer.learner.unwrapped, trainer.tokenizer, trainer.model_path, max_len,
-                                     trainer.learner.autocast_dtype)
+    trainer.colocated = build_engine(engine_config, EngineSource(trainer.learner.unwrapped, trainer.tokenizer,
+                                                                 trainer.model_path, max_len,
+                                                                 trainer.learner.autocast_dtype))
     if not memory_policy:
         default_memory_policy()
 

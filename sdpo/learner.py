@@ -21,15 +21,15 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from sdpo.batch import RolloutBatch, any_shared, build_prompt_inputs
 from sdpo.config import SDPOConfig
 from sdpo.diagnostics import too_small_to_move
 from sdpo.distributed import Distributed
-from sdpo.losses import DISTILL_MODES, chunked_response_terms
+from sdpo.losses import DISTILL_MODES, MIXES, chunked_response_terms
 from sdpo.losses.objective import MetricSums, StepCounts, TokenInputs, objective
 from sdpo.models import DTYPES, PromptPass, reshard, response_features, response_logprobs, supports_prompt_pass, unwrap
+from sdpo.schedules import SCHEDULES
 from sdpo.teacher import InitialWeights, build_teacher
 from sdpo.tracking import StageTimer
 
@@ -77,7 +77,7 @@ class Learner:
         self.pack_episodes = config.trainer.pack_episodes
         # Logit-level distillation (full / top-k) needs both models' logits, so it is computed chunk by chunk in the
         # forward; the sampled-token forms need only log q(y_t) and live in the objective.
-        self.distill_logits = acfg.mix == "loss" and DISTILL_MODES.get(acfg.distill.mode).needs_logits
+        self.distill_logits = MIXES.get(acfg.mix).distill_term and DISTILL_MODES.get(acfg.distill.mode).needs_logits
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -85,7 +85,7 @@ class Learner:
 
     def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         """AdamW over the trainable parameters, and its schedule (`self.scheduler`)."""
-        tcfg, optim = self.config.trainer, self.config.trainer.optim
+        optim = self.config.trainer.optim
         trainable = [p for p in model.parameters() if p.requires_grad]
         # torch's fused AdamW kernel: one pass over all parameters instead of a Python loop over them (0.11 s against
         # 0.62 s per step for SmolLM2-135M on a 2-core CPU). Split or flattened weights keep the default.
@@ -94,12 +94,7 @@ class Learner:
                                                 for p in trainable)
         optimizer = torch.optim.AdamW(trainable, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
                                       weight_decay=optim.weight_decay, fused=fused or None)
-        if optim.schedule == "cosine":
-            total = tcfg.total_steps * (tcfg.questions_per_step // tcfg.mini_batch_questions) * tcfg.epochs_per_step
-            self.scheduler = get_cosine_schedule_with_warmup(optimizer, optim.warmup_steps, total,
-                                                             min_lr_rate=optim.min_lr_ratio)
-        else:
-            self.scheduler = get_constant_schedule_with_warmup(optimizer, optim.warmup_steps)
+        self.scheduler = SCHEDULES.get(optim.schedule)(optimizer, self.config.trainer)
         return optimizer
 
     # ------------------------------------------------------------------------------------------------------------

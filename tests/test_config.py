@@ -81,24 +81,6 @@ def test_dataclass_defaults_match_the_spec():
     assert (evaluation.samples_per_question, evaluation.temperature, evaluation.top_p) == (16, 0.6, 0.95)
 
 
-def test_config_name_lists_are_the_registries():
-    from sdpo import config
-    from sdpo.losses import ADVANTAGE_ESTIMATORS, AGGREGATIONS, DISTILL_MODES, KL_ESTIMATORS
-    from sdpo.rollout import ENGINES
-    import sdpo.rollout.server  # noqa: F401  (registers the vllm and vllm_server engines; vllm is imported lazily)
-    from sdpo.teacher import TEACHER_KINDS, TEACHER_SCORERS
-
-    assert sorted(config.TEACHER_KINDS) == TEACHER_KINDS.names()
-    assert sorted(config.TEACHER_SCORERS) == TEACHER_SCORERS.names()
-    assert sorted(config.DISTILL_MODES) == DISTILL_MODES.names()
-    for mode in config.DISTILL_MODES:  # the config's validation and the losses agree on what each mode needs
-        assert config.DistillConfig(mode=mode, alpha=1.0).logit_level == DISTILL_MODES.get(mode).needs_logits
-    assert sorted(config.AGGREGATIONS) == AGGREGATIONS.names()
-    assert sorted(config.KL_ESTIMATORS) == KL_ESTIMATORS.names()
-    assert sorted(config.ADVANTAGE_ESTIMATORS) == ADVANTAGE_ESTIMATORS.names()
-    assert sorted(config.ROLLOUT_ENGINES) == ENGINES.names()
-
-
 def yaml_leaves(node, prefix=""):
     """{dotted key: value} of a YAML body; lists are leaves."""
     if isinstance(node, dict):

@@ -10,9 +10,8 @@ from sdpo.teacher.reprompt import (
     strip_thinking,
     teacher_prompt_ids,
 )
+from sdpo.teacher.choices import DATA_CONTEXT_ORDERS, TEACHER_KINDS, TEACHER_SCORERS, WEIGHT_SOURCES, TeacherScorer
 from sdpo.teacher.teacher import (
-    TEACHER_KINDS,
-    TEACHER_SCORERS,
     InitialWeights,
     NoTeacher,
     Teacher,
@@ -23,6 +22,7 @@ from sdpo.teacher.teacher import (
 )
 
 __all__ = [
+    "DATA_CONTEXT_ORDERS",
     "TEACHER_KINDS",
     "TEACHER_SCORERS",
     "InitialWeights",
@@ -31,6 +31,8 @@ __all__ = [
     "RepromptStats",
     "Teacher",
     "TeacherFeatures",
+    "TeacherScorer",
+    "WEIGHT_SOURCES",
     "build_reprompts",
     "build_teacher",
     "eval_mode",

@@ -39,8 +39,8 @@ from torch import Tensor, nn
 from sdpo.batch import ModelInputs, RolloutBatch, SharedPromptInputs, any_shared, build_prompt_inputs
 from sdpo.config import RepromptConfig, SDPOConfig, TeacherConfig
 from sdpo.models import PromptPass, ResponseFeatures, is_peft_model, reshard, response_features, unwrap
-from sdpo.registry import Registry
 from sdpo.sharding import copy_whole_into, full_state_dict, lerp_, load_full_state_dict, whole
+from sdpo.teacher.choices import TEACHER_KINDS, TEACHER_SCORERS, TeacherScorer
 from sdpo.teacher.reprompt import Reprompt, teacher_prompt_ids
 
 EMA_ADAPTER = "sdpo_ema"
@@ -193,16 +193,6 @@ class LiveWeights:
         pass
 
 
-# kind -> the weights whose logits the teacher mixes: [(source, weight)], sources "live", "initial" and "ema".
-TeacherKind = Callable[[TeacherConfig], list[tuple[str, float]]]
-TEACHER_KINDS: Registry[TeacherKind] = Registry("teacher kind")
-TEACHER_KINDS.register("live")(lambda config: [("live", 1.0)])
-TEACHER_KINDS.register("frozen")(lambda config: [("initial", 1.0)])
-TEACHER_KINDS.register("ema")(lambda config: [("ema", 1.0)])
-TEACHER_KINDS.register("trust_region")(
-    lambda config: [("initial", 1.0 - config.trust_region_mix), ("live", config.trust_region_mix)])
-
-
 @dataclass
 class TeacherFeatures:
     """Teacher logits = sum_i weights[i] * features[i].head(features[i].values_BRX), detached; for the micro-batch's
@@ -241,7 +231,7 @@ class Teacher:
         self.initial = InitialWeights(policy, copy_policy) if "initial" in needed else None
         self.ema = EMAWeights(policy, copy_policy, config.update_rate) if "ema" in needed else None
         stores = {"live": LiveWeights(), "initial": self.initial, "ema": self.ema}
-        self._sources = [(stores[source], weight) for source, weight in sources if weight != 0.0]
+        self.sources = [(stores[source], weight) for source, weight in sources if weight != 0.0]
         self.scorer: TeacherScorer = TEACHER_SCORERS.get(config.scorer)()
         self.reprompt_len = reprompt_len
 
@@ -296,7 +286,7 @@ class Teacher:
         """The teacher's features of the response tokens under the reprompt (`inputs`), one entry per source.
         `passes`: the sources' `prompt_passes`, which `inputs` (SharedPromptInputs) continue."""
         features, weights = [], []
-        for k, (source, weight) in enumerate(self._sources):
+        for k, (source, weight) in enumerate(self.sources):
             with source.use(policy) as model, eval_mode(model):
                 features.append(response_features(model, inputs, passes[k] if passes else None).detach())
             weights.append(weight)
@@ -317,7 +307,7 @@ class Teacher:
             return None
         prompts = build_prompt_inputs(reprompts, pad_id).to(device)
         passes = []
-        for source, _ in self._sources:
+        for source, _ in self.sources:
             with source.use(policy) as model, eval_mode(model):
                 passes.append(PromptPass(model, prompts))
         return passes
@@ -352,7 +342,8 @@ class Teacher:
         batch.teacher_prompt_ids = teacher_prompt_ids(reprompts, batch.prompt_ids, tokenizer, within_window,
                                                      chat_template_kwargs)
         batch.distill_mask_B = torch.tensor([r.has_signal for r in reprompts])
-        self.scorer.score(batch, engine)
+        batch.teacher_logp_BR = self.scorer.score(batch.teacher_prompt_ids, batch.response_ids, batch.distill_rows,
+                                                  batch.response_width, engine)
 
     def micro_batch_features(self, policy: nn.Module, micro: RolloutBatch, pad_id: int, device: torch.device,
                              any_rank: Callable[[bool], bool], share_prompts: bool = False,
@@ -380,43 +371,6 @@ class Teacher:
         if micro.teacher_logp_BR is not None and distill_mask_BR.any():
             return micro.teacher_logp_BR.to(distill_mask_BR.device)[:, : distill_mask_BR.shape[1]]
         return None
-
-
-class TeacherScorer:
-    """Who computes the teacher's log-probs (`algorithm.teacher.scorer`)."""
-
-    forward_in_update = True  # a teacher forward inside the update, per micro-batch
-
-    def check(self, engine: Any) -> None:
-        """At start: whether `engine` can do what this scorer asks of it."""
-
-    def score(self, batch: RolloutBatch, engine: Any) -> None:
-        """Before the update: scores computed outside the trainer's forwards, onto `batch`."""
-
-
-TEACHER_SCORERS: Registry[type[TeacherScorer]] = Registry("teacher scorer")
-TEACHER_SCORERS.register("trainer")(TeacherScorer)
-
-
-@TEACHER_SCORERS.register("engine")
-class EngineScorer(TeacherScorer):
-    """The rollout engine's prompt log-probs, once per generation batch, for engines that declare the capability
-    (`RolloutEngine.scores_teacher`)."""
-
-    forward_in_update = False
-
-    def check(self, engine: Any) -> None:
-        if not engine.scores_teacher:
-            raise ValueError(f"algorithm.teacher.scorer=engine: the {type(engine).__name__} engine cannot score "
-                             "the teacher (use rollout=vllm, or algorithm.teacher.scorer=trainer)")
-
-    def score(self, batch: RolloutBatch, engine: Any) -> None:
-        """log q(y_t) under the reprompt for the rows with a signal (0 elsewhere)."""
-        rows = batch.distill_rows
-        batch.teacher_logp_BR = torch.zeros(len(batch), batch.response_width)
-        if rows:
-            scores = engine.score_teacher([batch.teacher_prompt_ids[i] for i in rows], [batch.response_ids[i] for i in rows])
-            batch.teacher_logp_BR[rows, : scores.token_logp_BR.shape[1]] = scores.token_logp_BR
 
 
 class NoTeacher:
