@@ -17,7 +17,7 @@ optimizer (clip + AdamW), EMA (the teacher's lerp), and "update (rest)" (batch a
 `--colocation ROUNDS` answers a different question: the same update (same batch, same weights) replayed in processes
 without a vLLM engine, with one built in-process (vLLM's CPU worker binds the whole process's memory to a NUMA
 node), with that binding undone, and with the binding alone, in turn. `--shared-prompts`: the same update with
-trainer.learner.share_prompts off and with each thing it shares added in turn (`SHARING`), alternating. `--op-profile`: one
+trainer.learner.planner.share_prompts off and with each thing it shares added in turn (`SHARING`), alternating. `--op-profile`: one
 replayed update under torch.profiler, its top operators by input shape. `--cast-once`: the update with
 trainer.learner.cast_weights_once off, on for the policy's casts, on for the teacher copy's too, in turn. `--attention`: the
 update with attn_implementation sdpa and sdpa_cpu_float32, in turn. `--huge-pages ROUNDS`: the same update replayed
@@ -83,7 +83,7 @@ def forward_flops(config, tokens: int, sequences: list[int], head_positions: int
 
 class FlopCounter:
     """Counts the tokens each forward of the update sees (padded and real), for the model FLOPs. With shared prompts
-    (trainer.learner.share_prompts) a distinct prompt counts once, in the forward that runs it (`PromptPass`): that is the
+    (trainer.learner.planner.share_prompts) a distinct prompt counts once, in the forward that runs it (`PromptPass`): that is the
     work the update needs."""
 
     def __init__(self, config) -> None:
@@ -235,15 +235,15 @@ def instrumented(trainer, flops: FlopCounter):
         flops.record_prompts("student", prompts.prompts)
         return prompts
 
-    def teacher_prompt_passes(block, pack):  # a block's shared reprompts, once per teacher source
-        passes = saved_teacher_passes(block, pack)
+    def teacher_prompt_passes(*args, **kwargs):  # a block's shared reprompts, once per teacher source
+        passes = saved_teacher_passes(*args, **kwargs)
         for _ in passes or []:
             flops.record_prompts("teacher", passes[0].prompts)
         return passes
 
-    saved_prompt_pass, saved_teacher_passes = trainer.learner.prompt_pass, trainer.learner.teacher_prompt_passes
+    saved_prompt_pass, saved_teacher_passes = trainer.learner.prompt_pass, trainer.learner.teacher._prompt_passes
     trainer.learner.prompt_pass = timed(timer, "student_forward", prompt_pass)
-    trainer.learner.teacher_prompt_passes = teacher_prompt_passes
+    trainer.learner.teacher._prompt_passes = teacher_prompt_passes
 
     learner_module.response_features = timed(timer, "student_forward", counted("student", saved[(learner_module, "response_features")]))
     teacher_module.response_features = counted("teacher", saved[(teacher_module, "response_features")])
@@ -371,7 +371,7 @@ PROCESS_SETUPS = {
 }
 
 
-# What trainer.learner.share_prompts shares, step by step: (the student's prompts once per block, the teacher's reprompts
+# What trainer.learner.planner.share_prompts shares, step by step: (the student's prompts once per block, the teacher's reprompts
 # once per block, the prompts' common prefix once per pass). "off" is one forward per row; "prompts" the student's
 # prompt passes alone, the teacher sharing a reprompt only within a micro-batch; the last is the default.
 SHARING = {"off": (False, False, False), "prompts": (True, False, False), "+ reprompts": (True, True, False),
@@ -389,11 +389,11 @@ def shared_prompts_ab(overrides: list[str], repeats: int) -> dict:
     out: dict[str, list] = {label: [] for label in SHARING}
     min_prefix_saving = sdpo.batch.MIN_PREFIX_SAVING
     with instrumented(trainer, flops):
-        teacher_passes = trainer.learner.teacher_prompt_passes
+        teacher_passes = trainer.learner.teacher._prompt_passes
         for _ in range(repeats):
             for label, (share, teacher, prefix) in SHARING.items():
-                trainer.learner.share_prompts = share
-                trainer.learner.teacher_prompt_passes = teacher_passes if teacher else (lambda block, pack: None)
+                trainer.learner.planner.share_prompts = share
+                trainer.learner.teacher._prompt_passes = teacher_passes if teacher else (lambda *args, **kwargs: None)
                 sdpo.batch.MIN_PREFIX_SAVING = min_prefix_saving if prefix else 1 << 62  # no prefix pays
                 seconds, parts = replay()
                 out[label].append({"update": seconds, **parts, **flops.pop()})
@@ -412,7 +412,7 @@ def shared_prompts_report(result: dict, command: str) -> str:
 
     keys = [("update (whole)", "update"), *((f"update: {p}", f"time/{p}") for p in UPDATE_PARTS),
             ("teacher forward", "time/teacher_forward")]
-    lines = ["# The update with and without shared prompts (trainer.learner.share_prompts)", "",
+    lines = ["# The update with and without shared prompts (trainer.learner.planner.share_prompts)", "",
              f"Machine: {machine.describe()}", "", f"Command: `{command}`", "",
              f"One process, one batch of the default workload ({result['tokens/response']:.0f} response tokens), the "
              "weights, optimizer and EMA state restored before each update; the settings alternate "
@@ -612,7 +612,7 @@ def report(results: dict[str, dict], args: argparse.Namespace, command: str) -> 
     lines += ["", "## The update's model FLOPs utilisation", "",
               "Model FLOPs: the matmuls of the student forward (x3 with its backward) and of the teacher forward (x1), "
               "each with the output head on the response positions, counted on the real tokens (a prompt that its "
-              "rows share, trainer.learner.share_prompts, counts once: the work the forward needs); \"padded\" counts "
+              "rows share, trainer.learner.planner.share_prompts, counts once: the work the forward needs); \"padded\" counts "
               "what the padded micro-batches compute. The compute time is student forward + teacher forward + head "
               "and terms + backward; MFU is achieved FLOP/s over the measured matmul rate in the model's shapes "
               "(FLOP-weighted over the layer shapes and the head, micro-batch of 8 x 96 rows), measured for 1.5 s per "
@@ -703,7 +703,7 @@ def main() -> None:
     parser.add_argument("--colocation", type=int, default=0, metavar="ROUNDS",
                         help="time the update in processes without/with an in-process vLLM engine (and its memory "
                              "binding undone, or that binding alone), in turn, ROUNDS times")
-    parser.add_argument("--shared-prompts", action="store_true", help="time the update with trainer.learner.share_prompts off and each thing it shares added in turn")
+    parser.add_argument("--shared-prompts", action="store_true", help="time the update with trainer.learner.planner.share_prompts off and each thing it shares added in turn")
     parser.add_argument("--huge-pages", type=int, default=0, metavar="ROUNDS",
                         help="time the update in processes without/with THP_MEM_ALLOC_ENABLE, alternating, ROUNDS times")
     parser.add_argument("--malloc", type=int, default=0, metavar="ROUNDS",

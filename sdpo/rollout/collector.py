@@ -60,8 +60,7 @@ class Collector:
             raise ConfigError(f"rollout={rollout.engine} syncs one trainer process's weights to the server; this launch has "
                               f"{self.dist.world} processes: run it as one process (the server can still use "
                               "several GPUs: rollout.server.extra_args=[--tensor-parallel-size,N]) or use rollout=vllm")
-        max_model_len = max(rollout.max_prompt_len + rollout.max_new_tokens,
-                            learner.teacher.engine_context_len(rollout.max_new_tokens))
+        max_model_len = max(rollout.max_prompt_len + rollout.max_new_tokens, learner.teacher.engine_context_len)
         return build_engine(rollout, EngineSource(learner.unwrapped, self.tokenizer, model_path, max_model_len,
                                                   learner.autocast_dtype, sharded=self.dist.sharded))
 
