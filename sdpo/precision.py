@@ -2,7 +2,7 @@
 
 bfloat16 pays only where the hardware runs it natively. On a CPU without native bf16 (AVX2 only, no AVX512-BF16
 or AMX) PyTorch falls back to a generic GEMM: on an AVX2-only AMD EPYC a bf16 matmul ran at 1.1 GFLOP/s against
-57 GFLOP/s in float32 (issue #10), so there every forward, backward and vLLM step is about 50x slower in bf16.
+57 GFLOP/s in float32, so there every forward, backward and vLLM step is about 50x slower in bf16.
 `model.autocast_dtype=auto` and `rollout.vllm.dtype=auto` therefore resolve to bf16 only on CUDA devices with bf16
 support and on CPUs with native bf16, and to float32 elsewhere; `resolve_precision` writes the concrete choice back
 into the config, so the run's saved config.yaml records what actually ran.

