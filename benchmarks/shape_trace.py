@@ -10,8 +10,11 @@ How it counts (`sys.setprofile` over one `Learner.update` of the tiny model, def
 - a *return* is a stay in a module the batch had already left before;
 - a *climb* is a stay entered by a call from a module that sdpo's import graph places below it (the callee imports
   the caller, directly or not): the data going back up the layering through a callback;
-- *teacher calls per micro-batch loop body*: calls from `sdpo.learner` into `sdpo.teacher.*` between two
-  `Learner.micro_batch_step` entries (the `release` of the record the teacher returned is counted too).
+- the same counts without the batch's own methods (calls into `sdpo.batch`: selecting, ordering, laying out);
+- *teacher calls per micro-batch loop body*: calls from `sdpo.learner` into methods of the teacher object
+  (`Teacher` / `NoTeacher`) between two `Learner.micro_batch_step` entries (the last one also holds the optimizer
+  step's `update`), and apart from them the calls into methods of the records it returns (`TeacherTargets`,
+  `TeacherFeatures`).
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ def main() -> None:
         lower = below(graph)
         calls: list[tuple[str, str]] = []  # (caller module, callee module) of calls that carry the batch
         teacher_calls: list[int] = []
+        record_calls: list[int] = []
 
         def profile(frame, event, arg):
             if event != "call":
@@ -92,8 +96,13 @@ def main() -> None:
             name = frame.f_code.co_name
             if module == "sdpo.learner" and name == "micro_batch_step":
                 teacher_calls.append(0)
+                record_calls.append(0)
+            owner = frame.f_code.co_qualname.split(".")[0]
             if teacher_calls and caller == "sdpo.learner" and module.startswith("sdpo.teacher"):
-                teacher_calls[-1] += 1
+                if owner in ("Teacher", "NoTeacher"):
+                    teacher_calls[-1] += 1
+                elif owner in ("TeacherTargets", "TeacherFeatures"):
+                    record_calls[-1] += 1
             code = frame.f_code
             args = [frame.f_locals.get(v) for v in code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]]
             if any(isinstance(a, carried) for a in args):
@@ -105,20 +114,23 @@ def main() -> None:
         finally:
             sys.setprofile(None)
 
-    stays: list[str] = []
-    climbs = 0
-    for caller, module in calls:
-        if stays and stays[-1] == module:
-            continue
-        if module in graph and caller in lower.get(module, set()):
-            climbs += 1
-        stays.append(module)
-    visits = Counter(stays)
-    returns = sum(1 for i, m in enumerate(stays) if m in stays[:i])
-    print("path:", " -> ".join(m.removeprefix("sdpo.") for m in stays))
-    print(f"stays: {len(stays)} in {len(visits)} modules; returns to a module left before: {returns}; climbs: {climbs}")
-    print("visits:", ", ".join(f"{m.removeprefix('sdpo.')} {n}" for m, n in visits.most_common()))
-    print(f"teacher calls per micro-batch loop body: {sorted(set(teacher_calls))} over {len(teacher_calls)} micro-batches")
+    for title, kept in (("every call", calls), ("without the batch's own methods",
+                                                  [(c, m) for c, m in calls if m != "sdpo.batch"])):
+        stays: list[str] = []
+        climbs = 0
+        for caller, module in kept:
+            if stays and stays[-1] == module:
+                continue
+            if module in graph and caller in lower.get(module, set()):
+                climbs += 1
+            stays.append(module)
+        visits = Counter(stays)
+        returns = sum(1 for i, m in enumerate(stays) if m in stays[:i])
+        print(f"-- {title}")
+        print("path:", " -> ".join(m.removeprefix("sdpo.") for m in stays))
+        print(f"stays: {len(stays)} in {len(visits)} modules; returns to a module left before: {returns}; climbs: {climbs}")
+        print("visits:", ", ".join(f"{m.removeprefix('sdpo.')} {n}" for m, n in visits.most_common()))
+    print(f"teacher calls per micro-batch loop body: {teacher_calls} (calls into its records: {record_calls})")
 
 
 if __name__ == "__main__":

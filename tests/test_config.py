@@ -193,6 +193,7 @@ def test_unknown_key_lists_valid_keys_and_suggests(tmp_path):
         load_config(["env.max_operandd=3"])
 
 
+@pytest.mark.slow
 def test_train_script_rejects_a_misspelled_key_before_starting():
     import subprocess
     import sys
@@ -203,6 +204,7 @@ def test_train_script_rejects_a_misspelled_key_before_starting():
     assert "did you mean trainer.optim.lr?" in result.stderr
 
 
+@pytest.mark.slow
 def test_train_script_runs_with_the_default_run_directory(tmp_path):
     # No trainer.output_dir: Hydra's timestamped runs/<algorithm>-<env>-<time> directory is used (regression test:
     # an explicit null output_dir once broke the run-directory interpolation).
@@ -265,6 +267,7 @@ def test_env_keys_are_checked_against_the_env_a_preset_selects(preset):
         check_overrides([f"experiment={preset}", "env=arithmetic", "env.path=/x.jsonl"])
 
 
+@pytest.mark.slow
 def test_scripts_check_the_command_line_like_hydra_parses_it():
     # Hydra's flags (--cfg job) are not overrides; the preset's env is found in eval.py and test_time.py too.
     import subprocess
