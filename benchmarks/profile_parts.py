@@ -60,7 +60,7 @@ def forward_flops(config, tokens: int, sequences: list[int], head_positions: int
 
 class FlopCounter:
     """Counts the tokens each forward of the update sees (padded and real), for the model FLOPs. With shared prompts
-    (trainer.learner.share_prompts) a distinct prompt counts once, in the forward that runs it (`PromptPass`): that is the
+    (trainer.share_prompts) a distinct prompt counts once, in the forward that runs it (`PromptPass`): that is the
     work the update needs."""
 
     def __init__(self, config) -> None:
@@ -212,15 +212,15 @@ def instrumented(trainer, flops: FlopCounter):
         flops.record_prompts("student", prompts.prompts)
         return prompts
 
-    def teacher_prompt_passes(block, pack):  # a block's shared reprompts, once per teacher source
-        passes = saved_teacher_passes(block, pack)
+    def teacher_prompt_passes(*args, **kwargs):  # a block's shared reprompts, once per teacher source
+        passes = saved_teacher_passes(*args, **kwargs)
         for _ in passes or []:
             flops.record_prompts("teacher", passes[0].prompts)
         return passes
 
-    saved_prompt_pass, saved_teacher_passes = trainer.learner.prompt_pass, trainer.learner.teacher_prompt_passes
+    saved_prompt_pass, saved_teacher_passes = trainer.learner.prompt_pass, trainer.learner.teacher._prompt_passes
     trainer.learner.prompt_pass = timed(timer, "student_forward", prompt_pass)
-    trainer.learner.teacher_prompt_passes = teacher_prompt_passes
+    trainer.learner.teacher._prompt_passes = teacher_prompt_passes
 
     learner_module.response_features = timed(timer, "student_forward", counted("student", saved[(learner_module, "response_features")]))
     teacher_module.response_features = counted("teacher", saved[(teacher_module, "response_features")])
@@ -316,14 +316,15 @@ def update_replay(trainer):
 def colocate_engine(trainer, memory_policy: bool = True) -> None:
     """Build a vLLM engine in this process beside the trainer (as `rollout=vllm` does); with memory_policy=False, undo
     the strict NUMA memory binding its CPU worker sets for the whole process."""
-    from sdpo.rollout import build_engine
+    from sdpo.rollout import EngineSource, build_engine
 
     config = trainer.config
     engine_config = copy.deepcopy(config.rollout)
     engine_config.engine = "vllm"
     max_len = config.rollout.max_prompt_len + config.rollout.max_new_tokens
-    trainer.colocated = build_engine(engine_config, trainer.learner.unwrapped, trainer.tokenizer, trainer.model_path, max_len,
-                                     trainer.learner.autocast_dtype)
+    trainer.colocated = build_engine(engine_config, EngineSource(trainer.learner.unwrapped, trainer.tokenizer,
+                                                                 trainer.model_path, max_len,
+                                                                 trainer.learner.autocast_dtype))
     if not memory_policy:
         default_memory_policy()
 

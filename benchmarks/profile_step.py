@@ -17,7 +17,7 @@ optimizer (clip + AdamW), EMA (the teacher's lerp), and "update (rest)" (batch a
 `--colocation ROUNDS` answers a different question: the same update (same batch, same weights) replayed in processes
 without a vLLM engine, with one built in-process (vLLM's CPU worker binds the whole process's memory to a NUMA
 node), with that binding undone, and with the binding alone, in turn. `--shared-prompts`: the same update with
-trainer.learner.share_prompts off and with each thing it shares added in turn (`SHARING`), alternating. `--op-profile`: one
+trainer.share_prompts off and with each thing it shares added in turn (`SHARING`), alternating. `--op-profile`: one
 replayed update under torch.profiler, its top operators by input shape. `--cast-once`: the update with
 trainer.learner.cast_weights_once off, on for the policy's casts, on for the teacher copy's too, in turn. `--attention`: the
 update with attn_implementation sdpa and sdpa_cpu_float32, in turn. `--huge-pages ROUNDS`: the same update replayed
@@ -111,7 +111,7 @@ def report(results: dict[str, dict], args: argparse.Namespace, command: str) -> 
     lines += ["", "## The update's model FLOPs utilisation", "",
               "Model FLOPs: the matmuls of the student forward (x3 with its backward) and of the teacher forward (x1), "
               "each with the output head on the response positions, counted on the real tokens (a prompt that its "
-              "rows share, trainer.learner.share_prompts, counts once: the work the forward needs); \"padded\" counts "
+              "rows share, trainer.share_prompts, counts once: the work the forward needs); \"padded\" counts "
               "what the padded micro-batches compute. The compute time is student forward + teacher forward + head "
               "and terms + backward; MFU is achieved FLOP/s over the measured matmul rate in the model's shapes "
               "(FLOP-weighted over the layer shapes and the head, micro-batch of 8 x 96 rows), measured for 1.5 s per "
@@ -198,7 +198,7 @@ def main() -> None:
     parser.add_argument("--colocation", type=int, default=0, metavar="ROUNDS",
                         help="time the update in processes without/with an in-process vLLM engine (and its memory "
                              "binding undone, or that binding alone), in turn, ROUNDS times")
-    parser.add_argument("--shared-prompts", action="store_true", help="time the update with trainer.learner.share_prompts off and each thing it shares added in turn")
+    parser.add_argument("--shared-prompts", action="store_true", help="time the update with trainer.share_prompts off and each thing it shares added in turn")
     parser.add_argument("--huge-pages", type=int, default=0, metavar="ROUNDS",
                         help="time the update in processes without/with THP_MEM_ALLOC_ENABLE, alternating, ROUNDS times")
     parser.add_argument("--malloc", type=int, default=0, metavar="ROUNDS",

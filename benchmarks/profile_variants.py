@@ -49,7 +49,7 @@ PROCESS_SETUPS = {
 }
 
 
-# What trainer.learner.share_prompts shares, step by step: (the student's prompts once per block, the teacher's reprompts
+# What trainer.share_prompts shares, step by step: (the student's prompts once per block, the teacher's reprompts
 # once per block, the prompts' common prefix once per pass). "off" is one forward per row; "prompts" the student's
 # prompt passes alone, the teacher sharing a reprompt only within a micro-batch; the last is the default.
 SHARING = {"off": (False, False, False), "prompts": (True, False, False), "+ reprompts": (True, True, False),
@@ -67,11 +67,11 @@ def shared_prompts_ab(overrides: list[str], repeats: int) -> dict:
     out: dict[str, list] = {label: [] for label in SHARING}
     min_prefix_saving = sdpo.batch.MIN_PREFIX_SAVING
     with instrumented(trainer, flops):
-        teacher_passes = trainer.learner.teacher_prompt_passes
+        teacher_passes = trainer.learner.teacher._prompt_passes
         for _ in range(repeats):
             for label, (share, teacher, prefix) in SHARING.items():
-                trainer.learner.share_prompts = share
-                trainer.learner.teacher_prompt_passes = teacher_passes if teacher else (lambda block, pack: None)
+                trainer.learner.planner.share_prompts = share
+                trainer.learner.teacher._prompt_passes = teacher_passes if teacher else (lambda *args, **kwargs: None)
                 sdpo.batch.MIN_PREFIX_SAVING = min_prefix_saving if prefix else 1 << 62  # no prefix pays
                 seconds, parts = replay()
                 out[label].append({"update": seconds, **parts, **flops.pop()})
@@ -90,7 +90,7 @@ def shared_prompts_report(result: dict, command: str) -> str:
 
     keys = [("update (whole)", "update"), *((f"update: {p}", f"time/{p}") for p in UPDATE_PARTS),
             ("teacher forward", "time/teacher_forward")]
-    lines = ["# The update with and without shared prompts (trainer.learner.share_prompts)", "",
+    lines = ["# The update with and without shared prompts (trainer.share_prompts)", "",
              f"Machine: {machine.describe()}", "", f"Command: `{command}`", "",
              f"One process, one batch of the default workload ({result['tokens/response']:.0f} response tokens), the "
              "weights, optimizer and EMA state restored before each update; the settings alternate "

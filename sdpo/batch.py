@@ -5,12 +5,17 @@ Samples are group-major: the G rollouts of a question are contiguous and share a
 
 Token sequences stay as Python lists until a forward pass needs them; `student_inputs` / `teacher_inputs` then lay
 them out (`sdpo.layout`, whose names this module re-exports).
+
+The batch is built in stages, each of which returns a new batch with its own fields filled (`dataclasses.replace`,
+never an assignment into the batch another module holds): the collector's rollouts and scores
+(`sdpo.rollout.episodes.EpisodeRollout.batch`), the teacher's context (`with_teacher`), the advantages
+(`with_advantages`), the learner's old and reference log-probs (`with_logprobs`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -71,6 +76,20 @@ class RolloutBatch:
 
     def __len__(self) -> int:
         return len(self.response_ids)
+
+    def with_teacher(self, context: Any) -> RolloutBatch:
+        """The batch with the teacher's context (`sdpo.teacher.TeacherContext`): reprompt ids, distillation mask and
+        the log-probs an engine scored."""
+        return replace(self, teacher_prompt_ids=context.prompt_ids, distill_mask_B=context.distill_mask_B,
+                       teacher_logp_BR=context.logp_BR)
+
+    def with_advantages(self, advantages_B: Tensor) -> RolloutBatch:
+        return replace(self, advantages_B=advantages_B)
+
+    def with_logprobs(self, old_logp_BR: Tensor | None, ref_logp_BR: Tensor | None) -> RolloutBatch:
+        """The batch with the policy's log-probs before the update (None: on-policy) and the reference's (None: no
+        KL penalty)."""
+        return replace(self, old_logp_BR=old_logp_BR, ref_logp_BR=ref_logp_BR)
 
     @property
     def response_width(self) -> int:
@@ -138,7 +157,7 @@ class RolloutBatch:
         continue (`sdpo.teacher.Teacher.prompt_passes`); `pack`: a multi-turn episode's reprompts branch off its
         sequence (the conversation up to each turn runs once: `BranchInputs`)."""
         if self.teacher_prompt_ids is None:
-            raise ValueError("the batch has no teacher prompts yet: build them with sdpo.teacher.build_reprompts")
+            raise ValueError("the batch has no teacher prompts yet: add the teacher's context (RolloutBatch.with_teacher)")
         chains = self.chains() if pack else []
         if any(len(chain) > 1 for chain in chains):
             trunks = [[*self.prompt_ids[chain[-1]], *self.response_ids[chain[-1]]] for chain in chains]

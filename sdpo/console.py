@@ -134,7 +134,9 @@ def header(config: SDPOConfig, run_dir: str | Path, log_file: str | Path | None 
     else:
         mix = f", GRPO weight {algo.grpo_weight} ({algo.mix}-level mix)" if algo.grpo_weight > 0 else ""
         what = f"{algo.name}: SDPO{mix}, {algo.teacher.kind} teacher, {algo.distill.mode} distillation, {steps_text}"
-    engine = rollout.engine + (f" ({rollout.vllm.dtype})" if rollout.engine in ("vllm", "vllm_server") else "")
+    from sdpo.rollout import ENGINES
+
+    engine = rollout.engine + (f" ({rollout.vllm.dtype})" if ENGINES.get(rollout.engine).own_dtype else "")
     trainer_dtype = compute_dtype_name(config) + (" autocast" if model.autocast_dtype != "none" else "")
     lines = [
         what,

@@ -1,4 +1,4 @@
-"""Failure-mode metrics of self-distillation, logged every step under `diagnostics/` (issue #16).
+"""Failure-mode metrics of self-distillation, logged every step under `diagnostics/`.
 
 What public reports say goes wrong with SDPO on small models (docs/algorithm.md §10), each as a number per step:
 

@@ -33,7 +33,7 @@ from sdpo import checkpoint as ckpt
 from sdpo.config import TrainerConfig
 from sdpo.models import unwrap
 from sdpo.sharding import full_state_dict
-from sdpo.teacher.teacher import frozen_copy
+from sdpo.teacher.weights import frozen_copy
 
 log = logging.getLogger(__name__)
 

@@ -173,7 +173,9 @@ class _ChunkedScoring:
 def _chunk_size(rollout: Any, questions: int, n: int) -> int:
     """Questions per progress step: one transformers `generate` call's worth; for vLLM about a twentieth of the
     questions, and enough sequences to keep its batch full (all of them when the engine sleeps between calls)."""
-    if rollout.engine == "hf":
+    from sdpo.rollout import ENGINES
+
+    if ENGINES.get(rollout.engine).generates_with_policy:
         return max(1, rollout.hf_batch_size // n)
     if rollout.vllm.sleep_level:  # a sleeping engine would offload and reload its weights around every chunk
         return max(1, questions)
@@ -197,7 +199,7 @@ def evaluate_checkpoint(
     from sdpo.envs import build_environment
     from sdpo.models import DTYPES, load_model, load_tokenizer, render_chat, resolve_checkpoint
     from sdpo.precision import resolve_precision
-    from sdpo.rollout import build_engine
+    from sdpo.rollout import ENGINES, EngineSource, build_engine
 
     resolve_precision(config)
     ecfg, rcfg = config.eval, config.rollout
@@ -213,12 +215,12 @@ def evaluate_checkpoint(
     if engine is None:
         model = load_model(model_config, path).eval()
         model_path = path
-        if rcfg.engine != "hf" and (Path(path) / "adapter_config.json").exists():
-            model_path = Path(path) / "merged"  # vLLM serves a plain checkpoint: the adapter merged into the base
+        if ENGINES.get(rcfg.engine).loads_checkpoint(rcfg) and (Path(path) / "adapter_config.json").exists():
+            model_path = Path(path) / "merged"  # an engine of its own serves a plain checkpoint: the adapter merged
             model.save_pretrained(model_path)
             tokenizer.save_pretrained(model_path)
-        engine = build_engine(rcfg, model, tokenizer, model_path, rcfg.max_prompt_len + max_new_tokens,
-                              DTYPES.get(model_config.autocast_dtype))
+        engine = build_engine(rcfg, EngineSource(model, tokenizer, model_path, rcfg.max_prompt_len + max_new_tokens,
+                                                 DTYPES.get(model_config.autocast_dtype)))
     sampling = SamplingSettings.from_config(rcfg, n=ecfg.samples_per_question, temperature=ecfg.temperature,
                                             top_p=ecfg.top_p, max_new_tokens=max_new_tokens, seed=config.trainer.seed)
     run_engine, run_env = engine, env

@@ -113,8 +113,9 @@ def _model_source(config: SDPOConfig, model: Any) -> tuple[Path | None, Any]:
     path = Path(name).expanduser() if name and (Path(name).expanduser() / "config.json").exists() else None
     config.model = dataclasses.replace(config.model, name_or_path=str(path) if path else type(base).__name__)
     rollout = config.rollout
-    loads_checkpoint = rollout.engine == "vllm" or (rollout.engine == "vllm_server" and not rollout.server.url)
-    if path is None and loads_checkpoint:
+    from sdpo.rollout import ENGINES
+
+    if path is None and ENGINES.get(rollout.engine).loads_checkpoint(rollout):
         raise ConfigError(f"rollout={rollout.engine} loads the policy from a checkpoint directory, and this model "
                           "object has none: save it (model.save_pretrained(dir); tokenizer.save_pretrained(dir)) and "
                           "pass model=dir, or use rollout=hf")

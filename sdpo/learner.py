@@ -2,9 +2,9 @@
 teacher context and advantages into optimizer steps:
 
     old / reference log-probs (when needed) -> for each mini-batch of whole groups: one optimizer step
-        -> blocks of shared prompts (their key/value caches) -> micro-batches (whole episodes, each one sequence):
-           teacher forward, student forward, chunked vocabulary projection, `objective` -> backward
-        -> clip, step, schedule, EMA teacher
+        -> the planner's micro-batches (`sdpo.plan`: blocks of shared prompts, whole episodes as one sequence):
+           the teacher's targets (one call), student forward, chunked vocabulary projection, `objective` -> backward
+        -> clip, step, schedule, the teacher's update (EMA)
 
 It owns the policy, the optimizer and its schedule, the self-teacher's weights, the KL reference, autocast and
 prompt sharing. Where the processes are and how the weights are spread over them is `sdpo.distributed`'s business:
@@ -15,22 +15,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 import contextlib
-from dataclasses import dataclass
 import logging
 from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
-from sdpo.batch import RolloutBatch, any_shared, build_prompt_inputs
+from sdpo.batch import RolloutBatch, build_prompt_inputs
 from sdpo.config import SDPOConfig
 from sdpo.diagnostics import too_small_to_move
 from sdpo.distributed import Distributed
-from sdpo.losses import DISTILL_MODES, chunked_response_terms
+from sdpo.losses import DISTILL_MODES, MIXES, chunked_response_terms
 from sdpo.losses.objective import MetricSums, StepCounts, TokenInputs, objective
 from sdpo.models import DTYPES, PromptPass, reshard, response_features, response_logprobs, supports_prompt_pass, unwrap
-from sdpo.teacher import InitialWeights, build_teacher
+from sdpo.schedules import SCHEDULES
+from sdpo.plan import Forward, MicroBatch, MicroBatchPlanner
+from sdpo.teacher import InitialWeights, TeacherTargets, build_teacher
 from sdpo.tracking import StageTimer
 
 log = logging.getLogger(__name__)
@@ -57,27 +57,28 @@ class Learner:
         self.reference = InitialWeights(model, copy_policy) if kl_penalty else None
         self.policy, self.optimizer = dist.prepare(model, self._optimizer(model))
         self.num_weights = dist.num_weights()
-        for weights in (self.teacher, self.reference):
-            if weights is not None:
-                weights.place(self.unwrapped, dist.place_copy)
+        self.teacher.place(self.unwrapped, dist.place_copy)
+        if self.reference is not None:
+            self.reference.place(self.unwrapped, dist.place_copy)
+        self.forward = Forward(pad_id, dist.device, dist.any_rank)
         self.autocast_dtype = DTYPES.get(config.model.autocast_dtype)
         checkpointing = config.model.gradient_checkpointing
         # One forward per distinct prompt (trainer.share_prompts, sdpo.models.PromptPass): transformers turns the
         # key/value cache off under gradient checkpointing, and split weights must not be called again before their
         # backward.
-        self.share_prompts = (config.trainer.share_prompts and not checkpointing and dist.whole_weights
-                              and supports_prompt_pass(model))
+        share_prompts = (config.trainer.share_prompts and not checkpointing and dist.whole_weights
+                         and supports_prompt_pass(model))
         # One autocast region per optimizer step (`_step_autocast`), so that each float32 weight is cast once per
         # step, not once per forward. The cached casts live for the whole step: not for split weights (every gathered
         # weight would stay) nor under gradient checkpointing (where a forward keeps no weights for its backward, so
         # the cache would add a 16-bit copy of the model).
         self.cast_weights_once = dist.whole_weights and not checkpointing
-        # The turns of a multi-turn episode run as one sequence (trainer.pack_episodes, sdpo.layout.PackedInputs):
-        # one forward per episode, not one per turn over the conversation so far.
-        self.pack_episodes = config.trainer.pack_episodes
+        # How the step's rows run as forwards (blocks of shared prompts, micro-batches, episodes packed into one
+        # sequence: trainer.pack_episodes, one forward per episode, not one per turn over the conversation so far).
+        self.planner = MicroBatchPlanner(config.trainer.micro_batch_size, share_prompts, config.trainer.pack_episodes)
         # Logit-level distillation (full / top-k) needs both models' logits, so it is computed chunk by chunk in the
         # forward; the sampled-token forms need only log q(y_t) and live in the objective.
-        self.distill_logits = acfg.mix == "loss" and DISTILL_MODES.get(acfg.distill.mode).needs_logits
+        self.distill_logits = MIXES.get(acfg.mix).distill_term and DISTILL_MODES.get(acfg.distill.mode).needs_logits
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -85,7 +86,7 @@ class Learner:
 
     def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         """AdamW over the trainable parameters, and its schedule (`self.scheduler`)."""
-        tcfg, optim = self.config.trainer, self.config.trainer.optim
+        optim = self.config.trainer.optim
         trainable = [p for p in model.parameters() if p.requires_grad]
         # torch's fused AdamW kernel: one pass over all parameters instead of a Python loop over them (0.11 s against
         # 0.62 s per step for SmolLM2-135M on a 2-core CPU). Split or flattened weights keep the default.
@@ -94,12 +95,7 @@ class Learner:
                                                 for p in trainable)
         optimizer = torch.optim.AdamW(trainable, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
                                       weight_decay=optim.weight_decay, fused=fused or None)
-        if optim.schedule == "cosine":
-            total = tcfg.total_steps * (tcfg.questions_per_step // tcfg.mini_batch_questions) * tcfg.epochs_per_step
-            self.scheduler = get_cosine_schedule_with_warmup(optimizer, optim.warmup_steps, total,
-                                                             min_lr_rate=optim.min_lr_ratio)
-        else:
-            self.scheduler = get_constant_schedule_with_warmup(optimizer, optim.warmup_steps)
+        self.scheduler = SCHEDULES.get(optim.schedule)(optimizer, self.config.trainer)
         return optimizer
 
     # ------------------------------------------------------------------------------------------------------------
@@ -110,11 +106,13 @@ class Learner:
         off-policy after the first: its log-probs under the weights that sampled it are taken first."""
         tcfg = self.config.trainer
         per_step = self.dist.local_count(tcfg.mini_batch_questions)
+        old_logp_BR = ref_logp_BR = None
         if batch.num_groups > per_step or tcfg.epochs_per_step > 1:
-            batch.old_logp_BR = self.sampled_logprobs(self.policy, batch)
+            old_logp_BR = self.sampled_logprobs(self.policy, batch)
         if self.reference is not None:
             with self.reference.use(self.unwrapped) as model:
-                batch.ref_logp_BR = self.sampled_logprobs(model, batch)
+                ref_logp_BR = self.sampled_logprobs(model, batch)
+        batch = batch.with_logprobs(old_logp_BR, ref_logp_BR)
         sums = MetricSums()
         generator = torch.Generator().manual_seed(tcfg.seed + step)
         for _ in range(tcfg.epochs_per_step):
@@ -126,7 +124,7 @@ class Learner:
     def optimizer_step(self, minibatch: RolloutBatch, sums: MetricSums, step: int) -> None:
         counts = self.step_counts(minibatch)
         with self._step_autocast():
-            for micro in self.micro_batches(minibatch):
+            for micro in self.planner.micro_batches(minibatch, self.prompt_pass):
                 self.micro_batch_step(micro, counts, sums)
         applied, grad_norm = self.dist.optimizer_step()
         if applied:
@@ -139,39 +137,16 @@ class Learner:
         small = applied and too_small_to_move(grad_norm, self.num_weights, self.config.trainer.optim.eps)
         sums.add("diagnostics/small_grad_fraction", float(small), 1)
 
-    def micro_batches(self, minibatch: RolloutBatch) -> Iterator[MicroBatch]:
-        """The optimizer step's micro-batches, each cut from a length-ordered block so that its forward pads little.
-
-        trainer.share_prompts, where rollouts share prompts: blocks of at most `micro_batch_size` distinct prompts,
-        each block's prompts run once for the micro-batches of their rollouts (a pass keeps its prompts' activations
-        until its last backward: no more prompts than a micro-batch has rows), and the teacher's reprompts likewise.
-        Multi-turn with trainer.pack_episodes: micro-batches of whole episodes, each one sequence, at most
-        `micro_batch_size` turns (so at most as many sequences, each at most rollout.max_prompt_len + max_new_tokens
-        positions, as one turn's row is), in blocks by their first prompt. Lazily, so that a block's passes run after the
-        previous block's last backward."""
-        size = self.config.trainer.micro_batch_size
-        pack = self._packs(minibatch)
-        shared = self.share_prompts and any_shared(minibatch.sequence_prompts(pack))
-        blocks = list(minibatch.prompt_blocks(size, by_episode=pack)) if shared else [minibatch]
-        for b, block in enumerate(blocks):
-            prompts = self.prompt_pass(block, pack) if shared else None
-            reprompts = self.teacher_prompt_passes(block, pack) if shared else None
-            rows = list(block.episode_micro_batches(size) if pack else block.by_length().micro_batches(size))
-            for i, micro in enumerate(rows):
-                last = i == len(rows) - 1
-                yield MicroBatch(micro, prompts, reprompts, last, last and b == len(blocks) - 1)
-
-    def _packs(self, batch: RolloutBatch) -> bool:
-        return self.pack_episodes and batch.episode_ids_B is not None
-
     def micro_batch_step(self, micro: MicroBatch, counts: StepCounts, sums: MetricSums) -> None:
         """Forward and backward of one micro-batch; gradients are synchronised with the step's last."""
         with self.dist.micro_batch(last=micro.last_in_step):
-            loss = self.micro_batch_loss(micro, counts, sums)
+            with self.timer("teacher_forward"), self._autocast():  # counted apart from time/update
+                targets = self.teacher.targets(self.unwrapped, micro, self.forward)
+            loss = self.micro_batch_loss(micro, targets, counts, sums)
             with torch.autocast(self.dist.device.type, enabled=False):  # keeps `_step_autocast`'s cache
                 prompts_grad = micro.prompts.pending() if micro.prompts is not None and micro.last_in_block else None
                 self.dist.backward(loss, prompts_grad)
-        self.teacher.release()
+        targets.release()
 
     def prompt_pass(self, block: RolloutBatch, pack: bool) -> PromptPass:
         """A block's distinct prompts through the policy once, for all its micro-batches (their responses continue
@@ -183,40 +158,26 @@ class Learner:
         with self.dist.micro_batch(last=False), self._autocast():
             return PromptPass(self.policy, prompts.to(self.dist.device))
 
-    def teacher_prompt_passes(self, block: RolloutBatch, pack: bool) -> list[PromptPass] | None:
-        """A block's distinct reprompts through the teacher once (no gradient), for all its micro-batches' teacher
-        forwards (`sdpo.teacher.Teacher.prompt_passes`); None without a trainer-side teacher or shared reprompts, or
-        where multi-turn reprompts branch off their episode's conversation instead."""
-        with self.timer("teacher_forward"), self._autocast():
-            return self.teacher.prompt_passes(self.unwrapped, block, self.pad_id, self.dist.device,
-                                              branch=pack and self.share_prompts)
-
-    def micro_batch_loss(self, micro: MicroBatch, counts: StepCounts, sums: MetricSums) -> Tensor:
-        """The loss of one micro-batch, normalised by the optimizer step's global counts (summed over micro-batches).
-        The responses continue the block's prompt pass where there is one; without one, rows that share a prompt in
-        this micro-batch run it once (trainer.share_prompts). The teacher's forward continues the block's reprompt
-        passes in the same way."""
-        rows, device, pad_id = micro.rows, self.dist.device, self.pad_id
+    def micro_batch_loss(self, micro: MicroBatch, targets: TeacherTargets, counts: StepCounts,
+                         sums: MetricSums) -> Tensor:
+        """The loss of one micro-batch given its teacher `targets`, normalised by the optimizer step's global counts
+        (summed over micro-batches). The responses continue the block's prompt pass where there is one; without
+        one, rows that share a prompt in this micro-batch run it once (trainer.share_prompts)."""
+        rows, device = micro.rows, self.dist.device
         mask_BR = rows.response_mask_BR.to(device)
-        distill_mask_BR = mask_BR & rows.distill_mask_B.to(device)[:, None] if rows.distill_mask_B is not None else None
-        with self.timer("teacher_forward"), self._autocast():  # counted apart from time/update
-            teacher = self.teacher.micro_batch_features(self.unwrapped, rows, pad_id, device, self.dist.any_rank,
-                                                        self.share_prompts, micro.reprompts,
-                                                        branch=self.share_prompts and self._packs(rows))
         with self._autocast():
-            shared = micro.prompts.prompts if micro.prompts is not None else None
-            inputs = rows.student_inputs(pad_id, self.share_prompts, shared, self._packs(rows))
+            inputs = micro.student_inputs(self.pad_id)
             student = response_features(self.policy, inputs.to(device), micro.prompts, micro.last_in_block)
             terms = chunked_response_terms(
                 student.values_BRX, student.head, rows.response_ids_BR.to(device), self.config.rollout.temperature,
-                self.config.trainer.logits_chunk_size, **(teacher.chunk_kwargs() if teacher is not None else {}),
-                distill_kwargs=self._distill_kwargs() if self.distill_logits and teacher is not None else None)
+                self.config.trainer.logits_chunk_size,
+                **targets.chunk_kwargs(self._distill_kwargs() if self.distill_logits else None))
         inputs = TokenInputs(
             logp_BR=terms["logp"].float(), mask_BR=mask_BR, advantages_B=rows.advantages_B.to(device),
             entropy_BR=terms["entropy"], old_logp_BR=_on(rows.old_logp_BR, device),
             sampler_logp_BR=_on(rows.sampler_logp_BR, device), ref_logp_BR=_on(rows.ref_logp_BR, device),
-            distill_mask_BR=distill_mask_BR, distill_BR=terms.get("distill"),
-            teacher_logp_BR=self.teacher.token_logp(rows, terms, distill_mask_BR))
+            distill_mask_BR=targets.distill_mask_BR, distill_BR=terms.get("distill"),
+            teacher_logp_BR=targets.token_logp(terms))
         result = objective(inputs, counts, self.config.algorithm, self.config.rollout.max_new_tokens)
         sums.add_result(result)
         return result.loss
@@ -237,8 +198,8 @@ class Learner:
         with self._autocast():
             logp = response_logprobs(model, batch.prompt_ids, batch.response_ids, self.pad_id,
                                      self.config.rollout.temperature, self.config.trainer.logits_chunk_size,
-                                     self.config.trainer.micro_batch_size, self.dist.device, self.share_prompts,
-                                     batch.chains() if self._packs(batch) else None)
+                                     self.config.trainer.micro_batch_size, self.dist.device,
+                                     self.planner.share_prompts, self.planner.chains(batch))
         reshard(model)
         return logp
 
@@ -285,13 +246,3 @@ class Learner:
         self.scheduler.load_state_dict(state["scheduler"])
         self.teacher.load_state_dict(state["teacher"])
 
-
-@dataclass
-class MicroBatch:
-    """One forward/backward of an optimizer step: its rows, and the block's prompt passes they continue."""
-
-    rows: RolloutBatch
-    prompts: PromptPass | None  # the block's distinct prompts through the policy (trainer.share_prompts)
-    reprompts: list[PromptPass] | None  # the block's distinct reprompts through each teacher source
-    last_in_block: bool  # its backward also carries the prompt pass's gradient
-    last_in_step: bool  # its backward synchronises gradients over processes

@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 import importlib.util
-import os
 from pathlib import Path
 import shutil
 import tempfile
@@ -196,12 +195,6 @@ def _load_adapter(config: ModelConfig, path: Path) -> PreTrainedModel:
         base.config.use_cache = False
     model = PeftModel.from_pretrained(base, path, is_trainable=config.lora.enabled)
     return model if config.lora.enabled else model.merge_and_unload()
-
-
-def hf_offline() -> None:
-    """Make sure nothing reaches for a hub (tests and the default run)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]],

@@ -2,7 +2,7 @@
 
 bfloat16 pays only where the hardware runs it natively. On a CPU without native bf16 (AVX2 only, no AVX512-BF16
 or AMX) PyTorch falls back to a generic GEMM: on an AVX2-only AMD EPYC a bf16 matmul ran at 1.1 GFLOP/s against
-57 GFLOP/s in float32 (issue #10), so there every forward, backward and vLLM step is about 50x slower in bf16.
+57 GFLOP/s in float32, so there every forward, backward and vLLM step is about 50x slower in bf16.
 `model.autocast_dtype=auto` and `rollout.vllm.dtype=auto` therefore resolve to bf16 only on CUDA devices with bf16
 support and on CPUs with native bf16, and to float32 elsewhere; `resolve_precision` writes the concrete choice back
 into the config, so the run's saved config.yaml records what actually ran.
@@ -15,48 +15,15 @@ in-process engine is built (vllm/v1/worker/cpu_worker.py, 0.32), so `use_all_cor
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
 import logging
 import os
 import sys
 
 import torch
 
+from sdpo.hardware import BF16, FP32, Capabilities, auto_dtype, probe  # noqa: F401 - re-exported
+
 log = logging.getLogger(__name__)
-
-# What `auto` resolves to, as config strings: the trainer's autocast dtype ("none": plain float32) and the engine's.
-BF16, FP32 = "bfloat16", "float32"
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    """What the device that runs the model can do; `probe()` fills it in, tests build it by hand."""
-
-    device: str  # "cuda" or "cpu"
-    bf16: bool  # bf16 matmuls run natively (CUDA bf16 support; CPU: oneDNN bf16, AVX512-BF16 or AMX)
-    isa: str  # CPU: torch's dispatch level ("AVX2", "AVX512", ...); CUDA: the device name
-
-    @property
-    def describe(self) -> str:
-        native = "native bf16" if self.bf16 else "no native bf16"
-        return f"{self.device} ({self.isa}, {native})"
-
-
-def probe() -> Capabilities:
-    """The capabilities of the device the trainer uses (the first CUDA device when there is one, else the CPU)."""
-    if torch.cuda.is_available():
-        return Capabilities("cuda", torch.cuda.is_bf16_supported(), torch.cuda.get_device_name())
-    native = (
-        torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        or torch.cpu._is_avx512_bf16_supported()
-        or torch.cpu._is_amx_tile_supported()
-    )
-    return Capabilities("cpu", bool(native), torch.backends.cpu.get_cpu_capability())
-
-
-def auto_dtype(caps: Capabilities) -> str:
-    """bf16 where the device runs it natively, float32 elsewhere."""
-    return BF16 if caps.bf16 else FP32
 
 
 def resolve_autocast(requested: str, caps: Capabilities | None = None) -> str:
@@ -91,12 +58,20 @@ def resolve_precision(config, caps: Capabilities | None = None) -> list[str]:
         warnings.append(slow_half_precision_warning("model.autocast_dtype", model.autocast_dtype, caps))
     if engine.dtype == "auto":
         engine.dtype = compute_dtype_name(config)
-    elif config.rollout.engine == "vllm":
+    elif runs_here_in_own_dtype(config.rollout):
         warnings.append(slow_half_precision_warning("rollout.vllm.dtype", engine.dtype, caps))
     warnings = [w for w in warnings if w]
     for warning in warnings:
         log.warning(warning)
     return warnings
+
+
+def runs_here_in_own_dtype(rollout) -> bool:
+    """Whether the rollout engine computes on this machine in its own precision (rollout.vllm.dtype)."""
+    from sdpo.rollout import ENGINES
+
+    engine = ENGINES.get(rollout.engine)
+    return engine.own_dtype and not engine.out_of_process
 
 
 def compute_dtype_name(config) -> str:

@@ -33,7 +33,7 @@ from sdpo.config import RepromptConfig
 from sdpo.diagnostics import ECHO_NGRAM, contains_phrase, echoes as context_echoes, template_phrases
 from sdpo.envs import Environment, Problem
 from sdpo.rollout import RolloutEngine, SamplingSettings
-from sdpo.teacher import Reprompt, eval_mode, group_reprompts, teacher_prompt_ids
+from sdpo.teacher import Reprompt, eval_mode, group_reprompts, reprompt_window, teacher_prompt_ids
 
 
 @dataclass
@@ -135,8 +135,10 @@ def probe(
     contexts = [s.info.get("teacher_context") or p.teacher_context for s, p in zip(scores, rollout_problems)]
     reprompts = group_reprompts(seed_key, reprompt_config, rollout_problems, texts, rewards,
                                 [s.feedback for s in scores], groups, contexts=contexts)
-    teacher_prompts = teacher_prompt_ids(reprompts, [student_prompts[g] for g in groups], tokenizer, reprompt_config,
-                                         chat_template_kwargs)
+    # Within the model's window, as the trainer's teacher renders them (`sdpo.teacher.reprompt_limit`).
+    window = reprompt_window(reprompt_config.max_reprompt_len, sampling.max_new_tokens, model)
+    teacher_prompts = teacher_prompt_ids(reprompts, [student_prompts[g] for g in groups], tokenizer,
+                                         replace(reprompt_config, max_reprompt_len=window), chat_template_kwargs)
     failed = [i for i, r in enumerate(rewards) if r < threshold and reprompts[i].has_signal]
 
     # -- the teacher acting on it: one sampled generation per failed rollout, greedy on one reprompt per question

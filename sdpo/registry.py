@@ -1,7 +1,9 @@
-"""Name -> object registries for the swappable boxes (losses, advantage estimators, environments, teachers).
+"""Name -> object registries for the swappable boxes (losses, advantage estimators, environments, teachers, engines).
 
 A registry rejects a duplicate name at import time and lists the valid names when asked for an unknown one, so a
-typo in a config fails at start with the fix in the message.
+typo in a config fails at start with the fix in the message. The registries are the one source of the names: the
+config validates a choice against its registry (`sdpo.config.checks.check_choice`), so an entry registered from
+outside the library is selectable without editing the config.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self._entries)
+
+    def in_order(self) -> list[str]:
+        """The names in the order they were registered (the built-in ones first): what an error lists."""
+        return list(self._entries)
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries

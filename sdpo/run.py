@@ -56,8 +56,7 @@ class RunLoop:
     def state_objects(self) -> dict[str, Any]:
         """What a checkpoint keeps besides the weights and optimizer state, by name in its trainer_state."""
         t = self.trainer
-        return {"scheduler": t.learner.scheduler, "teacher": t.learner.teacher, "sampler": t.rollouts,
-                "failure_modes": t.failure_modes, "best": self.best}
+        return {"learner": t.learner, "sampler": t.rollouts, "failure_modes": t.failure_modes, "best": self.best}
 
     def train(self) -> dict[str, float]:
         t, cfg = self.trainer, self.trainer.config
@@ -142,8 +141,10 @@ class RunLoop:
         state = ckpt.load_trainer_state(path)
         t.dist.load_policy_state(path, state)
         for key, obj in self.state_objects().items():
-            if key in state:  # failure_modes and best: absent from checkpoints older than issue #16
-                obj.load_state_dict(state[key])
+            if key not in state:
+                raise ValueError(f"the checkpoint {path} has no {key!r} state: it was written by another version of "
+                                 "sdpo; start a fresh run (trainer.resume=none)")
+            obj.load_state_dict(state[key])
         t.dist.restore_rng_state(path, state["world_size"])
         t.step = state["step"]
         log.info("resumed from %s at step %d", path, t.step)

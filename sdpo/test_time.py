@@ -21,10 +21,11 @@ import logging
 import tempfile
 from typing import Any
 
-from sdpo.config import SDPOConfig
+from sdpo.config import SDPOConfig, check_choice
 from sdpo.envs import Environment, Problem, build_environment
 from sdpo.models import render_chat
-from sdpo.rollout import RolloutEngine, SamplingSettings
+from sdpo.registry import Registry
+from sdpo.rollout import ENGINES, RolloutEngine, SamplingSettings
 from sdpo.rollout.episodes import EpisodeLimits, EpisodeRollout
 
 log = logging.getLogger(__name__)
@@ -68,23 +69,25 @@ def solve(config: SDPOConfig, env: Environment, problem: Problem, method: str,
     trainer = SDPOTrainer(config, env=OneQuestion(env, problem), engine=engine)  # type: ignore[arg-type]
     if engine is not None:
         engine.sync_weights(trainer.learner.unwrapped)  # a reused engine still serves the previous question's weights
-    threshold = config.algorithm.reprompt.success_reward_threshold
-    attempts = 0
     try:
-        if method == "multi_turn":
-            return multi_turn(trainer, problem), trainer.engine
-        while attempts < config.test_time.budget:
-            # SDPO: generate, score, reprompt, update, sync; best-of-k: generate and score. Either advances the
-            # step, so the next batch samples with the next seed.
-            batch = (trainer.training_step() if method == "sdpo" else trainer.sampling_step()).batch
-            solved = (batch.rewards_B >= threshold).nonzero().flatten()
-            if len(solved):
-                return Discovery(problem.id, method, attempts + len(batch), attempts + int(solved[0]) + 1), trainer.engine
-            attempts += len(batch)
-        return Discovery(problem.id, method, attempts, None), trainer.engine
+        return TEST_TIME_METHODS.get(method)(trainer, problem), trainer.engine
     finally:
         trainer.run.tracker.close()
         scratch.cleanup()
+
+
+def attempts_until_solved(trainer: Any, problem: Problem, method: str, step: Callable[[], Any]) -> Discovery:
+    """`step` (a training or a sampling step of `trainer`) until a rollout succeeds or the budget is spent. Either
+    step advances the trainer's step, so the next batch samples with the next seed."""
+    threshold = trainer.config.algorithm.reprompt.success_reward_threshold
+    attempts = 0
+    while attempts < trainer.config.test_time.budget:
+        batch = step().batch
+        solved = (batch.rewards_B >= threshold).nonzero().flatten()
+        if len(solved):
+            return Discovery(problem.id, method, attempts + len(batch), attempts + int(solved[0]) + 1)
+        attempts += len(batch)
+    return Discovery(problem.id, method, attempts, None)
 
 
 def multi_turn(trainer: Any, problem: Problem) -> Discovery:
@@ -109,6 +112,16 @@ def multi_turn(trainer: Any, problem: Problem) -> Discovery:
     return Discovery(problem.id, "multi_turn", attempts, None)
 
 
+# test_time.methods: (a fresh trainer on one question, the question) -> its discovery. "sdpo": generate, score,
+# reprompt, update, sync; "best_of_k": generate and score from the initial weights; "multi_turn": conversations.
+TEST_TIME_METHODS: Registry[Callable[[Any, Problem], Discovery]] = Registry("test-time method")
+TEST_TIME_METHODS.register("sdpo")(lambda trainer, problem: attempts_until_solved(trainer, problem, "sdpo",
+                                                                                  trainer.training_step))
+TEST_TIME_METHODS.register("best_of_k")(lambda trainer, problem: attempts_until_solved(trainer, problem, "best_of_k",
+                                                                                       trainer.sampling_step))
+TEST_TIME_METHODS.register("multi_turn")(multi_turn)
+
+
 def discovery_at(results: Sequence[Discovery], k: int) -> float:
     """The fraction of questions solved within k attempts."""
     return sum(r.solved_at is not None and r.solved_at <= k for r in results) / max(len(results), 1)
@@ -123,13 +136,15 @@ def run_test_time(config: SDPOConfig, env: Environment | None = None,
     method) run with its discovery (scripts/test_time.py's progress bar); each result is then logged at DEBUG (the log
     file) rather than INFO (the terminal too)."""
     ttc = config.test_time
+    for method in ttc.methods:
+        check_choice("test_time.methods[]", method, TEST_TIME_METHODS)
     env = env or build_environment(config.env)
     problems = env.load(ttc.split)[: ttc.num_questions]
     if not problems:
         raise ValueError(f"test_time.split={ttc.split!r} of env {config.env.name!r} holds no problems")
     results: dict[str, list[Discovery]] = {method: [] for method in ttc.methods}
     # One engine for the whole run, except the transformers engine, which generates with its trainer's own model.
-    reuse = engine_factory is None and config.rollout.engine != "hf"
+    reuse = engine_factory is None and not ENGINES.get(config.rollout.engine).generates_with_policy
     engine: RolloutEngine | None = None
     done, total = 0, len(problems) * len(ttc.methods)
     if progress is not None:

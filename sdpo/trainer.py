@@ -106,8 +106,9 @@ class SDPOTrainer:
         acfg = self.config.algorithm
         batch, problems_B, metrics = self.rollouts.take(self.step)  # with async_steps, sampled by older weights
         with self.timer("teacher_context"):  # reprompts and their token ids (and engine-side teacher scoring)
-            metrics |= self.teacher_context(batch, problems_B)
-        batch.advantages_B = episode_advantages(batch, acfg.norm_adv_by_std, acfg.advantage_estimator)
+            batch, context_metrics = self.teacher_context(batch, problems_B)
+        metrics |= context_metrics
+        batch = batch.with_advantages(episode_advantages(batch, acfg.norm_adv_by_std, acfg.advantage_estimator))
         with self.timer("update"):
             metrics |= self.learner.update(batch, self.step)
         self.step += 1
@@ -128,9 +129,10 @@ class SDPOTrainer:
         indices = self.sampler.take(self.config.trainer.questions_per_step)
         return [self.train_problems[i] for i in self.dist.share(indices)]
 
-    def teacher_context(self, batch: RolloutBatch, problems_B: list[Problem]) -> dict[str, float]:
+    def teacher_context(self, batch: RolloutBatch, problems_B: list[Problem]) -> tuple[RolloutBatch, dict[str, float]]:
         """Reprompts (docs/algorithm.md §2): a sibling's solution and/or the env's feedback; a mask where there is neither.
-        The teacher renders them onto the batch (and an engine-side teacher scores them now)."""
+        The teacher renders them (and an engine-side teacher scores them now): the batch with its teacher context,
+        and the context's metrics."""
         rcfg = self.config.algorithm.reprompt
         rewards, groups = batch.rewards_B.tolist(), batch.group_ids_B.tolist()
         episodes = batch.episode_ids_B.tolist() if batch.episode_ids_B is not None else None
@@ -140,9 +142,10 @@ class SDPOTrainer:
         failure_modes = context_metrics(rcfg, [p.question for p in problems_B], batch.response_text,
                                         [r.solution for r in reprompts], [r.feedback for r in reprompts], rewards,
                                         groups)
-        self.learner.teacher.attach(batch, reprompts, self.tokenizer, rcfg, self.config.model.chat_template_kwargs,
-                                    self.engine)
-        return self.dist.reduce_mean({f"teacher/{k}": v for k, v in vars(stats).items()} | failure_modes)
+        context = self.learner.teacher.context(batch, reprompts, self.tokenizer, rcfg,
+                                               self.config.model.chat_template_kwargs, self.engine)
+        metrics = self.dist.reduce_mean({f"teacher/{k}": v for k, v in vars(stats).items()} | failure_modes)
+        return batch.with_teacher(context), metrics
 
     def sampling_step(self) -> StepResult:
         """A step that samples and scores without learning (the best-of-k baseline of test-time runs)."""

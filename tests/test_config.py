@@ -81,24 +81,6 @@ def test_dataclass_defaults_match_the_paper():
     assert (evaluation.samples_per_question, evaluation.temperature, evaluation.top_p) == (16, 0.6, 0.95)
 
 
-def test_config_name_lists_are_the_registries():
-    from sdpo import config
-    from sdpo.losses import ADVANTAGE_ESTIMATORS, AGGREGATIONS, DISTILL_MODES, KL_ESTIMATORS
-    from sdpo.rollout import ENGINES
-    import sdpo.rollout.server  # noqa: F401  (registers the vllm and vllm_server engines; vllm is imported lazily)
-    from sdpo.teacher import TEACHER_KINDS, TEACHER_SCORERS
-
-    assert sorted(config.TEACHER_KINDS) == TEACHER_KINDS.names()
-    assert sorted(config.TEACHER_SCORERS) == TEACHER_SCORERS.names()
-    assert sorted(config.DISTILL_MODES) == DISTILL_MODES.names()
-    for mode in config.DISTILL_MODES:  # the config's validation and the losses agree on what each mode needs
-        assert config.DistillConfig(mode=mode, alpha=1.0).logit_level == DISTILL_MODES.get(mode).needs_logits
-    assert sorted(config.AGGREGATIONS) == AGGREGATIONS.names()
-    assert sorted(config.KL_ESTIMATORS) == KL_ESTIMATORS.names()
-    assert sorted(config.ADVANTAGE_ESTIMATORS) == ADVANTAGE_ESTIMATORS.names()
-    assert sorted(config.ROLLOUT_ENGINES) == ENGINES.names()
-
-
 def yaml_leaves(node, prefix=""):
     """{dotted key: value} of a YAML body; lists are leaves."""
     if isinstance(node, dict):
@@ -213,6 +195,7 @@ def test_unknown_key_lists_valid_keys_and_suggests(tmp_path):
         load_config(["env.max_operandd=3"])
 
 
+@pytest.mark.slow
 def test_train_script_rejects_a_misspelled_key_before_starting():
     import subprocess
     import sys
@@ -223,6 +206,7 @@ def test_train_script_rejects_a_misspelled_key_before_starting():
     assert "did you mean trainer.optim.lr?" in result.stderr
 
 
+@pytest.mark.slow
 def test_train_script_runs_with_the_default_run_directory(tmp_path):
     # No trainer.output_dir: Hydra's timestamped runs/<algorithm>-<env>-<time> directory is used (regression test:
     # an explicit null output_dir once broke the run-directory interpolation).
@@ -285,6 +269,7 @@ def test_env_keys_are_checked_against_the_env_a_preset_selects(preset):
         check_overrides([f"experiment={preset}", "env=arithmetic", "env.path=/x.jsonl"])
 
 
+@pytest.mark.slow
 def test_scripts_check_the_command_line_like_hydra_parses_it():
     # Hydra's flags (--cfg job) are not overrides; the preset's env is found in eval.py and test_time.py too.
     import subprocess

@@ -22,6 +22,8 @@ import sys
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # end-to-end: deselected by the quick check, pytest -m "not slow"
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
@@ -134,7 +136,7 @@ def run_worker(out: Path, sharding: str = "ddp", resume: bool = False, lora: boo
         "samples_per_problem": {pid: batch.problem_ids.count(pid) for pid in set(batch.problem_ids)},
         "episodes": {pid: len({int(e) for p, e in zip(batch.problem_ids, batch.episodes()[2]) if p == pid})
                      for pid in set(batch.problem_ids)},
-        "packed": trainer.learner._packs(batch) and len(batch.chains()) < len(batch),
+        "packed": trainer.learner.planner.packs(batch) and len(batch.chains()) < len(batch),
         **after_step,
     }, out / f"rank{dist.rank}-of-{dist.world}.pt")
 

@@ -305,6 +305,7 @@ def test_livecodebench_malformed_rows(tmp_path):
 # -- scripts/score.py ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_score_script_prints_one_json_line_per_response(tmp_path):
     responses = tmp_path / "responses.jsonl"
     lines = [

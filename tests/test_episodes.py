@@ -225,7 +225,7 @@ def make_trainer(tmp_path, engine=None, env=None, *overrides):
 def test_teacher_of_turn_t_rescores_its_tokens_under_the_feedback_that_followed(tmp_path, tokenizer, tiny_path):
     trainer = make_trainer(tmp_path, guessing_engine(tokenizer), None, "rollout.max_turns=3", "rollout.max_new_tokens=32")
     batch, contexts, _ = trainer.collector.collect(trainer.next_questions(), trainer.step)
-    trainer.teacher_context(batch, contexts)
+    batch, _ = trainer.teacher_context(batch, contexts)
     # Every failed turn has feedback; the lone success has neither feedback nor a sibling success to learn from.
     assert batch.distill_mask_B.tolist() == [True] * 4 + [False] + [True] * 6
     rcfg = RepromptConfig(max_reprompt_len=1024)

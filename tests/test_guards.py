@@ -38,6 +38,7 @@ def run(tmp_path, curve, *overrides):
     return trainer
 
 
+@pytest.mark.slow
 def test_keep_best_keeps_the_best_step_and_rotation_never_deletes_it(tmp_path):
     curve = [0.2, 0.3, 0.6, 0.5, 0.4, 0.6, 0.1]  # best 0.6 first at step 2; step 5 only ties it
     trainer = run(tmp_path, curve)
@@ -53,12 +54,14 @@ def test_keep_best_keeps_the_best_step_and_rotation_never_deletes_it(tmp_path):
     assert "stopped" not in text
 
 
+@pytest.mark.slow
 def test_minimising_keeps_the_lowest_value(tmp_path):
     run(tmp_path, [5.0, 4.0, 6.0, 3.0, 7.0, 8.0, 9.0], "trainer.keep_best.metric=eval/response_length",
         "trainer.keep_best.maximize=false")
     assert read_record(tmp_path / "run" / "checkpoints")["step"] == 3
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_the_best_value_and_step(tmp_path):
     curve = [0.1, 0.7, 0.2, 0.3, 0.5, 0.6, 0.65]
     first = run(tmp_path, curve, "trainer.total_steps=3")
@@ -75,6 +78,7 @@ def test_a_resumed_run_keeps_the_best_value_and_step(tmp_path):
     assert read_record(tmp_path / "run" / "checkpoints")["step"] == 1
 
 
+@pytest.mark.slow
 def test_the_best_checkpoint_on_disk_wins_over_an_older_checkpoints_record(tmp_path):
     # Killed after step 4's best was saved but resumed from step 3's checkpoint (whose state knew only step 1).
     curve = [0.1, 0.5, 0.2, 0.3, 0.9, 0.2, 0.2]

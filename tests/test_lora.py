@@ -13,7 +13,7 @@ from sdpo.batch import build_model_inputs
 from sdpo.config import ConfigError, LoRAConfig, ModelConfig, TeacherConfig
 from sdpo.models import load_model, response_hidden_states
 from sdpo.teacher import Teacher
-from sdpo.teacher.teacher import EMA_ADAPTER
+from sdpo.teacher.weights import EMA_ADAPTER
 
 LORA = ["model.lora.enabled=true", "model.lora.r=4"]
 

@@ -281,6 +281,7 @@ def test_no_held_out_problems_give_no_eval_metrics():
     assert evaluate(None, env_over(Dataset.from_list(ROWS)), [], lambda p: [1], SamplingSettings(n=2)).metrics == {}
 
 
+@pytest.mark.slow
 def test_model_object_and_path_give_the_same_trainer(tmp_path, tiny_path):
     from transformers import AutoModelForCausalLM
 
@@ -301,6 +302,7 @@ def test_model_object_and_path_give_the_same_trainer(tmp_path, tiny_path):
     assert by_path.config.model.name_or_path == str(tiny_path)
 
 
+@pytest.mark.slow
 def test_peft_model_trains_its_adapter_and_the_teacher_uses_it(tmp_path, tiny_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -331,6 +333,7 @@ def test_model_object_without_a_checkpoint_needs_the_hf_engine_and_a_tokenizer(t
         resolve_inputs(model=model, train_dataset=ROWS, reward_funcs=[contains_word], overrides=["rollout=hf"])
 
 
+@pytest.mark.slow
 def test_overrides_apply_on_top_of_a_config(tmp_path):
     config = load_config(["env=dataset", *overrides(tmp_path)])
     trainer = SDPOTrainer(config, train_dataset=ROWS, eval_dataset=ROWS[:2], reward_funcs=["exact_match"],
@@ -348,6 +351,7 @@ def test_overrides_apply_on_top_of_a_config(tmp_path):
 # the examples run
 
 
+@pytest.mark.slow
 def test_example_notebook_runs(tmp_path):
     import nbformat
     from nbclient import NotebookClient
@@ -370,6 +374,7 @@ def test_example_notebook_runs(tmp_path):
     assert metrics[-1]["step"] == 1 and "reward/mean" in metrics[-1]
 
 
+@pytest.mark.slow
 def test_trl_reward_example_runs_trls_function_unchanged(tmp_path):
     import sys
 

@@ -12,7 +12,7 @@ from conftest import TINY_OVERRIDES
 from test_episodes import GuessEnv, guessing_engine
 from sdpo.batch import PackedInputs, RolloutBatch, build_branch_inputs, build_model_inputs, forward_inputs, turn_chains
 from sdpo.hydra_config import load_config
-from sdpo.learner import MicroBatch
+from sdpo.plan import MicroBatch
 from sdpo.losses.objective import MetricSums
 from sdpo.models import load_model, response_features, response_logprobs
 from sdpo.rollout.episodes import episode_advantages
@@ -167,7 +167,7 @@ def float64_trainer(tmp_path, tokenizer, *overrides, solve_turn=2):
 
 def scored_batch(trainer) -> RolloutBatch:
     batch, contexts, _ = trainer.collector.collect(trainer.next_questions(), trainer.step)
-    trainer.teacher_context(batch, contexts)
+    batch, _ = trainer.teacher_context(batch, contexts)
     acfg = trainer.config.algorithm
     batch.advantages_B = episode_advantages(batch, acfg.norm_adv_by_std, acfg.advantage_estimator)
     return batch
@@ -176,7 +176,7 @@ def scored_batch(trainer) -> RolloutBatch:
 def step_gradients(trainer, batch, pack: bool):
     """One optimizer step's gradients and metrics, per turn or packed, and the positions of the student's forwards."""
     learner = trainer.learner
-    learner.pack_episodes = pack
+    learner.planner.pack_episodes = pack
     learner.optimizer.zero_grad(set_to_none=True)
     sizes = []
     hook = learner.unwrapped.register_forward_pre_hook(  # the student's forwards (the teacher's run without grad)
@@ -184,7 +184,7 @@ def step_gradients(trainer, batch, pack: bool):
         with_kwargs=True)
     counts, sums = learner.step_counts(batch), MetricSums()
     try:
-        for micro in learner.micro_batches(batch):
+        for micro in learner.planner.micro_batches(batch, learner.prompt_pass):
             assert isinstance(micro, MicroBatch)
             learner.micro_batch_step(micro, counts, sums)
     finally:
@@ -218,9 +218,9 @@ def test_the_packed_step_equals_one_row_per_turn(tmp_path, tokenizer, case, evic
                               f"rollout.max_prompt_len={60 if evicted else 512}", solve_turn=1 if evicted else 2)
     batch = scored_batch(trainer)
     if trainer.learner.config.trainer.epochs_per_step > 1:
-        trainer.learner.pack_episodes = False
+        trainer.learner.planner.pack_episodes = False
         per_turn_old = trainer.learner.sampled_logprobs(trainer.learner.policy, batch)
-        trainer.learner.pack_episodes = True
+        trainer.learner.planner.pack_episodes = True
         batch.old_logp_BR = trainer.learner.sampled_logprobs(trainer.learner.policy, batch)
         mask = batch.response_mask_BR  # columns past a response hold no meaning
         torch.testing.assert_close(batch.old_logp_BR[mask], per_turn_old[mask], rtol=GRAD_RTOL, atol=1e-10)
@@ -247,7 +247,7 @@ def test_a_single_turn_batch_is_untouched_by_packing(tmp_path):
     config = load_config([*TINY_OVERRIDES, "model.autocast_dtype=none", f"trainer.output_dir={tmp_path}"])
     trainer = SDPOTrainer(config)
     batch = scored_batch(trainer)
-    assert batch.episode_ids_B is None and not trainer.learner._packs(batch)
+    assert batch.episode_ids_B is None and not trainer.learner.planner.packs(batch)
     # Each row is an episode of its own: episode-wise blocks are the row-wise ones.
     assert batch.chains() == batch.episode_rows() == [[i] for i in range(len(batch))]
     for size in (1, 3, 8):

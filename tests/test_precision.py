@@ -135,6 +135,7 @@ def test_huge_pages_for_large_cpu_tensors_only_before_torch(code, env, expected)
     assert out.strip() == expected
 
 
+@pytest.mark.slow
 def test_huge_pages_cut_the_page_faults_of_large_tensors():
     """torch honours the variable: 20 fresh 64 MB tensors fault in 2 MB pages instead of 4 KB ones."""
     from pathlib import Path
@@ -171,6 +172,7 @@ print(min(faults[5:]))  # a step's page faults once the heap has grown to a step
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.slow
 def test_freed_memory_is_kept_for_the_next_step():
     # The trainer calls keep_freed_memory: once the heap has grown to a step's size, a step's large tensors reuse
     # the memory the previous step freed instead of faulting in fresh pages (measured: 0 faults per step against

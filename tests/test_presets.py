@@ -17,6 +17,8 @@ from sdpo import SDPOTrainer, load_config
 from sdpo.hydra_config import CONFIG_DIR
 from sdpo.teacher import Teacher
 
+pytestmark = pytest.mark.slow  # end-to-end: deselected by the quick check, pytest -m "not slow"
+
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 
 # The model and the sizes of a test; everything else is the preset's.

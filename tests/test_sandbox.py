@@ -248,6 +248,7 @@ def detached_runs(marker: str) -> list[tuple[str, Problem, str, str]]:
 
 
 @pytest.mark.parametrize("mode", ["bwrap", "process", "process-unprivileged"])
+@pytest.mark.slow
 def test_a_detached_process_tree_dies_in_every_mode(mode, monkeypatch):
     from sdpo.envs.code import sandbox as sandbox_module
 

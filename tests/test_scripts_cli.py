@@ -19,6 +19,8 @@ from sdpo.cli import EVAL_IGNORES, EVAL_USES, PROBE_USES, TEST_TIME_IGNORES, che
 from sdpo.config import ConfigError
 from sdpo.hydra_config import load_config
 
+pytestmark = pytest.mark.slow  # end-to-end: deselected by the quick check, pytest -m "not slow"
+
 REPO = Path(__file__).resolve().parents[1]
 # Small enough for a test: the tiny model on the transformers engine, 2 questions x 2 samples of 4 tokens.
 EVAL_ARGS = ["model=tiny", "rollout=hf", "env=arithmetic", "env.score_workers=1", "model.autocast_dtype=none",

@@ -1,4 +1,4 @@
-"""Forwards with shared prompts (trainer.learner.share_prompts, sdpo.models.PromptPass): each distinct prompt runs once and
+"""Forwards with shared prompts (trainer.learner.planner.share_prompts, sdpo.models.PromptPass): each distinct prompt runs once and
 its rollouts' responses on its key/value cache, within a micro-batch or across an optimizer step's micro-batches.
 Checked against one forward per row in float64, values and gradients."""
 
@@ -131,6 +131,13 @@ def test_one_prompt_pass_for_several_micro_batches(tiny_path, lora, prompts):
                                        msg=name)
 
 
+def rows_features(teacher, model, micro, passes, share):
+    """The teacher's features of a micro-batch's rows with a signal (as its micro-batch forward runs them)."""
+    rows = torch.tensor(micro.distill_rows, dtype=torch.long)
+    inputs = micro.select(rows).teacher_inputs(0, share, passes[0].prompts if passes else None)
+    return teacher.features(model, inputs, passes).of_rows(rows, micro.response_width)
+
+
 @PROMPT_SETS
 @pytest.mark.parametrize("kind", ["ema", "trust_region"])
 def test_the_teachers_reprompt_pass_gives_the_features_of_one_forward_per_row(tiny_path, kind, prompts):
@@ -148,24 +155,21 @@ def test_the_teachers_reprompt_pass_gives_the_features_of_one_forward_per_row(ti
     block = batch_of([[1]] * len(PROMPTS), RESPONSES)
     block.teacher_prompt_ids = [list(p) for p in prompts]
     block.distill_mask_B = torch.tensor([True, True, True, True, False, True])
-    passes = teacher.prompt_passes(model, block, 0, torch.device("cpu"))
+    passes = teacher._prompt_passes(model, block, 0, torch.device("cpu"))
     assert passes is not None and len(passes) == {"ema": 1, "trust_region": 2}[kind]  # one per source
     assert passes[0].prompts.input_ids.shape[0] == 3  # the distinct reprompts of the rows with a signal
     assert passes[0].prompts.common == (4 if prompts is PREFIXED else 0)
-
-    def same_rank(needed: bool) -> bool:
-        return needed
 
     for rows in ([0, 1], [2, 3], [4, 5]):
         micro = block.select(rows)
         widths = []  # what each source's forward reads: the responses only, on the reprompts' cache
         hooks = [m.get_input_embeddings().register_forward_hook(lambda m, args, out: widths.append(args[0].shape[1]))
                  for m in (model, teacher.model)]
-        continued = teacher.micro_batch_features(model, micro, 0, torch.device("cpu"), same_rank, passes=passes)
+        continued = rows_features(teacher, model, micro, passes, share=True)
         for hook in hooks:
             hook.remove()
         assert widths == [micro.select(micro.distill_rows).response_width] * len(passes)
-        per_row = teacher.micro_batch_features(model, micro, 0, torch.device("cpu"), same_rank, share_prompts=False)
+        per_row = rows_features(teacher, model, micro, None, share=False)
         assert continued.rows.tolist() == per_row.rows.tolist() == micro.distill_rows
         mask_BR = micro.response_mask_BR[continued.rows]
         assert mask_BR.any() and len(continued.features) == len(per_row.features) == len(passes)
@@ -181,11 +185,11 @@ def test_no_reprompt_pass_without_shared_reprompts(tiny_path):
     block = batch_of(PROMPTS, RESPONSES)
     block.teacher_prompt_ids = [list(p) for p in PROMPTS]
     block.distill_mask_B = torch.tensor([True, True, False, True, False, False])  # three distinct reprompts
-    assert Teacher(TeacherConfig(), model).prompt_passes(model, block, 0, torch.device("cpu")) is None
+    assert Teacher(TeacherConfig(), model)._prompt_passes(model, block, 0, torch.device("cpu")) is None
     block.distill_mask_B[2] = True  # rows 0 and 2 share one
-    assert Teacher(TeacherConfig(), model).prompt_passes(model, block, 0, torch.device("cpu")) is not None
+    assert Teacher(TeacherConfig(), model)._prompt_passes(model, block, 0, torch.device("cpu")) is not None
     engine_scored = Teacher(TeacherConfig(kind="live", scorer="engine"), model)
-    assert engine_scored.prompt_passes(model, block, 0, torch.device("cpu")) is None
+    assert engine_scored._prompt_passes(model, block, 0, torch.device("cpu")) is None
 
 
 def test_prompt_blocks_keep_a_prompts_rollouts_together():
@@ -216,9 +220,9 @@ def test_the_trainer_shares_prompts_only_where_the_cache_is_kept(tmp_path):
     def trainer(*overrides):
         return SDPOTrainer(load_config([*TINY_OVERRIDES, f"trainer.output_dir={tmp_path / 'run'}", *overrides]))
 
-    assert trainer().learner.share_prompts
-    assert not trainer("trainer.share_prompts=false").learner.share_prompts
-    assert not trainer("model.gradient_checkpointing=true").learner.share_prompts
+    assert trainer().learner.planner.share_prompts
+    assert not trainer("trainer.share_prompts=false").learner.planner.share_prompts
+    assert not trainer("model.gradient_checkpointing=true").learner.planner.share_prompts
 
 
 @pytest.mark.parametrize("generations, passes", [(4, 1), (1, 0)])

@@ -113,6 +113,7 @@ def test_a_broken_json_lines_row_names_the_file_and_the_line(tmp_path):
         read_split(array, "train")
 
 
+@pytest.mark.slow
 def test_teacher_only_context_never_reaches_the_student_or_the_rollouts(tmp_path):
     trainer = SDPOTrainer(train_dataset=Dataset.from_list(ROWS), reward_funcs=[never], overrides=overrides(tmp_path))
     sent: list[list[int]] = []
@@ -132,6 +133,7 @@ def test_teacher_only_context_never_reaches_the_student_or_the_rollouts(tmp_path
     assert result.metrics["distill/student_teacher_kl"] != 0.0  # the teacher differs from the student there
 
 
+@pytest.mark.slow
 def test_data_context_off_leaves_the_teacher_without_a_signal(tmp_path):
     trainer = SDPOTrainer(train_dataset=Dataset.from_list(ROWS), reward_funcs=[never],
                           overrides=overrides(tmp_path, "algorithm.reprompt.data_context=off"))
@@ -152,6 +154,7 @@ def test_a_reward_function_may_return_the_context(tmp_path):
                    for p in batch.prompt_ids)
 
 
+@pytest.mark.slow
 def test_an_environments_reference_as_teacher_context(tmp_path):
     config = load_config([*overrides(tmp_path), "env=arithmetic", "env.reference_as_teacher_context=true"])
     trainer = SDPOTrainer(config)

@@ -123,6 +123,7 @@ def test_plot_script_overlays_runs(tmp_path):
         plot.main([str(tmp_path / "missing")])
 
 
+@pytest.mark.slow
 def test_eval_script_reports_avg_and_pass_at_k_for_a_checkpoint(tmp_path, tiny_path):
     out = tmp_path / "report.json"
     cmd = [sys.executable, str(REPO / "scripts" / "eval.py"), "env=arithmetic", f"model.name_or_path={tiny_path}",

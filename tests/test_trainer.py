@@ -13,7 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from toy_envs import ParityEnv, ParityEnvConfig
 
 from sdpo import SDPOTrainer, load_config
-from sdpo.learner import Learner, MicroBatch
+from sdpo.learner import Learner
+from sdpo.plan import Block, MicroBatch
 from sdpo.losses import aggregate
 from sdpo.teacher import NoTeacher, Teacher, reprompt_limit
 
@@ -76,9 +77,12 @@ def test_grpo_builds_no_teacher_and_learns(tmp_path):
 def test_hybrids_and_several_minibatches_run(tmp_path, algorithm):
     # Two optimizer steps per generation batch: old log-probs are computed and the ratio departs from 1.
     trainer = make_trainer(tmp_path, f"algorithm={algorithm}", "trainer.mini_batch_questions=1")
+    scored_by = []  # the models whose log-probs of the sampled tokens the update takes first
+    original = trainer.learner.sampled_logprobs
+    trainer.learner.sampled_logprobs = lambda model, batch: scored_by.append(model) or original(model, batch)
     result = trainer.training_step()
     assert trainer.learner.scheduler.last_epoch == 2  # two optimizer steps, both applied
-    assert result.batch.old_logp_BR is not None and result.metrics["optim/skipped_steps"] == 0
+    assert scored_by == [trainer.learner.policy] and result.metrics["optim/skipped_steps"] == 0
 
 
 def loss_gradients(trainer, batch, micro_batch_size):
@@ -86,8 +90,12 @@ def loss_gradients(trainer, batch, micro_batch_size):
     counts = trainer.learner.step_counts(batch)
     from sdpo.losses.objective import MetricSums
 
-    for micro in batch.micro_batches(micro_batch_size):
-        trainer.learner.micro_batch_loss(MicroBatch(micro, None, None, True, True), counts, MetricSums()).backward()
+    learner = trainer.learner
+    for rows in batch.micro_batches(micro_batch_size):
+        micro = MicroBatch(rows, Block(rows, shared=False), True, True, share=learner.planner.share_prompts)
+        targets = learner.teacher.targets(learner.unwrapped, micro, learner.forward)
+        learner.micro_batch_loss(micro, targets, counts, MetricSums()).backward()
+        targets.release()
     grads = [p.grad.clone() for p in trainer.dist.trainable]
     trainer.learner.optimizer.zero_grad(set_to_none=True)
     return grads
@@ -98,7 +106,7 @@ def test_loss_gradient_does_not_depend_on_micro_batch_size(tmp_path, algorithm):
     trainer = make_trainer(tmp_path, f"algorithm={algorithm}", "model.dtype=float32")
     problems = trainer.next_questions()
     batch, problems_B, _ = trainer.collector.collect(problems, trainer.step)
-    trainer.teacher_context(batch, problems_B)
+    batch, _ = trainer.teacher_context(batch, problems_B)
     from sdpo.losses import group_advantages
 
     batch.advantages_B = group_advantages(batch.rewards_B, batch.group_ids_B)
@@ -172,7 +180,7 @@ def step_inputs(tmp_path, *overrides, double=False):
     # The random-init model never stops early: give the responses the ragged lengths real rollouts have (the
     # rewards read the text, which is kept).
     batch.response_ids = [r[: 2 + (5 * i) % 11] for i, r in enumerate(batch.response_ids)]
-    trainer.teacher_context(batch, problems_B)
+    batch, _ = trainer.teacher_context(batch, problems_B)
     from sdpo.losses import group_advantages
 
     batch.advantages_B = group_advantages(batch.rewards_B, batch.group_ids_B)
@@ -183,8 +191,8 @@ def step_gradients(trainer, batch, **variants) -> dict[str, list[torch.Tensor]]:
     """The gradient of one optimizer step on `batch` (nothing applied) for each variant: name -> trainer attributes."""
     grads = {}
     for label, attributes in variants.items():
-        for name, value in attributes.items():
-            setattr(trainer.learner, name, value)
+        for name, value in attributes.items():  # the planner's settings, or the learner's
+            setattr(trainer.learner.planner if hasattr(trainer.learner.planner, name) else trainer.learner, name, value)
 
         def optimizer_step(label=label):  # record the step's gradient, apply nothing
             grads[label] = [p.grad.clone() for p in trainer.dist.trainable]
@@ -201,7 +209,7 @@ def test_length_sorted_micro_batches_give_the_same_loss_gradient(tmp_path, algor
     # The update cuts micro-batches from the mini-batch ordered by length (less padding); in float64 the gradient
     # must be that of the unsorted micro-batches up to rounding.
     trainer, batch = float64_step_inputs(tmp_path, f"algorithm={algorithm}")
-    trainer.learner.share_prompts = False  # one forward per row: shared prompts round differently (tested below)
+    trainer.learner.planner.share_prompts = False  # one forward per row: shared prompts round differently (tested below)
     ordered = batch.by_length()
     lengths = [len(r) for r in ordered.response_ids]
     assert lengths == sorted(lengths) and sorted(ordered.problem_ids) == sorted(batch.problem_ids)
@@ -216,17 +224,17 @@ def test_length_sorted_micro_batches_give_the_same_loss_gradient(tmp_path, algor
 
 @pytest.mark.parametrize("algorithm", ["sdpo", "sdpo_grpo", "grpo"])
 def test_shared_prompts_give_the_update_the_same_gradient(tmp_path, algorithm):
-    # trainer.learner.share_prompts: an optimizer step's 4 prompts run in blocks of at most 3 (sdpo.models.PromptPass),
+    # trainer.learner.planner.share_prompts: an optimizer step's 4 prompts run in blocks of at most 3 (sdpo.models.PromptPass),
     # each for micro-batches of 3 (so a group's rollouts straddle micro-batches, and the earlier ones' prompt
     # gradient reaches the weights through the block's last backward). In float64 the gradient must be that of one
     # forward per row.
     trainer, batch = float64_step_inputs(tmp_path, f"algorithm={algorithm}", "trainer.micro_batch_size=3",
                                          "trainer.questions_per_step=4", "trainer.mini_batch_questions=4")
-    assert trainer.learner.share_prompts and [len(block) for block in batch.prompt_blocks(3)] == [12, 4]
+    assert trainer.learner.planner.share_prompts and [len(block) for block in batch.prompt_blocks(3)] == [12, 4]
     reprompt_passes = []  # the teacher's: its blocks' distinct reprompts once (no gradient)
-    original = trainer.learner.teacher_prompt_passes
-    trainer.learner.teacher_prompt_passes = (
-        lambda block, pack: reprompt_passes.append(original(block, pack)) or reprompt_passes[-1])
+    teacher = trainer.learner.teacher
+    original = getattr(teacher, "_prompt_passes", lambda *args, **kwargs: None)
+    teacher._prompt_passes = lambda *args, **kwargs: reprompt_passes.append(original(*args, **kwargs)) or reprompt_passes[-1]
     grads = step_gradients(trainer, batch, **{"per row": {"share_prompts": False}, "shared": {"share_prompts": True}})
     assert any(g.abs().sum() > 0 for g in grads["per row"])
     assert isinstance(trainer.learner.teacher, Teacher) == any(p is not None for p in reprompt_passes)
@@ -315,5 +323,5 @@ def test_reprompts_stay_within_the_model_window(tmp_path):
     assert reprompt_limit(trainer.config, trainer.learner.unwrapped) == 96
     trainer.learner.teacher.reprompt_len = 96
     batch, problems_B, _ = trainer.collector.collect(trainer.next_questions(), trainer.step)
-    trainer.teacher_context(batch, problems_B)
+    batch, _ = trainer.teacher_context(batch, problems_B)
     assert all(len(ids) <= 96 for ids in batch.teacher_prompt_ids)

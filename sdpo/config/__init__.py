@@ -2,8 +2,8 @@
 
 YAML files under `configs/` only override these values, and restate none (tests/test_config.py checks every leaf):
 the default run is the CPU-scale preset `configs/experiment/cpu.yaml`, the paper presets in `configs/experiment/`
-are a few overrides each. The name lists (teacher kinds, distillation modes, ...) are those of the
-registries that implement them (tests/test_config.py checks that too). Hydra validates every override against these dataclasses (a misspelled key fails at start), and
+are a few overrides each. A named choice (teacher kind, distillation mode, rollout engine, ...) is checked against the
+registry that implements it, so there is no second list of names here. Hydra validates every override against these dataclasses (a misspelled key fails at start), and
 `__post_init__` checks values and cross-field rules with messages that name the key and the allowed values.
 
 Environments bring their own schema (a subclass of `EnvConfig`, registered by the environment module), so that
@@ -22,12 +22,6 @@ from typing import Any
 from omegaconf import MISSING
 
 from sdpo.config.algorithm import (
-    ADVANTAGE_ESTIMATORS,
-    AGGREGATIONS,
-    DISTILL_MODES,
-    KL_ESTIMATORS,
-    TEACHER_KINDS,
-    TEACHER_SCORERS,
     AlgorithmConfig,
     DistillConfig,
     PolicyLossConfig,
@@ -37,9 +31,8 @@ from sdpo.config.algorithm import (
 from sdpo.config.checks import ConfigError, check_choice, check_range
 from sdpo.config.env import EnvConfig
 from sdpo.config.model import LoRAConfig, ModelConfig
-from sdpo.config.rollout import ROLLOUT_ENGINES, RolloutConfig, ServerConfig, VLLMConfig
+from sdpo.config.rollout import RolloutConfig, ServerConfig, VLLMConfig
 from sdpo.config.training import (
-    TEST_TIME_METHODS,
     EvalConfig,
     KeepBestConfig,
     LoggingConfig,
@@ -71,28 +64,26 @@ class SDPOConfig:
                                   "(e.g. eval.every=2), or trainer.keep_best.metric=null")
             check_choice("trainer.keep_best.metric", best, self.eval.metric_names)
         algo = self.algorithm
-        if algo.uses_teacher and algo.teacher.scorer == "engine":
+        from sdpo.losses.distill import DISTILL_MODES
+        from sdpo.rollout import ENGINES
+        from sdpo.teacher.choices import TEACHER_KINDS, TEACHER_SCORERS
+
+        if algo.uses_teacher and not TEACHER_SCORERS.get(algo.teacher.scorer).forward_in_update:
+            scoring = [name for name in ENGINES.in_order() if ENGINES.get(name).scores_teacher]
             needs = {
-                "rollout=vllm or rollout=vllm_server": self.rollout.engine in ("vllm", "vllm_server"),
-                "algorithm.teacher.kind=live (the engine holds the current policy)": algo.teacher.kind == "live",
+                " or ".join(f"rollout={name}" for name in scoring): self.rollout.engine in scoring,
+                "algorithm.teacher.kind=live (the engine holds the current policy)":
+                    TEACHER_KINDS.get(algo.teacher.kind)(algo.teacher) == [("live", 1.0)],
                 "algorithm.distill.mode=sampled_token (the engine gives the sampled token's log-prob only)":
-                    algo.distill.mode == "sampled_token",
+                    DISTILL_MODES.get(algo.distill.mode).token_advantage,
                 "rollout.temperature=1.0 (the engine's prompt log-probs are not temperature-scaled)": self.rollout.temperature == 1.0,
             }
             missing = [what for what, ok in needs.items() if not ok]
             if missing:
-                raise ConfigError("algorithm.teacher.scorer=engine needs " + "; ".join(missing))
+                raise ConfigError(f"algorithm.teacher.scorer={algo.teacher.scorer} needs " + "; ".join(missing))
 
 
 __all__ = [
-    "ADVANTAGE_ESTIMATORS",
-    "AGGREGATIONS",
-    "DISTILL_MODES",
-    "KL_ESTIMATORS",
-    "ROLLOUT_ENGINES",
-    "TEACHER_KINDS",
-    "TEACHER_SCORERS",
-    "TEST_TIME_METHODS",
     "AlgorithmConfig",
     "ConfigError",
     "DistillConfig",

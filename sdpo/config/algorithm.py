@@ -1,13 +1,15 @@
-"""`algorithm.*`: the objective (SDPO, GRPO, their hybrids), the self-teacher, its reprompt and the losses."""
+"""`algorithm.*`: the objective (SDPO, GRPO, their hybrids), the self-teacher, its reprompt and the losses.
+
+A choice with a name (teacher kind, distillation mode, mix, ...) is validated against the registry that implements
+it, imported when a config is built: the registries' modules import nothing of the config, so there is no cycle,
+and a name registered from outside the library is valid here without editing this file.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from sdpo.config.checks import ConfigError, check_choice, check_range
-
-
-DATA_CONTEXT_MODES = ["off", "fallback", "prefer", "both"]
 
 
 @dataclass
@@ -55,12 +57,11 @@ class RepromptConfig:
             raise ConfigError("algorithm.reprompt.include_solution=false, include_environment_feedback=false and "
                               "data_context=off leave the teacher nothing to learn from: turn one of them on")
         check_range("algorithm.reprompt.max_reprompt_len", self.max_reprompt_len, 16)
-        check_choice("algorithm.reprompt.data_context", self.data_context, DATA_CONTEXT_MODES)
+        from sdpo.teacher.choices import DATA_CONTEXT_ORDERS
+
+        check_choice("algorithm.reprompt.data_context", self.data_context, DATA_CONTEXT_ORDERS)
         if "{context}" not in self.data_context_template:
             raise ConfigError("algorithm.reprompt.data_context_template must contain {context}")
-
-
-TEACHER_KINDS = ["live", "frozen", "ema", "trust_region"]
 
 
 @dataclass
@@ -79,14 +80,12 @@ class TeacherConfig:
     scorer: str = "trainer"
 
     def __post_init__(self) -> None:
+        from sdpo.teacher.choices import TEACHER_KINDS, TEACHER_SCORERS
+
         check_choice("algorithm.teacher.kind", self.kind, TEACHER_KINDS)
         check_choice("algorithm.teacher.scorer", self.scorer, TEACHER_SCORERS)
         check_range("algorithm.teacher.update_rate", self.update_rate, 0.0, 1.0)
         check_range("algorithm.teacher.trust_region_mix", self.trust_region_mix, 0.0, 1.0)
-
-
-DISTILL_MODES = ["sampled_token", "full_logits", "topk_logits", "sequence"]
-TEACHER_SCORERS = ["trainer", "engine"]
 
 
 @dataclass
@@ -112,12 +111,15 @@ class DistillConfig:
     entry_clip: float | None = None
 
     def __post_init__(self) -> None:
+        from sdpo.losses.distill import DISTILL_MODES
+
         check_choice("algorithm.distill.mode", self.mode, DISTILL_MODES)
+        mode = DISTILL_MODES.get(self.mode)
         for key in ("token_clip", "entry_clip"):
             value = getattr(self, key)
             if value is not None:
                 check_range(f"algorithm.distill.{key}", value, 1e-6)
-                if not self.logit_level:
+                if not mode.needs_logits:
                     raise ConfigError(f"algorithm.distill.{key}={value} caps a logit-level divergence, which "
                                       f"algorithm.distill.mode={self.mode} does not compute: use "
                                       "algorithm.distill.advantage_clip (its per-token clip) or a logit-level mode")
@@ -125,25 +127,16 @@ class DistillConfig:
         check_range("algorithm.distill.alpha", self.alpha, 0.0, 1.0)
         if self.advantage_clip is not None:
             check_range("algorithm.distill.advantage_clip", self.advantage_clip, 1e-6)
-            if self.mode != "sampled_token":
+            if not mode.token_advantage:
                 raise ConfigError(
                     f"algorithm.distill.advantage_clip={self.advantage_clip} clips the sampled-token SDPO advantage, "
                     f"which algorithm.distill.mode={self.mode} does not use: it would do nothing. Remove it "
                     "(algorithm.distill.advantage_clip=null) or set algorithm.distill.mode=sampled_token"
                 )
-        if not self.logit_level and self.alpha != 1.0:
+        if not mode.needs_logits and self.alpha != 1.0:
             raise ConfigError(
                 f"algorithm.distill.mode={self.mode} supports only the reverse KL: set algorithm.distill.alpha=1.0"
             )
-
-    @property
-    def logit_level(self) -> bool:
-        """Whether the loss needs both models' logits (full / top-k), rather than the sampled tokens' log-probs (for
-        validation; the losses ask the mode itself, `sdpo.losses.DISTILL_MODES`, and a test holds the two equal)."""
-        return self.mode in ("full_logits", "topk_logits")
-
-
-KL_ESTIMATORS = ["k1", "k2", "k3"]
 
 
 @dataclass
@@ -159,11 +152,9 @@ class PolicyLossConfig:
     def __post_init__(self) -> None:
         check_range("algorithm.policy.clip_eps_low", self.clip_eps_low, 0.0, 1.0)
         check_range("algorithm.policy.clip_eps_high", self.clip_eps_high, 0.0)
+        from sdpo.losses.policy import KL_ESTIMATORS
+
         check_choice("algorithm.policy.kl_estimator", self.kl_estimator, KL_ESTIMATORS)
-
-
-AGGREGATIONS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
-ADVANTAGE_ESTIMATORS = ["grpo"]
 
 
 @dataclass
@@ -186,8 +177,9 @@ class AlgorithmConfig:
     # Token-level truncated IS between the inference engine's and the trainer's log-probs; None disables it.
     tis_threshold: float | None = 2.0
     # Multi-turn episodes (rollout.max_turns > 1): the return GRPO baselines over a question's episodes and gives to
-    # every turn of the episode. "final": the last turn's reward; "any_success": the best turn's reward;
-    # "discounted": sum over turns t (from 0) of episode_discount^t * reward_t (a later success is worth less).
+    # every turn of the episode (`sdpo.losses.EPISODE_RETURNS`). "final": the last turn's reward; "any_success": the
+    # best turn's reward; "discounted": sum over turns t (from 0) of episode_discount^t * reward_t (a later success
+    # is worth less).
     episode_return: str = "final"
     episode_discount: float = 0.9
     policy: PolicyLossConfig = field(default_factory=PolicyLossConfig)
@@ -201,19 +193,26 @@ class AlgorithmConfig:
 
     @property
     def uses_policy_loss(self) -> bool:
-        return self.grpo_weight > 0.0 or self.mix == "advantage"
+        from sdpo.losses.mix import MIXES
+
+        return MIXES.get(self.mix).uses_policy_loss(self.grpo_weight)
 
     def __post_init__(self) -> None:
         check_range("algorithm.grpo_weight", self.grpo_weight, 0.0, 1.0)
-        check_choice("algorithm.mix", self.mix, ["loss", "advantage"])
+        from sdpo.losses.advantages import ADVANTAGE_ESTIMATORS, EPISODE_RETURNS
+        from sdpo.losses.aggregate import AGGREGATIONS
+        from sdpo.losses.distill import DISTILL_MODES
+        from sdpo.losses.mix import MIXES
+
+        check_choice("algorithm.mix", self.mix, MIXES)
         check_choice("algorithm.advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS)
         check_choice("algorithm.loss_agg_mode", self.loss_agg_mode, AGGREGATIONS)
-        check_choice("algorithm.episode_return", self.episode_return, ["final", "any_success", "discounted"])
+        check_choice("algorithm.episode_return", self.episode_return, EPISODE_RETURNS)
         check_range("algorithm.episode_discount", self.episode_discount, 0.0, 1.0)
         if self.distill.advantage_clip is not None and not self.uses_teacher:
             raise ConfigError(f"algorithm.distill.advantage_clip={self.distill.advantage_clip} clips the SDPO advantage, "
                               "and algorithm.grpo_weight=1.0 (GRPO) has none: remove it")
-        if self.mix == "advantage" and self.uses_teacher and self.distill.mode != "sampled_token":
+        if MIXES.get(self.mix).in_advantage and self.uses_teacher and not DISTILL_MODES.get(self.distill.mode).token_advantage:
             raise ConfigError(
                 "algorithm.mix=advantage mixes the sampled-token SDPO advantage into the policy gradient: "
                 "set algorithm.distill.mode=sampled_token (and alpha=1.0), or use algorithm.mix=loss"

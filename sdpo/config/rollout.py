@@ -74,9 +74,6 @@ class ServerConfig:
         check_range("rollout.server.max_concurrency", self.max_concurrency, 1)
 
 
-ROLLOUT_ENGINES = ["hf", "vllm", "vllm_server"]
-
-
 @dataclass
 class RolloutConfig:
     engine: str = "hf"
@@ -103,16 +100,19 @@ class RolloutConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
 
     def __post_init__(self) -> None:
-        check_choice("rollout.engine", self.engine, ROLLOUT_ENGINES)
+        from sdpo.rollout import ENGINES  # the engines' modules import nothing of the config
+
+        check_choice("rollout.engine", self.engine, ENGINES)
         check_range("rollout.num_generations", self.num_generations, 1)
         check_range("rollout.temperature", self.temperature, 1e-6)
         check_range("rollout.top_p", self.top_p, 1e-6, 1.0)
         check_range("rollout.max_new_tokens", self.max_new_tokens, 1)
         check_range("rollout.max_turns", self.max_turns, 1)
         check_range("rollout.async_steps", self.async_steps, 0)
-        if self.async_steps and self.engine != "vllm_server":
+        if self.async_steps and not ENGINES.get(self.engine).out_of_process:
+            able = " or ".join(f"rollout={name}" for name in ENGINES.in_order() if ENGINES.get(name).out_of_process)
             raise ConfigError(
-                f"rollout.async_steps={self.async_steps} needs rollout=vllm_server (generation in the server's process "
+                f"rollout.async_steps={self.async_steps} needs {able} (generation in the engine's own process "
                 f"while this one trains); rollout={self.engine} generates in the trainer's process: use "
                 "rollout.async_steps=0"
             )

@@ -71,7 +71,7 @@ class Environment(ABC):
         """Reward and feedback for one response. Runs in a worker: no shared state, no model."""
 
     def score_batch(self, problems: Sequence[Problem], responses: Sequence[str], truncated: Sequence[bool]) -> list[Score]:
-        # Imported on first use, as before: the pool's atexit hook and multiprocessing load only for a run that scores.
+        # Imported on first use: the pool's atexit hook and multiprocessing load only for a run that scores.
         from sdpo.envs.pool import score_in_pool
 
         return score_in_pool(self, problems, responses, truncated)

@@ -1,6 +1,6 @@
 """Arithmetic graded under an answer convention that the prompt does not state and the checker's feedback does.
 
-The learning-from-feedback task (issue #16): the question is plain ("What is 7 * 8?"), but the grader only accepts
+The learning-from-feedback task: the question is plain ("What is 7 * 8?"), but the grader only accepts
 answers written by a fixed convention, the way an autograder, a form field or an API does. A response in any other
 form scores 0 and gets the checker's format message, which states the convention (never this question's answer).
 A response in the right form with a wrong number is told that the number is wrong, not what it should be.

@@ -2,7 +2,7 @@
 
 A module of their own so that `sdpo.envs.base` (the Environment interface, which scores through the pool) and
 `sdpo.envs.pool` (which calls `Environment.score`) both import them without importing each other. Import them from
-`sdpo.envs` or `sdpo.envs.base`, as before.
+`sdpo.envs` or `sdpo.envs.base`.
 """
 
 from __future__ import annotations

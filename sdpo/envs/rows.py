@@ -114,12 +114,3 @@ def get_field(
 
 def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
     return kind if isinstance(kind, tuple) else (kind,)
-
-
-def json_field(record: dict[str, Any], name: str, path: Path, line: int) -> Any:
-    """A field that holds JSON text (e.g. a list of tests serialised as a string), decoded."""
-    text = get_field(record, name, str, path, line)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(path, line, name, f"not valid JSON text ({exc.msg})") from None

@@ -8,7 +8,9 @@ response-aligned and right-padded: position t of row b concerns response token t
 Config names map to functions through the registries, each via `.get(name)` and nowhere else: ADVANTAGE_ESTIMATORS
 ("grpo", used by `sdpo.rollout.episodes.episode_advantages`), AGGREGATIONS ("token-mean", "seq-mean-token-mean",
 "seq-mean-token-sum-norm"), DISTILL_MODES ("sampled_token", "sequence", "full_logits", "topk_logits": each a
-`DistillMode` that declares whether it needs both models' logits) and KL_ESTIMATORS ("k1", "k2", "k3").
+`DistillMode` that declares whether it needs both models' logits), KL_ESTIMATORS ("k1", "k2", "k3"), MIXES
+("loss", "advantage": each a `Mix`) and EPISODE_RETURNS ("final", "any_success", "discounted"). The config validates
+its choices against these registries, so an entry registered from outside the library is selectable by name.
 
 The whole objective of a micro-batch (GRPO, pure SDPO, both hybrids) is one function of per-token tensors,
 `sdpo.losses.objective.objective`.
@@ -21,7 +23,13 @@ Two ways to combine GRPO and SDPO (docs/algorithm.md §3):
   gradient at w = 1 - lambda; they differ once the ratio clips or the distillation uses full / top-k logits.
 """
 
-from sdpo.losses.advantages import ADVANTAGE_ESTIMATORS, group_advantages, mix_advantages, sdpo_token_advantages
+from sdpo.losses.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    EPISODE_RETURNS,
+    group_advantages,
+    mix_advantages,
+    sdpo_token_advantages,
+)
 from sdpo.losses.aggregate import AGGREGATIONS, aggregate, masked_mean
 from sdpo.losses.distill import (
     DISTILL_MODES,
@@ -33,6 +41,7 @@ from sdpo.losses.distill import (
     sampled_token_distill,
     topk_support,
 )
+from sdpo.losses.mix import MIXES, Mix
 from sdpo.losses.logprobs import chunked_response_terms, entropy_from_logits, token_logprobs
 from sdpo.losses.policy import KL_ESTIMATORS, clipped_policy_loss, kl_penalty, truncated_is_weights
 
@@ -41,7 +50,10 @@ __all__ = [
     "AGGREGATIONS",
     "DISTILL_MODES",
     "DistillMode",
+    "EPISODE_RETURNS",
     "KL_ESTIMATORS",
+    "MIXES",
+    "Mix",
     "aggregate",
     "chunked_response_terms",
     "clipped_policy_loss",

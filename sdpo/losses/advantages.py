@@ -9,6 +9,14 @@ from sdpo.registry import Registry
 
 ADVANTAGE_ESTIMATORS: Registry = Registry("advantage estimator")
 
+# algorithm.episode_return: (an episode's per-turn rewards, algorithm.episode_discount) -> its one return, which
+# GRPO baselines over the question's episodes and gives to every turn. "final": the last turn's reward;
+# "any_success": the best turn's; "discounted": sum over turns t (from 0) of discount^t * reward_t.
+EPISODE_RETURNS: Registry = Registry("episode return")
+EPISODE_RETURNS.register("final")(lambda rewards, discount: float(rewards[-1]))
+EPISODE_RETURNS.register("any_success")(lambda rewards, discount: float(max(rewards)))
+EPISODE_RETURNS.register("discounted")(lambda rewards, discount: float(sum(discount**t * r for t, r in enumerate(rewards))))
+
 
 @ADVANTAGE_ESTIMATORS.register("grpo")
 def group_advantages(

@@ -34,6 +34,9 @@ class DistillMode:
     needs_logits: bool
     logit_loss: Callable[..., Tensor] | None = None
     token_loss: Callable[[Tensor, Tensor, Tensor, float | None], Tensor] | None = None
+    # The per-token loss is the sampled-token SDPO advantage q(y_t) - s(y_t): what algorithm.distill.advantage_clip
+    # clips and algorithm.mix=advantage mixes into the policy gradient.
+    token_advantage: bool = False
 
 
 DISTILL_MODES: Registry[DistillMode] = Registry("distillation mode")
@@ -87,7 +90,7 @@ def divergence(student_logp_K: Tensor, teacher_logp_K: Tensor, alpha: float, ent
         torch.stack([student_logp_K + math.log(1.0 - alpha), teacher_logp_K + math.log(alpha)]), dim=0
     )
     student_terms, teacher_terms = _kl_terms(student_logp_K, mix_log), _kl_terms(teacher_logp_K, mix_log)
-    if entry_clip is None:  # two sums, as before the clip existed: the same numbers to the last bit
+    if entry_clip is None:  # two sums, not a clamped sum: the unclipped divergence keeps its own rounding
         return (1.0 - alpha) * student_terms.sum(-1) + alpha * teacher_terms.sum(-1)
     return ((1.0 - alpha) * student_terms + alpha * teacher_terms).clamp(max=entry_clip).sum(-1)
 
@@ -166,11 +169,12 @@ def _topk_logits(student_logits_BRV, teacher_logits_BRV, response_ids_BR, *, alp
 # The sampled-token form: reverse KL estimated at the sampled token, whose gradient (s - q) * grad s is the REINFORCE
 # form of grad KL(S || T) with per-token advantage q - s (docs/algorithm.md §3). No other alpha has this form.
 DISTILL_MODES.register("sampled_token")(DistillMode(
-    needs_logits=False, token_loss=lambda s_BR, q_BR, mask_BR, clip: sampled_token_distill(s_BR, q_BR, clip)))
-DISTILL_MODES.register("sequence")(DistillMode(
-    needs_logits=False, token_loss=lambda s_BR, q_BR, mask_BR, clip: sequence_distill(s_BR, q_BR, mask_BR)))
+    needs_logits=False, token_loss=lambda s_BR, q_BR, mask_BR, clip: sampled_token_distill(s_BR, q_BR, clip),
+    token_advantage=True))
 DISTILL_MODES.register("full_logits")(DistillMode(needs_logits=True, logit_loss=_full_logits))
 DISTILL_MODES.register("topk_logits")(DistillMode(needs_logits=True, logit_loss=_topk_logits))
+DISTILL_MODES.register("sequence")(DistillMode(
+    needs_logits=False, token_loss=lambda s_BR, q_BR, mask_BR, clip: sequence_distill(s_BR, q_BR, mask_BR)))
 
 
 def distill_per_token(

@@ -26,6 +26,7 @@ from sdpo.config import AlgorithmConfig
 from sdpo.losses.advantages import mix_advantages, sdpo_token_advantages
 from sdpo.losses.aggregate import aggregate
 from sdpo.losses.distill import DISTILL_MODES, is_ratio
+from sdpo.losses.mix import MIXES
 from sdpo.losses.policy import clipped_policy_loss, kl_penalty, truncated_is_weights
 
 
@@ -78,10 +79,11 @@ def objective(x: TokenInputs, counts: StepCounts, algo: AlgorithmConfig, max_res
     out = ObjectiveResult(loss=0.0 * logp_BR.sum())
     n_tok = mask_BR.sum()
     teacher_logp_BR, distill_mask_BR = x.teacher_logp_BR, x.distill_mask_BR
+    mix = MIXES.get(algo.mix)
 
     if algo.uses_policy_loss:
         adv_BR = x.advantages_B[:, None].expand_as(logp_BR)
-        if algo.mix == "advantage" and distill_mask_BR is not None:
+        if mix.in_advantage and distill_mask_BR is not None:
             # Rows without a reprompt signal have no SDPO advantage (0), only lambda * A_GRPO.
             sdpo_adv_BR = torch.zeros_like(logp_BR)
             if teacher_logp_BR is not None:
@@ -95,7 +97,7 @@ def objective(x: TokenInputs, counts: StepCounts, algo: AlgorithmConfig, max_res
             pg_BR = pg_BR + algo.policy.kl_coef * kl_BR
             out.sums["policy/kl_ref"] = ((kl_BR.detach() * mask_BR).sum(), n_tok)
         policy_loss = aggregate(pg_BR, mask_BR, num_tokens=counts.tokens, num_seqs=counts.seqs, **agg)
-        out.loss = out.loss + (1.0 if algo.mix == "advantage" else algo.grpo_weight) * policy_loss
+        out.loss = out.loss + mix.policy_weight(algo.grpo_weight) * policy_loss
         out.sums["policy/loss"] = (policy_loss.detach() * counts.tokens, n_tok)
         out.sums["policy/clip_fraction"] = ((clipped_BR & mask_BR).sum(), n_tok)
 
@@ -105,9 +107,9 @@ def objective(x: TokenInputs, counts: StepCounts, algo: AlgorithmConfig, max_res
         gap_BR = (logp_BR.detach() - teacher_logp_BR) * distill_mask_BR if teacher_logp_BR is not None else mask_BR * 0.0
         # E_{y ~ student}[log s(y) - log q(y)]: an unbiased estimate of KL(student || teacher) on-policy.
         out.sums["distill/student_teacher_kl"] = (gap_BR.sum(), n_distill)
-        if algo.mix == "loss" and teacher_logp_BR is None:
+        if mix.distill_term and teacher_logp_BR is None:
             out.sums["distill/loss"] = out.sums["distill/is_clip_fraction"] = (0.0, 0.0)
-        elif algo.mix == "loss":
+        elif mix.distill_term:
             ratio_BR = is_ratio(logp_BR, old_BR, algo.distill.is_clip)
             # Logit-level modes were computed in the forward (`distill_BR`); sampled-token ones need log q(y_t) only.
             per_token_BR = (x.distill_BR.to(logp_BR.dtype) if x.distill_BR is not None else DISTILL_MODES.get(

@@ -1,38 +1,31 @@
-"""Rollout engines behind one interface: `hf` (transformers generate), `vllm` (colocated vLLM), `vllm_server`."""
+"""Rollout engines behind one interface, each registered in `ENGINES` by name: `hf` (transformers generate),
+`vllm` (colocated vLLM), `vllm_server` (a vLLM server in its own process), or one registered from outside.
+
+The engines' modules import vLLM lazily (at an engine's construction), so all three are registered on import.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
-import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-from sdpo.config import RolloutConfig
-from sdpo.rollout.base import ENGINES, Completion, RolloutEngine, SamplingSettings, SyncStats, TeacherScores
+from sdpo.rollout.base import (
+    ENGINES,
+    Completion,
+    EngineSource,
+    RolloutEngine,
+    SamplingSettings,
+    SyncStats,
+    TeacherScores,
+)
 from sdpo.rollout.hf import HFEngine
+import sdpo.rollout.server  # noqa: F401  (registers vllm_server)
+import sdpo.rollout.vllm  # noqa: F401  (registers vllm)
 
 
-def build_engine(
-    config: RolloutConfig,
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    model_path: str | Path,
-    max_model_len: int,
-    autocast_dtype: torch.dtype | None = None,
-    sharded: bool = False,
-) -> RolloutEngine:
-    """`sharded`: the policy's parameters are split over ranks (FSDP2, ZeRO-3), so generating with it is a collective."""
-    if config.engine == "hf":
-        return HFEngine(model, tokenizer, config, autocast_dtype=autocast_dtype, synced=sharded)
-    if config.engine == "vllm":
-        from sdpo.rollout.vllm import VLLMEngine  # imports vllm lazily; a clear error says how to install it
-
-        return VLLMEngine(model_path, tokenizer, config, max_model_len=max_model_len)
-    if config.engine == "vllm_server":
-        from sdpo.rollout.server import ServerEngine  # a server process; the trainer's process needs no vLLM
-
-        return ServerEngine(model_path, tokenizer, config, max_model_len=max_model_len)
-    return ENGINES.get(config.engine)(model_path, tokenizer, config, max_model_len=max_model_len)  # type: ignore[call-arg]
+def build_engine(config: Any, source: EngineSource) -> RolloutEngine:
+    """The engine rollout.engine (`config`: rollout.*) names, built from `source` as that engine needs."""
+    return ENGINES.get(config.engine).build(config, source)
 
 
-__all__ = ["ENGINES", "Completion", "HFEngine", "RolloutEngine", "SamplingSettings", "SyncStats", "TeacherScores", "build_engine"]
+__all__ = ["ENGINES", "Completion", "EngineSource", "HFEngine", "RolloutEngine", "SamplingSettings", "SyncStats",
+           "TeacherScores", "build_engine"]

@@ -54,7 +54,7 @@ class RolloutsAhead:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdpo-rollouts-ahead") if async_steps else None
 
     def take(self, step: int) -> Collected:
-        if not self.async_steps:  # the synchronous loop, exactly as before
+        if not self.async_steps:  # the synchronous loop: generate, then update
             batch, problems_B, metrics = self.collector.collect(self.draw(), step)
             return batch, problems_B, metrics | self._versions(metrics, step, step)
         launched = self.pending[-1].step + 1 if self.pending else step

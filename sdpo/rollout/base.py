@@ -4,6 +4,10 @@ Engines: `hf` (transformers `generate` on the policy itself, so weight sync is f
 `LLM`, synced after every optimizer step) and `vllm_server` (a vLLM server in its own process, synced through a
 process group). The trainer calls `generate` and `sync_weights`; an engine that declares `scores_teacher` also offers
 `score_teacher` (algorithm.teacher.scorer=engine).
+
+Code outside sdpo/rollout/ asks an engine class what it can do (its capability flags and class methods, e.g.
+`ENGINES.get(config.rollout.engine).loads_checkpoint(config.rollout)`), never what it is called. This module and the
+engines' modules import nothing of the config, so that the config can validate `rollout.engine` against `ENGINES`.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sdpo.config import RolloutConfig
 from sdpo.registry import Registry
 
 
@@ -31,7 +34,8 @@ class SamplingSettings:
     seed: int | None = None
 
     @classmethod
-    def from_config(cls, config: RolloutConfig, **overrides: Any) -> SamplingSettings:
+    def from_config(cls, config: Any, **overrides: Any) -> SamplingSettings:
+        """`config`: the rollout.* config; `overrides` that are not None replace its values."""
         settings = cls(
             n=config.num_generations,
             temperature=config.temperature,
@@ -76,12 +80,39 @@ class TeacherScores:
     mask_BR: Tensor  # bool
 
 
+@dataclass(frozen=True)
+class EngineSource:
+    """What an engine may be built from (`RolloutEngine.build`): the policy object and its checkpoint directory."""
+
+    model: Any  # the policy (unwrapped), which an engine that generates with it samples from
+    tokenizer: Any
+    model_path: Any  # the policy's checkpoint directory, for engines that load their own copy
+    max_model_len: int  # the longest sequence the engine must hold (rollouts, and the teacher's reads)
+    autocast_dtype: torch.dtype | None = None
+    sharded: bool = False  # the policy's parameters are split over ranks (FSDP2, ZeRO-3): generating is a collective
+
+
 class RolloutEngine(ABC):
     # An optional capability: True where `score_teacher` works (the vLLM engines).
     scores_teacher: bool = False
     # True where the engine generates in another process, so that generation may overlap the update
     # (rollout.async_steps); such an engine may also hold other weights than the policy's when the run starts.
     out_of_process: bool = False
+    # True where the engine samples from the policy object itself (no copy of its own, so weight sync is free; a
+    # LoRA policy is used as is; it generates in calls of rollout.hf_batch_size sequences).
+    generates_with_policy: bool = False
+    # True where the engine computes in its own precision, rollout.vllm.dtype (else the trainer's autocast).
+    own_dtype: bool = False
+
+    @classmethod
+    def build(cls, config: Any, source: EngineSource) -> RolloutEngine:
+        """The engine for the rollout.* `config`: by default one that loads the policy's checkpoint itself."""
+        return cls(source.model_path, source.tokenizer, config, max_model_len=source.max_model_len)  # type: ignore[call-arg]
+
+    @classmethod
+    def loads_checkpoint(cls, config: Any) -> bool:
+        """Whether the engine reads the policy from a checkpoint directory (so a model object needs one)."""
+        return not cls.generates_with_policy
 
     @abstractmethod
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingSettings) -> list[Completion]:

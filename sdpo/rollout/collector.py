@@ -19,7 +19,7 @@ from sdpo.distributed import Distributed
 from sdpo.envs import ENVIRONMENTS, Environment, Problem, build_environment
 from sdpo.evaluation import evaluate_policy
 from sdpo.models import render_chat
-from sdpo.rollout import RolloutEngine, SamplingSettings, build_engine
+from sdpo.rollout import ENGINES, EngineSource, RolloutEngine, SamplingSettings, build_engine
 from sdpo.rollout.episodes import EpisodeLimits, EpisodeRollout, episode_metrics
 from sdpo.tracking import StageTimer
 
@@ -56,14 +56,13 @@ class Collector:
         """The configured engine over the learner's policy, with a context window for the rollouts and for what the
         teacher has it read (reprompt plus response when the engine scores the teacher)."""
         rollout = self.config.rollout
-        if rollout.engine == "vllm_server" and self.dist.world > 1:
-            raise ConfigError(f"rollout=vllm_server syncs one trainer process's weights to the server; this launch has "
+        if ENGINES.get(rollout.engine).out_of_process and self.dist.world > 1:
+            raise ConfigError(f"rollout={rollout.engine} syncs one trainer process's weights to the server; this launch has "
                               f"{self.dist.world} processes: run it as one process (the server can still use "
                               "several GPUs: rollout.server.extra_args=[--tensor-parallel-size,N]) or use rollout=vllm")
-        max_model_len = max(rollout.max_prompt_len + rollout.max_new_tokens,
-                            learner.teacher.engine_context_len(rollout.max_new_tokens))
-        return build_engine(rollout, learner.unwrapped, self.tokenizer, model_path, max_model_len,
-                            learner.autocast_dtype, sharded=self.dist.sharded)
+        max_model_len = max(rollout.max_prompt_len + rollout.max_new_tokens, learner.teacher.engine_context_len)
+        return build_engine(rollout, EngineSource(learner.unwrapped, self.tokenizer, model_path, max_model_len,
+                                                  learner.autocast_dtype, sharded=self.dist.sharded))
 
     def renderable(self, problems: list[Problem], training_env: bool = True) -> list[Problem]:
         """Render every prompt once; drop (and report) those longer than rollout.max_prompt_len. With

@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from sdpo.batch import RolloutBatch, pad_right
 from sdpo.envs.base import Environment, Problem
 from sdpo.envs.episode import Episode, Turn, step_episodes
-from sdpo.losses import ADVANTAGE_ESTIMATORS
+from sdpo.losses import ADVANTAGE_ESTIMATORS, EPISODE_RETURNS
 from sdpo.models import render_chat
 from sdpo.rollout.base import Completion, RolloutEngine, SamplingSettings
 
@@ -58,13 +58,7 @@ def episode_return(rewards: Sequence[float], mode: str, discount: float = 1.0) -
     """One number for an episode's per-turn rewards (algorithm.episode_return)."""
     if not rewards:
         raise ValueError("an episode has at least one turn")
-    if mode == "final":
-        return float(rewards[-1])
-    if mode == "any_success":
-        return float(max(rewards))
-    if mode == "discounted":
-        return float(sum(discount**t * r for t, r in enumerate(rewards)))
-    raise ValueError(f"algorithm.episode_return must be one of final, any_success, discounted, not {mode!r}")
+    return EPISODE_RETURNS.get(mode)(rewards, discount)
 
 
 def episode_advantages(batch: RolloutBatch, norm_by_std: bool, estimator: str = "grpo") -> Tensor:

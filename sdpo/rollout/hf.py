@@ -4,23 +4,31 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import contextlib
+from typing import Any
 
 import torch
 from torch.distributed.fsdp import FSDPModule
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sdpo.batch import build_model_inputs
-from sdpo.config import RolloutConfig
-from sdpo.rollout.base import ENGINES, Completion, RolloutEngine, SamplingSettings
+from sdpo.rollout.base import ENGINES, Completion, EngineSource, RolloutEngine, SamplingSettings
 
 
 @ENGINES.register("hf")
 class HFEngine(RolloutEngine):
+    """transformers `generate` on the policy itself; `config`: rollout.*."""
+
+    generates_with_policy = True
+
+    @classmethod
+    def build(cls, config: Any, source: EngineSource) -> HFEngine:
+        return cls(source.model, source.tokenizer, config, autocast_dtype=source.autocast_dtype, synced=source.sharded)
+
     def __init__(
         self,
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
-        config: RolloutConfig,
+        config: Any,
         autocast_dtype: torch.dtype | None = None,
         synced: bool = False,
     ) -> None:

@@ -49,7 +49,6 @@ import urllib.request
 import torch
 import torch.distributed as dist
 
-from sdpo.config import RolloutConfig
 from sdpo.rollout.base import ENGINES, Completion, RolloutEngine, SamplingSettings, SyncStats, TeacherScores
 from sdpo.rollout.vllm import MiB, buckets, engine_weights
 from sdpo.rollout.vllm_args import (
@@ -73,7 +72,7 @@ class ServerError(RuntimeError):
     """The vLLM server could not be reached or failed a request; the message names its URL and the request."""
 
 
-def server_command(model_path: str | Path, rollout_config: RolloutConfig, max_model_len: int, host: str, port: int,
+def server_command(model_path: str | Path, rollout_config: Any, max_model_len: int, host: str, port: int,
                    on_cpu: bool | None = None) -> tuple[list[str], dict[str, str]]:
     """The command line and extra environment of a server for this run (what scripts/serve.py runs)."""
     on_cpu = (not torch.cuda.is_available()) if on_cpu is None else on_cpu
@@ -189,8 +188,14 @@ class ServerEngine(RolloutEngine):
 
     scores_teacher = True
     out_of_process = True
+    own_dtype = True
 
-    def __init__(self, model_path: str | Path, tokenizer: Any, rollout_config: RolloutConfig,
+    @classmethod
+    def loads_checkpoint(cls, config: Any) -> bool:
+        """A server this engine starts loads the checkpoint; one at rollout.server.url serves its own."""
+        return not config.server.url
+
+    def __init__(self, model_path: str | Path, tokenizer: Any, rollout_config: Any,
                  max_model_len: int | None = None) -> None:
         cfg = rollout_config.server
         self.config, self.tokenizer = rollout_config, tokenizer

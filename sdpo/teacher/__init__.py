@@ -1,5 +1,7 @@
-"""The self-teacher: reprompt construction and rendering (pure) and the teacher weights that score it."""
+"""The self-teacher: reprompt construction and rendering (pure), where its weights come from (`weights`), and how
+they score (`teacher`)."""
 
+from sdpo.teacher.choices import DATA_CONTEXT_ORDERS, TEACHER_KINDS, TEACHER_SCORERS, WEIGHT_SOURCES, TeacherScorer
 from sdpo.teacher.reprompt import (
     Reprompt,
     RepromptStats,
@@ -11,33 +13,44 @@ from sdpo.teacher.reprompt import (
     teacher_prompt_ids,
 )
 from sdpo.teacher.teacher import (
-    TEACHER_KINDS,
-    TEACHER_SCORERS,
-    InitialWeights,
     NoTeacher,
     Teacher,
+    TeacherContext,
     TeacherFeatures,
+    TeacherLike,
+    TeacherTargets,
     build_teacher,
-    eval_mode,
     reprompt_limit,
+    reprompt_window,
 )
+from sdpo.teacher.weights import EMAWeights, InitialWeights, LiveWeights, eval_mode, frozen_copy
 
 __all__ = [
+    "DATA_CONTEXT_ORDERS",
     "TEACHER_KINDS",
     "TEACHER_SCORERS",
+    "WEIGHT_SOURCES",
+    "EMAWeights",
     "InitialWeights",
+    "LiveWeights",
     "NoTeacher",
     "Reprompt",
     "RepromptStats",
     "Teacher",
+    "TeacherContext",
     "TeacherFeatures",
+    "TeacherLike",
+    "TeacherScorer",
+    "TeacherTargets",
     "build_reprompts",
     "build_teacher",
     "eval_mode",
     "fit_bodies",
+    "frozen_copy",
     "group_reprompts",
     "reprompt_limit",
     "reprompt_stats",
+    "reprompt_window",
     "strip_thinking",
     "teacher_prompt_ids",
 ]

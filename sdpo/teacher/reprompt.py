@@ -29,6 +29,7 @@ from transformers import PreTrainedTokenizerBase
 from sdpo.config import RepromptConfig
 from sdpo.envs.base import Problem
 from sdpo.models import render_chat
+from sdpo.teacher.choices import DATA_CONTEXT_ORDERS
 
 _THINKING = re.compile(r"<think>.*?</think>\s*", flags=re.DOTALL)
 TRUNCATION_MARK = "\n[...truncated...]\n"
@@ -134,15 +135,11 @@ def build_reprompts(
 
 def solution_slot(sibling: str | None, context: str | None, config: RepromptConfig) -> tuple[str | None, bool]:
     """What fills the solution slot: a successful sibling's answer and/or the data's teacher context, as
-    algorithm.reprompt.data_context orders them; and whether the data's context is in it."""
-    data = None
-    if context and context.strip() and config.data_context != "off":
-        data = config.data_context_template.format(context=context.strip())
-    if data is None or (config.data_context == "fallback" and sibling is not None):
+    algorithm.reprompt.data_context orders them (`DATA_CONTEXT_ORDERS`); and whether the data's context is in it."""
+    order = DATA_CONTEXT_ORDERS.get(config.data_context)
+    if order is None or not (context and context.strip()):
         return sibling, False
-    if config.data_context == "both" and sibling is not None:
-        return f"{sibling}\n\n{data}", True
-    return data, True
+    return order(sibling, config.data_context_template.format(context=context.strip()))
 
 
 def group_reprompts(

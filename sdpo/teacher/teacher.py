@@ -1,24 +1,22 @@
-"""The self-teacher: which weights re-score the rollouts under the reprompt (docs/algorithm.md §4), and that scoring.
+"""The self-teacher: how the teacher's weights score the rollouts under the reprompt (docs/algorithm.md §2, §4).
 
-One object with a `kind`, not four code paths through the trainer. A kind names the weights whose logits the teacher
-mixes (`TEACHER_KINDS`, a registry: a new kind is one entry):
+One object with a `kind`, not four code paths through the trainer. A kind (`TEACHER_KINDS`, a registry in
+`sdpo.teacher.choices`: a new kind is one entry) names the weights whose logits the teacher mixes, each a source
+of `WEIGHT_SOURCES` (`sdpo.teacher.weights`: where the weights come from and how they move):
 - live: the current policy weights (unstable in the paper, Table 4);
 - frozen: the initial weights;
 - ema: teacher <- (1 - tau) teacher + tau policy after each optimizer step with a finite grad norm;
 - trust_region: teacher logits = lerp(initial logits, live logits, mix), i.e. q ~ exp((1-mix) log q_ref + mix log q).
 
-Where the weights live depends on the policy:
-- a plain model: the initial weights (`InitialWeights`) and the EMA weights (`EMAWeights`) are full copies;
-- a LoRA policy (PEFT): never a copy of the base weights. The initial weights are the policy with its adapter
-  disabled (a fresh LoRA adapter starts at zero); the EMA weights are a second adapter, "sdpo_ema", switched in for
-  the teacher forward only. The KL reference of the policy loss is an `InitialWeights` too.
+Who scores (`algorithm.teacher.scorer`, a type in `TEACHER_SCORERS`): "trainer", a forward pass inside the update,
+or "engine" (`EngineScorer`), the rollout engine's prompt log-probs once per generation batch, for engines that
+declare the capability (`RolloutEngine.scores_teacher`).
 
-Who scores (`algorithm.teacher.scorer`, a type in `TEACHER_SCORERS`): "trainer", a forward pass inside the update
-(`micro_batch_features`), or "engine" (`EngineScorer`), the rollout engine's prompt log-probs once per generation
-batch, for engines that declare the capability (`RolloutEngine.scores_teacher`).
-
-GRPO has no teacher: `build_teacher` gives a `NoTeacher`, whose every call is a no-op, so that the step has no
-"is there a teacher?" branch.
+The learner sees one interface, `TeacherLike`, and calls it once per micro-batch (`targets`, a `TeacherTargets`
+record of what the loss needs) and once after each applied optimizer step (`update`); before the update the trainer
+asks it once for the batch's teacher context (`context`, a `TeacherContext` record). GRPO has no teacher:
+`build_teacher` gives a `NoTeacher`, which answers the same calls with empty records, so that no step branches on
+whether there is a teacher.
 
 The teacher returns features and heads instead of logits (`sdpo.models.ResponseFeatures`), so that the loss can
 project to the vocabulary one sequence chunk at a time (`sdpo.losses.chunked_response_terms`). Every teacher forward
@@ -29,178 +27,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 import contextlib
-import copy
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from sdpo.batch import ModelInputs, RolloutBatch, SharedPromptInputs, any_shared, build_prompt_inputs
 from sdpo.config import RepromptConfig, SDPOConfig, TeacherConfig
-from sdpo.models import PromptPass, ResponseFeatures, is_peft_model, reshard, response_features, unwrap
-from sdpo.registry import Registry
-from sdpo.sharding import copy_whole_into, full_state_dict, lerp_, load_full_state_dict, whole
+from sdpo.models import PromptPass, ResponseFeatures, response_features, unwrap
+from sdpo.plan import Block, Forward, MicroBatch
+from sdpo.teacher.choices import TEACHER_KINDS, TEACHER_SCORERS, WEIGHT_SOURCES, TeacherScorer
 from sdpo.teacher.reprompt import Reprompt, teacher_prompt_ids
-
-EMA_ADAPTER = "sdpo_ema"
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-@contextlib.contextmanager
-def base_weights(policy: nn.Module) -> Iterator[nn.Module]:
-    """The LoRA policy with its adapter disabled: the base model, without a copy."""
-    with policy.disable_adapter():
-        yield policy
-
-
-@contextlib.contextmanager
-def active_adapter(policy: nn.Module, name: str) -> Iterator[nn.Module]:
-    """The LoRA policy with adapter `name` in place of the trainable one, for a no-grad forward."""
-    trained = policy.active_adapter
-    policy.set_adapter(name, inference_mode=True)
-    try:
-        yield policy
-    finally:
-        policy.set_adapter(trained)  # makes the trained adapter trainable again, `name` frozen
-
-
-def frozen_copy(model: nn.Module) -> nn.Module:
-    clone = copy.deepcopy(model)
-    clone.requires_grad_(False)
-    return clone.eval()
-
-
-def add_ema_adapter(policy: nn.Module, name: str = EMA_ADAPTER) -> dict[str, tuple[Tensor, Tensor]]:
-    """A frozen second adapter initialised as a copy of the trainable one: {name: (ema_param, trained_param)}."""
-    trained = policy.active_adapter
-    config = copy.deepcopy(policy.peft_config[trained])
-    config.inference_mode = True
-    trainable_before = [n for n, p in policy.named_parameters() if p.requires_grad]
-    policy.add_adapter(name, config)
-    pairs = ema_adapter_pairs(policy, name)
-    for param, source in pairs.values():
-        param.requires_grad_(False)
-        with torch.no_grad():
-            param.copy_(source)
-    if not pairs or [n for n, p in policy.named_parameters() if p.requires_grad] != trainable_before:
-        raise RuntimeError("adding the EMA teacher adapter changed which parameters train; check the PEFT version")
-    return pairs
-
-
-def ema_adapter_pairs(policy: nn.Module, name: str = EMA_ADAPTER) -> dict[str, tuple[Tensor, Tensor]]:
-    """{name: (EMA adapter parameter, trained adapter parameter)}, looked up in the policy as it is now."""
-    trained = policy.active_adapter
-    params = dict(policy.named_parameters())
-    return {key: (param, params[key.replace(f".{name}.", f".{trained}.")]) for key, param in params.items() if f".{name}." in key}
-
-
-class InitialWeights:
-    """The policy's initial weights (frozen and trust-region teachers, the KL reference): a frozen full copy, or for
-    a LoRA policy the policy itself with its adapter disabled."""
-
-    def __init__(self, policy: nn.Module, copy_policy: Callable[[nn.Module], nn.Module] = frozen_copy) -> None:
-        self.model: nn.Module | None = None if is_peft_model(policy) else copy_policy(policy)
-
-    def place(self, policy: nn.Module, prepare_copy: Callable[[nn.Module], nn.Module]) -> None:
-        if self.model is not None:
-            self.model = prepare_copy(self.model)
-
-    def use(self, policy: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
-        return contextlib.nullcontext(self.model) if self.model is not None else base_weights(policy)
-
-    def parameters(self) -> list[Tensor]:
-        return list(self.model.parameters()) if self.model is not None else []
-
-    def release(self) -> None:
-        """Under FSDP2, free the output head a no-grad forward left gathered (`sdpo.models.reshard`)."""
-        if self.model is not None:
-            reshard(self.model)
-
-
-class EMAWeights:
-    """The EMA teacher's weights: a full copy, or for a LoRA policy a second adapter (never the base weights)."""
-
-    def __init__(self, policy: nn.Module, copy_policy: Callable[[nn.Module], nn.Module], rate: float) -> None:
-        self.rate, self.lora = rate, is_peft_model(policy)
-        self.model: nn.Module | None = None if self.lora else copy_policy(policy)
-        self._pairs = add_ema_adapter(policy) if self.lora else {}  # name -> (EMA param, trained param)
-
-    def place(self, policy: nn.Module, prepare_copy: Callable[[nn.Module], nn.Module]) -> None:
-        """A full copy is placed like the policy; an adapter is paired again with the policy's parameters, which
-        FSDP2 replaced by shards (the update then pairs shards with shards)."""
-        if self.model is not None:
-            self.model = prepare_copy(self.model)
-        if self._pairs:
-            self._pairs = ema_adapter_pairs(policy)
-
-    def use(self, policy: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
-        return contextlib.nullcontext(self.model) if self.model is not None else active_adapter(policy, EMA_ADAPTER)
-
-    def parameters(self) -> list[Tensor]:
-        return list(self.model.parameters()) if self.model is not None else [t for t, _ in self._pairs.values()]
-
-    def release(self) -> None:
-        if self.model is not None:
-            reshard(self.model)
-
-    @torch.no_grad()
-    def update(self, policy: nn.Module) -> None:
-        """Sharded teacher and policy are partitioned alike, so each rank lerps the part it holds (`lerp_`)."""
-        if self.rate == 0.0:
-            return
-        pairs = list(self._pairs.values()) if self.lora else list(zip(self.parameters(), policy.parameters(), strict=True))
-        for teacher_param, policy_param in pairs:
-            lerp_(teacher_param, policy_param, self.rate)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        if self.lora:
-            return {name: whole(t) for name, (t, _) in self._pairs.items()}  # sharded: gathered, on every rank
-        return full_state_dict(self.model)  # sharded: a collective, every rank calls it
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        if not self.lora:
-            load_full_state_dict(self.model, state)
-            return
-        if set(state) != set(self._pairs):
-            raise RuntimeError(f"the checkpoint's EMA adapter does not match the model's: {sorted(set(state) ^ set(self._pairs))[:3]}")
-        for name, (teacher_param, _) in self._pairs.items():
-            copy_whole_into(teacher_param, state[name])
-
-
-class LiveWeights:
-    """The current policy weights (live and trust-region teachers): nothing of its own to hold, place or save."""
-
-    def use(self, policy: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
-        return contextlib.nullcontext(policy)
-
-    def place(self, policy: nn.Module, prepare_copy: Callable[[nn.Module], nn.Module]) -> None:
-        pass
-
-    def parameters(self) -> list[Tensor]:
-        return []
-
-    def release(self) -> None:
-        pass
-
-
-# kind -> the weights whose logits the teacher mixes: [(source, weight)], sources "live", "initial" and "ema".
-TeacherKind = Callable[[TeacherConfig], list[tuple[str, float]]]
-TEACHER_KINDS: Registry[TeacherKind] = Registry("teacher kind")
-TEACHER_KINDS.register("live")(lambda config: [("live", 1.0)])
-TEACHER_KINDS.register("frozen")(lambda config: [("initial", 1.0)])
-TEACHER_KINDS.register("ema")(lambda config: [("ema", 1.0)])
-TEACHER_KINDS.register("trust_region")(
-    lambda config: [("initial", 1.0 - config.trust_region_mix), ("live", config.trust_region_mix)])
+from sdpo.teacher.weights import eval_mode, frozen_copy
 
 
 @dataclass
@@ -228,43 +67,110 @@ class TeacherFeatures:
         return TeacherFeatures(out, self.weights, rows.to(out[0].values_BRX.device) if out else rows)
 
 
+@dataclass(frozen=True)
+class TeacherContext:
+    """What the teacher adds to a generation batch before the update (`RolloutBatch.with_teacher` takes it)."""
+
+    prompt_ids: list[list[int]] | None = None  # each row's rendered reprompt (its own prompt where it has no signal)
+    distill_mask_B: Tensor | None = None  # bool; the row's reprompt carries a signal; None: no teacher
+    logp_BR: Tensor | None = None  # log q(y_t) scored before the update (scorer=engine), else None
+
+
+@dataclass
+class TeacherTargets:
+    """What one micro-batch's loss needs of the teacher: which tokens are distilled, the teacher's features for the
+    chunked vocabulary projection (a trainer-side forward) or its log-probs scored before the update; `release`
+    after the micro-batch's backward."""
+
+    distill_mask_BR: Tensor | None = None  # None: no teacher (the objective then has no distillation term)
+    features: TeacherFeatures | None = None
+    scored_logp_BR: Tensor | None = None
+    done: Callable[[], None] = field(default=lambda: None, repr=False)
+
+    def chunk_kwargs(self, distill_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+        """The teacher's arguments of `sdpo.losses.chunked_response_terms` (`distill_kwargs`: a logit-level mode's);
+        none without a teacher forward."""
+        if self.features is None:
+            return {}
+        return self.features.chunk_kwargs() | {"distill_kwargs": distill_kwargs}
+
+    def token_logp(self, terms: dict[str, Tensor]) -> Tensor | None:
+        """log q(y_t): from the teacher forward's chunked terms or the engine's scores; None: nothing scored."""
+        if self.distill_mask_BR is None:
+            return None
+        if "teacher_logp" in terms:
+            return terms["teacher_logp"].float()
+        if self.scored_logp_BR is not None and self.distill_mask_BR.any():
+            return self.scored_logp_BR.to(self.distill_mask_BR.device)[:, : self.distill_mask_BR.shape[1]]
+        return None
+
+    def release(self) -> None:
+        self.done()
+
+
+class TeacherLike(Protocol):
+    """What the trainer and the learner ask of a teacher (`Teacher`, `NoTeacher`, or one of a researcher's own)."""
+
+    model: nn.Module | None  # its own full copy of the weights, if it holds one
+    engine_context_len: int  # the longest sequence the rollout engine reads for it (0: none)
+
+    def place(self, policy: nn.Module, prepare_copy: Callable[[nn.Module], nn.Module]) -> None: ...
+    def check_engine(self, engine: Any) -> None: ...
+    def context(self, batch: RolloutBatch, reprompts: list[Reprompt], tokenizer: Any, config: RepromptConfig,
+                chat_template_kwargs: Any, engine: Any) -> TeacherContext: ...
+    def cacheable_casts(self) -> contextlib.AbstractContextManager[None]: ...
+    def targets(self, policy: nn.Module, micro: MicroBatch, forward: Forward) -> TeacherTargets: ...
+    def update(self, policy: nn.Module) -> None: ...
+    def owned_parameters(self) -> list[Tensor]: ...
+    def state_dict(self) -> dict[str, Tensor]: ...
+    def load_state_dict(self, state: dict[str, Tensor]) -> None: ...
+
+
 class Teacher:
     """`copy_policy`: how to take a frozen copy of the policy before it is prepared (`frozen_copy` unless the policy is
     partitioned at load time, as under DeepSpeed ZeRO-3; see `sdpo.distributed.Distributed.frozen_copy`).
-    `reprompt_len`: the longest reprompt in tokens (`reprompt_limit`)."""
+    `reprompt_len`: the longest reprompt in tokens (`reprompt_limit`); `max_new_tokens`: the longest response."""
 
     def __init__(self, config: TeacherConfig, policy: nn.Module,
-                 copy_policy: Callable[[nn.Module], nn.Module] = frozen_copy, reprompt_len: int = 2**31) -> None:
+                 copy_policy: Callable[[nn.Module], nn.Module] = frozen_copy, reprompt_len: int = 2**31,
+                 max_new_tokens: int = 0) -> None:
         self.config, self.kind = config, config.kind
-        sources = TEACHER_KINDS.get(config.kind)(config)
-        needed = {source for source, _ in sources}
-        self.initial = InitialWeights(policy, copy_policy) if "initial" in needed else None
-        self.ema = EMAWeights(policy, copy_policy, config.update_rate) if "ema" in needed else None
-        stores = {"live": LiveWeights(), "initial": self.initial, "ema": self.ema}
-        self._sources = [(stores[source], weight) for source, weight in sources if weight != 0.0]
+        mixed = TEACHER_KINDS.get(config.kind)(config)
+        stores = {name: WEIGHT_SOURCES.get(name)(policy, copy_policy, config) for name, _ in mixed}
+        self.stores = list(stores.values())  # each source's weights once
+        self.sources = [(stores[name], weight) for name, weight in mixed if weight != 0.0]
         self.scorer: TeacherScorer = TEACHER_SCORERS.get(config.scorer)()
         self.reprompt_len = reprompt_len
+        self.engine_context_len = reprompt_len + max_new_tokens if not self.scorer.forward_in_update else 0
+        self._block: Block | None = None  # the block whose distinct reprompts `_passes` ran
+        self._passes: list[PromptPass] | None = None
 
     @property
     def model(self) -> nn.Module | None:
         """The teacher's own full copy of the weights (EMA or initial), or None (live, LoRA)."""
-        stores = [s for s in (self.ema, self.initial) if s is not None and s.model is not None]
-        return stores[0].model if stores else None
-
-    def _stores(self) -> list[InitialWeights | EMAWeights]:
-        return [s for s in (self.initial, self.ema) if s is not None]
+        return next((store.model for store in self.stores if store.model is not None), None)
 
     def place(self, policy: nn.Module, prepare_copy: Callable[[nn.Module], nn.Module]) -> None:
         """After the policy is prepared: put the teacher's weights where the prepared policy lives (`prepare_copy`:
         a device, FSDP2 shards, or a DeepSpeed ZeRO-3 engine). Copies are taken before, since a sharded module
         cannot be copied."""
-        for store in self._stores():
+        for store in self.stores:
             store.place(policy, prepare_copy)
 
-    def release(self) -> None:
-        """After the loss's backward: under FSDP2, free the teacher's gathered output head."""
-        for store in self._stores():
-            store.release()
+    def check_engine(self, engine: Any) -> None:
+        """At start: whether the rollout engine can do what the scorer asks of it."""
+        self.scorer.check(engine)
+
+    def context(self, batch: RolloutBatch, reprompts: list[Reprompt], tokenizer: Any, config: RepromptConfig,
+                chat_template_kwargs: Any, engine: Any) -> TeacherContext:
+        """The batch's teacher context: each row's rendered reprompt (within `reprompt_len`) and whether it carries a
+        signal (the distillation mask); scorer=engine also scores it now, before the update."""
+        within_window = replace(config, max_reprompt_len=self.reprompt_len)
+        prompt_ids = teacher_prompt_ids(reprompts, batch.prompt_ids, tokenizer, within_window, chat_template_kwargs)
+        distill_mask_B = torch.tensor([r.has_signal for r in reprompts])
+        rows = distill_mask_B.nonzero().flatten().tolist()
+        logp_BR = self.scorer.score(prompt_ids, batch.response_ids, rows, batch.response_width, engine)
+        return TeacherContext(prompt_ids, distill_mask_B, logp_BR)
 
     @contextlib.contextmanager
     def cacheable_casts(self) -> Iterator[None]:
@@ -277,7 +183,7 @@ class Teacher:
         every teacher forward (a block's reprompt pass, each micro-batch, the head once per logits chunk) cast the
         whole copy again. Nothing to do for a live teacher (the policy's casts are cached already) or a LoRA one
         (its base weights are frozen in the policy, where a gradient flag would make the backward compute them)."""
-        copies = [p for store in self._stores() if store.model is not None for p in store.model.parameters()]
+        copies = [p for store in self.stores if store.model is not None for p in store.model.parameters()]
         for param in copies:
             param.requires_grad_(True)
         try:
@@ -286,27 +192,75 @@ class Teacher:
             for param in copies:
                 param.requires_grad_(False)
 
+    def targets(self, policy: nn.Module, micro: MicroBatch, forward: Forward) -> TeacherTargets:
+        """What the micro-batch's loss needs: the distillation mask, and scorer=trainer's forward of the rows with a
+        signal (the others are masked: their teacher terms are zeros), or the log-probs the engine scored."""
+        rows = micro.rows
+        distill_mask_BR = rows.response_mask_BR.to(forward.device) & rows.distill_mask_B.to(forward.device)[:, None]
+        return TeacherTargets(distill_mask_BR, self._micro_features(policy, micro, forward), rows.teacher_logp_BR,
+                              done=lambda: self._release(micro))
+
+    def update(self, policy: nn.Module) -> None:
+        """After each optimizer step whose grad norm was finite: the weights that move (EMA) move."""
+        for store in self.stores:
+            store.update(policy)
+
     def owned_parameters(self) -> list[Tensor]:
         """The tensors this teacher holds besides the policy's own (a full copy, an adapter, or nothing)."""
-        return [p for store in self._stores() for p in store.parameters()]
+        return [p for store in self.stores for p in store.parameters()]
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """What a checkpoint must keep: only weights that move (EMA); frozen weights are the initial ones."""
+        return {key: value for store in self.stores for key, value in store.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if state:
+            for store in self.stores:
+                store.load_state_dict(state)
 
     @torch.no_grad()
     def features(self, policy: nn.Module, inputs: ModelInputs | SharedPromptInputs,
                  passes: list[PromptPass] | None = None) -> TeacherFeatures:
         """The teacher's features of the response tokens under the reprompt (`inputs`), one entry per source.
-        `passes`: the sources' `prompt_passes`, which `inputs` (SharedPromptInputs) continue."""
+        `passes`: the sources' passes over a block's distinct reprompts, which `inputs` (SharedPromptInputs)
+        continue."""
         features, weights = [], []
-        for k, (source, weight) in enumerate(self._sources):
+        for k, (source, weight) in enumerate(self.sources):
             with source.use(policy) as model, eval_mode(model):
                 features.append(response_features(model, inputs, passes[k] if passes else None).detach())
             weights.append(weight)
         return TeacherFeatures(features, weights)
 
+    # -- one micro-batch
+
+    def _micro_features(self, policy: nn.Module, micro: MicroBatch, forward: Forward) -> TeacherFeatures | None:
+        """scorer=trainer: the teacher forward of the micro-batch's rows with a signal, continuing its block's
+        reprompt passes where they run; None when no rank needs one (`any_rank`: sharded, the forward is a
+        collective)."""
+        if not self.scorer.forward_in_update or not forward.any_rank(bool(micro.rows.distill_mask_B.any())):
+            return None
+        passes = self._block_passes(policy, micro, forward)
+        rows = torch.tensor(micro.rows.distill_rows, dtype=torch.long)
+        if len(rows) == 0:  # sharded, another rank needs the teacher: join its forward with a stand-in row (masked)
+            rows = torch.zeros(1, dtype=torch.long)
+        inputs = micro.teacher_inputs(rows, forward.pad_id, passes[0].prompts if passes else None)
+        return self.features(policy, inputs.to(forward.device), passes).of_rows(rows, micro.rows.response_width)
+
+    def _block_passes(self, policy: nn.Module, micro: MicroBatch, forward: Forward) -> list[PromptPass] | None:
+        """The micro-batch's block's passes, run at its first teacher forward and kept until its last micro-batch."""
+        if self._block is not micro.block:
+            self._block, self._passes = micro.block, None  # the previous block's passes are freed first
+            if micro.block.shared:
+                self._passes = self._prompt_passes(policy, micro.block.rows, forward.pad_id, forward.device,
+                                                  branch=micro.branch)
+        return self._passes
+
     @torch.no_grad()
-    def prompt_passes(self, policy: nn.Module, block: RolloutBatch, pad_id: int, device: torch.device,
+    def _prompt_passes(self, policy: nn.Module, block: RolloutBatch, pad_id: int, device: torch.device,
                       branch: bool = False) -> list[PromptPass] | None:
-        """scorer=trainer: the distinct reprompts of a block's rows with a signal through each source once (one
-        `PromptPass` per source), for `micro_batch_features` to continue; None where no two rows share a reprompt.
+        """The distinct reprompts of a block's rows with a signal through each source once (one `PromptPass` per
+        source), for the block's micro-batches to continue; None where no two rows share a reprompt, or where
+        multi-turn reprompts branch off their episode's sequence instead (`branch`).
 
         The failed rollouts of a group whose successful sibling they all draw as demonstration share a reprompt,
         but length-sorted micro-batches scatter them. The passes keep only key/value caches (no gradient, so no
@@ -317,113 +271,26 @@ class Teacher:
             return None
         prompts = build_prompt_inputs(reprompts, pad_id).to(device)
         passes = []
-        for source, _ in self._sources:
+        for source, _ in self.sources:
             with source.use(policy) as model, eval_mode(model):
                 passes.append(PromptPass(model, prompts))
         return passes
 
-    def update(self, policy: nn.Module) -> None:
-        """EMA step; call after each optimizer step whose grad norm was finite."""
-        if self.ema is not None:
-            self.ema.update(policy)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        """What a checkpoint must keep: only the EMA teacher moves (frozen weights are the initial ones)."""
-        return self.ema.state_dict() if self.ema is not None else {}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        if state and self.ema is not None:
-            self.ema.load_state_dict(state)
-
-    # -- scoring
-
-    def check_engine(self, engine: Any) -> None:
-        self.scorer.check(engine)
-
-    def engine_context_len(self, max_new_tokens: int) -> int:
-        """The longest sequence the rollout engine reads for the teacher (0: it reads none)."""
-        return self.reprompt_len + max_new_tokens if not self.scorer.forward_in_update else 0
-
-    def attach(self, batch: RolloutBatch, reprompts: list[Reprompt], tokenizer: Any, config: RepromptConfig,
-               chat_template_kwargs: Any, engine: Any) -> None:
-        """The teacher's context on the batch: each row's rendered reprompt (within `reprompt_len`) and whether it
-        carries a signal (the distillation mask); scorer=engine also scores it now, before the update."""
-        within_window = replace(config, max_reprompt_len=self.reprompt_len)
-        batch.teacher_prompt_ids = teacher_prompt_ids(reprompts, batch.prompt_ids, tokenizer, within_window,
-                                                     chat_template_kwargs)
-        batch.distill_mask_B = torch.tensor([r.has_signal for r in reprompts])
-        self.scorer.score(batch, engine)
-
-    def micro_batch_features(self, policy: nn.Module, micro: RolloutBatch, pad_id: int, device: torch.device,
-                             any_rank: Callable[[bool], bool], share_prompts: bool = False,
-                             passes: list[PromptPass] | None = None, branch: bool = False) -> TeacherFeatures | None:
-        """scorer=trainer: the teacher forward for the micro-batch's rows with a distillation signal (the others are
-        masked: their teacher terms are zeros), or None when no rank needs one (`any_rank`: sharded, the forward is
-        a collective). `share_prompts`: rows with the same reprompt run it once (`RolloutBatch.teacher_inputs`);
-        `passes`: the block's `prompt_passes`, whose reprompts the rows continue; `branch`: a multi-turn episode's
-        reprompts continue its conversation's cache (`sdpo.layout.BranchInputs`)."""
-        if not self.scorer.forward_in_update or not any_rank(bool(micro.distill_mask_B.any())):
-            return None
-        rows = torch.tensor(micro.distill_rows, dtype=torch.long)
-        if len(rows) == 0:  # sharded, another rank needs the teacher: join its forward with a stand-in row (masked)
-            rows = torch.zeros(1, dtype=torch.long)
-        inputs = micro.select(rows).teacher_inputs(pad_id, share_prompts, passes[0].prompts if passes else None, branch)
-        return self.features(policy, inputs.to(device), passes).of_rows(rows, micro.response_width)
-
-    @staticmethod
-    def token_logp(micro: RolloutBatch, terms: dict[str, Tensor], distill_mask_BR: Tensor | None) -> Tensor | None:
-        """log q(y_t): from the trainer's teacher forward (`terms`) or the engine's scores; None: nothing scored."""
-        if distill_mask_BR is None:
-            return None
-        if "teacher_logp" in terms:
-            return terms["teacher_logp"].float()
-        if micro.teacher_logp_BR is not None and distill_mask_BR.any():
-            return micro.teacher_logp_BR.to(distill_mask_BR.device)[:, : distill_mask_BR.shape[1]]
-        return None
-
-
-class TeacherScorer:
-    """Who computes the teacher's log-probs (`algorithm.teacher.scorer`)."""
-
-    forward_in_update = True  # a teacher forward inside the update, per micro-batch
-
-    def check(self, engine: Any) -> None:
-        """At start: whether `engine` can do what this scorer asks of it."""
-
-    def score(self, batch: RolloutBatch, engine: Any) -> None:
-        """Before the update: scores computed outside the trainer's forwards, onto `batch`."""
-
-
-TEACHER_SCORERS: Registry[type[TeacherScorer]] = Registry("teacher scorer")
-TEACHER_SCORERS.register("trainer")(TeacherScorer)
-
-
-@TEACHER_SCORERS.register("engine")
-class EngineScorer(TeacherScorer):
-    """The rollout engine's prompt log-probs, once per generation batch, for engines that declare the capability
-    (`RolloutEngine.scores_teacher`)."""
-
-    forward_in_update = False
-
-    def check(self, engine: Any) -> None:
-        if not engine.scores_teacher:
-            raise ValueError(f"algorithm.teacher.scorer=engine: the {type(engine).__name__} engine cannot score "
-                             "the teacher (use rollout=vllm, or algorithm.teacher.scorer=trainer)")
-
-    def score(self, batch: RolloutBatch, engine: Any) -> None:
-        """log q(y_t) under the reprompt for the rows with a signal (0 elsewhere)."""
-        rows = batch.distill_rows
-        batch.teacher_logp_BR = torch.zeros(len(batch), batch.response_width)
-        if rows:
-            scores = engine.score_teacher([batch.teacher_prompt_ids[i] for i in rows], [batch.response_ids[i] for i in rows])
-            batch.teacher_logp_BR[rows, : scores.token_logp_BR.shape[1]] = scores.token_logp_BR
+    def _release(self, micro: MicroBatch) -> None:
+        """After the micro-batch's backward: under FSDP2, free the gathered output heads; after its block's last,
+        the block's reprompt passes."""
+        for store in self.stores:
+            store.release()
+        if micro.last_in_block:
+            self._block, self._passes = None, None
 
 
 class NoTeacher:
-    """GRPO (algorithm.grpo_weight = 1): nothing re-scores the rollouts. Every teacher call of a step is a no-op, so
-    that the algorithm without a teacher is a case of the same step, not a branch through it."""
+    """GRPO (algorithm.grpo_weight = 1): nothing re-scores the rollouts. It answers every call of the step with an
+    empty record, so that the algorithm without a teacher is a case of the same step, not a branch through it."""
 
     model = None
+    engine_context_len = 0
 
     def place(self, policy: nn.Module, prepare_copy: Callable[[nn.Module], nn.Module]) -> None:
         pass
@@ -431,25 +298,15 @@ class NoTeacher:
     def check_engine(self, engine: Any) -> None:
         pass
 
-    def engine_context_len(self, max_new_tokens: int) -> int:
-        return 0
-
-    def attach(self, batch: RolloutBatch, reprompts: list[Reprompt], *args: Any) -> None:
+    def context(self, batch: RolloutBatch, reprompts: list[Reprompt], *args: Any) -> TeacherContext:
         """No teacher prompts and no distillation mask: the batch's rows carry the policy loss only."""
+        return TeacherContext()
 
     def cacheable_casts(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
 
-    def prompt_passes(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-    def micro_batch_features(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-    token_logp = staticmethod(Teacher.token_logp)
-
-    def release(self) -> None:
-        pass
+    def targets(self, policy: nn.Module, micro: MicroBatch, forward: Forward) -> TeacherTargets:
+        return TeacherTargets()
 
     def update(self, policy: nn.Module) -> None:
         pass
@@ -465,17 +322,21 @@ class NoTeacher:
 
 
 def reprompt_limit(config: SDPOConfig, model: nn.Module) -> int:
-    """algorithm.reprompt.max_reprompt_len within the model's context window: the teacher reads a reprompt and a
-    response, and positions past the window are undefined (vLLM refuses them: the paper's 10240 exceeds SmolLM2's
-    8192)."""
-    limit = config.algorithm.reprompt.max_reprompt_len
+    """algorithm.reprompt.max_reprompt_len within the model's context window (`reprompt_window`)."""
+    return reprompt_window(config.algorithm.reprompt.max_reprompt_len, config.rollout.max_new_tokens, model)
+
+
+def reprompt_window(max_reprompt_len: int, max_new_tokens: int, model: nn.Module) -> int:
+    """The longest reprompt within the model's context window: the teacher reads a reprompt and a response, and
+    positions past the window are undefined (vLLM refuses them: the paper's 10240 exceeds SmolLM2's 8192)."""
     window = getattr(unwrap(model).config, "max_position_embeddings", None)
-    return min(limit, window - config.rollout.max_new_tokens) if window else limit
+    return min(max_reprompt_len, window - max_new_tokens) if window else max_reprompt_len
 
 
 def build_teacher(config: SDPOConfig, policy: nn.Module,
-                  copy_policy: Callable[[nn.Module], nn.Module] = frozen_copy) -> Teacher | NoTeacher:
+                  copy_policy: Callable[[nn.Module], nn.Module] = frozen_copy) -> TeacherLike:
     """The algorithm's teacher: none for GRPO (grpo_weight = 1), else `algorithm.teacher`'s kind and scorer."""
     if not config.algorithm.uses_teacher:
         return NoTeacher()
-    return Teacher(config.algorithm.teacher, policy, copy_policy, reprompt_limit(config, policy))
+    return Teacher(config.algorithm.teacher, policy, copy_policy, reprompt_limit(config, policy),
+                   config.rollout.max_new_tokens)

@@ -11,7 +11,7 @@ root the reaper also kills every process of the run's own uid (atomically, with 
 program, another uid, cannot signal the reaper.
 
 Order matters in the program's child. The limits are set while still privileged, then the uid is dropped: root
-ignores RLIMIT_NPROC, so the process limit only holds for the unprivileged uid the program ends up with (issue #4).
+ignores RLIMIT_NPROC, so the process limit only holds for the unprivileged uid the program ends up with.
 The parent-death signal is set after the uid change because the kernel clears it on credential changes.
 """
 

@@ -1,0 +1,83 @@
+"""The self-teacher's named choices, each a registry (the config validates against them, `sdpo.config`):
+
+- `TEACHER_KINDS` (algorithm.teacher.kind): the weights whose logits the teacher mixes, as [(source, weight)] with
+  sources from `WEIGHT_SOURCES` ("live", "initial", "ema", or one registered from outside);
+- `TEACHER_SCORERS` (algorithm.teacher.scorer): who computes the teacher's log-probs;
+- `DATA_CONTEXT_ORDERS` (algorithm.reprompt.data_context): how the data's teacher context and a successful
+  sibling's answer share the reprompt's solution slot.
+
+This module imports no other part of the library but the registry, so that the config can read these names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from sdpo.registry import Registry
+
+# kind -> the weights whose logits the teacher mixes: (algorithm.teacher config) -> [(source name, weight)].
+TeacherKind = Callable[[Any], list[tuple[str, float]]]
+TEACHER_KINDS: Registry[TeacherKind] = Registry("teacher kind")
+TEACHER_KINDS.register("live")(lambda config: [("live", 1.0)])
+TEACHER_KINDS.register("frozen")(lambda config: [("initial", 1.0)])
+TEACHER_KINDS.register("ema")(lambda config: [("ema", 1.0)])
+TEACHER_KINDS.register("trust_region")(
+    lambda config: [("initial", 1.0 - config.trust_region_mix), ("live", config.trust_region_mix)])
+
+# source name -> (policy, copy_policy, algorithm.teacher config) -> the weights (`sdpo.teacher.weights`); the
+# built-in sources register there.
+WEIGHT_SOURCES: Registry[Callable[..., Any]] = Registry("teacher weight source")
+
+
+class TeacherScorer:
+    """Who computes the teacher's log-probs (`algorithm.teacher.scorer`)."""
+
+    forward_in_update = True  # a teacher forward inside the update, per micro-batch
+
+    def check(self, engine: Any) -> None:
+        """At start: whether `engine` can do what this scorer asks of it."""
+
+    def score(self, teacher_prompt_ids: list[list[int]], response_ids: list[list[int]], rows: list[int],
+              width: int, engine: Any) -> torch.Tensor | None:
+        """Before the update: log q(y_t) [B, width] computed outside the trainer's forwards, or None."""
+        return None
+
+
+TEACHER_SCORERS: Registry[type[TeacherScorer]] = Registry("teacher scorer")
+TEACHER_SCORERS.register("trainer")(TeacherScorer)
+
+
+@TEACHER_SCORERS.register("engine")
+class EngineScorer(TeacherScorer):
+    """The rollout engine's prompt log-probs, once per generation batch, for engines that declare the capability
+    (`RolloutEngine.scores_teacher`)."""
+
+    forward_in_update = False
+
+    def check(self, engine: Any) -> None:
+        if not engine.scores_teacher:
+            raise ValueError(f"algorithm.teacher.scorer=engine: the {type(engine).__name__} engine cannot score "
+                             "the teacher (use rollout=vllm, or algorithm.teacher.scorer=trainer)")
+
+    def score(self, teacher_prompt_ids: list[list[int]], response_ids: list[list[int]], rows: list[int],
+              width: int, engine: Any) -> torch.Tensor:
+        """log q(y_t) under the reprompt for the rows with a signal (0 elsewhere)."""
+        logp_BR = torch.zeros(len(response_ids), width)
+        if rows:
+            scores = engine.score_teacher([teacher_prompt_ids[i] for i in rows], [response_ids[i] for i in rows])
+            logp_BR[rows, : scores.token_logp_BR.shape[1]] = scores.token_logp_BR
+        return logp_BR
+
+
+# order -> (a sibling's solution or None, the data's context rendered or None) -> (the solution slot, whether it
+# holds the data's context); only called where the data has a context for the row.
+DataContextOrder = Callable[[str | None, str], tuple[str | None, bool]]
+DATA_CONTEXT_ORDERS: Registry[DataContextOrder | None] = Registry("data-context order")
+DATA_CONTEXT_ORDERS.register("off")(None)  # the data's context is never used
+DATA_CONTEXT_ORDERS.register("fallback")(lambda sibling, data: (sibling, False) if sibling is not None else (data, True))
+DATA_CONTEXT_ORDERS.register("prefer")(lambda sibling, data: (data, True))
+DATA_CONTEXT_ORDERS.register("both")(
+    lambda sibling, data: (f"{sibling}\n\n{data}", True) if sibling is not None else (data, True))
