@@ -15,21 +15,10 @@ from typing import Any, ClassVar
 
 from sdpo.config import EnvConfig
 from sdpo.envs.problem import Problem, Score
+from sdpo.envs.rows import DataError, MissingDataError, data_file, hub_rows, read_jsonl  # the errors: re-exported
 from sdpo.registry import Registry
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-class DataError(ValueError):
-    """A malformed data row; the message names the file, the line and the field."""
-
-    def __init__(self, path: str | Path, line: int | None, field_name: str | None, problem: str) -> None:
-        where = f"{path}:{line}" if line is not None else str(path)
-        super().__init__(f"{where}: field {field_name!r}: {problem}" if field_name else f"{where}: {problem}")
-
-
-class MissingDataError(FileNotFoundError):
-    """A data set that is not there; the message says what is missing, where to get it and which option to set."""
 
 
 class Environment(ABC):
@@ -55,8 +44,6 @@ class Environment(ABC):
         """(where, rows) of one data file: `relative` under `env.data_dir`, or, with `env.hub.id` set, the hub data
         set's `split` (None: `env.hub.split`, or its only split). `where` names the source in row errors; each row
         comes with its line (file) or row number (hub, from 1)."""
-        from sdpo.envs.rows import data_file, hub_rows, read_jsonl
-
         if self.config.hub.id is not None:
             return hub_rows(self.config.hub, split, what)
         path = data_file(self.data_dir, relative, what, self.hub_hint)

@@ -14,9 +14,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sdpo.envs.base import DataError, MissingDataError
-
 _MISSING = object()
+
+
+class DataError(ValueError):
+    """A malformed data row; the message names the file, the line and the field."""
+
+    def __init__(self, path: str | Path, line: int | None, field_name: str | None, problem: str) -> None:
+        where = f"{path}:{line}" if line is not None else str(path)
+        super().__init__(f"{where}: field {field_name!r}: {problem}" if field_name else f"{where}: {problem}")
+
+
+class MissingDataError(FileNotFoundError):
+    """A data set that is not there; the message says what is missing, where to get it and which option to set."""
 
 
 def data_file(data_dir: Path, relative: str, what: str, hub_hint: str | None = None) -> Path:
