@@ -21,6 +21,7 @@ import contextlib
 import functools
 import os
 from pathlib import Path
+import signal
 import sys
 from typing import TextIO
 
@@ -28,8 +29,8 @@ import hydra
 from omegaconf import DictConfig
 
 from sdpo.config import ConfigError, SDPOConfig
-from sdpo.console import setup_logging
-from sdpo.envs.base import DataError
+from sdpo.console import log_path, setup_logging
+from sdpo.interrupt import SIGNALS, raise_at_once
 from sdpo.hydra_config import CONFIG_DIR, check_overrides, register_configs, to_config
 
 # What each script reads of the config: sections or dotted keys (a key counts with everything below it), less the
@@ -130,10 +131,14 @@ def run(main: Callable[[SDPOConfig], None], uses: Sequence[str] | None = None, i
             sys.exit(f"error: {exc}")
         hydra_config = HydraConfig.get()
         setup_logging(Path(hydra_config.runtime.output_dir) / f"{hydra_config.job.name}.log", config.logging.verbose)
+        for signum in SIGNALS:  # SIGTERM too unwinds (clean-up runs); the training loop defers both (sdpo/interrupt.py)
+            signal.signal(signum, raise_at_once)
         try:
             main(config)
-        except (ConfigError, DataError) as exc:  # bad input: what to fix, without a traceback
-            sys.exit(f"error: {exc}")
+        except (Exception, KeyboardInterrupt) as exc:  # every failure, a signal: one line (sdpo/errors.py)
+            from sdpo.errors import report
+
+            sys.exit(report(exc, config.trainer.output_dir, log_path()))
 
     hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")(task)()
 

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from sdpo.config import SDPOConfig
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# `log.error(..., extra=FILE_ONLY)`: a record for the log file only (a traceback whose one-line summary the terminal
+# gets on its own).
+FILE_ONLY = {"terminal": False}
 
 
 class TerminalFilter(logging.Filter):
@@ -33,6 +36,8 @@ class TerminalFilter(logging.Filter):
     header sums up, goes to the log file only)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "terminal", True) is False:
+            return False
         own = record.name == "sdpo" or record.name.startswith("sdpo.") or record.name == "__main__"
         return record.levelno >= (logging.INFO if own else logging.ERROR)
 
