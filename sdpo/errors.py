@@ -6,8 +6,8 @@ a non-zero exit code, and the full traceback in the run's log file (on the termi
            (newest: step 4): continue with: python scripts/train.py ... trainer.resume=auto
     stopped by SIGINT after step 3 of 10 (checkpoint runs/x/checkpoints/step-000003); continue with: ...
 
-Errors of the input (config, data, paths) are the message alone; errors met while training (a server, the disk) add
-where the run can continue from; anything else names its type and where the traceback is.
+Errors of the input (config, data, paths: sdpo's own messages) are the message alone; errors met while training (a
+server, the disk) add where the run can continue from; anything else names its type and where the traceback is.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from sdpo.interrupt import RunStopped, StopNow, signal_name
 from sdpo.resume import continue_command
 
 log = logging.getLogger(__name__)
+PACKAGE = Path(__file__).resolve().parent
 
 # The message alone says what to fix.
 INPUT_ERRORS = ("ConfigError", "DataError", "FileNotFoundError", "SandboxUnavailable", "ScoringError",
@@ -34,6 +35,14 @@ RUN_ERRORS = ("ServerError",)
 
 def _names(exc: BaseException) -> set[str]:
     return {cls.__name__ for cls in type(exc).__mro__}
+
+
+def _raised_by_sdpo(exc: BaseException) -> bool:
+    """Whether the exception was raised in this package's code (its messages say what to fix)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(PACKAGE)
 
 
 def one_line(text: str) -> str:
@@ -60,7 +69,8 @@ def describe(exc: BaseException, run_dir: str | Path | None, log_file: str | Pat
     if isinstance(exc, KeyboardInterrupt):
         signum = exc.signum if isinstance(exc, StopNow) else signal.SIGINT
         return f"stopped at once by {signal_name(signum)}; {where_to_continue(run_dir)}", 128 + signum
-    if names & set(INPUT_ERRORS):
+    if names & set(INPUT_ERRORS) or (isinstance(exc, ValueError | OSError) and _raised_by_sdpo(exc)
+                                      and getattr(exc, "errno", None) != errno.ENOSPC):
         return f"error: {one_line(str(exc))}", 1
     if names & set(RUN_ERRORS):
         return f"error: {one_line(str(exc))}; {where_to_continue(run_dir)}", 1

@@ -4,6 +4,9 @@ checkpoints and resume, the metrics log, sample tables and the progress bar.
     [evaluate at step 0] -> for each step: trainer.training_step() -> samples -> [evaluate -> keep best / collapse]
                          -> log -> [save] -> ... -> save -> plot
 
+A SIGINT or SIGTERM stops the loop after the step in progress and its checkpoint (sdpo/interrupt.py); a resumed run
+drops the log rows past its checkpoint (sdpo/resume.py).
+
 A checkpoint is the policy's weights and optimizer state (written by the launch: `Distributed.policy_state`) plus
 every object of `RunLoop.state_objects`, each saved and restored through its own `state_dict` / `load_state_dict`.
 """
@@ -11,8 +14,8 @@ every object of `RunLoop.state_objects`, each saved and restored through its own
 from __future__ import annotations
 
 import logging
-import signal
 from pathlib import Path
+import signal
 from typing import Any
 
 from omegaconf import OmegaConf

@@ -5,8 +5,10 @@ terminal with logging.verbose=true). Most of these fail before any model loads."
 from __future__ import annotations
 
 import errno
+import json
 import os
 from pathlib import Path
+import re
 import subprocess
 import sys
 
@@ -121,9 +123,12 @@ def test_reward_function_that_raises_on_everything(tmp_path):
                                             "    raise ZeroDivisionError('my reward divided by zero')\n")
     data = write_rows(tmp_path / "rows.jsonl", ['{"prompt": "1+1", "answer": "2"}', '{"prompt": "2+2", "answer": "4"}'])
     proc = train(tmp_path, "env=dataset", f"env.path={data}", f"env.eval_path={data}", "env.rewards=[my_rewards:broken]")
-    assert_one_line(proc, "error: reward function(s) broken raised on all 4 completions of the batch, the first with "
-                          "ZeroDivisionError: my reward divided by zero: fix it (the tracebacks are in the run's log "
-                          "file); a completion it cannot score should get 0 or None, not an exception")
+    # The first batch scored is the held-out evaluation's at step 0 (eval.at_start) or the first step's.
+    assert_one_line(proc, "error: reward function(s) broken raised on all ", exact=False)
+    assert re.fullmatch(r"error: reward function\(s\) broken raised on all \d+ completions of the batch, the first "
+                        r"with ZeroDivisionError: my reward divided by zero: fix it \(the tracebacks are in the run's "
+                        r"log file\); a completion it cannot score should get 0 or None, not an exception",
+                        proc.stderr.strip())
     log = (tmp_path / "run" / "train.log").read_text()
     assert "Traceback" in log and "my reward divided by zero" in log
 
@@ -217,3 +222,17 @@ def test_a_handed_in_dataset_names_the_row_index(tmp_path):
     with pytest.raises(DataError, match=r"^train_dataset\[1\]: field 'answer': missing \(null\), and reward function "
                                         r"exact_match needs it"):
         env.load("train")
+
+
+def test_sdpos_own_value_errors_are_their_message_and_a_librarys_names_its_type(tmp_path):
+    from sdpo.envs.dataset import read_split
+
+    with pytest.raises(ValueError) as ours:
+        read_split(tmp_path / "rows.txt", "train") if (tmp_path / "rows.txt").write_text("x") else None
+    assert describe(ours.value, None, None) == (f"error: env.path: {tmp_path / 'rows.txt'} is not a .jsonl, .json, "
+                                                ".parquet or .csv file", 1)
+    with pytest.raises(ValueError) as theirs:
+        json.loads("{")
+    line, _ = describe(theirs.value, None, tmp_path / "train.log")
+    assert line.startswith("error: JSONDecodeError: Expecting property name") and line.endswith(
+        f"(the traceback is in {tmp_path / 'train.log'})")
