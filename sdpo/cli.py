@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 
 from sdpo.config import ConfigError, SDPOConfig
 from sdpo.console import log_path, setup_logging
-from sdpo.interrupt import SIGNALS, raise_at_once
+from sdpo.interrupt import SIGNALS, raise_at_once, signal_name
 from sdpo.hydra_config import CONFIG_DIR, check_overrides, register_configs, to_config
 
 # What each script reads of the config: sections or dotted keys (a key counts with everything below it), less the
@@ -131,8 +131,6 @@ def run(main: Callable[[SDPOConfig], None], uses: Sequence[str] | None = None, i
             sys.exit(f"error: {exc}")
         hydra_config = HydraConfig.get()
         setup_logging(Path(hydra_config.runtime.output_dir) / f"{hydra_config.job.name}.log", config.logging.verbose)
-        for signum in SIGNALS:  # SIGTERM too unwinds (clean-up runs); the training loop defers both (sdpo/interrupt.py)
-            signal.signal(signum, raise_at_once)
         try:
             main(config)
         except (Exception, KeyboardInterrupt) as exc:  # every failure, a signal: one line (sdpo/errors.py)
@@ -140,7 +138,14 @@ def run(main: Callable[[SDPOConfig], None], uses: Sequence[str] | None = None, i
 
             sys.exit(report(exc, config.trainer.output_dir, log_path()))
 
-    hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")(task)()
+    for signum in SIGNALS:  # SIGTERM too unwinds (clean-up runs); the training loop defers both (sdpo/interrupt.py)
+        signal.signal(signum, raise_at_once)
+    try:
+        hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")(task)()
+    except KeyboardInterrupt as exc:  # while Hydra composed the config, before the script's own work
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"stopped at once by {signal_name(signum)} while starting: nothing was written", file=sys.stderr)
+        sys.exit(128 + signum)
 
 
 @contextlib.contextmanager
