@@ -160,7 +160,7 @@ def attempt(args: list[str], run_dir: Path, cwd: Path, fault: str | None, aimed:
         except psutil.Error:
             pass
     lines = err.read_text().strip().splitlines() + out.read_text().strip().splitlines()[-1:]
-    final = [line for line in lines if line.startswith(("stopped", "error:", "done:", "run "))]
+    final = [line for line in lines if line.startswith(("stopped", "error:", "done:")) or " is finished: " in line]
     leftovers = sorted(temp_entries() - before_tmp) + sorted(p.name for p in cwd.iterdir() if p != run_dir.parent)
     return Attempt(fault if stage else None, aimed if stage else None, stage, proc.returncode,
                    (final[-1] if final else (lines[-1] if lines else ""))[:160], time.monotonic() - start, strays,
