@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 import contextlib
 import functools
+import logging
 import os
 from pathlib import Path
 import signal
@@ -134,9 +135,19 @@ def run(main: Callable[[SDPOConfig], None], uses: Sequence[str] | None = None, i
         try:
             main(config)
         except (Exception, KeyboardInterrupt) as exc:  # every failure, a signal: one line (sdpo/errors.py)
-            from sdpo.errors import report
+            from sdpo.errors import interrupt_behind, report
 
-            sys.exit(report(exc, config.trainer.output_dir, log_path()))
+            code = report(exc, config.trainer.output_dir, log_path())
+            if interrupt_behind(exc) is not None:
+                # Stopped at once: the signal may have cut a library's import or native call short, and the
+                # interpreter's own shutdown can then crash on it. What matters is written (checkpoints, logs,
+                # flushed line by line); the engine is closed (scripts' `finally`), workers and a started server
+                # follow their parent.
+                logging.shutdown()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+            sys.exit(code)
 
     for signum in SIGNALS:  # SIGTERM too unwinds (clean-up runs); the training loop defers both (sdpo/interrupt.py)
         signal.signal(signum, raise_at_once)

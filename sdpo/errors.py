@@ -61,11 +61,24 @@ def where_to_continue(run_dir: str | Path | None) -> str:
     return f"the newest checkpoint is {newest}: {continue_command(run_dir)}"
 
 
+def interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
+    """The signal's exception behind `exc`: itself, or one a library turned into its own error (an import cut short
+    by Ctrl-C raises ImportError from it)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def describe(exc: BaseException, run_dir: str | Path | None, log_file: str | Path | None) -> tuple[str, int]:
     """(the terminal line, the exit code) for an exception that ends a script."""
     names = _names(exc)
     if isinstance(exc, RunStopped):
         return str(exc), exc.exit_code
+    exc = interrupt_behind(exc) or exc
     if isinstance(exc, KeyboardInterrupt):
         signum = exc.signum if isinstance(exc, StopNow) else signal.SIGINT
         return f"stopped at once by {signal_name(signum)}; {where_to_continue(run_dir)}", 128 + signum

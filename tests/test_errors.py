@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 import re
+import signal
 import subprocess
 import sys
 
@@ -236,3 +237,16 @@ def test_sdpos_own_value_errors_are_their_message_and_a_librarys_names_its_type(
     line, _ = describe(theirs.value, None, tmp_path / "train.log")
     assert line.startswith("error: JSONDecodeError: Expecting property name") and line.endswith(
         f"(the traceback is in {tmp_path / 'train.log'})")
+
+
+def test_a_library_error_raised_from_a_second_signal_is_the_stop(tmp_path):
+    from sdpo.interrupt import StopNow
+
+    try:
+        try:
+            raise StopNow(signal.SIGINT)
+        except StopNow as stop:
+            raise ImportError("initialization failed") from stop
+    except ImportError as exc:
+        line, code = describe(exc, tmp_path, None)
+    assert code == 130 and line == "stopped at once by SIGINT; no checkpoint yet: run the command again to start over"
