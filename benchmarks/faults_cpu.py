@@ -5,7 +5,7 @@ uninterrupted.
     python benchmarks/faults_cpu.py --faults 30 --server-faults 4    # and the server, async_steps=1
 
 Each attempt starts `scripts/train.py ... trainer.resume=auto` (the command the stop line prints) and, at a random
-point, sends one fault: SIGINT, SIGTERM, SIGINT twice (the second stops at once), SIGKILL of the trainer, or (with
+point, sends one fault (each round of faults holds every kind once, in a random order): SIGINT, SIGTERM, SIGINT twice (the second stops at once), SIGKILL of the trainer, or (with
 the server) SIGKILL of the vLLM server. The point is aimed at a stage of a step (start-up, generation, update, weight
 sync, checkpoint save) from the uninterrupted run's own stage times: the harness waits for a step's metrics row (the
 save follows it at once) and then sleeps into the next step's generation, update or sync. What it reports as the
@@ -269,6 +269,7 @@ def main() -> None:
         first = attempt(args, reference, cwd, None, None, {}, rng, logs, 0)
         times = stage_times(reference)
         episodes, faults, index = [], 0, 1
+        plan: list[tuple[str, str]] = []
         report.append((case, exact, times, first, episodes))
         if first.rc != 0:  # reported as such; the other case still runs
             write_report(opts, report, time.monotonic() - started)
@@ -279,8 +280,9 @@ def main() -> None:
             while not attempts or attempts[-1].rc != 0:
                 if len(attempts) > 40:
                     break
-                fault = rng.choice(kinds) if faults < budget else None
-                aimed = rng.choice(STAGES) if fault else None
+                if faults < budget and not plan:  # every kind and stage in each round, in a random order
+                    plan = [(k, rng.choice(STAGES)) for k in rng.sample(kinds, len(kinds))]
+                fault, aimed = plan.pop() if faults < budget else (None, None)
                 if fault == "SIGKILL server" and aimed == "start-up":
                     aimed = "generation"
                 got = attempt(args, run_dir, cwd, fault, aimed, times, rng, logs, index)

@@ -135,6 +135,8 @@ def run(main: Callable[[SDPOConfig], None], uses: Sequence[str] | None = None, i
         try:
             main(config)
         except (Exception, KeyboardInterrupt) as exc:  # every failure, a signal: one line (sdpo/errors.py)
+            for signum in SIGNALS:  # stopping already: a further signal must not cut the report short
+                signal.signal(signum, signal.SIG_IGN)
             from sdpo.errors import interrupt_behind, report
 
             code = report(exc, config.trainer.output_dir, log_path())
@@ -154,6 +156,8 @@ def run(main: Callable[[SDPOConfig], None], uses: Sequence[str] | None = None, i
     try:
         hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")(task)()
     except KeyboardInterrupt as exc:  # while Hydra composed the config, before the script's own work
+        for ignored in SIGNALS:
+            signal.signal(ignored, signal.SIG_IGN)
         signum = getattr(exc, "signum", signal.SIGINT)
         print(f"stopped at once by {signal_name(signum)} while starting: nothing was written", file=sys.stderr)
         sys.exit(128 + signum)

@@ -106,14 +106,16 @@ def native_output_to(log_file: str | Path, enabled: bool = True) -> Iterator[Non
             # DeepSpeed adds a terminal handler to its logger when first imported, which Accelerate does when the
             # first checkpoint is saved, deep in the run: import it now, while its greeting goes to the log, so that
             # its logger exists when the loggers are rerouted below.
-            if importlib.util.find_spec("deepspeed") is not None:
-                with contextlib.suppress(Exception):
-                    importlib.import_module("deepspeed")
-            sys.stdout.flush()
-            sys.stderr.flush()
-            for fd, copy in saved.items():
-                os.dup2(copy, fd)
-                os.close(copy)
+            try:
+                if importlib.util.find_spec("deepspeed") is not None:
+                    with contextlib.suppress(Exception):
+                        importlib.import_module("deepspeed")
+            finally:  # the terminal comes back even when a Ctrl-C cuts that import short
+                sys.stdout.flush()
+                sys.stderr.flush()
+                for fd, copy in saved.items():
+                    os.dup2(copy, fd)
+                    os.close(copy)
             _quiet_library_loggers()  # libraries imported inside the block may have added handlers
 
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import signal
 import sys
 
-from sdpo import checkpoint as ckpt
 from sdpo.console import FILE_ONLY
 from sdpo.interrupt import RunStopped, StopNow, signal_name
 from sdpo.resume import continue_command
@@ -55,7 +54,11 @@ def where_to_continue(run_dir: str | Path | None) -> str:
     """`the checkpoints are kept (newest: step 4): continue with: ...`, or that there is none yet."""
     if run_dir is None:
         return "no run directory yet: run the command again"
-    newest = ckpt.latest_checkpoint(Path(run_dir) / "checkpoints")
+    try:
+        from sdpo.checkpoint import latest_checkpoint
+    except Exception:  # noqa: BLE001 - a signal cut torch's import short: the line still says how to go on
+        return f"its newest complete checkpoint, if any: {continue_command(run_dir)}"
+    newest = latest_checkpoint(Path(run_dir) / "checkpoints")
     if newest is None:
         return "no checkpoint yet: run the command again to start over"
     return f"the newest checkpoint is {newest}: {continue_command(run_dir)}"

@@ -16,8 +16,6 @@ from pathlib import Path
 import shlex
 import sys
 
-from sdpo import checkpoint as ckpt
-
 log = logging.getLogger(__name__)
 
 LOGS = ("metrics.jsonl", "samples.jsonl")
@@ -40,12 +38,16 @@ def continue_command(run_dir: str | Path) -> str:
 
 def checkpoint_step(path: Path) -> int:
     """The step of a complete checkpoint (its COMPLETE marker holds it; the trainer state otherwise)."""
+    from sdpo import checkpoint as ckpt
+
     marker = (path / ckpt.COMPLETE).read_text().strip() if (path / ckpt.COMPLETE).exists() else ""
     return int(marker) if marker.isdigit() else int(ckpt.load_trainer_state(path)["step"])
 
 
 def resume_source(run_dir: Path, resume: str) -> Path | None:
     """The checkpoint trainer.resume names: the run's newest complete one for "auto" (None: there is none)."""
+    from sdpo import checkpoint as ckpt
+
     if resume == "none":
         return None
     return ckpt.latest_checkpoint(run_dir / "checkpoints") if resume == "auto" else Path(resume)
@@ -54,8 +56,10 @@ def resume_source(run_dir: Path, resume: str) -> Path | None:
 def finished_message(run_dir: str | Path, resume: str, total_steps: int) -> str | None:
     """For a run asked to resume whose checkpoint already holds trainer.total_steps steps: the line that says so
     (the run then has nothing to do: no weights to load, no engine or server to start). None otherwise."""
+    from sdpo.checkpoint import COMPLETE
+
     path = resume_source(Path(run_dir), resume)
-    if path is None or not (path / ckpt.COMPLETE).exists():
+    if path is None or not (path / COMPLETE).exists():
         return None
     step = checkpoint_step(path)
     if step < total_steps:
