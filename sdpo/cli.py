@@ -134,6 +134,8 @@ def run(main: Callable[[SDPOConfig], None], uses: Sequence[str] | None = None, i
         setup_logging(Path(hydra_config.runtime.output_dir) / f"{hydra_config.job.name}.log", config.logging.verbose)
         try:
             main(config)
+            for signum in SIGNALS:  # done: a signal while the interpreter shuts down changes nothing
+                signal.signal(signum, signal.SIG_IGN)
         except (Exception, KeyboardInterrupt) as exc:  # every failure, a signal: one line (sdpo/errors.py)
             for signum in SIGNALS:  # stopping already: a further signal must not cut the report short
                 signal.signal(signum, signal.SIG_IGN)
