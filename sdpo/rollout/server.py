@@ -29,6 +29,7 @@ from __future__ import annotations
 import atexit
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+import contextlib
 import ctypes
 from datetime import timedelta
 import json
@@ -148,6 +149,10 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        # Its engine processes share its process group (it leads its own session): they go too, also when the
+        # server itself was killed and could not stop them.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
 
 
 class ServerClient:
