@@ -28,13 +28,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from sdpo.interrupt import signals_deferred
 from sdpo.sharding import is_fsdp2, is_sharded, load_full_state_dict
 
 COMPLETE = "COMPLETE"
 PREFIX = "step-"
 STATE_FILE = "trainer_state.pt"
 # Test seam (tests/test_resume.py): a save of this step stops before its COMPLETE marker, announces itself with a
-# PAUSED file in the staging directory and sleeps, so that a test can kill the process in the middle of a save.
+# PAUSED file in the staging directory and waits (until the test writes CONTINUE there), so that a test can signal
+# or kill the process in the middle of a save.
 PAUSE_ENV = "SDPO_TEST_PAUSE_SAVE_AT_STEP"
 
 
@@ -183,17 +185,22 @@ def finish(root: Path, staging: Path, step: int, state: dict[str, Any], keep_las
     torch.save(state, staging / STATE_FILE)
     if os.environ.get(PAUSE_ENV) == str(step):
         (staging / "PAUSED").touch()
-        time.sleep(3600)
+        deadline = time.monotonic() + 3600
+        while not (staging / "CONTINUE").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for seam in ("PAUSED", "CONTINUE"):
+            (staging / seam).unlink(missing_ok=True)
     (staging / COMPLETE).write_text(str(step))
     final = root / checkpoint_name(step, name)
-    if final.exists():  # a re-save (a resumed run's step, a better `best`): the old copy goes once the new one is whole
-        old = root / f".old-{final.name}"
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        staging.rename(final)
-        shutil.rmtree(old)
-    else:
-        staging.rename(final)
+    with signals_deferred():  # a first or second Ctrl-C never falls between the two renames
+        if final.exists():  # a re-save (a better `best`): the old copy goes once the new one is whole
+            old = root / f".old-{final.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            staging.rename(final)
+            shutil.rmtree(old)
+        else:
+            staging.rename(final)
     if keep_last > 0:
         for old in checkpoint_dirs(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)

@@ -19,8 +19,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 import contextlib
 import functools
+import logging
 import os
 from pathlib import Path
+import signal
 import sys
 from typing import TextIO
 
@@ -28,8 +30,8 @@ import hydra
 from omegaconf import DictConfig
 
 from sdpo.config import ConfigError, SDPOConfig
-from sdpo.console import setup_logging
-from sdpo.envs.base import DataError, MissingDataError
+from sdpo.console import log_path, setup_logging
+from sdpo.interrupt import SIGNALS, raise_at_once, signal_name
 from sdpo.hydra_config import CONFIG_DIR, check_overrides, register_configs, to_config
 
 # What each script reads of the config: sections or dotted keys (a key counts with everything below it), less the
@@ -149,10 +151,35 @@ def run(main: Callable[[SDPOConfig], None], uses: Sequence[str] | None = None, i
         setup_logging(Path(hydra_config.runtime.output_dir) / f"{hydra_config.job.name}.log", config.logging.verbose)
         try:
             main(config)
-        except (ConfigError, DataError, MissingDataError) as exc:  # bad input: what to fix, without a traceback
-            sys.exit(f"error: {exc}")
+            for signum in SIGNALS:  # done: a signal while the interpreter shuts down changes nothing
+                signal.signal(signum, signal.SIG_IGN)
+        except (Exception, KeyboardInterrupt) as exc:  # every failure, a signal: one line (sdpo/errors.py)
+            for signum in SIGNALS:  # stopping already: a further signal must not cut the report short
+                signal.signal(signum, signal.SIG_IGN)
+            from sdpo.errors import interrupt_behind, report
 
-    hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")(task)()
+            code = report(exc, config.trainer.output_dir, log_path())
+            if interrupt_behind(exc) is not None:
+                # Stopped at once: the signal may have cut a library's import or native call short, and the
+                # interpreter's own shutdown can then crash on it. What matters is written (checkpoints, logs,
+                # flushed line by line); the engine is closed (scripts' `finally`), workers and a started server
+                # follow their parent.
+                logging.shutdown()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+            sys.exit(code)
+
+    for signum in SIGNALS:  # SIGTERM too unwinds (clean-up runs); the training loop defers both (sdpo/interrupt.py)
+        signal.signal(signum, raise_at_once)
+    try:
+        hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")(task)()
+    except KeyboardInterrupt as exc:  # while Hydra composed the config, before the script's own work
+        for ignored in SIGNALS:
+            signal.signal(ignored, signal.SIG_IGN)
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"stopped at once by {signal_name(signum)} while starting: nothing was written", file=sys.stderr)
+        sys.exit(128 + signum)
 
 
 @contextlib.contextmanager

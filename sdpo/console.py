@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from sdpo.config import SDPOConfig
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# `log.error(..., extra=FILE_ONLY)`: a record for the log file only (a traceback whose one-line summary the terminal
+# gets on its own).
+FILE_ONLY = {"terminal": False}
 
 
 class TerminalFilter(logging.Filter):
@@ -33,6 +36,8 @@ class TerminalFilter(logging.Filter):
     header sums up, goes to the log file only)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "terminal", True) is False:
+            return False
         own = record.name == "sdpo" or record.name.startswith("sdpo.") or record.name == "__main__"
         return record.levelno >= (logging.INFO if own else logging.ERROR)
 
@@ -101,14 +106,16 @@ def native_output_to(log_file: str | Path, enabled: bool = True) -> Iterator[Non
             # DeepSpeed adds a terminal handler to its logger when first imported, which Accelerate does when the
             # first checkpoint is saved, deep in the run: import it now, while its greeting goes to the log, so that
             # its logger exists when the loggers are rerouted below.
-            if importlib.util.find_spec("deepspeed") is not None:
-                with contextlib.suppress(Exception):
-                    importlib.import_module("deepspeed")
-            sys.stdout.flush()
-            sys.stderr.flush()
-            for fd, copy in saved.items():
-                os.dup2(copy, fd)
-                os.close(copy)
+            try:
+                if importlib.util.find_spec("deepspeed") is not None:
+                    with contextlib.suppress(Exception):
+                        importlib.import_module("deepspeed")
+            finally:  # the terminal comes back even when a Ctrl-C cuts that import short
+                sys.stdout.flush()
+                sys.stderr.flush()
+                for fd, copy in saved.items():
+                    os.dup2(copy, fd)
+                    os.close(copy)
             _quiet_library_loggers()  # libraries imported inside the block may have added handlers
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 import importlib.util
+import re
 from pathlib import Path
 import shutil
 import tempfile
@@ -136,8 +137,18 @@ def is_peft_model(model: torch.nn.Module) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
 
 
+class TokenizerError(ValueError):
+    """A checkpoint directory whose tokenizer cannot be loaded (the message says what to put there)."""
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as exc:  # transformers' messages for a missing or broken tokenizer
+        reason = re.split(r"(?<=[.:])\s", " ".join(str(exc).split()))[0][:200]  # its first sentence
+        raise TokenizerError(f"model.name_or_path={path}: its tokenizer cannot be loaded ({type(exc).__name__}: "
+                             f"{reason}); save one there with tokenizer.save_pretrained({str(path)!r}), or point "
+                             "model.name_or_path at a directory that holds both") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -4,6 +4,9 @@ checkpoints and resume, the metrics log, sample tables and the progress bar.
     [evaluate at step 0] -> for each step: trainer.training_step() -> samples -> [evaluate -> keep best / collapse]
                          -> log -> [save] -> ... -> save -> plot
 
+A SIGINT or SIGTERM stops the loop after the step in progress and its checkpoint (sdpo/interrupt.py); a resumed run
+drops the log rows past its checkpoint (sdpo/resume.py).
+
 A checkpoint is the policy's weights and optimizer state (written by the launch: `Distributed.policy_state`) plus
 every object of `RunLoop.state_objects`, each saved and restored through its own `state_dict` / `load_state_dict`.
 """
@@ -12,9 +15,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+import signal
 from typing import Any
 
 from omegaconf import OmegaConf
+import torch
 from tqdm.auto import tqdm
 
 from sdpo import checkpoint as ckpt
@@ -23,6 +28,8 @@ from sdpo.config import SDPOConfig
 from sdpo.console import progress_postfix
 from sdpo.distributed import Distributed
 from sdpo.guards import BEST_DIR, BestCheckpoint
+from sdpo.interrupt import RunStopped, StopRequests
+from sdpo.resume import continue_command, drop_rows_after
 from sdpo.tracking import CURVES, Tracker, plot_curves
 
 log = logging.getLogger(__name__)
@@ -45,8 +52,12 @@ class RunLoop:
         config, dist = trainer.config, trainer.dist
         tcfg = config.trainer
         self.best = BestCheckpoint(tcfg.keep_best, tcfg.collapse_drop, trainer.run_dir / "checkpoints")
+        self.saved_step: int | None = None  # the step of the newest checkpoint this run holds
+        self.stop = StopRequests()
         if tcfg.resume != "none":
             self.resume(tcfg.resume)
+            if dist.is_main:  # each step logged once: the rows past the checkpoint are logged again
+                drop_rows_after(trainer.run_dir, trainer.step if trainer.step > 0 else -1)
         structured = OmegaConf.structured(config)
         self.tracker = Tracker(config.logging, trainer.run_dir, OmegaConf.to_container(structured),
                                enabled=dist.is_main)
@@ -59,6 +70,16 @@ class RunLoop:
         return {"learner": t.learner, "sampler": t.rollouts, "failure_modes": t.failure_modes, "best": self.best}
 
     def train(self) -> dict[str, float]:
+        """The loop; a SIGINT / SIGTERM stops it after the step in progress and its checkpoint (`RunStopped`)."""
+        with self.stop:
+            metrics = self._train()
+        t = self.trainer
+        if self.stop_requested() and t.step < t.config.trainer.total_steps:
+            raise RunStopped(self.stop.requested or signal.SIGTERM, t.step, t.config.trainer.total_steps,
+                             ckpt.latest_checkpoint(t.run_dir / "checkpoints"), continue_command(t.run_dir))
+        return metrics
+
+    def _train(self) -> dict[str, float]:
         t, cfg = self.trainer, self.trainer.config
         bar = tqdm(total=cfg.trainer.total_steps, initial=t.step, desc=cfg.algorithm.name,
                    disable=not (t.dist.is_main and cfg.logging.progress_bar))
@@ -68,7 +89,7 @@ class RunLoop:
             self.tracker.log(at_start, t.step)
         metrics: dict[str, float] = {}
         shown: dict[str, str] = {}  # the progress bar's fields
-        while t.step < cfg.trainer.total_steps:
+        while t.step < cfg.trainer.total_steps and not self.stop_requested():
             result = t.training_step()
             metrics, collapsed = result.metrics, False
             self.log_samples(result.batch)
@@ -83,7 +104,8 @@ class RunLoop:
             if collapsed:
                 break
         bar.close()
-        self.save()
+        if self.saved_step != t.step and t.step > 0:
+            self.save()
         if t.dist.is_main:
             # Diversity (pass@1 against pass@n: a narrowing policy closes the gap) and forgetting (other envs).
             n = cfg.eval.samples_per_question
@@ -92,6 +114,11 @@ class RunLoop:
             plot_curves([t.run_dir], CURVES + extra, t.run_dir / "reward_curve.png")
         self.tracker.close()
         return metrics
+
+    def stop_requested(self) -> bool:
+        """Whether a signal asked the run to stop, on any process (they stop together, after the same step)."""
+        asked, dist = self.stop.requested is not None, self.trainer.dist
+        return bool(dist.reduce(torch.tensor(float(asked)), "max")) if dist.world > 1 else asked
 
     def keep_best(self, metrics: dict[str, float]) -> bool:
         """After an evaluation: save checkpoints/best/ on a better held-out value (trainer.keep_best); True when the
@@ -130,6 +157,8 @@ class RunLoop:
                 self.best.write_record(staging)
             path = ckpt.finish(root, staging, step, state, t.config.trainer.keep_last, name)
         dist.wait()
+        if name is None:
+            self.saved_step = step
         return path
 
     def resume(self, resume: str) -> None:
@@ -147,6 +176,8 @@ class RunLoop:
             obj.load_state_dict(state[key])
         t.dist.restore_rng_state(path, state["world_size"])
         t.step = state["step"]
+        if path.parent == t.run_dir / "checkpoints":  # this run's own: no need to save the step again
+            self.saved_step = t.step
         log.info("resumed from %s at step %d", path, t.step)
 
     def log_samples(self, batch: RolloutBatch) -> None:

@@ -203,9 +203,14 @@ def test_a_raising_function_gives_reward_0_and_its_exception_as_feedback(caplog)
 
 
 def test_a_wrong_return_type_is_reported_like_an_exception():
+    # Raised on every completion of the batch: the function is broken, and the run stops saying so.
+    from sdpo.envs.pool import ScoringError
+
     env = env_over(Dataset.from_list(ROWS), reward_funcs=[lambda prompts, completions, **kw: "1.0"])
-    score = score_one(env, "x")
-    assert score.reward == 0.0 and "expected a list with one entry per completion" in score.feedback
+    with pytest.raises(ScoringError, match=r"^reward function\(s\) <lambda> raised on all 1 completions of the batch, "
+                                           r"the first with TypeError: reward function <lambda> returned '1.0': "
+                                           "expected a list with one entry per completion"):
+        score_one(env, "x")
 
 
 def test_unpicklable_functions_run_in_threads_with_the_trade_off_logged_and_a_hang_times_out(caplog):

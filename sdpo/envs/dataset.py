@@ -12,11 +12,16 @@ A single file has one split, "train": without an eval split or `env.eval_path` t
 Prompts: the prompt column holds text (it becomes the user message, after `env.system_prompt` when set) or a chat
 (a list of {"role", "content"} messages). Every other column reaches the reward functions (sdpo/envs/rewards.py).
 A `privileged_context` column (`env.teacher_context_column`, TRL's name) is text only the self-teacher sees.
-A missing column fails at load time, naming the columns the dataset has.
+A missing column fails at load time, naming the columns the dataset has; so does a row whose value in a column that
+is used (the prompt, env.id_column, a column a reward function names) is null or missing, naming file:line and the
+field (for a handed-in `datasets.Dataset`: `train_dataset[index]`), unless `env.skip_bad_rows=true` leaves such rows
+out (and logs how many).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+import contextlib
 from dataclasses import dataclass, field
 import json
 import logging
@@ -52,6 +57,9 @@ class DatasetEnvConfig(EnvConfig):
     # Text only the self-teacher sees (a reference solution, a hint), rendered into its reprompt
     # (algorithm.reprompt.data_context); TRL's column name. Rows without it (or None / "") have none.
     teacher_context_column: str | None = "privileged_context"
+    # A row whose prompt, id or a column a reward function needs is null or missing (or malformed) is an error
+    # naming its file:line and field; true: such rows are left out, and their number logged.
+    skip_bad_rows: bool = False
 
 
 @ENVIRONMENTS.register("dataset")
@@ -101,7 +109,18 @@ class DatasetEnv(Environment):
                     "env.train_split='train[:90%%]' env.eval_split='train[90%%:]'), or pass eval_dataset=", where, split)
             return []
         self._check_columns(dataset.column_names, where)
-        problems = [self._problem(row, index, split, where) for index, row in enumerate(dataset)]
+        problems, skipped = [], []
+        for index, row in enumerate(dataset):
+            try:
+                problems.append(self._problem(row, index, split, where))
+            except DataError as exc:
+                if not cfg.skip_bad_rows:
+                    exc.args = (f"{exc} (fix the row, or set env.skip_bad_rows=true to leave such rows out)",)
+                    raise
+                skipped.append(exc)
+        if skipped:
+            log.warning("%s: left out %d of %d rows with a null, missing or malformed value (env.skip_bad_rows=true); "
+                        "the first: %s", where, len(skipped), len(skipped) + len(problems), skipped[0])
         return problems[: cfg.max_eval_rows if is_eval else cfg.max_train_rows]
 
     def _split(self, split: str, is_eval: bool) -> tuple[Any, str]:
@@ -121,21 +140,31 @@ class DatasetEnv(Environment):
                              "them, or a save_to_disk folder) or pass train_dataset= to SDPOTrainer")
         return read_split(Path(cfg.path).expanduser(), split, required=not is_eval), cfg.path
 
-    def _check_columns(self, columns: list[str], where: str) -> None:
+    def _needed_columns(self) -> dict[str, str]:
+        """The columns every row needs a value in, each with what names it."""
         cfg: DatasetEnvConfig = self.config  # type: ignore[assignment]
         needed = {cfg.prompt_column: "env.prompt_column"}
         if cfg.id_column:
             needed[cfg.id_column] = "env.id_column"
         for name, wanted in self.rewards.required_columns().items():
             needed |= {c: f"reward function {name}" for c in wanted if c not in needed}
-        missing = [f"{c!r} (named by {who})" for c, who in needed.items() if c not in columns]
+        return needed
+
+    def _check_columns(self, columns: list[str], where: str) -> None:
+        missing = [f"{c!r} (named by {who})" for c, who in self._needed_columns().items() if c not in columns]
         if missing:
             raise ValueError(f"{where}: no column {', '.join(missing)}; its columns are: {', '.join(columns)}")
 
     def _problem(self, row: dict[str, Any], index: int, split: str, where: str) -> Problem:
         cfg: DatasetEnvConfig = self.config  # type: ignore[assignment]
         prompt = row[cfg.prompt_column]
-        line = index + 1  # the line of a JSON Lines file; the row number otherwise
+        if where in ("train_dataset", "eval_dataset"):  # handed in: the row's index, as dataset[index] reads it
+            where, line = f"{where}[{index}]", None
+        else:
+            line = index + 1  # the line of a JSON Lines file; the row number otherwise
+        for column, who in self._needed_columns().items():
+            if row.get(column) is None:  # a null, or a key the row lacks (`datasets` fills in null)
+                raise DataError(where, line, column, f"missing (null), and {who} needs it")
         messages = chat_messages(prompt, cfg.system_prompt, where, line, cfg.prompt_column)
         problem_id = str(row[cfg.id_column]) if cfg.id_column else f"{split}/{index}"
         columns = {k: v for k, v in row.items() if k != cfg.prompt_column}
@@ -210,7 +239,8 @@ def read_split(path: Path, split: str, required: bool = True) -> Any:
     else:
         raise ValueError(f"env.path: {path} is not a .jsonl, .json, .parquet or .csv file")
     try:
-        return datasets.load_dataset(**args, split=split)
+        with _quiet("datasets"):  # its own ERROR line for a broken row counts rows its way; ours names the line
+            return datasets.load_dataset(**args, split=split)
     except Exception as exc:
         broken = first_broken_json_line(path) if args["path"] == "json" and path.is_file() else None
         if broken is not None:  # datasets' reader failed on a line: say which, instead of its traceback
@@ -220,6 +250,18 @@ def read_split(path: Path, split: str, required: bool = True) -> Any:
         if required:
             raise ValueError(f"{path}: no split {split!r} ({exc}); set env.train_split") from None
         return None
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """A library's log records below CRITICAL dropped inside the block (its failure still raises)."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def first_broken_json_line(path: Path) -> DataError | None:

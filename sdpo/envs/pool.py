@@ -13,7 +13,10 @@
 - "inline": in the calling thread, exceptions turned into failure scores. For scorers that are pure, bounded
   string parsing (no timeout can apply).
 
-Every returned Score carries `info["score_s"]`, the seconds its scoring took.
+Every returned Score carries `info["score_s"]`, the seconds its scoring took; one whose scorer raised carries the
+exception as `info["raised"]`. A batch where the scorer raised on some samples logs one warning (the tracebacks go
+to the log file); a batch where it raised on every sample is a `ScoringError`: a reward function or scorer that
+fails on everything is broken, and training on all-zero rewards would only hide it.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from sdpo.envs.problem import Problem, Score
 SCORING_MODES = ("process", "thread", "inline")
 _STARTUP_TIMEOUT_S = 120.0
 log = logging.getLogger(__name__)
+FILE_ONLY = {"terminal": False}  # sdpo.console.FILE_ONLY: tracebacks for the log file only
 _pools: weakref.WeakKeyDictionary[Any, WorkerPool] = weakref.WeakKeyDictionary()
 
 
@@ -62,22 +66,44 @@ def score_in_pool(env: Scorer, problems: Sequence[Problem], responses: Sequence[
     if not tasks:
         return []
     if mode == "inline":
-        return [_score_here(env, *task) for task in tasks]
-    if mode == "thread":
-        return _score_in_threads(env, tasks)
-    pool = _pools.get(env)
-    if pool is None:
-        pool = _pools[env] = WorkerPool(env, env.config.score_workers)
-    return pool.score(tasks, env.config.score_timeout_s, env.failure_score)
+        scores = [_score_here(env, *task) for task in tasks]
+    elif mode == "thread":
+        scores = _score_in_threads(env, tasks)
+    else:
+        pool = _pools.get(env)
+        if pool is None:
+            pool = _pools[env] = WorkerPool(env, env.config.score_workers)
+        scores = pool.score(tasks, env.config.score_timeout_s, env.failure_score)
+    _check_raised(env, scores)
+    return scores
+
+
+class ScoringError(RuntimeError):
+    """The scorer (a reward function, an environment's `score`) raised on every sample of a batch."""
+
+
+def _check_raised(env: Scorer, scores: list[Score]) -> None:
+    raised = [s.info["raised"] for s in scores if "raised" in s.info]
+    if not raised:
+        return
+    what = getattr(getattr(env, "rewards", None), "names", None)
+    scorer = f"reward function(s) {', '.join(what)}" if what else f"{type(env).__name__}.score"
+    if len(raised) == len(scores):
+        raise ScoringError(f"{scorer} raised on all {len(scores)} completions of the batch, the first with {raised[0]}: "
+                           "fix it (the tracebacks are in the run's log file); a completion it cannot score should "
+                           "get 0 or None, not an exception")
+    log.warning("%s raised on %d of %d completions (reward 0 each), the first with %s; tracebacks in the log file",
+                scorer, len(raised), len(scores), raised[0])
 
 
 def _score_here(env: Scorer, problem: Problem, response: str, truncated: bool) -> Score:
     start = time.monotonic()
     try:
         score = env.score(problem, response, truncated)
-    except Exception as exc:  # noqa: BLE001 - a broken scorer must not kill training
-        log.warning("scoring %s raised:\n%s", problem.id, traceback.format_exc(limit=-5))
+    except Exception as exc:  # noqa: BLE001 - one broken sample must not kill training (a broken batch does)
+        log.warning("scoring %s raised:\n%s", problem.id, traceback.format_exc(limit=-5), extra=FILE_ONLY)
         score = env.failure_score(problem, f"{type(exc).__name__}: {exc}")
+        score.info["raised"] = f"{type(exc).__name__}: {exc}"
     score.info["score_s"] = time.monotonic() - start
     return score
 
@@ -192,8 +218,10 @@ class WorkerPool:
         worker.task = None
         if kind == "error":
             reason, trace = payload
-            log.warning("scoring %s raised:\n%s", problem.id, trace)
-            return _failure(failure_score, problem, reason, elapsed)
+            log.warning("scoring %s raised:\n%s", problem.id, trace, extra=FILE_ONLY)
+            score = _failure(failure_score, problem, reason, elapsed)
+            score.info["raised"] = reason
+            return score
         payload.info["score_s"] = elapsed
         return payload
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import atexit
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+import contextlib
 import ctypes
 from datetime import timedelta
 import json
@@ -49,6 +50,7 @@ import urllib.request
 import torch
 import torch.distributed as dist
 
+from sdpo.console import FILE_ONLY
 from sdpo.rollout.base import ENGINES, Completion, RolloutEngine, SamplingSettings, SyncStats, TeacherScores
 from sdpo.rollout.vllm import MiB, buckets, engine_weights
 from sdpo.rollout.vllm_args import (
@@ -106,23 +108,37 @@ def _stop_with_parent() -> None:
 PR_SET_PDEATHSIG = 1
 
 
+def server_log_dir() -> Path:
+    """Where a started server's log goes: beside the run's own log (the run directory, for the scripts), else the
+    system's temporary folder."""
+    from sdpo.console import log_path
+
+    run_log = log_path()
+    return run_log.parent if run_log is not None else Path(tempfile.gettempdir())
+
+
 class ServerProcess:
     """A server this process started and stops; its output goes to a log file that errors point to."""
 
-    def __init__(self, command: list[str], env: dict[str, str]) -> None:
-        fd, self.log_path = tempfile.mkstemp(prefix="sdpo-vllm-server-", suffix=".log")
+    def __init__(self, command: list[str], env: dict[str, str], log_dir: Path | None = None) -> None:
+        log_dir = server_log_dir() if log_dir is None else log_dir
+        log_dir.mkdir(parents=True, exist_ok=True)
+        fd, self.log_path = tempfile.mkstemp(prefix="sdpo-vllm-server-", suffix=".log", dir=log_dir)
         with os.fdopen(fd, "w") as out:
             self.process = subprocess.Popen(command, env=os.environ | env, stdout=out, stderr=subprocess.STDOUT,
                                             start_new_session=True, preexec_fn=_stop_with_parent)
         atexit.register(self.stop)  # a server left behind would hold its port and memory
 
     def exited(self) -> str | None:
-        """None while it runs, else how it ended, with the end of its log."""
+        """None while it runs, else how it ended (one line; the end of its log goes to the run's log file)."""
         code = self.process.poll()
         if code is None:
             return None
         tail = Path(self.log_path).read_text(errors="replace").splitlines()[-15:]
-        return f"the server process exited with code {code}; end of its log ({self.log_path}):\n" + "\n".join(tail)
+        log.error("end of the vLLM server's log (%s):\n%s", self.log_path, "\n".join(tail), extra=FILE_ONLY)
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() else \
+            f"exited with code {code}"
+        return f"the server process {how} (its log: {self.log_path})"
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -132,6 +148,10 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        # Its engine processes share its process group (it leads its own session): they go too, also when the
+        # server itself was killed and could not stop them.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
 
 
 class ServerClient:
@@ -158,7 +178,7 @@ class ServerClient:
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
             died = self.process.exited() if self.process is not None else None
-            state = f"; {died}" if died else " (is it running? start it with scripts/serve.py, docs/rollout.md)"
+            state = f": {died}" if died else " (is it running? start it with scripts/serve.py, docs/rollout.md)"
             raise ServerError(f"vLLM server at {self.url} is unreachable during {what or path}: {reason}{state}") from err
         return json.loads(raw) if raw else None
 

@@ -120,6 +120,7 @@ class CodeEnv(Environment):
     def load(self, split: str) -> list[Problem]:
         cfg: CodeEnvConfig = self.config  # type: ignore[assignment]
         tasks = self._split_tasks(self.read_tasks(), split)
+        self.sandbox.isolation  # noqa: B018 - probed here: an unusable env.sandbox stops the run now (SandboxUnavailable)
         is_eval = split not in ("train", cfg.train_split)  # eval, and any other split, sees every test
         limit = cfg.max_eval_rows if is_eval else cfg.max_train_rows
         return [self._problem(task, train=not is_eval) for task in tasks[:limit]]

@@ -134,7 +134,9 @@ class Sandbox:
             if error is None:
                 return "bwrap"
             if self.requested == "bwrap":
-                raise SandboxUnavailable(error)
+                raise SandboxUnavailable(f"env.sandbox=bwrap cannot run here ({error}): fix bubblewrap or "
+                                         "env.sandbox_python, or set env.sandbox=auto (the weaker process sandbox "
+                                         "where bubblewrap fails)")
             log.warning("bubblewrap unavailable (%s); falling back to the weaker process sandbox", error)
         if os.geteuid() == 0 and not _reachable_by_others(self.python):
             # The dropped uid cannot run an interpreter under e.g. /root (mode 0700); the system one it can.

@@ -1,0 +1,147 @@
+"""A signal stops a run cleanly (sdpo/interrupt.py): the step in progress finishes, its checkpoint is written, one
+line says where the run stopped and the command that continues it, and that command continues it to the same
+result, each step logged once. A signal during a save never costs the previous checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sdpo import checkpoint as ckpt
+from sdpo.resume import continue_command, drop_rows_after, finished_message
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = str(REPO / "scripts" / "train.py")
+# The tiny model on the transformers engine, 2 questions x 2 samples of 4 tokens a step.
+RUN = ["model=tiny", "algorithm=sdpo", "rollout=hf", "env=arithmetic", "env.score_workers=1",
+       "model.autocast_dtype=none", "rollout.num_generations=2", "rollout.max_new_tokens=4",
+       "trainer.questions_per_step=2", "trainer.mini_batch_questions=2", "trainer.optim.warmup_steps=0",
+       "trainer.optim.lr=1e-3", "eval.every=0", "logging.progress_bar=false", "logging.samples_every=1",
+       "logging.num_samples=2"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+
+
+def start(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, TRAIN, *RUN, *args], cwd=cwd, env=env or ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before {what}: {proc.stderr.read()[-3000:]}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def logged_steps(run_dir: Path, name: str = "metrics.jsonl") -> list[int]:
+    path = run_dir / name
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_sigint_stops_after_the_step_and_its_checkpoint_and_the_printed_command_continues_it(tmp_path):
+    straight = subprocess.run([sys.executable, TRAIN, *RUN, "trainer.total_steps=6",
+                               f"trainer.output_dir={tmp_path / 'straight'}"], cwd=tmp_path, env=ENV,
+                              capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    run_dir = tmp_path / "run"
+    proc = start("trainer.total_steps=6", f"trainer.output_dir={run_dir}", cwd=tmp_path)
+    wait_for(lambda: 2 in logged_steps(run_dir), proc, "step 2")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, err[-3000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    stopped = re.fullmatch(r"stopped by SIGINT after step (\d) of 6 \(checkpoint (\S+)\); continue with: (.*)", last)
+    assert stopped, last
+    step = int(stopped[1])
+    assert 2 <= step < 6 and stopped[2] == str(run_dir / "checkpoints" / f"step-{step:06d}")
+    assert [p.name for p in ckpt.checkpoint_dirs(run_dir / "checkpoints")] == [f"step-{step:06d}"]
+    command = shlex.split(stopped[3])
+    assert command[:2] == ["python", TRAIN] and command[-2:] == [f"trainer.output_dir={run_dir}", "trainer.resume=auto"]
+
+    resumed = subprocess.run([sys.executable, *command[1:]], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert logged_steps(run_dir) == [1, 2, 3, 4, 5, 6]
+    assert logged_steps(run_dir, "samples.jsonl") == [s for s in range(1, 7) for _ in range(2)]
+    # Synchronous and seeded: the interrupted run logs what the straight one does, bit for bit.
+    assert (run_dir / "metrics.jsonl").read_text().count("\n") == 6
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("time/", "sync/seconds", "score_s"))}  # noqa: E731
+                          for r in rows]
+    read = lambda d: [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert strip(read(run_dir)) == strip(read(tmp_path / "straight"))
+    assert (run_dir / "samples.jsonl").read_text() == (tmp_path / "straight" / "samples.jsonl").read_text()
+
+    # Finished: the same command exits at once, saying so.
+    again = subprocess.run([sys.executable, *command[1:]], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 0 and again.stderr == "", again.stderr[-3000:]
+    assert again.stdout.strip() == (f"run {run_dir} is finished: its checkpoint {run_dir / 'checkpoints' / 'step-000006'}"
+                                    " holds step 6 of trainer.total_steps=6; nothing to do (raise trainer.total_steps "
+                                    "to train further)")
+
+
+@pytest.mark.parametrize("signals", [1, 2], ids=["one-signal-finishes-the-save", "second-signal-stops-at-once"])
+def test_a_signal_during_a_save_keeps_the_previous_checkpoint(tmp_path, signals):
+    run_dir = tmp_path / "run"
+    root = run_dir / "checkpoints"
+    proc = start("trainer.total_steps=4", "trainer.save_every=1", f"trainer.output_dir={run_dir}", cwd=tmp_path,
+                 env={**ENV, ckpt.PAUSE_ENV: "2"})
+    staging = ckpt.staging_dir(root, 2)
+    wait_for(lambda: (staging / "PAUSED").exists(), proc, "the save of step 2")
+    for _ in range(signals):
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+    if signals == 1:
+        time.sleep(1.0)
+        assert proc.poll() is None, "one signal lets the save finish"
+        assert [p.name for p in ckpt.checkpoint_dirs(root)] == ["step-000001"]
+        (staging / "CONTINUE").touch()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    command = continue_command(run_dir).removeprefix("continue with: ")
+    if signals == 1:
+        assert last.startswith(f"stopped by SIGINT after step 2 of 4 (checkpoint {root / 'step-000002'}); ")
+        assert [p.name for p in ckpt.checkpoint_dirs(root)] == ["step-000001", "step-000002"]
+        assert not staging.exists()
+    else:
+        assert last.startswith(f"stopped at once by SIGINT; the newest checkpoint is {root / 'step-000001'}: "
+                               "continue with: python "), last
+        assert [p.name for p in ckpt.checkpoint_dirs(root)] == ["step-000001"]
+        assert ckpt.load_trainer_state(root / "step-000001")["step"] == 1
+    assert last.endswith(f"trainer.output_dir={run_dir} trainer.resume=auto") and command
+
+
+def test_resume_drops_log_rows_past_the_checkpoint(tmp_path):
+    rows = [{"step": s, "reward/mean": s / 10} for s in (0, 1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "rew')
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps({"step": s, "response": "x"}) + "\n" for s in (1, 2, 3)))
+    assert drop_rows_after(tmp_path, 2) == 1 + 1 + 1  # steps 3 and the torn row; step 3's sample
+    assert logged_steps(tmp_path) == [0, 1, 2] and logged_steps(tmp_path, "samples.jsonl") == [1, 2]
+    assert drop_rows_after(tmp_path, 2) == 0
+    assert drop_rows_after(tmp_path, -1) == 3 + 2  # a fresh start: nothing of the earlier attempt
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+def test_finished_message_only_for_a_checkpoint_at_total_steps(tmp_path):
+    step = tmp_path / "checkpoints" / "step-000003"
+    step.mkdir(parents=True)
+    assert finished_message(tmp_path, "auto", 3) is None  # no marker: not a checkpoint
+    (step / ckpt.COMPLETE).write_text("3")
+    assert finished_message(tmp_path, "none", 3) is None
+    assert finished_message(tmp_path, "auto", 4) is None
+    assert finished_message(tmp_path, "auto", 3).startswith(f"run {tmp_path} is finished: its checkpoint {step} holds")
+    assert finished_message(tmp_path, str(step), 2) is not None
