@@ -116,6 +116,7 @@ def test_hub_options_without_an_id_are_refused():
         config.__post_init__()
 
 
+@pytest.mark.slow  # a scripts/train.py process
 def test_train_script_reports_missing_data_in_one_line(tmp_path):
     proc = run_script("train.py", "model=tiny", "rollout=hf", "env=livecodebench", cwd=tmp_path, timeout=180)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]

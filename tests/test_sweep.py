@@ -163,6 +163,7 @@ def test_changed_overrides_are_refused_instead_of_mixing_runs(tmp_path):
         run_sweep(changed, out, command=fake_command, progress=False)
 
 
+@pytest.mark.slow
 def test_sigint_stops_the_sweep_and_the_next_start_continues(tmp_path):
     path = sweep_file(tmp_path, seeds=[0, 1], overrides=["fake.sleep=0.4"])
     out = tmp_path / "runs"
@@ -277,6 +278,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow  # Hydra multirun processes
 @pytest.mark.parametrize("sweep_dir", [None, "out"])
 def test_multirun_keeps_each_jobs_log_config_and_outputs_in_one_directory(tmp_path, sweep_dir):
     """`-m`: each job's log, .hydra/ and what it writes to trainer.output_dir share one directory (sdpo/cli.py)."""
@@ -303,6 +305,7 @@ def test_every_paper_sweep_has_a_cpu_twin():
     assert papers and all(f"cpu_{name.removeprefix('paper_')}" in SWEEPS for name in papers)
 
 
+@pytest.mark.slow  # about 2 s per sweep: every run composed as scripts/train.py would
 @pytest.mark.parametrize("name", SWEEPS)
 def test_every_run_of_every_shipped_sweep_composes(name, tmp_path):
     """scripts/sweep.py --dry-run: each run's config composes as scripts/train.py would and logs the metrics."""
