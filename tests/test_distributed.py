@@ -154,13 +154,13 @@ def test_two_processes_take_the_same_step_as_one(tmp_path, sharding, lora, multi
     flags = ["--sharding", sharding, *(["--lora"] if lora else []), *(["--multi-turn"] if multi_turn else [])]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(Path(__file__).resolve()), "--worker", str(tmp_path), *flags]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     checkpoint = tmp_path / "run" / "checkpoints" / "step-000001"
     assert {p.name for p in checkpoint.glob("rank-*.pt")} == {"rank-0.pt", "rank-1.pt"}
     assert (checkpoint / "COMPLETE").exists()
     # The same processes restart from that checkpoint (under FSDP2: whole tensors loaded into this rank's shards).
-    proc = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     for rank in range(2):
         trained = torch.load(tmp_path / f"rank{rank}-of-2.pt", weights_only=False)
