@@ -79,6 +79,7 @@ class Learner:
         # Logit-level distillation (full / top-k) needs both models' logits, so it is computed chunk by chunk in the
         # forward; the sampled-token forms need only log q(y_t) and live in the objective.
         self.distill_logits = MIXES.get(acfg.mix).distill_term and DISTILL_MODES.get(acfg.distill.mode).needs_logits
+        self.teacher_entropy = acfg.distill.entropy_beta is not None
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -170,13 +171,14 @@ class Learner:
             student = response_features(self.policy, inputs.to(device), micro.prompts, micro.last_in_block)
             terms = chunked_response_terms(
                 student.values_BRX, student.head, rows.response_ids_BR.to(device), self.config.rollout.temperature,
-                self.config.trainer.logits_chunk_size,
+                self.config.trainer.logits_chunk_size, teacher_entropy=self.teacher_entropy,
                 **targets.chunk_kwargs(self._distill_kwargs() if self.distill_logits else None))
         inputs = TokenInputs(
             logp_BR=terms["logp"].float(), mask_BR=mask_BR, advantages_B=rows.advantages_B.to(device),
             entropy_BR=terms["entropy"], old_logp_BR=_on(rows.old_logp_BR, device),
             sampler_logp_BR=_on(rows.sampler_logp_BR, device), ref_logp_BR=_on(rows.ref_logp_BR, device),
             distill_mask_BR=targets.distill_mask_BR, distill_BR=terms.get("distill"),
+            teacher_entropy_BR=terms.get("teacher_entropy"),
             teacher_logp_BR=targets.token_logp(terms))
         result = objective(inputs, counts, self.config.algorithm, self.config.rollout.max_new_tokens)
         sums.add_result(result)

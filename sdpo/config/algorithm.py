@@ -109,6 +109,9 @@ class DistillConfig:
     # capped term. None: no cap (the paper's loss). The sampled-token modes' per-token clip is advantage_clip.
     token_clip: float | None = None
     entry_clip: float | None = None
+    # SRPO's entropy-aware weighting (docs/algorithm.md §12): each distilled token's loss times exp(-beta H), H the
+    # teacher's entropy there, normalised to mean 1 over the distilled tokens; None: no weighting. The paper uses 1.0.
+    entropy_beta: float | None = None
 
     def __post_init__(self) -> None:
         from sdpo.losses.distill import DISTILL_MODES
@@ -124,6 +127,8 @@ class DistillConfig:
                                       f"algorithm.distill.mode={self.mode} does not compute: use "
                                       "algorithm.distill.advantage_clip (its per-token clip) or a logit-level mode")
         check_range("algorithm.distill.topk", self.topk, 1)
+        if self.entropy_beta is not None:
+            check_range("algorithm.distill.entropy_beta", self.entropy_beta, 0.0)
         check_range("algorithm.distill.alpha", self.alpha, 0.0, 1.0)
         if self.advantage_clip is not None:
             check_range("algorithm.distill.advantage_clip", self.advantage_clip, 1e-6)
@@ -169,6 +174,7 @@ class AlgorithmConfig:
 
     name: str = "sdpo"  # a label for run names and plots
     grpo_weight: float = 0.0
+    # "loss", "advantage" or "route" (SRPO: successes take GRPO, failures with a signal the distillation; no lambda).
     mix: str = "loss"
     advantage_estimator: str = "grpo"
     # The paper's GRPO advantage is r - mean(group) without std normalisation.
@@ -212,8 +218,23 @@ class AlgorithmConfig:
         if self.distill.advantage_clip is not None and not self.uses_teacher:
             raise ConfigError(f"algorithm.distill.advantage_clip={self.distill.advantage_clip} clips the SDPO advantage, "
                               "and algorithm.grpo_weight=1.0 (GRPO) has none: remove it")
-        if MIXES.get(self.mix).in_advantage and self.uses_teacher and not DISTILL_MODES.get(self.distill.mode).token_advantage:
+        mix = MIXES.get(self.mix)
+        if mix.in_advantage and self.uses_teacher and not DISTILL_MODES.get(self.distill.mode).token_advantage:
             raise ConfigError(
                 "algorithm.mix=advantage mixes the sampled-token SDPO advantage into the policy gradient: "
                 "set algorithm.distill.mode=sampled_token (and alpha=1.0), or use algorithm.mix=loss"
             )
+        if mix.routes and self.grpo_weight != 0.0:
+            raise ConfigError(f"algorithm.mix={self.mix} gives each row one signal, weighted by its tokens, and has no "
+                              f"GRPO weight: remove algorithm.grpo_weight={self.grpo_weight} (leave it at 0.0)")
+        if self.distill.entropy_beta is not None:
+            from sdpo.teacher.choices import TEACHER_SCORERS
+
+            if not self.uses_teacher or not mix.distill_term:
+                raise ConfigError(f"algorithm.distill.entropy_beta={self.distill.entropy_beta} weights a distillation "
+                                  f"loss term, which algorithm.mix={self.mix} with grpo_weight={self.grpo_weight} has "
+                                  "none of: remove it, or use algorithm.mix=route or loss")
+            if not TEACHER_SCORERS.get(self.teacher.scorer).forward_in_update:
+                raise ConfigError(f"algorithm.distill.entropy_beta needs the teacher's entropy, which "
+                                  f"algorithm.teacher.scorer={self.teacher.scorer} does not compute: use "
+                                  "algorithm.teacher.scorer=trainer, or remove algorithm.distill.entropy_beta")
