@@ -42,17 +42,18 @@ def _on(tensor: Tensor | None, device: torch.device) -> Tensor | None:
 
 class Learner:
     """`reload`: a fresh load of the initial policy, for the frozen copies of a launch that partitions weights while
-    loading (`Distributed.frozen_copy`). `pad_id`: the tokenizer's. `timer`: the trainer's stage timer (the teacher
+    loading (`Distributed.frozen_copy`). `tokenizer`: the policy's (its pad id; a teacher model of its own is
+    checked against it). `timer`: the trainer's stage timer (the teacher
     forward is timed apart from the update)."""
 
     def __init__(self, config: SDPOConfig, dist: Distributed, model: torch.nn.Module,
-                 reload: Callable[[], torch.nn.Module], pad_id: int, timer: StageTimer) -> None:
-        self.config, self.dist, self.pad_id, self.timer = config, dist, pad_id, timer
+                 reload: Callable[[], torch.nn.Module], tokenizer: Any, timer: StageTimer) -> None:
+        self.config, self.dist, self.pad_id, self.timer = config, dist, tokenizer.pad_token_id, timer
         acfg = config.algorithm
         # Copies of the policy (teacher, KL reference; with LoRA: the adapter disabled, never a copy) are taken before
         # the policy is prepared (a prepared module may be split), then placed alike.
         copy_policy = lambda policy: dist.frozen_copy(policy, reload)  # noqa: E731
-        self.teacher = build_teacher(config, model, copy_policy)  # `NoTeacher` for GRPO
+        self.teacher = build_teacher(config, model, copy_policy, tokenizer)  # `NoTeacher` for GRPO
         kl_penalty = acfg.uses_policy_loss and acfg.policy.kl_coef > 0
         self.reference = InitialWeights(model, copy_policy) if kl_penalty else None
         self.policy, self.optimizer = dist.prepare(model, self._optimizer(model))
@@ -60,7 +61,7 @@ class Learner:
         self.teacher.place(self.unwrapped, dist.place_copy)
         if self.reference is not None:
             self.reference.place(self.unwrapped, dist.place_copy)
-        self.forward = Forward(pad_id, dist.device, dist.any_rank)
+        self.forward = Forward(self.pad_id, dist.device, dist.any_rank)
         self.autocast_dtype = DTYPES.get(config.model.autocast_dtype)
         checkpointing = config.model.gradient_checkpointing
         # One forward per distinct prompt (trainer.share_prompts, sdpo.models.PromptPass): transformers turns the

@@ -79,7 +79,7 @@ class SDPOTrainer:
         # The policy, its optimizer, the teacher's weights and the KL reference (copies taken from a fresh load
         # where the launch splits weights while loading).
         reload = lambda: load_model(replace(config.model, gradient_checkpointing=False), self.model_path)  # noqa: E731
-        self.learner = Learner(config, self.dist, inputs.load_policy(), reload, self.tokenizer.pad_token_id, self.timer)
+        self.learner = Learner(config, self.dist, inputs.load_policy(), reload, self.tokenizer, self.timer)
         self.engine = engine or self.collector.build_engine(self.learner, self.model_path)
         self.collector.engine = self.engine
         self.learner.teacher.check_engine(self.engine)

@@ -66,8 +66,11 @@ class RepromptConfig:
 
 @dataclass
 class TeacherConfig:
-    """Which weights the self-teacher scores with (docs/algorithm.md §4)."""
+    """Which weights the teacher scores with (docs/algorithm.md §4), what it reads before the response and who scores
+    (docs/algorithm.md §11 for a teacher model other than the policy)."""
 
+    # Where the weights come from (`sdpo.teacher.TEACHER_KINDS`): the policy's own (live, frozen, ema, trust_region)
+    # or "external": the model at `model` (or one of `models`, chosen per row by `key`), frozen.
     kind: str = "ema"
     # EMA rate tau: teacher <- (1 - tau) teacher + tau student after each finite-gradient optimizer step.
     update_rate: float = 0.05
@@ -78,14 +81,48 @@ class TeacherConfig:
     # before the update). The engine holds the policy as of the last sync, so "engine" needs kind=live, and it
     # yields the sampled token's log-prob only: distill.mode=sampled_token; rollout.temperature=1.0.
     scorer: str = "trainer"
+    # What the teacher reads before the response (`sdpo.teacher.TEACHER_CONTEXTS`): "reprompt" (docs/algorithm.md
+    # §2: a sibling's solution, the feedback or the data's context; rows with none are not distilled) or "none"
+    # (the student's own prompt, every row distilled: plain on-policy distillation, which needs a teacher better
+    # than the policy, so kind=external).
+    context: str = "reprompt"
+    # kind=external: a local model sharing the policy's tokenizer, as a folder with config.json (save_pretrained;
+    # a run's checkpoint step-N/ or best/ is one) or a run directory (its newest complete checkpoints/step-N/).
+    model: str | None = None
+    # kind=external with several teachers: {value of the data column `key`: model path}; each row is scored by the
+    # teacher its column names (env=dataset: any column of the row; other envs: a field of Problem.data).
+    models: dict[str, str] = field(default_factory=dict)
+    key: str | None = None
+    # kind=external: the teacher's weights' dtype (float32, bfloat16, float16); None: the policy's (model.dtype).
+    # Forwards run under model.autocast_dtype like the policy's.
+    dtype: str | None = None
 
     def __post_init__(self) -> None:
-        from sdpo.teacher.choices import TEACHER_KINDS, TEACHER_SCORERS
+        from sdpo.teacher.choices import TEACHER_CONTEXTS, TEACHER_KINDS, TEACHER_SCORERS
 
         check_choice("algorithm.teacher.kind", self.kind, TEACHER_KINDS)
         check_choice("algorithm.teacher.scorer", self.scorer, TEACHER_SCORERS)
+        check_choice("algorithm.teacher.context", self.context, TEACHER_CONTEXTS)
         check_range("algorithm.teacher.update_rate", self.update_rate, 0.0, 1.0)
         check_range("algorithm.teacher.trust_region_mix", self.trust_region_mix, 0.0, 1.0)
+        if self.dtype is not None:
+            check_choice("algorithm.teacher.dtype", self.dtype, ["float32", "bfloat16", "float16"])
+        sources = [name for name, _ in TEACHER_KINDS.get(self.kind)(self)]
+        given = [name for name in ("model", "models", "key", "dtype") if getattr(self, name)]
+        if given and "external" not in sources:
+            raise ConfigError(f"algorithm.teacher.{given[0]} is read by the external teacher only: add "
+                              "algorithm.teacher.kind=external (the other kinds score with the policy's own weights)")
+        # Neither model nor models is refused when the teacher is built (`sdpo.teacher.external`): a preset
+        # (algorithm=opd) names the kind, the command line the model.
+        if self.model and self.models:
+            raise ConfigError("algorithm.teacher.model and algorithm.teacher.models both set: one teacher "
+                              "(model=<path>) or several routed by a data column (models={value: path, ...}, key=...)")
+        if bool(self.models) != bool(self.key):
+            raise ConfigError("algorithm.teacher.models and algorithm.teacher.key go together: the models map values "
+                              "of the data column `key` to teacher paths")
+        if sources == ["live"] and self.context == "none":
+            raise ConfigError("algorithm.teacher.kind=live with context=none scores the response as the policy does: "
+                              "nothing to distill. Use context=reprompt, or a teacher of its own (kind=external)")
 
 
 @dataclass
