@@ -69,6 +69,8 @@ class RolloutBatch:
     distill_mask_B: Tensor | None = None  # bool; the sample's reprompt has a solution or feedback
     # log q(y_t) under the reprompt, when the rollout engine scored the teacher (algorithm.teacher.scorer=engine)
     teacher_logp_BR: Tensor | None = None
+    # Several teachers (algorithm.teacher.key): the index of the one that scores the row (long); None: one teacher
+    teacher_route_B: Tensor | None = None
     # -- computed before the update
     advantages_B: Tensor | None = None  # GRPO group advantages
     old_logp_BR: Tensor | None = None  # the policy's log-probs before this generation batch's updates
@@ -78,10 +80,10 @@ class RolloutBatch:
         return len(self.response_ids)
 
     def with_teacher(self, context: Any) -> RolloutBatch:
-        """The batch with the teacher's context (`sdpo.teacher.TeacherContext`): reprompt ids, distillation mask and
-        the log-probs an engine scored."""
+        """The batch with the teacher's context (`sdpo.teacher.TeacherContext`): reprompt ids, distillation mask,
+        the log-probs an engine scored and each row's teacher among several."""
         return replace(self, teacher_prompt_ids=context.prompt_ids, distill_mask_B=context.distill_mask_B,
-                       teacher_logp_BR=context.logp_BR)
+                       teacher_logp_BR=context.logp_BR, teacher_route_B=context.route_B)
 
     def with_advantages(self, advantages_B: Tensor) -> RolloutBatch:
         return replace(self, advantages_B=advantages_B)

@@ -130,6 +130,7 @@ def header(config: SDPOConfig, run_dir: str | Path, log_file: str | Path | None 
     After the trainer is built: its precision is resolved, its thread count set and its metrics log open."""
     import torch
 
+    from sdpo.losses.mix import MIXES
     from sdpo.precision import compute_dtype_name, probe
     from sdpo.tracking import wandb_mode
 
@@ -140,6 +141,8 @@ def header(config: SDPOConfig, run_dir: str | Path, log_file: str | Path | None 
         what = f"{algo.name}: GRPO (no teacher), {steps_text}"
     else:
         mix = f", GRPO weight {algo.grpo_weight} ({algo.mix}-level mix)" if algo.grpo_weight > 0 else ""
+        if MIXES.get(algo.mix).routes:
+            mix = f", {algo.mix}: GRPO on successes, distillation on failures"
         what = f"{algo.name}: SDPO{mix}, {algo.teacher.kind} teacher, {algo.distill.mode} distillation, {steps_text}"
     from sdpo.rollout import ENGINES
 

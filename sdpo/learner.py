@@ -42,17 +42,18 @@ def _on(tensor: Tensor | None, device: torch.device) -> Tensor | None:
 
 class Learner:
     """`reload`: a fresh load of the initial policy, for the frozen copies of a launch that partitions weights while
-    loading (`Distributed.frozen_copy`). `pad_id`: the tokenizer's. `timer`: the trainer's stage timer (the teacher
+    loading (`Distributed.frozen_copy`). `tokenizer`: the policy's (its pad id; a teacher model of its own is
+    checked against it). `timer`: the trainer's stage timer (the teacher
     forward is timed apart from the update)."""
 
     def __init__(self, config: SDPOConfig, dist: Distributed, model: torch.nn.Module,
-                 reload: Callable[[], torch.nn.Module], pad_id: int, timer: StageTimer) -> None:
-        self.config, self.dist, self.pad_id, self.timer = config, dist, pad_id, timer
+                 reload: Callable[[], torch.nn.Module], tokenizer: Any, timer: StageTimer) -> None:
+        self.config, self.dist, self.pad_id, self.timer = config, dist, tokenizer.pad_token_id, timer
         acfg = config.algorithm
         # Copies of the policy (teacher, KL reference; with LoRA: the adapter disabled, never a copy) are taken before
         # the policy is prepared (a prepared module may be split), then placed alike.
         copy_policy = lambda policy: dist.frozen_copy(policy, reload)  # noqa: E731
-        self.teacher = build_teacher(config, model, copy_policy)  # `NoTeacher` for GRPO
+        self.teacher = build_teacher(config, model, copy_policy, tokenizer)  # `NoTeacher` for GRPO
         kl_penalty = acfg.uses_policy_loss and acfg.policy.kl_coef > 0
         self.reference = InitialWeights(model, copy_policy) if kl_penalty else None
         self.policy, self.optimizer = dist.prepare(model, self._optimizer(model))
@@ -60,7 +61,7 @@ class Learner:
         self.teacher.place(self.unwrapped, dist.place_copy)
         if self.reference is not None:
             self.reference.place(self.unwrapped, dist.place_copy)
-        self.forward = Forward(pad_id, dist.device, dist.any_rank)
+        self.forward = Forward(self.pad_id, dist.device, dist.any_rank)
         self.autocast_dtype = DTYPES.get(config.model.autocast_dtype)
         checkpointing = config.model.gradient_checkpointing
         # One forward per distinct prompt (trainer.share_prompts, sdpo.models.PromptPass): transformers turns the
@@ -79,6 +80,7 @@ class Learner:
         # Logit-level distillation (full / top-k) needs both models' logits, so it is computed chunk by chunk in the
         # forward; the sampled-token forms need only log q(y_t) and live in the objective.
         self.distill_logits = MIXES.get(acfg.mix).distill_term and DISTILL_MODES.get(acfg.distill.mode).needs_logits
+        self.teacher_entropy = acfg.distill.entropy_beta is not None
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -170,13 +172,14 @@ class Learner:
             student = response_features(self.policy, inputs.to(device), micro.prompts, micro.last_in_block)
             terms = chunked_response_terms(
                 student.values_BRX, student.head, rows.response_ids_BR.to(device), self.config.rollout.temperature,
-                self.config.trainer.logits_chunk_size,
+                self.config.trainer.logits_chunk_size, teacher_entropy=self.teacher_entropy,
                 **targets.chunk_kwargs(self._distill_kwargs() if self.distill_logits else None))
         inputs = TokenInputs(
             logp_BR=terms["logp"].float(), mask_BR=mask_BR, advantages_B=rows.advantages_B.to(device),
             entropy_BR=terms["entropy"], old_logp_BR=_on(rows.old_logp_BR, device),
             sampler_logp_BR=_on(rows.sampler_logp_BR, device), ref_logp_BR=_on(rows.ref_logp_BR, device),
             distill_mask_BR=targets.distill_mask_BR, distill_BR=terms.get("distill"),
+            teacher_entropy_BR=terms.get("teacher_entropy"),
             teacher_logp_BR=targets.token_logp(terms))
         result = objective(inputs, counts, self.config.algorithm, self.config.rollout.max_new_tokens)
         sums.add_result(result)

@@ -35,6 +35,7 @@ from sdpo.envs import Environment, Problem
 from sdpo.envs.sampler import QuestionSampler
 from sdpo.inputs import resolve_inputs
 from sdpo.learner import Learner
+from sdpo.losses import MIXES
 from sdpo.models import load_model
 from sdpo.precision import keep_freed_memory, resolve_precision, use_all_cores
 from sdpo.rollout import RolloutEngine
@@ -78,7 +79,7 @@ class SDPOTrainer:
         # The policy, its optimizer, the teacher's weights and the KL reference (copies taken from a fresh load
         # where the launch splits weights while loading).
         reload = lambda: load_model(replace(config.model, gradient_checkpointing=False), self.model_path)  # noqa: E731
-        self.learner = Learner(config, self.dist, inputs.load_policy(), reload, self.tokenizer.pad_token_id, self.timer)
+        self.learner = Learner(config, self.dist, inputs.load_policy(), reload, self.tokenizer, self.timer)
         self.engine = engine or self.collector.build_engine(self.learner, self.model_path)
         self.collector.engine = self.engine
         self.learner.teacher.check_engine(self.engine)
@@ -145,7 +146,13 @@ class SDPOTrainer:
         context = self.learner.teacher.context(batch, reprompts, self.tokenizer, rcfg,
                                                self.config.model.chat_template_kwargs, self.engine)
         metrics = self.dist.reduce_mean({f"teacher/{k}": v for k, v in vars(stats).items()} | failure_modes)
-        return batch.with_teacher(context), metrics
+        batch = batch.with_teacher(context)
+        if batch.distill_mask_B is not None:
+            # A routing mix (SRPO, docs/algorithm.md §12) distils only the failed rows; the others take the policy loss.
+            success_B = batch.rewards_B >= rcfg.success_reward_threshold
+            mix = MIXES.get(self.config.algorithm.mix)
+            batch = replace(batch, distill_mask_B=mix.distilled_rows(batch.distill_mask_B, success_B))
+        return batch, metrics
 
     def sampling_step(self) -> StepResult:
         """A step that samples and scores without learning (the best-of-k baseline of test-time runs)."""

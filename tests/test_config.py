@@ -240,7 +240,7 @@ def test_engine_teacher_scoring_states_what_it_needs():
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("algorithm=sdpoo", "unknown algorithm option 'sdpoo': available algorithm options: grpo, sdpo, sdpo_grpo; "
+    ("algorithm=sdpoo", "unknown algorithm option 'sdpoo': available algorithm options: grpo, opd, sdpo, sdpo_grpo, srpo; "
                         "did you mean algorithm=sdpo?"),
     ("env=nope", "unknown env option 'nope': available env options: arithmetic, "),
     ("env=arithmetc", "did you mean env=arithmetic?"),

@@ -106,7 +106,7 @@ def test_the_config_holds_no_list_of_registered_names():
 
 
 def test_a_misspelled_choice_names_the_closest_registered_one():
-    with pytest.raises(ConfigError, match=r"allowed values: 'live', 'frozen', 'ema', 'trust_region'; did you mean 'ema'\?"):
+    with pytest.raises(ConfigError, match=r"allowed values: 'live', 'frozen', 'ema', 'trust_region', 'external'; did you mean 'ema'\?"):
         TeacherConfig(kind="emma")
     with pytest.raises(ConfigError, match=r"did you mean 'topk_logits'\?"):
         DistillConfig(mode="topk_logit")

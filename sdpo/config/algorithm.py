@@ -66,8 +66,11 @@ class RepromptConfig:
 
 @dataclass
 class TeacherConfig:
-    """Which weights the self-teacher scores with (docs/algorithm.md §4)."""
+    """Which weights the teacher scores with (docs/algorithm.md §4), what it reads before the response and who scores
+    (docs/algorithm.md §11 for a teacher model other than the policy)."""
 
+    # Where the weights come from (`sdpo.teacher.TEACHER_KINDS`): the policy's own (live, frozen, ema, trust_region)
+    # or "external": the model at `model` (or one of `models`, chosen per row by `key`), frozen.
     kind: str = "ema"
     # EMA rate tau: teacher <- (1 - tau) teacher + tau student after each finite-gradient optimizer step.
     update_rate: float = 0.05
@@ -78,14 +81,48 @@ class TeacherConfig:
     # before the update). The engine holds the policy as of the last sync, so "engine" needs kind=live, and it
     # yields the sampled token's log-prob only: distill.mode=sampled_token; rollout.temperature=1.0.
     scorer: str = "trainer"
+    # What the teacher reads before the response (`sdpo.teacher.TEACHER_CONTEXTS`): "reprompt" (docs/algorithm.md
+    # §2: a sibling's solution, the feedback or the data's context; rows with none are not distilled) or "none"
+    # (the student's own prompt, every row distilled: plain on-policy distillation, which needs a teacher better
+    # than the policy, so kind=external).
+    context: str = "reprompt"
+    # kind=external: a local model sharing the policy's tokenizer, as a folder with config.json (save_pretrained;
+    # a run's checkpoint step-N/ or best/ is one) or a run directory (its newest complete checkpoints/step-N/).
+    model: str | None = None
+    # kind=external with several teachers: {value of the data column `key`: model path}; each row is scored by the
+    # teacher its column names (env=dataset: any column of the row; other envs: a field of Problem.data).
+    models: dict[str, str] = field(default_factory=dict)
+    key: str | None = None
+    # kind=external: the teacher's weights' dtype (float32, bfloat16, float16); None: the policy's (model.dtype).
+    # Forwards run under model.autocast_dtype like the policy's.
+    dtype: str | None = None
 
     def __post_init__(self) -> None:
-        from sdpo.teacher.choices import TEACHER_KINDS, TEACHER_SCORERS
+        from sdpo.teacher.choices import TEACHER_CONTEXTS, TEACHER_KINDS, TEACHER_SCORERS
 
         check_choice("algorithm.teacher.kind", self.kind, TEACHER_KINDS)
         check_choice("algorithm.teacher.scorer", self.scorer, TEACHER_SCORERS)
+        check_choice("algorithm.teacher.context", self.context, TEACHER_CONTEXTS)
         check_range("algorithm.teacher.update_rate", self.update_rate, 0.0, 1.0)
         check_range("algorithm.teacher.trust_region_mix", self.trust_region_mix, 0.0, 1.0)
+        if self.dtype is not None:
+            check_choice("algorithm.teacher.dtype", self.dtype, ["float32", "bfloat16", "float16"])
+        sources = [name for name, _ in TEACHER_KINDS.get(self.kind)(self)]
+        given = [name for name in ("model", "models", "key", "dtype") if getattr(self, name)]
+        if given and "external" not in sources:
+            raise ConfigError(f"algorithm.teacher.{given[0]} is read by the external teacher only: add "
+                              "algorithm.teacher.kind=external (the other kinds score with the policy's own weights)")
+        # Neither model nor models is refused when the teacher is built (`sdpo.teacher.external`): a preset
+        # (algorithm=opd) names the kind, the command line the model.
+        if self.model and self.models:
+            raise ConfigError("algorithm.teacher.model and algorithm.teacher.models both set: one teacher "
+                              "(model=<path>) or several routed by a data column (models={value: path, ...}, key=...)")
+        if bool(self.models) != bool(self.key):
+            raise ConfigError("algorithm.teacher.models and algorithm.teacher.key go together: the models map values "
+                              "of the data column `key` to teacher paths")
+        if sources == ["live"] and self.context == "none":
+            raise ConfigError("algorithm.teacher.kind=live with context=none scores the response as the policy does: "
+                              "nothing to distill. Use context=reprompt, or a teacher of its own (kind=external)")
 
 
 @dataclass
@@ -109,6 +146,9 @@ class DistillConfig:
     # capped term. None: no cap (the paper's loss). The sampled-token modes' per-token clip is advantage_clip.
     token_clip: float | None = None
     entry_clip: float | None = None
+    # SRPO's entropy-aware weighting (docs/algorithm.md §12): each distilled token's loss times exp(-beta H), H the
+    # teacher's entropy there, normalised to mean 1 over the distilled tokens; None: no weighting. The paper uses 1.0.
+    entropy_beta: float | None = None
 
     def __post_init__(self) -> None:
         from sdpo.losses.distill import DISTILL_MODES
@@ -124,6 +164,8 @@ class DistillConfig:
                                       f"algorithm.distill.mode={self.mode} does not compute: use "
                                       "algorithm.distill.advantage_clip (its per-token clip) or a logit-level mode")
         check_range("algorithm.distill.topk", self.topk, 1)
+        if self.entropy_beta is not None:
+            check_range("algorithm.distill.entropy_beta", self.entropy_beta, 0.0)
         check_range("algorithm.distill.alpha", self.alpha, 0.0, 1.0)
         if self.advantage_clip is not None:
             check_range("algorithm.distill.advantage_clip", self.advantage_clip, 1e-6)
@@ -169,6 +211,7 @@ class AlgorithmConfig:
 
     name: str = "sdpo"  # a label for run names and plots
     grpo_weight: float = 0.0
+    # "loss", "advantage" or "route" (SRPO: successes take GRPO, failures with a signal the distillation; no lambda).
     mix: str = "loss"
     advantage_estimator: str = "grpo"
     # The paper's GRPO advantage is r - mean(group) without std normalisation.
@@ -212,8 +255,23 @@ class AlgorithmConfig:
         if self.distill.advantage_clip is not None and not self.uses_teacher:
             raise ConfigError(f"algorithm.distill.advantage_clip={self.distill.advantage_clip} clips the SDPO advantage, "
                               "and algorithm.grpo_weight=1.0 (GRPO) has none: remove it")
-        if MIXES.get(self.mix).in_advantage and self.uses_teacher and not DISTILL_MODES.get(self.distill.mode).token_advantage:
+        mix = MIXES.get(self.mix)
+        if mix.in_advantage and self.uses_teacher and not DISTILL_MODES.get(self.distill.mode).token_advantage:
             raise ConfigError(
                 "algorithm.mix=advantage mixes the sampled-token SDPO advantage into the policy gradient: "
                 "set algorithm.distill.mode=sampled_token (and alpha=1.0), or use algorithm.mix=loss"
             )
+        if mix.routes and self.grpo_weight != 0.0:
+            raise ConfigError(f"algorithm.mix={self.mix} gives each row one signal, weighted by its tokens, and has no "
+                              f"GRPO weight: remove algorithm.grpo_weight={self.grpo_weight} (leave it at 0.0)")
+        if self.distill.entropy_beta is not None:
+            from sdpo.teacher.choices import TEACHER_SCORERS
+
+            if not self.uses_teacher or not mix.distill_term:
+                raise ConfigError(f"algorithm.distill.entropy_beta={self.distill.entropy_beta} weights a distillation "
+                                  f"loss term, which algorithm.mix={self.mix} with grpo_weight={self.grpo_weight} has "
+                                  "none of: remove it, or use algorithm.mix=route or loss")
+            if not TEACHER_SCORERS.get(self.teacher.scorer).forward_in_update:
+                raise ConfigError(f"algorithm.distill.entropy_beta needs the teacher's entropy, which "
+                                  f"algorithm.teacher.scorer={self.teacher.scorer} does not compute: use "
+                                  "algorithm.teacher.scorer=trainer, or remove algorithm.distill.entropy_beta")

@@ -69,7 +69,7 @@ def _on_rows(values_bC: Tensor, rows: Tensor | None, num_rows: int) -> Tensor:
 
 
 def _chunk_terms(student_head, temperature, distill_kwargs, teacher_heads, teacher_weights, teacher_rows,
-                 features_BCX, ids_BC, *teacher_features_BCX):
+                 teacher_entropy, features_BCX, ids_BC, *teacher_features_BCX):
     """All per-token outputs for one chunk of C positions. Positional tensors only, as checkpoint() wants."""
     logits_BCV = student_head(features_BCX)
     logp_BCV = log_softmax_temperature(logits_BCV, temperature)  # once, for the log-probs and the entropy
@@ -82,6 +82,8 @@ def _chunk_terms(student_head, temperature, distill_kwargs, teacher_heads, teach
         ids_bC = ids_BC if teacher_rows is None else ids_BC[teacher_rows]
         teacher_logits_bCV = _teacher_logits(teacher_features_BCX, teacher_heads, teacher_weights)
         out["teacher_logp"] = _on_rows(sampled_token_logprobs(teacher_logits_bCV, ids_bC, temperature), teacher_rows, num_rows)
+        if teacher_entropy:
+            out["teacher_entropy"] = _on_rows(entropy_from_logits(teacher_logits_bCV, temperature), teacher_rows, num_rows)
         if distill_kwargs is not None:
             # index_select: its backward (index_add_) is ~2.5x faster on a CPU than advanced indexing's index_put_.
             student_bCV = logits_BCV if teacher_rows is None else logits_BCV.index_select(0, teacher_rows)
@@ -101,6 +103,7 @@ def chunked_response_terms(
     teacher_weights: Sequence[float] | None = None,
     distill_kwargs: dict | None = None,
     teacher_rows: Tensor | None = None,
+    teacher_entropy: bool = False,
 ) -> dict[str, Tensor]:
     """Per-token terms of the response, computed `chunk_size` positions at a time.
 
@@ -115,7 +118,8 @@ def chunked_response_terms(
     Returns [B, R] tensors: "logp" (with grad) and "entropy" (detached); with a teacher also "teacher_logp"
     (detached) and, when `distill_kwargs` (mode, alpha, topk, tail; see `distill_per_token`) is given, "distill"
     (with grad). Without `distill_kwargs` only the teacher's sampled-token log-prob is computed, which is all the
-    advantage-level hybrid needs.
+    advantage-level hybrid needs. `teacher_entropy`: also "teacher_entropy" (detached), the teacher's entropy at the
+    temperature (SRPO's weighting, docs/algorithm.md §12).
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
@@ -129,7 +133,7 @@ def chunked_response_terms(
 
     def run_chunk(*tensors: Tensor) -> dict[str, Tensor]:
         return _chunk_terms(student_head, temperature, distill_kwargs, teacher_heads, teacher_weights, teacher_rows,
-                            *tensors)
+                            teacher_entropy and bool(teacher_features), *tensors)
 
     pieces: list[dict[str, Tensor]] = []
     # max(R, 1): an empty response still yields one (empty) chunk, so every key is present with shape [B, 0].

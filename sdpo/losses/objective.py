@@ -8,6 +8,9 @@
 - mix=advantage (paper Eq. 3): A = lambda A_GRPO + (1 - lambda) A_SDPO with the sampled-token A_SDPO = q - s
   (optionally clipped), w_pg = 1, no separate distillation term.
 - mix=loss (TRL's port): w_pg = lambda, w_sd = 1 - lambda; each term normalised on its own.
+- mix=route (SRPO, §12): w_pg = w_sd = 1; the distilled rows (failed, with a signal) have no policy loss, and both
+  terms divide by the step's token (sequence) counts, so the two sums share one normaliser. With
+  distill.entropy_beta the distilled tokens are weighted by exp(-beta H_teacher), normalised to mean 1.
 
 Inputs are per-token tensors only (`TokenInputs`), so the function is tested without any model
 (tests/test_objective.py); the trainer computes them with its forwards and calls `objective` once.
@@ -45,6 +48,7 @@ class TokenInputs:
     distill_mask_BR: Tensor | None = None  # None: the algorithm has no teacher
     teacher_logp_BR: Tensor | None = None  # log q(y_t) under the reprompt; None: nothing was scored for this batch
     distill_BR: Tensor | None = None  # logit-level (full / top-k) per-token distillation loss, with gradient
+    teacher_entropy_BR: Tensor | None = None  # the teacher's entropy (distill.entropy_beta), 0 off its rows
 
 
 @dataclass
@@ -92,14 +96,16 @@ def objective(x: TokenInputs, counts: StepCounts, algo: AlgorithmConfig, max_res
             adv_BR = mix_advantages(x.advantages_B, sdpo_adv_BR, algo.grpo_weight)
         pg_BR, clipped_BR = clipped_policy_loss(logp_BR, old_BR, adv_BR, algo.policy.clip_eps_low, algo.policy.clip_eps_high)
         pg_BR = pg_BR * tis_BR
+        # Routed rows take one signal each: the distilled ones have no policy loss.
+        pg_mask_BR = mask_BR & ~distill_mask_BR if mix.routes and distill_mask_BR is not None else mask_BR
         if x.ref_logp_BR is not None:
             kl_BR = kl_penalty(logp_BR, x.ref_logp_BR, algo.policy.kl_estimator)
             pg_BR = pg_BR + algo.policy.kl_coef * kl_BR
-            out.sums["policy/kl_ref"] = ((kl_BR.detach() * mask_BR).sum(), n_tok)
-        policy_loss = aggregate(pg_BR, mask_BR, num_tokens=counts.tokens, num_seqs=counts.seqs, **agg)
+            out.sums["policy/kl_ref"] = ((kl_BR.detach() * pg_mask_BR).sum(), pg_mask_BR.sum())
+        policy_loss = aggregate(pg_BR, pg_mask_BR, num_tokens=counts.tokens, num_seqs=counts.seqs, **agg)
         out.loss = out.loss + mix.policy_weight(algo.grpo_weight) * policy_loss
         out.sums["policy/loss"] = (policy_loss.detach() * counts.tokens, n_tok)
-        out.sums["policy/clip_fraction"] = ((clipped_BR & mask_BR).sum(), n_tok)
+        out.sums["policy/clip_fraction"] = ((clipped_BR & pg_mask_BR).sum(), pg_mask_BR.sum())
 
     if distill_mask_BR is not None:
         # Every rank logs the same keys (metrics are all-reduced), with zero weight where nothing was distilled.
@@ -118,10 +124,18 @@ def objective(x: TokenInputs, counts: StepCounts, algo: AlgorithmConfig, max_res
                 capped_BR = (per_token_BR.detach() > algo.distill.token_clip) & distill_mask_BR
                 per_token_BR = per_token_BR.clamp(max=algo.distill.token_clip)
                 out.sums["distill/token_clip_fraction"] = (capped_BR.sum(), n_distill)
-            distill_loss = aggregate(per_token_BR * ratio_BR * tis_BR, distill_mask_BR, num_tokens=counts.distill_tokens,
-                                     num_seqs=counts.distill_seqs, **agg)
-            out.loss = out.loss + (1.0 - algo.grpo_weight) * distill_loss
-            out.sums["distill/loss"] = (distill_loss.detach() * counts.distill_tokens, n_distill)
+            if algo.distill.entropy_beta is not None:
+                weight_BR = entropy_weights(x.teacher_entropy_BR, distill_mask_BR, algo.distill.entropy_beta)
+                per_token_BR = per_token_BR * weight_BR
+                out.peaks["distill/entropy_weight_max"] = weight_BR.max()
+                out.sums["distill/teacher_entropy"] = ((x.teacher_entropy_BR * distill_mask_BR).sum(), n_distill)
+            # A routed mix shares the policy loss's normaliser (the step's tokens): each signal counts in proportion
+            # to the tokens it covers.
+            tokens, seqs = (counts.tokens, counts.seqs) if mix.routes else (counts.distill_tokens, counts.distill_seqs)
+            distill_loss = aggregate(per_token_BR * ratio_BR * tis_BR, distill_mask_BR, num_tokens=tokens,
+                                     num_seqs=seqs, **agg)
+            out.loss = out.loss + mix.distill_weight(algo.grpo_weight) * distill_loss
+            out.sums["distill/loss"] = (distill_loss.detach() * tokens, n_distill)
             out.sums["distill/is_clip_fraction"] = (((ratio_BR >= algo.distill.is_clip) & distill_mask_BR).sum(), n_distill)
     out.sums["policy/entropy"] = ((x.entropy_BR * mask_BR).sum(), n_tok)
     if x.sampler_logp_BR is not None:
@@ -133,6 +147,17 @@ def objective(x: TokenInputs, counts: StepCounts, algo: AlgorithmConfig, max_res
         if algo.tis_threshold is not None:
             out.sums["rollout/tis_truncated_fraction"] = (((tis_BR >= algo.tis_threshold) & mask_BR).sum(), n_tok)
     return out
+
+
+def entropy_weights(entropy_BR: Tensor | None, mask_BR: Tensor, beta: float) -> Tensor:
+    """SRPO's weights of the distilled tokens (docs/algorithm.md §12): exp(-beta H) over its mean on the masked
+    tokens (of this micro-batch), so that confident teacher tokens count more and the loss scale is kept; 0 off the
+    mask."""
+    if entropy_BR is None:
+        raise ValueError("algorithm.distill.entropy_beta needs the teacher's entropy: the trainer must score the teacher")
+    raw_BR = torch.exp(-beta * entropy_BR.detach().to(torch.float64)) * mask_BR
+    mean = raw_BR.sum() / mask_BR.sum().clamp(min=1)
+    return (raw_BR / mean.clamp(min=torch.finfo(torch.float64).tiny)).to(entropy_BR.dtype)
 
 
 class MetricSums:

@@ -1,7 +1,15 @@
-"""The self-teacher: reprompt construction and rendering (pure), where its weights come from (`weights`), and how
-they score (`teacher`)."""
+"""The teacher: reprompt construction and rendering (pure), where its weights come from (`weights`: the policy's
+own; `external`: a model of its own), and how they score (`teacher`)."""
 
-from sdpo.teacher.choices import DATA_CONTEXT_ORDERS, TEACHER_KINDS, TEACHER_SCORERS, WEIGHT_SOURCES, TeacherScorer
+from sdpo.teacher.choices import (
+    DATA_CONTEXT_ORDERS,
+    TEACHER_CONTEXTS,
+    TEACHER_KINDS,
+    TEACHER_SCORERS,
+    WEIGHT_SOURCES,
+    TeacherScorer,
+)
+from sdpo.teacher.external import ExternalWeights, TeacherRouter
 from sdpo.teacher.reprompt import (
     Reprompt,
     RepromptStats,
@@ -27,10 +35,12 @@ from sdpo.teacher.weights import EMAWeights, InitialWeights, LiveWeights, eval_m
 
 __all__ = [
     "DATA_CONTEXT_ORDERS",
+    "TEACHER_CONTEXTS",
     "TEACHER_KINDS",
     "TEACHER_SCORERS",
     "WEIGHT_SOURCES",
     "EMAWeights",
+    "ExternalWeights",
     "InitialWeights",
     "LiveWeights",
     "NoTeacher",
@@ -40,6 +50,7 @@ __all__ = [
     "TeacherContext",
     "TeacherFeatures",
     "TeacherLike",
+    "TeacherRouter",
     "TeacherScorer",
     "TeacherTargets",
     "build_reprompts",

@@ -3,6 +3,8 @@
 - `TEACHER_KINDS` (algorithm.teacher.kind): the weights whose logits the teacher mixes, as [(source, weight)] with
   sources from `WEIGHT_SOURCES` ("live", "initial", "ema", or one registered from outside);
 - `TEACHER_SCORERS` (algorithm.teacher.scorer): who computes the teacher's log-probs;
+- `TEACHER_CONTEXTS` (algorithm.teacher.context): what the teacher reads before the response: the reprompt, or the
+  student's own prompt (plain on-policy distillation from a teacher model of its own, docs/algorithm.md §11);
 - `DATA_CONTEXT_ORDERS` (algorithm.reprompt.data_context): how the data's teacher context and a successful
   sibling's answer share the reprompt's solution slot.
 
@@ -26,6 +28,8 @@ TEACHER_KINDS.register("frozen")(lambda config: [("initial", 1.0)])
 TEACHER_KINDS.register("ema")(lambda config: [("ema", 1.0)])
 TEACHER_KINDS.register("trust_region")(
     lambda config: [("initial", 1.0 - config.trust_region_mix), ("live", config.trust_region_mix)])
+# A model other than the policy (algorithm.teacher.model, or .models routed by .key): `sdpo.teacher.external`.
+TEACHER_KINDS.register("external")(lambda config: [("external", 1.0)])
 
 # source name -> (policy, copy_policy, algorithm.teacher config) -> the weights (`sdpo.teacher.weights`); the
 # built-in sources register there.
@@ -71,6 +75,16 @@ class EngineScorer(TeacherScorer):
             logp_BR[rows, : scores.token_logp_BR.shape[1]] = scores.token_logp_BR
         return logp_BR
 
+
+# context -> (the rows' reprompts, the rows' student prompts, render: () -> the reprompts' token ids) ->
+# (each row's teacher prompt, whether the row is distilled). Only "reprompt" renders.
+TeacherContextRule = Callable[[list[Any], list[list[int]], Callable[[], list[list[int]]]], tuple[list[list[int]], list[bool]]]
+TEACHER_CONTEXTS: Registry[TeacherContextRule] = Registry("teacher context")
+# The reprompt (docs/algorithm.md §2): a row is distilled where its reprompt carries a sibling's solution, the
+# environment's feedback or the data's context.
+TEACHER_CONTEXTS.register("reprompt")(lambda reprompts, student, render: (render(), [r.has_signal for r in reprompts]))
+# The student's own prompt: every row is distilled (on-policy distillation needs no success, feedback or data).
+TEACHER_CONTEXTS.register("none")(lambda reprompts, student, render: ([list(p) for p in student], [True] * len(student)))
 
 # order -> (a sibling's solution or None, the data's context rendered or None) -> (the solution slot, whether it
 # holds the data's context); only called where the data has a context for the row.

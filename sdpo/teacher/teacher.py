@@ -6,7 +6,12 @@ of `WEIGHT_SOURCES` (`sdpo.teacher.weights`: where the weights come from and how
 - live: the current policy weights (unstable in the paper, Table 4);
 - frozen: the initial weights;
 - ema: teacher <- (1 - tau) teacher + tau policy after each optimizer step with a finite grad norm;
-- trust_region: teacher logits = lerp(initial logits, live logits, mix), i.e. q ~ exp((1-mix) log q_ref + mix log q).
+- trust_region: teacher logits = lerp(initial logits, live logits, mix), i.e. q ~ exp((1-mix) log q_ref + mix log q);
+- external: a model other than the policy, frozen (`sdpo.teacher.external`, docs/algorithm.md §11), or several, each
+  row scored by the one its data column names (`TeacherRouter`).
+
+What it reads before the response (`algorithm.teacher.context`, `TEACHER_CONTEXTS`): the reprompt, or the student's
+own prompt (plain on-policy distillation: every row distilled).
 
 Who scores (`algorithm.teacher.scorer`, a type in `TEACHER_SCORERS`): "trainer", a forward pass inside the update,
 or "engine" (`EngineScorer`), the rollout engine's prompt log-probs once per generation batch, for engines that
@@ -37,7 +42,8 @@ from sdpo.batch import ModelInputs, RolloutBatch, SharedPromptInputs, any_shared
 from sdpo.config import RepromptConfig, SDPOConfig, TeacherConfig
 from sdpo.models import PromptPass, ResponseFeatures, response_features, unwrap
 from sdpo.plan import Block, Forward, MicroBatch
-from sdpo.teacher.choices import TEACHER_KINDS, TEACHER_SCORERS, WEIGHT_SOURCES, TeacherScorer
+from sdpo.teacher.choices import TEACHER_CONTEXTS, TEACHER_KINDS, TEACHER_SCORERS, WEIGHT_SOURCES, TeacherScorer
+from sdpo.teacher.external import RoutedHead, TeacherRouter
 from sdpo.teacher.reprompt import Reprompt, teacher_prompt_ids
 from sdpo.teacher.weights import eval_mode, frozen_copy
 
@@ -66,6 +72,20 @@ class TeacherFeatures:
             out.append(ResponseFeatures(padded, f.head, f.are_logits))
         return TeacherFeatures(out, self.weights, rows.to(out[0].values_BRX.device) if out else rows)
 
+    @staticmethod
+    def routed(parts: list[TeacherFeatures]) -> TeacherFeatures:
+        """Several teachers' features (one source each, `of_rows` of their own rows) as one: the rows joined, the
+        features padded to the widest teacher's, and a head that gives each row its own teacher's logits."""
+        values = [part.features[0].values_BRX for part in parts]
+        widths = [v.shape[-1] for v in values]
+        dtype = values[0].dtype if all(v.dtype == values[0].dtype for v in values) else torch.float32
+        joined = torch.cat([torch.nn.functional.pad(v.to(dtype), (0, max(widths) - v.shape[-1])) for v in values])
+        ends = torch.tensor([len(v) for v in values]).cumsum(0).tolist()
+        head = RoutedHead([part.features[0].head for part in parts],
+                          [slice(end - len(v), end) for end, v in zip(ends, values)], widths)
+        return TeacherFeatures([ResponseFeatures(joined, head, parts[0].features[0].are_logits)], [1.0],
+                               torch.cat([part.rows for part in parts]))
+
 
 @dataclass(frozen=True)
 class TeacherContext:
@@ -74,6 +94,7 @@ class TeacherContext:
     prompt_ids: list[list[int]] | None = None  # each row's rendered reprompt (its own prompt where it has no signal)
     distill_mask_B: Tensor | None = None  # bool; the row's reprompt carries a signal; None: no teacher
     logp_BR: Tensor | None = None  # log q(y_t) scored before the update (scorer=engine), else None
+    route_B: Tensor | None = None  # long; each row's teacher among several (algorithm.teacher.key); None: one
 
 
 @dataclass
@@ -129,16 +150,22 @@ class TeacherLike(Protocol):
 class Teacher:
     """`copy_policy`: how to take a frozen copy of the policy before it is prepared (`frozen_copy` unless the policy is
     partitioned at load time, as under DeepSpeed ZeRO-3; see `sdpo.distributed.Distributed.frozen_copy`).
-    `reprompt_len`: the longest reprompt in tokens (`reprompt_limit`); `max_new_tokens`: the longest response."""
+    `reprompt_len`: the longest reprompt in tokens (`reprompt_limit`); `max_new_tokens`: the longest response.
+    `tokenizer`: the policy's, which weights of their own (kind=external) are checked against."""
 
     def __init__(self, config: TeacherConfig, policy: nn.Module,
                  copy_policy: Callable[[nn.Module], nn.Module] = frozen_copy, reprompt_len: int = 2**31,
-                 max_new_tokens: int = 0) -> None:
+                 max_new_tokens: int = 0, tokenizer: Any = None) -> None:
         self.config, self.kind = config, config.kind
         mixed = TEACHER_KINDS.get(config.kind)(config)
         stores = {name: WEIGHT_SOURCES.get(name)(policy, copy_policy, config) for name, _ in mixed}
         self.stores = list(stores.values())  # each source's weights once
+        for store in self.stores:
+            store.check_tokenizer(tokenizer)
         self.sources = [(stores[name], weight) for name, weight in mixed if weight != 0.0]
+        self.context_rule = TEACHER_CONTEXTS.get(config.context)
+        self.router = TeacherRouter(config.key, list(config.models)) if config.key else None
+        self.routes = len(self.router) if self.router is not None else 1
         self.scorer: TeacherScorer = TEACHER_SCORERS.get(config.scorer)()
         self.reprompt_len = reprompt_len
         self.engine_context_len = reprompt_len + max_new_tokens if not self.scorer.forward_in_update else 0
@@ -163,14 +190,17 @@ class Teacher:
 
     def context(self, batch: RolloutBatch, reprompts: list[Reprompt], tokenizer: Any, config: RepromptConfig,
                 chat_template_kwargs: Any, engine: Any) -> TeacherContext:
-        """The batch's teacher context: each row's rendered reprompt (within `reprompt_len`) and whether it carries a
-        signal (the distillation mask); scorer=engine also scores it now, before the update."""
+        """The batch's teacher context: each row's teacher prompt (algorithm.teacher.context: its rendered reprompt
+        within `reprompt_len`, or its own prompt), whether it is distilled (the distillation mask) and, with several
+        teachers, which one scores it; scorer=engine also scores it now, before the update."""
         within_window = replace(config, max_reprompt_len=self.reprompt_len)
-        prompt_ids = teacher_prompt_ids(reprompts, batch.prompt_ids, tokenizer, within_window, chat_template_kwargs)
-        distill_mask_B = torch.tensor([r.has_signal for r in reprompts])
+        prompt_ids, signal = self.context_rule(reprompts, batch.prompt_ids, lambda: teacher_prompt_ids(
+            reprompts, batch.prompt_ids, tokenizer, within_window, chat_template_kwargs))
+        distill_mask_B = torch.tensor(signal, dtype=torch.bool)
+        route_B = self.router.routes([r.problem for r in reprompts]) if self.router is not None else None
         rows = distill_mask_B.nonzero().flatten().tolist()
         logp_BR = self.scorer.score(prompt_ids, batch.response_ids, rows, batch.response_width, engine)
-        return TeacherContext(prompt_ids, distill_mask_B, logp_BR)
+        return TeacherContext(prompt_ids, distill_mask_B, logp_BR, route_B)
 
     @contextlib.contextmanager
     def cacheable_casts(self) -> Iterator[None]:
@@ -183,7 +213,7 @@ class Teacher:
         every teacher forward (a block's reprompt pass, each micro-batch, the head once per logits chunk) cast the
         whole copy again. Nothing to do for a live teacher (the policy's casts are cached already) or a LoRA one
         (its base weights are frozen in the policy, where a gradient flag would make the backward compute them)."""
-        copies = [p for store in self.stores if store.model is not None for p in store.model.parameters()]
+        copies = [p for store in self.stores if store.model is not None for p in store.parameters()]
         for param in copies:
             param.requires_grad_(True)
         try:
@@ -220,13 +250,13 @@ class Teacher:
 
     @torch.no_grad()
     def features(self, policy: nn.Module, inputs: ModelInputs | SharedPromptInputs,
-                 passes: list[PromptPass] | None = None) -> TeacherFeatures:
+                 passes: list[PromptPass] | None = None, route: int = 0) -> TeacherFeatures:
         """The teacher's features of the response tokens under the reprompt (`inputs`), one entry per source.
         `passes`: the sources' passes over a block's distinct reprompts, which `inputs` (SharedPromptInputs)
-        continue."""
+        continue; `route`: which of several teachers (algorithm.teacher.key) scores these rows."""
         features, weights = [], []
         for k, (source, weight) in enumerate(self.sources):
-            with source.use(policy) as model, eval_mode(model):
+            with source.use(policy, route) as model, eval_mode(model):
                 features.append(response_features(model, inputs, passes[k] if passes else None).detach())
             weights.append(weight)
         return TeacherFeatures(features, weights)
@@ -235,16 +265,25 @@ class Teacher:
 
     def _micro_features(self, policy: nn.Module, micro: MicroBatch, forward: Forward) -> TeacherFeatures | None:
         """scorer=trainer: the teacher forward of the micro-batch's rows with a signal, continuing its block's
-        reprompt passes where they run; None when no rank needs one (`any_rank`: sharded, the forward is a
-        collective)."""
+        reprompt passes where they run (several teachers: one forward per teacher, of its rows); None when no rank
+        needs one (`any_rank`: sharded, the forward is a collective)."""
         if not self.scorer.forward_in_update or not forward.any_rank(bool(micro.rows.distill_mask_B.any())):
             return None
         passes = self._block_passes(policy, micro, forward)
-        rows = torch.tensor(micro.rows.distill_rows, dtype=torch.long)
-        if len(rows) == 0:  # sharded, another rank needs the teacher: join its forward with a stand-in row (masked)
-            rows = torch.zeros(1, dtype=torch.long)
-        inputs = micro.teacher_inputs(rows, forward.pad_id, passes[0].prompts if passes else None)
-        return self.features(policy, inputs.to(forward.device), passes).of_rows(rows, micro.rows.response_width)
+        route_B, width = micro.rows.teacher_route_B, micro.rows.response_width
+        parts, stand_in = [], None
+        for route in range(self.routes):
+            mine = [i for i in micro.rows.distill_rows if route_B is None or int(route_B[i]) == route]
+            if self.routes > 1 and not forward.any_rank(bool(mine)):
+                continue
+            # Sharded, another rank needs this teacher: join its forward with a stand-in row (masked, or dropped).
+            rows = torch.tensor(mine or [0], dtype=torch.long)
+            inputs = micro.teacher_inputs(rows, forward.pad_id, passes[0].prompts if passes else None)
+            features = self.features(policy, inputs.to(forward.device), passes, route).of_rows(rows, width)
+            parts, stand_in = (parts + [features], stand_in) if mine else (parts, features)
+        if not parts:
+            return stand_in
+        return parts[0] if len(parts) == 1 else TeacherFeatures.routed(parts)
 
     def _block_passes(self, policy: nn.Module, micro: MicroBatch, forward: Forward) -> list[PromptPass] | None:
         """The micro-batch's block's passes, run at its first teacher forward and kept until its last micro-batch."""
@@ -267,7 +306,8 @@ class Teacher:
         activations): for a block of at most `micro_batch_size` questions that is G x 2 x kv_width numbers per
         reprompt token and layer, a fraction of what the block's student activations hold."""
         reprompts = [block.teacher_prompt_ids[i] for i in block.distill_rows]
-        if not self.scorer.forward_in_update or not any_shared(reprompts) or branch:  # branches share otherwise
+        # Branches share otherwise; several teachers each forward their own rows' prompts.
+        if not self.scorer.forward_in_update or not any_shared(reprompts) or branch or self.routes > 1:
             return None
         prompts = build_prompt_inputs(reprompts, pad_id).to(device)
         passes = []
@@ -334,9 +374,10 @@ def reprompt_window(max_reprompt_len: int, max_new_tokens: int, model: nn.Module
 
 
 def build_teacher(config: SDPOConfig, policy: nn.Module,
-                  copy_policy: Callable[[nn.Module], nn.Module] = frozen_copy) -> TeacherLike:
-    """The algorithm's teacher: none for GRPO (grpo_weight = 1), else `algorithm.teacher`'s kind and scorer."""
+                  copy_policy: Callable[[nn.Module], nn.Module] = frozen_copy, tokenizer: Any = None) -> TeacherLike:
+    """The algorithm's teacher: none for GRPO (grpo_weight = 1), else `algorithm.teacher`'s kind, context and
+    scorer (`tokenizer`: the policy's, which a teacher model of its own must share)."""
     if not config.algorithm.uses_teacher:
         return NoTeacher()
     return Teacher(config.algorithm.teacher, policy, copy_policy, reprompt_limit(config, policy),
-                   config.rollout.max_new_tokens)
+                   config.rollout.max_new_tokens, tokenizer)

@@ -12,8 +12,10 @@ Where the weights live depends on the policy:
   disabled (a fresh LoRA adapter starts at zero); the EMA weights are a second adapter, "sdpo_ema", switched in for
   the teacher forward only.
 
-Every source answers the same calls: `use(policy)` (a context giving the module to run), `place`, `parameters`,
-`release`, `update`, `state_dict` / `load_state_dict`.
+Every source answers the same calls: `use(policy, route)` (a context giving the module to run; `route`: which of
+several models, for a source that holds several), `check_tokenizer` (at start: whether the weights read the policy's
+tokens), `place`, `parameters`, `release`, `update`, `state_dict` / `load_state_dict`. A model other than the policy
+is the "external" source (`sdpo.teacher.external`).
 """
 
 from __future__ import annotations
@@ -101,8 +103,11 @@ class InitialWeights:
         if self.model is not None:
             self.model = prepare_copy(self.model)
 
-    def use(self, policy: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
+    def use(self, policy: nn.Module, route: int = 0) -> contextlib.AbstractContextManager[nn.Module]:
         return contextlib.nullcontext(self.model) if self.model is not None else base_weights(policy)
+
+    def check_tokenizer(self, tokenizer: object) -> None:
+        """The policy's own weights read the policy's tokens."""
 
     def parameters(self) -> list[Tensor]:
         return list(self.model.parameters()) if self.model is not None else []
@@ -138,8 +143,11 @@ class EMAWeights:
         if self._pairs:
             self._pairs = ema_adapter_pairs(policy)
 
-    def use(self, policy: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
+    def use(self, policy: nn.Module, route: int = 0) -> contextlib.AbstractContextManager[nn.Module]:
         return contextlib.nullcontext(self.model) if self.model is not None else active_adapter(policy, EMA_ADAPTER)
+
+    def check_tokenizer(self, tokenizer: object) -> None:
+        """The policy's own weights read the policy's tokens."""
 
     def parameters(self) -> list[Tensor]:
         return list(self.model.parameters()) if self.model is not None else [t for t, _ in self._pairs.values()]
@@ -177,8 +185,11 @@ class LiveWeights:
 
     model = None
 
-    def use(self, policy: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
+    def use(self, policy: nn.Module, route: int = 0) -> contextlib.AbstractContextManager[nn.Module]:
         return contextlib.nullcontext(policy)
+
+    def check_tokenizer(self, tokenizer: object) -> None:
+        """The policy's own weights read the policy's tokens."""
 
     def place(self, policy: nn.Module, prepare_copy: Callable[[nn.Module], nn.Module]) -> None:
         pass
