@@ -259,3 +259,15 @@ def test_the_opd_preset_distills_every_row_from_the_external_teacher(tmp_path, i
                       tokenizer=trainer.tokenizer)
     for a, b in zip(teacher.model.parameters(), trainer.learner.teacher.model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_the_teachers_server_is_configured_with_its_limits(initial_copy):
+    served = ["algorithm=opd", f"algorithm.teacher.model={initial_copy}", "algorithm.teacher.scorer=server"]
+    with pytest.raises(ConfigError, match="scorer=server needs algorithm.distill.mode=sampled_token"):
+        load_config(served)
+    config = load_config([*served, "algorithm.distill.mode=sampled_token", "algorithm.teacher.server_url=http://h:1"])
+    assert (config.algorithm.teacher.scorer, config.algorithm.teacher.server_url) == ("server", "http://h:1")
+    with pytest.raises(ConfigError, match="scorer=server serves one external teacher"):
+        TeacherConfig(scorer="server")
+    with pytest.raises(ConfigError, match="server_url=http://h:1 is read by algorithm.teacher.scorer=server only"):
+        TeacherConfig(kind="external", model="/x", server_url="http://h:1")

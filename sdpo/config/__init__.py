@@ -68,16 +68,20 @@ class SDPOConfig:
         from sdpo.rollout import ENGINES
         from sdpo.teacher.choices import TEACHER_KINDS, TEACHER_SCORERS
 
-        if algo.uses_teacher and not TEACHER_SCORERS.get(algo.teacher.scorer).forward_in_update:
-            scoring = [name for name in ENGINES.in_order() if ENGINES.get(name).scores_teacher]
+        scorer = TEACHER_SCORERS.get(algo.teacher.scorer)
+        if algo.uses_teacher and not scorer.forward_in_update:
             needs = {
-                " or ".join(f"rollout={name}" for name in scoring): self.rollout.engine in scoring,
-                "algorithm.teacher.kind=live (the engine holds the current policy)":
-                    TEACHER_KINDS.get(algo.teacher.kind)(algo.teacher) == [("live", 1.0)],
                 "algorithm.distill.mode=sampled_token (the engine gives the sampled token's log-prob only)":
                     DISTILL_MODES.get(algo.distill.mode).token_advantage,
                 "rollout.temperature=1.0 (the engine's prompt log-probs are not temperature-scaled)": self.rollout.temperature == 1.0,
             }
+            if scorer.reads_rollout_engine:
+                scoring = [name for name in ENGINES.in_order() if ENGINES.get(name).scores_teacher]
+                needs = {
+                    " or ".join(f"rollout={name}" for name in scoring): self.rollout.engine in scoring,
+                    "algorithm.teacher.kind=live (the engine holds the current policy)":
+                        TEACHER_KINDS.get(algo.teacher.kind)(algo.teacher) == [("live", 1.0)],
+                } | needs
             missing = [what for what, ok in needs.items() if not ok]
             if missing:
                 raise ConfigError(f"algorithm.teacher.scorer={algo.teacher.scorer} needs " + "; ".join(missing))

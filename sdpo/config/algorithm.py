@@ -79,8 +79,13 @@ class TeacherConfig:
     # Who computes the teacher's log-probs: "trainer" (a forward pass in the update, every kind and distillation
     # mode) or "engine" (vLLM's prompt log-probs of the response under the reprompt, once per generation batch,
     # before the update). The engine holds the policy as of the last sync, so "engine" needs kind=live, and it
-    # yields the sampled token's log-prob only: distill.mode=sampled_token; rollout.temperature=1.0.
+    # yields the sampled token's log-prob only: distill.mode=sampled_token; rollout.temperature=1.0. "server": a
+    # vLLM server of the external teacher's own (kind=external, one model), likewise once per generation batch and
+    # with the same limits (docs/algorithm.md §11).
     scorer: str = "trainer"
+    # scorer=server: the teacher's server (e.g. http://host:8000, started with scripts/serve.py on the teacher's
+    # folder); None: started on this machine from algorithm.teacher.model with rollout.vllm's settings.
+    server_url: str | None = None
     # What the teacher reads before the response (`sdpo.teacher.TEACHER_CONTEXTS`): "reprompt" (docs/algorithm.md
     # §2: a sibling's solution, the feedback or the data's context; rows with none are not distilled) or "none"
     # (the student's own prompt, every row distilled: plain on-policy distillation, which needs a teacher better
@@ -120,6 +125,13 @@ class TeacherConfig:
         if bool(self.models) != bool(self.key):
             raise ConfigError("algorithm.teacher.models and algorithm.teacher.key go together: the models map values "
                               "of the data column `key` to teacher paths")
+        scorer = TEACHER_SCORERS.get(self.scorer)
+        if scorer.serves_external and (sources != ["external"] or self.models):
+            raise ConfigError(f"algorithm.teacher.scorer={self.scorer} serves one external teacher: set "
+                              "algorithm.teacher.kind=external and algorithm.teacher.model=<path> (not models)")
+        if self.server_url and not scorer.serves_external:
+            raise ConfigError(f"algorithm.teacher.server_url={self.server_url} is read by algorithm.teacher.scorer="
+                              f"{', '.join(n for n in TEACHER_SCORERS.in_order() if TEACHER_SCORERS.get(n).serves_external)} only")
         if sources == ["live"] and self.context == "none":
             raise ConfigError("algorithm.teacher.kind=live with context=none scores the response as the policy does: "
                               "nothing to distill. Use context=reprompt, or a teacher of its own (kind=external)")

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from sdpo.checkpoint import latest_checkpoint
 from sdpo.config.checks import ConfigError
 from sdpo.models import DTYPES, is_adapter_dir, reshard, unwrap
-from sdpo.teacher.choices import WEIGHT_SOURCES
+from sdpo.teacher.choices import TEACHER_SCORERS, WEIGHT_SOURCES
 
 
 def teacher_dir(path: str, key: str) -> Path:
@@ -69,12 +69,14 @@ class ExternalWeights:
         self.folders = [teacher_dir(path, key) for key, path in self.paths]
         dtype = DTYPES[config.dtype] if config.dtype else next(policy.parameters()).dtype
         attn = getattr(unwrap(policy).config, "_attn_implementation", None)
-        self.models = [load_teacher_model(folder, dtype, attn) for folder in self.folders]
+        # Loaded here only where the trainer runs them (a server of the teacher holds its own: scorer=server).
+        in_update = TEACHER_SCORERS.get(config.scorer).forward_in_update
+        self.models = [load_teacher_model(folder, dtype, attn) for folder in self.folders] if in_update else []
         self.vocab_size = _output_size(policy)
 
     @property
-    def model(self) -> nn.Module:
-        return self.models[0]
+    def model(self) -> nn.Module | None:
+        return self.models[0] if self.models else None
 
     def check_tokenizer(self, tokenizer: Any) -> None:
         """At start: each teacher's tokenizer (saved in its folder) has the policy's vocabulary, and its output head
@@ -84,7 +86,7 @@ class ExternalWeights:
         if tokenizer is None:
             raise ValueError("an external teacher is checked against the policy's tokenizer: pass it (build_teacher)")
         ours = tokenizer.get_vocab()
-        for (key, path), folder, model in zip(self.paths, self.folders, self.models, strict=True):
+        for (key, path), folder in zip(self.paths, self.folders, strict=True):
             where = f"algorithm.teacher.{key}={path}"
             try:
                 theirs = AutoTokenizer.from_pretrained(folder).get_vocab()
@@ -95,9 +97,10 @@ class ExternalWeights:
                 differ = sorted(set(theirs.items()) ^ set(ours.items()))[:2]
                 raise ConfigError(f"{where}: its tokenizer's vocabulary differs from the policy's ({len(theirs)} tokens "
                                   f"against {len(ours)}; e.g. {differ}): a teacher must share the policy's tokenizer")
-            if _output_size(model) != self.vocab_size:
-                raise ConfigError(f"{where}: its output head has {_output_size(model)} entries, the policy's "
-                                  f"{self.vocab_size}: a teacher must share the policy's tokenizer and vocabulary size")
+            size = _folder_output_size(folder)
+            if size != self.vocab_size:
+                raise ConfigError(f"{where}: its output head has {size} entries, the policy's {self.vocab_size}: a "
+                                  "teacher must share the policy's tokenizer and vocabulary size")
 
     def use(self, policy: nn.Module, route: int = 0) -> contextlib.AbstractContextManager[nn.Module]:
         return contextlib.nullcontext(self.models[route])
@@ -124,6 +127,17 @@ class ExternalWeights:
 
 def _output_size(model: nn.Module) -> int:
     return int(getattr(unwrap(model), "config").vocab_size)
+
+
+def _folder_output_size(folder: Path) -> int:
+    """The vocabulary size of the model a folder holds (a LoRA adapter: its base model's)."""
+    from transformers import AutoConfig
+
+    if is_adapter_dir(folder):
+        from peft import PeftConfig
+
+        folder = Path(PeftConfig.from_pretrained(folder).base_model_name_or_path or "").expanduser()
+    return int(AutoConfig.from_pretrained(folder).vocab_size)
 
 
 WEIGHT_SOURCES.register("external")(lambda policy, copy_policy, config: ExternalWeights(policy, config))

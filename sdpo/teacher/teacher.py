@@ -14,8 +14,9 @@ What it reads before the response (`algorithm.teacher.context`, `TEACHER_CONTEXT
 own prompt (plain on-policy distillation: every row distilled).
 
 Who scores (`algorithm.teacher.scorer`, a type in `TEACHER_SCORERS`): "trainer", a forward pass inside the update,
-or "engine" (`EngineScorer`), the rollout engine's prompt log-probs once per generation batch, for engines that
-declare the capability (`RolloutEngine.scores_teacher`).
+"engine" (`EngineScorer`), the rollout engine's prompt log-probs once per generation batch, for engines that
+declare the capability (`RolloutEngine.scores_teacher`), or "server" (`ServerScorer`), a vLLM server of the external
+teacher's own, likewise.
 
 The learner sees one interface, `TeacherLike`, and calls it once per micro-batch (`targets`, a `TeacherTargets`
 record of what the loss needs) and once after each applied optimizer step (`update`); before the update the trainer
@@ -151,11 +152,12 @@ class Teacher:
     """`copy_policy`: how to take a frozen copy of the policy before it is prepared (`frozen_copy` unless the policy is
     partitioned at load time, as under DeepSpeed ZeRO-3; see `sdpo.distributed.Distributed.frozen_copy`).
     `reprompt_len`: the longest reprompt in tokens (`reprompt_limit`); `max_new_tokens`: the longest response.
-    `tokenizer`: the policy's, which weights of their own (kind=external) are checked against."""
+    `tokenizer`: the policy's, which weights of their own (kind=external) are checked against; `rollout_config`:
+    rollout.*, which a scorer that starts a server of its own reads (scorer=server)."""
 
     def __init__(self, config: TeacherConfig, policy: nn.Module,
                  copy_policy: Callable[[nn.Module], nn.Module] = frozen_copy, reprompt_len: int = 2**31,
-                 max_new_tokens: int = 0, tokenizer: Any = None) -> None:
+                 max_new_tokens: int = 0, tokenizer: Any = None, rollout_config: Any = None) -> None:
         self.config, self.kind = config, config.kind
         mixed = TEACHER_KINDS.get(config.kind)(config)
         stores = {name: WEIGHT_SOURCES.get(name)(policy, copy_policy, config) for name, _ in mixed}
@@ -168,7 +170,8 @@ class Teacher:
         self.routes = len(self.router) if self.router is not None else 1
         self.scorer: TeacherScorer = TEACHER_SCORERS.get(config.scorer)()
         self.reprompt_len = reprompt_len
-        self.engine_context_len = reprompt_len + max_new_tokens if not self.scorer.forward_in_update else 0
+        self.engine_context_len = reprompt_len + max_new_tokens if self.scorer.reads_rollout_engine else 0
+        self.scorer.setup(self, tokenizer, rollout_config, reprompt_len + max_new_tokens)
         self._block: Block | None = None  # the block whose distinct reprompts `_passes` ran
         self._passes: list[PromptPass] | None = None
 
@@ -380,4 +383,4 @@ def build_teacher(config: SDPOConfig, policy: nn.Module,
     if not config.algorithm.uses_teacher:
         return NoTeacher()
     return Teacher(config.algorithm.teacher, policy, copy_policy, reprompt_limit(config, policy),
-                   config.rollout.max_new_tokens, tokenizer)
+                   config.rollout.max_new_tokens, tokenizer, config.rollout)
