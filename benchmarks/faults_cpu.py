@@ -12,7 +12,7 @@ of the trainer, or (server cases) SIGKILL of the vLLM server.
 
 Where a fault lands is chosen from the uninterrupted run's own timeline: its start-up time (launch to the "run
 directory" line) and its per-step stage times (generation, update, weight sync; a step's save follows its metrics
-row). A fault aims at start-up, or at a stage of a step the attempt still has to take (never past the last one): the
+row). A fault aims at start-up, or at a stage of a step the attempt still has to take before its last one: the
 harness waits for the metrics row of the step before it, then for that step's save to end, and sleeps into the stage.
 The stage reported is that aim, except "save", which is checked (a staging directory `.tmp-step-*` exists when the
 fault is sent). "Landed" is checked after the attempt: a signal stopped the run (exit 130 / 143, the stop line), a
@@ -252,7 +252,9 @@ def aim(proc: subprocess.Popen, tree: Descendants, run_dir: Path, out: Path, aim
     left = total - done
     if aimed == "save" and left < 2:  # the last step's save ends the run: aim at a step before it
         aimed = "generation"
-    ahead = rng.randint(1, left - 1) if aimed == "save" else rng.randint(0, left - 1)  # whole steps to let pass
+    # Whole steps to let pass first; never into the last step (a signal there only ends the run as planned), unless
+    # it is the only one left.
+    ahead = rng.randint(1, left - 1) if aimed == "save" else rng.randint(0, max(left - 2, 0))
     staging = lambda: any((run_dir / "checkpoints").glob(".tmp-*"))  # noqa: E731
     if ahead and not wait(lambda: len(rows(run_dir)) >= done + ahead):
         return None
