@@ -91,7 +91,7 @@ class Attempt:
     rc: int | None
     line: str
     seconds: float
-    landed: bool = False
+    landed: str = "-"  # yes; "last step": a signal asked the run to stop in its last step, which then ended it
     startup_s: float | None = None  # launch to the "run directory" line
     row_times: list[float] = field(default_factory=list)  # seconds from launch at which each new metrics row appeared
     strays: list[str] = field(default_factory=list)
@@ -217,17 +217,22 @@ def attempt(args: list[str], run_dir: Path, cwd: Path, fault: str | None, aimed:
     got = Attempt(fault if stage else None, aimed if stage else None, stage, proc.returncode,
                   (final[-1] if final else (lines[-1] if lines else ""))[:160], time.monotonic() - start,
                   startup_s=startup_s, row_times=row_times, strays=strays, leftovers=leftovers)
-    got.landed = bool(stage) and landed(got, checkpoint_step(run_dir) < total)
+    if stage:
+        got.landed = landed(got, checkpoint_step(run_dir) < total, "stopping after the step" in err.read_text())
     return got
 
 
-def landed(got: Attempt, unfinished: bool) -> bool:
+def landed(got: Attempt, unfinished: bool, asked: bool) -> str:
     """Whether the fault took effect inside the run (not after its work was done)."""
     if got.fault == "SIGKILL trainer":
-        return unfinished
-    if got.fault == "SIGKILL server":
-        return got.rc != 0
-    return got.rc in (128 + signal.SIGINT, 128 + signal.SIGTERM)
+        took = unfinished
+    elif got.fault == "SIGKILL server":
+        took = got.rc != 0
+    else:
+        took = got.rc in (128 + signal.SIGINT, 128 + signal.SIGTERM)
+        if not took and asked and got.rc == 0:
+            return "last step"
+    return "yes" if took else "-"
 
 
 def aim(proc: subprocess.Popen, tree: Descendants, run_dir: Path, out: Path, aimed: str, timing: Timing,
@@ -383,7 +388,9 @@ def section(result: dict, command: str, seconds: float, final: bool) -> list[str
         + f"Uninterrupted run: {first.seconds:.1f} s, start-up {timing.startup_s:.1f} s, {timing.step_s:.1f} s a step "
         "(row to row); stage times per step (s): " + ", ".join(f"{k} {v:.2f}" for k, v in timing.stages.items()) + ".",
         "",
-        f"- faults: {len(faults)}, {sum(a.landed for a in faults)} of them landed inside the run "
+        f"- faults: {len(faults)}, {sum(a.landed == 'yes' for a in faults)} of them landed inside the run"
+        + (f" ({n} more in the last step: the stop it asked for was the run's end)"
+           if (n := sum(a.landed == "last step" for a in faults)) else "") + " "
         f"({', '.join(f'{k} {v}' for k, v in by_kind.items())}); by stage: "
         f"{', '.join(f'{k} {v}' for k, v in by_stage.items())}",
         f"- episodes: {len(result['episodes'])}, {passed} of them "
@@ -398,7 +405,7 @@ def section(result: dict, command: str, seconds: float, final: bool) -> list[str
     for name, got, problems in result["episodes"]:
         for i, a in enumerate(got, 1):
             said = a.line.replace("|", "\\|")
-            lines.append(f"| {name} | {i} | {a.fault or '-'} | {a.stage or '-'} | {'yes' if a.landed else '-'} | "
+            lines.append(f"| {name} | {i} | {a.fault or '-'} | {a.stage or '-'} | {a.landed} | "
                          f"{a.rc} | {a.seconds:.1f} | {said} |")
         if problems:
             lines.append(f"| {name} | differs | | | | | | {'; '.join(problems)[:300]} |")

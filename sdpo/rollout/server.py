@@ -132,12 +132,15 @@ class ServerProcess:
                                             start_new_session=True, preexec_fn=_stop_with_parent)
         atexit.register(self.stop)  # a server left behind would hold its port and memory
 
-    def exited(self) -> str | None:
-        """None while it runs, else how it ended (one line; the end of its log goes to the run's log file). Its engine
-        processes go at once: they outlive a killed server, and one of them holds the trainer's weight-sync peer (a
-        group call would wait for it until rollout.server.request_timeout_s) and the server's listening socket (a new
-        request would hang as long)."""
-        code = self.process.poll()
+    def exited(self, wait_s: float = 0.0) -> str | None:
+        """None while it runs (after up to `wait_s`: a request can fail before a killed server is seen dead), else how
+        it ended (one line; the end of its log goes to the run's log file). Its engine processes go at once: they
+        outlive a killed server, and one of them holds the trainer's weight-sync peer (a group call would wait for it
+        until rollout.server.request_timeout_s) and the server's listening socket (a new request would hang as long)."""
+        try:
+            code = self.process.wait(timeout=wait_s) if wait_s else self.process.poll()
+        except subprocess.TimeoutExpired:
+            code = None
         if code is None:
             return None
         self.kill_group()
@@ -187,7 +190,7 @@ class ServerClient:
                               f"{detail}") from err
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
-            died = self.process.exited() if self.process is not None else None
+            died = self.process.exited(wait_s=2.0) if self.process is not None else None
             state = f": {died}" if died else " (is it running? start it with scripts/serve.py, docs/rollout.md)"
             raise ServerError(f"vLLM server at {self.url} is unreachable during {what or path}: {reason}{state}") from err
         return json.loads(raw) if raw else None
