@@ -263,27 +263,35 @@ def test_two_sigterms_during_a_weight_sync_that_never_ends_stop_the_trainer_at_o
         server.shutdown()
 
 
-def test_a_dead_servers_engine_processes_go_as_soon_as_its_end_is_seen(tmp_path):
+def test_a_dead_servers_engine_processes_and_shared_memory_go_as_soon_as_its_end_is_seen(tmp_path):
     # vLLM's engine process outlives a server killed with SIGKILL, holding the weight-sync peer and the listening
-    # socket: whatever waits on either would wait until rollout.server.request_timeout_s.
+    # socket (whatever waits on either would wait until rollout.server.request_timeout_s), and shared memory in
+    # /dev/shm that nothing removes once its processes are killed.
     from sdpo.rollout.server import ServerProcess
 
-    pid_file = tmp_path / "engine.pid"
-    code = ("import subprocess, sys, time; engine = subprocess.Popen([sys.executable, '-c', 'import time; "
-            f"time.sleep(600)']); open({str(pid_file)!r}, 'w').write(str(engine.pid)); time.sleep(600)")
-    server = ServerProcess([sys.executable, "-c", code], {}, log_dir=tmp_path)
+    started = tmp_path / "engine.started"
+    (tmp_path / "engine.py").write_text(
+        "import os, time\nfrom multiprocessing import shared_memory\n"
+        "queue = shared_memory.SharedMemory(create=True, size=4096)\n"
+        f"open({str(started)!r}, 'w').write(f'{{os.getpid()}} {{queue.name}}')\ntime.sleep(600)\n")
+    (tmp_path / "server.py").write_text(
+        f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, {str(tmp_path / 'engine.py')!r}])\n"
+        "time.sleep(600)\n")
+    server = ServerProcess([sys.executable, str(tmp_path / "server.py")], {}, log_dir=tmp_path)
     try:
         deadline = time.monotonic() + 60
-        while not pid_file.exists() or not pid_file.read_text():
+        while not started.exists() or not started.read_text():
             assert time.monotonic() < deadline, "the fake server did not start its engine process"
             time.sleep(0.05)
-        engine = psutil.Process(int(pid_file.read_text()))
-        assert server.exited() is None
+        pid, name = started.read_text().split()
+        engine, shm = psutil.Process(int(pid)), Path("/dev/shm") / name
+        assert server.exited() is None and shm.exists()
         server.process.kill()
         server.process.wait()
         time.sleep(0.5)
         assert engine.is_running() and engine.status() != psutil.STATUS_ZOMBIE  # it outlives the server
         assert server.exited().startswith("the server process was killed by SIGKILL")
         engine.wait(timeout=10)  # gone at once, before anything stops the server
+        assert not shm.exists()
     finally:
         server.stop()

@@ -162,9 +162,38 @@ class ServerProcess:
 
     def kill_group(self) -> None:
         """Its engine processes share its process group (it leads its own session): they go too, also when the
-        server itself was killed and could not stop them."""
+        server itself was killed and could not stop them; so does the shared memory they held (/dev/shm: vLLM's
+        message queues, hundreds of MiB), which neither a killed process nor multiprocessing's resource tracker
+        (killed with them) removes."""
+        held = shared_memory_of(group_members(self.process.pid))
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
+        for path in held:  # a name only: a mapping still open stays valid until its process is gone
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live processes of a process group (Linux: /proc; elsewhere none are listed)."""
+    members = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            state, _, group = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+            if int(group) == pgid and state not in ("Z", "X"):
+                members.append(int(entry.name))
+    return members
+
+
+def shared_memory_of(pids: Sequence[int]) -> set[Path]:
+    """The /dev/shm files the processes have mapped (POSIX shared memory and named semaphores)."""
+    held = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+                parts = line.split(None, 5)
+                if len(parts) == 6 and parts[5].startswith("/dev/shm/") and not parts[5].endswith("(deleted)"):
+                    held.add(Path(parts[5]))
+    return held
 
 
 class ServerClient:
