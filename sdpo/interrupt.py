@@ -12,6 +12,10 @@ that clean-up (`atexit`: a started server, scoring workers) runs for both.
 
 A checkpoint save is never cut short by a first signal; a second one (or SIGKILL) may cut it, which loses only that
 save: its staging directory is ignored and the previous checkpoint stays usable (sdpo/checkpoint.py).
+
+Python runs a signal's handler in the main thread, between bytecodes: a native call that waits long in the main
+thread (a process-group call whose peer never takes part) holds every signal off until it returns. Such a wait runs
+in a thread while the main thread waits in Python (the weight sync with a server: `ServerEngine._beside`).
 """
 
 from __future__ import annotations
@@ -95,12 +99,23 @@ class StopRequests:
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
     """SIGINT and SIGTERM held back inside the block (delivered when it ends): for the few renames that put a
-    checkpoint in place, which must not be cut between taking the old copy away and putting the new one there."""
+    checkpoint in place, which must not be cut between taking the old copy away and putting the new one there.
+
+    The handlers are swapped for one that only notes the signal, and the noted ones are raised again after the
+    block. Blocking the signals (`pthread_sigmask`) would hold them back only while this is the process's one thread:
+    the kernel hands a signal that the main thread blocks to another thread (a trainer has many), and Python then
+    runs the handler in the main thread at its next bytecode, inside the block."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    noted: list[int] = []
+    previous = {signum: signal.getsignal(signum) for signum in SIGNALS}
+    for signum in SIGNALS:
+        signal.signal(signum, lambda signum, frame: noted.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: a handler set outside Python
+        for signum in noted:
+            signal.raise_signal(signum)  # to this thread: the handler runs before the next line of the caller

@@ -4,6 +4,7 @@ result, each step logged once. A signal during a save never costs the previous c
 
 from __future__ import annotations
 
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import json
 import os
 from pathlib import Path
@@ -12,11 +13,15 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 
+import psutil
 import pytest
+import torch
 
 from sdpo import checkpoint as ckpt
+from sdpo.interrupt import StopNow, StopRequests, raise_at_once, signals_deferred
 from sdpo.resume import continue_command, drop_rows_after, finished_message
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,3 +150,148 @@ def test_finished_message_only_for_a_checkpoint_at_total_steps(tmp_path):
     assert finished_message(tmp_path, "auto", 4) is None
     assert finished_message(tmp_path, "auto", 3).startswith(f"run {tmp_path} is finished: its checkpoint {step} holds")
     assert finished_message(tmp_path, str(step), 2) is not None
+
+
+def test_signals_deferred_holds_a_signal_back_while_other_threads_run():
+    # A trainer always has other threads (request pools, the rollouts ahead, torch's): the kernel hands a signal that
+    # the main thread blocks to one of them (here, for certain, to the other thread), and Python then runs the
+    # handler in the main thread, often inside the block. Twenty tries: each must hold the signal back to the end.
+    other = threading.Event()
+    thread = threading.Thread(target=other.wait, daemon=True)
+    thread.start()
+    previous = signal.signal(signal.SIGTERM, raise_at_once)
+    try:
+        for _ in range(20):
+            inside_done = False
+            with pytest.raises(StopNow):
+                with signals_deferred():
+                    signal.pthread_kill(thread.ident, signal.SIGTERM)
+                    deadline = time.monotonic() + 0.05
+                    while time.monotonic() < deadline:  # bytecodes: where Python runs a pending handler
+                        pass
+                    inside_done = True
+            assert inside_done
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        other.set()
+
+
+def silent_weight_server(receive_first: int) -> tuple[ThreadingHTTPServer, threading.Event]:
+    """The endpoints of a vLLM server that ServerEngine uses, its one worker joining the weight-sync group for
+    real (`WeightReceiver`) and receiving the first `receive_first` syncs; later syncs it never takes part in (a
+    server hung, or killed with its engine process left behind) until the returned event is set."""
+    from sdpo.rollout.weight_group import WeightReceiver, receive_buckets
+
+    worker, release, syncs = WeightReceiver(), threading.Event(), []
+    worker.rank = 0
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def reply(self, body) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            self.reply({"data": [{"id": "silent"}]} if self.path == "/v1/models" else {})
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
+            method = body.get("method") if self.path == "/collective_rpc" else None
+            if method == "sdpo_rank":
+                self.reply({"results": [0]})
+            elif method == "sdpo_join":
+                worker.sdpo_join(*body["args"])
+                self.reply({"results": [None]})
+            elif method == "sdpo_receive":
+                syncs.append(1)
+                if len(syncs) <= receive_first:
+                    self.reply({"results": [sum(1 for _ in receive_buckets(worker._sdpo_group, torch.device("cpu")))]})
+                else:
+                    release.wait()
+                    self.reply({"results": [0]})
+            else:
+                self.reply({})
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, release
+
+
+def test_two_sigterms_during_a_weight_sync_that_never_ends_stop_the_trainer_at_once(tiny_path):
+    # A weight sync whose peer never takes part (a killed server's engine process lives on and holds the group) waits
+    # up to rollout.server.request_timeout_s. Waited in the main thread, in the group's native code, it held off
+    # the trainer's signal handlers as long: a trainer ignored two SIGTERMs. The first one now asks for the stop
+    # after the step (the wait goes on: the server may yet take part), the second stops at once.
+    from transformers import AutoModelForCausalLM
+
+    from sdpo.config import RolloutConfig, ServerConfig, VLLMConfig
+    from sdpo.rollout.server import ServerEngine
+
+    timeout_s = 30.0
+    server, release = silent_weight_server(receive_first=1)
+    config = RolloutConfig(engine="vllm_server", max_prompt_len=16, max_new_tokens=4,
+                           vllm=VLLMConfig(dtype="float32", sync_bucket_mb=1),
+                           server=ServerConfig(url=f"http://127.0.0.1:{server.server_port}", request_timeout_s=timeout_s))
+    engine = ServerEngine(tiny_path, None, config)
+    model = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32)
+    previous = signal.signal(signal.SIGTERM, raise_at_once)  # as the scripts install it (sdpo/cli.py)
+    timers = [threading.Timer(delay, os.kill, (os.getpid(), signal.SIGTERM)) for delay in (1.0, 2.0)]
+    try:
+        engine.sync_weights(model, version=0)  # the group forms, the first sync goes through
+        with StopRequests() as stop:  # the training loop's handler
+            start = time.monotonic()
+            for timer in timers:
+                timer.start()
+            with pytest.raises(StopNow):
+                engine.sync_weights(model, version=1)
+            waited = time.monotonic() - start
+        assert stop.requested == signal.SIGTERM
+        assert 2.0 <= waited < 10.0 < timeout_s, f"the second SIGTERM took {waited:.1f} s to stop the sync"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for timer in timers:
+            timer.cancel()
+        release.set()
+        engine.close()
+        server.shutdown()
+
+
+def test_a_dead_servers_engine_processes_and_shared_memory_go_as_soon_as_its_end_is_seen(tmp_path):
+    # vLLM's engine process outlives a server killed with SIGKILL, holding the weight-sync peer and the listening
+    # socket (whatever waits on either would wait until rollout.server.request_timeout_s), and shared memory in
+    # /dev/shm that nothing removes once its processes are killed.
+    from sdpo.rollout.server import ServerProcess
+
+    started = tmp_path / "engine.started"
+    (tmp_path / "engine.py").write_text(
+        "import os, time\nfrom multiprocessing import shared_memory\n"
+        "queue = shared_memory.SharedMemory(create=True, size=4096)\n"
+        f"open({str(started)!r}, 'w').write(f'{{os.getpid()}} {{queue.name}}')\ntime.sleep(600)\n")
+    (tmp_path / "server.py").write_text(
+        f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, {str(tmp_path / 'engine.py')!r}])\n"
+        "time.sleep(600)\n")
+    server = ServerProcess([sys.executable, str(tmp_path / "server.py")], {}, log_dir=tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists() or not started.read_text():
+            assert time.monotonic() < deadline, "the fake server did not start its engine process"
+            time.sleep(0.05)
+        pid, name = started.read_text().split()
+        engine, shm = psutil.Process(int(pid)), Path("/dev/shm") / name
+        assert server.exited() is None and shm.exists()
+        server.process.kill()
+        server.process.wait()
+        time.sleep(0.5)
+        assert engine.is_running() and engine.status() != psutil.STATUS_ZOMBIE  # it outlives the server
+        assert server.exited().startswith("the server process was killed by SIGKILL")
+        engine.wait(timeout=10)  # gone at once, before anything stops the server
+        assert not shm.exists()
+    finally:
+        server.stop()

