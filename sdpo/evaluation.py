@@ -11,7 +11,7 @@ from typing import Any
 
 from sdpo.envs.base import Environment, Problem
 from sdpo.rollout.base import RolloutEngine, SamplingSettings
-from sdpo.rollout.episodes import EpisodeLimits, EpisodeRollout, episode_metrics, run_episodes
+from sdpo.rollout.episodes import EpisodeLimits, EpisodeRollout, episode_metrics, rendered_prompts, run_episodes
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -218,7 +218,6 @@ def evaluate_checkpoint(
     from sdpo.models import DTYPES, load_model, load_tokenizer, resolve_checkpoint
     from sdpo.precision import resolve_precision
     from sdpo.rollout import ENGINES, EngineSource, build_engine
-    from sdpo.rollout.collector import rendered_prompts
 
     resolve_precision(config)
     ecfg, rcfg = config.eval, config.rollout

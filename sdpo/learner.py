@@ -199,7 +199,7 @@ class Learner:
             logp = response_logprobs(model, batch.prompt_ids, batch.response_ids, self.pad_id,
                                      self.config.rollout.temperature, self.config.trainer.logits_chunk_size,
                                      self.config.trainer.micro_batch_size, self.dist.device,
-                                     self.planner.share_prompts, self.planner.chains(batch))
+                                     self.planner.layout(batch))
         reshard(model)
         return logp
 

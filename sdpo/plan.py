@@ -15,13 +15,14 @@ micro-batch for their inputs, so that the settings that steer the layout travel 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from sdpo.batch import (
     BranchInputs,
+    Layout,
     ModelInputs,
     PackedInputs,
     PromptInputs,
@@ -60,11 +61,11 @@ class MicroBatch:
     last_in_step: bool  # its backward synchronises gradients over processes
     share: bool = False  # rows with one prompt (reprompt) run it once
     pack: bool = False  # an episode's turns run as one sequence
+    # The block's distinct prompts through the policy, which the rows' responses continue (or None).
+    prompts: PromptPass | None = field(init=False)
 
-    @property
-    def prompts(self) -> PromptPass | None:
-        """The block's distinct prompts through the policy, which the rows' responses continue (or None)."""
-        return self.block.prompts
+    def __post_init__(self) -> None:
+        self.prompts = self.block.prompts
 
     @property
     def branch(self) -> bool:
@@ -73,12 +74,13 @@ class MicroBatch:
 
     def student_inputs(self, pad_id: int) -> ModelInputs | SharedPromptInputs | PackedInputs:
         shared = self.prompts.prompts if self.prompts is not None else None
-        return self.rows.student_inputs(pad_id, self.share, shared, self.pack)
+        return self.rows.student_inputs(pad_id, Layout(self.share, shared, self.rows.chains() if self.pack else None))
 
     def teacher_inputs(self, rows: Tensor, pad_id: int, shared: PromptInputs | None
                        ) -> ModelInputs | SharedPromptInputs | BranchInputs:
         """The teacher's forward batch of the rows `rows` (`shared`: the block's distinct reprompts they continue)."""
-        return self.rows.select(rows).teacher_inputs(pad_id, self.share, shared, self.branch)
+        selected = self.rows.select(rows)
+        return selected.teacher_inputs(pad_id, Layout(self.share, shared, selected.chains() if self.branch else None))
 
 
 class MicroBatchPlanner:
@@ -92,9 +94,10 @@ class MicroBatchPlanner:
         """Whether the batch's episodes run as one sequence each (multi-turn with trainer.pack_episodes)."""
         return self.pack_episodes and batch.episode_ids_B is not None
 
-    def chains(self, batch: RolloutBatch) -> list[list[int]] | None:
-        """The rows that run as one sequence (`RolloutBatch.chains`), or None where each row runs alone."""
-        return batch.chains() if self.packs(batch) else None
+    def layout(self, batch: RolloutBatch) -> Layout:
+        """How the whole batch runs outside the micro-batches (the old policy's and the reference's log-probs):
+        shared prompts where in effect, and an episode's turns as one sequence (`RolloutBatch.chains`) where packed."""
+        return Layout(self.share_prompts, None, batch.chains() if self.packs(batch) else None)
 
     def micro_batches(self, minibatch: RolloutBatch, prompt_pass: Callable[[RolloutBatch, bool], PromptPass]
                       ) -> Iterator[MicroBatch]:

@@ -8,7 +8,6 @@ docs/multi_turn.md). The collector also renders each question's prompt once and 
 from __future__ import annotations
 
 from dataclasses import fields, replace
-import logging
 from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedTokenizerBase
@@ -18,15 +17,12 @@ from sdpo.config import ConfigError, OtherEnv, SDPOConfig
 from sdpo.distributed import Distributed
 from sdpo.envs import ENVIRONMENTS, Environment, Problem, build_environment
 from sdpo.evaluation import evaluate_policy
-from sdpo.models import render_chat
 from sdpo.rollout import ENGINES, EngineSource, RolloutEngine, SamplingSettings, build_engine
-from sdpo.rollout.episodes import EpisodeLimits, episode_metrics, run_episodes
+from sdpo.rollout.episodes import EpisodeLimits, episode_metrics, rendered_prompts, run_episodes
 from sdpo.tracking import StageTimer
 
 if TYPE_CHECKING:
     from sdpo.learner import Learner
-
-log = logging.getLogger(__name__)
 
 
 def other_env_config(other: OtherEnv) -> Any:
@@ -37,20 +33,6 @@ def other_env_config(other: OtherEnv) -> Any:
         raise ConfigError(f"eval.other_envs[{other.label}]: environment {other.name!r} has no setting {unknown}; "
                           f"its settings: {sorted(valid - {'_target_'})}")
     return config_class(**other.settings)
-
-
-def rendered_prompts(tokenizer: PreTrainedTokenizerBase, problems: list[Problem], max_prompt_len: int,
-                     chat_template_kwargs: Any = None) -> list[tuple[Problem, list[int]]]:
-    """Each problem with its prompt rendered by the chat template, those longer than rollout.max_prompt_len dropped
-    (and reported)."""
-    rendered = [(p, render_chat(tokenizer, p.messages, chat_template_kwargs)) for p in problems]
-    kept = [(p, ids) for p, ids in rendered if len(ids) <= max_prompt_len]
-    if len(kept) < len(problems):
-        log.warning("dropped %d of %d problems longer than rollout.max_prompt_len=%d tokens",
-                    len(problems) - len(kept), len(problems), max_prompt_len)
-    if problems and not kept:
-        raise ValueError("every problem is longer than rollout.max_prompt_len: raise it")
-    return kept
 
 
 class Collector:

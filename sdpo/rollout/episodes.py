@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 import contextlib
 from dataclasses import dataclass, replace
+import logging
 from typing import Any
 
 import torch
@@ -31,6 +32,8 @@ from sdpo.envs.episode import Episode, Turn, step_episodes
 from sdpo.losses import ADVANTAGE_ESTIMATORS, EPISODE_RETURNS
 from sdpo.models import render_chat
 from sdpo.rollout.base import Completion, RolloutEngine, SamplingSettings
+
+log = logging.getLogger(__name__)
 
 TURN_SEED_STRIDE = 100_003  # turn t samples with seed + t * stride: a fresh stream per turn
 
@@ -52,6 +55,20 @@ def render_context(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mappin
         if len(ids) <= max_len:
             return ids, kept
     raise ValueError(f"the question alone is {len(ids)} tokens, over rollout.max_prompt_len={max_len}: raise it")
+
+
+def rendered_prompts(tokenizer: PreTrainedTokenizerBase, problems: list[Problem], max_prompt_len: int,
+                     chat_template_kwargs: Any = None) -> list[tuple[Problem, list[int]]]:
+    """Each problem with its prompt rendered by the chat template, those longer than rollout.max_prompt_len dropped
+    (and reported)."""
+    rendered = [(p, render_chat(tokenizer, p.messages, chat_template_kwargs)) for p in problems]
+    kept = [(p, ids) for p, ids in rendered if len(ids) <= max_prompt_len]
+    if len(kept) < len(problems):
+        log.warning("dropped %d of %d problems longer than rollout.max_prompt_len=%d tokens",
+                    len(problems) - len(kept), len(problems), max_prompt_len)
+    if problems and not kept:
+        raise ValueError("every problem is longer than rollout.max_prompt_len: raise it")
+    return kept
 
 
 def episode_return(rewards: Sequence[float], mode: str, discount: float = 1.0) -> float:
