@@ -125,7 +125,8 @@ class RolloutBatch:
         groups_E = torch.zeros(count, dtype=torch.long).scatter(0, episode_B, self.group_ids_B)
         return returns_E, groups_E, episode_B
 
-    def student_inputs(self, pad_id: int, layout: Layout = Layout()) -> ModelInputs | SharedPromptInputs | PackedInputs:
+    def student_inputs(self, pad_id: int, layout: Layout = Layout()
+                       ) -> ModelInputs | SharedPromptInputs | PackedInputs:
         """The policy's forward batch, laid out as the planner's `layout` says (`sdpo.plan.MicroBatch`)."""
         return forward_inputs(self.prompt_ids, self.response_ids, pad_id, layout)
 
@@ -147,7 +148,8 @@ class RolloutBatch:
             rows_of.setdefault(episode, []).append(i)
         return [sorted(rows, key=lambda i: int(self.turn_B[i])) for rows in rows_of.values()]
 
-    def teacher_inputs(self, pad_id: int, layout: Layout = Layout()) -> ModelInputs | SharedPromptInputs | BranchInputs:
+    def teacher_inputs(self, pad_id: int, layout: Layout = Layout()
+                       ) -> ModelInputs | SharedPromptInputs | BranchInputs:
         """The teacher's forward batch: the reprompts (the failed rollouts of a group with one successful sibling
         share one), laid out as the planner's `layout` says; where it chains a multi-turn episode's rows, their
         reprompts branch off the episode's sequence (the conversation up to each turn runs once: `BranchInputs`)."""

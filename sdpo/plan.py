@@ -99,13 +99,13 @@ class MicroBatchPlanner:
         shared prompts where in effect, and an episode's turns as one sequence (`RolloutBatch.chains`) where packed."""
         return Layout(self.share_prompts, None, batch.chains() if self.packs(batch) else None)
 
-    def micro_batches(self, minibatch: RolloutBatch, prompt_pass: Callable[[RolloutBatch, bool], PromptPass]
+    def micro_batches(self, minibatch: RolloutBatch, prompt_pass: Callable[[list[list[int]]], PromptPass]
                       ) -> Iterator[MicroBatch]:
         """The optimizer step's micro-batches, each cut from a length-ordered block so that its forward pads little.
 
-        Where rollouts share prompts: blocks of at most `size` distinct prompts, each block's prompts run once
-        (`prompt_pass(block rows, pack)`) for the micro-batches of its rows (a pass keeps its prompts' activations
-        until its last backward: no more prompts than a micro-batch has rows). Multi-turn with pack_episodes:
+        Where rollouts share prompts: blocks of at most `size` distinct prompts, each block's prompts (those its
+        sequences start with) run once (`prompt_pass`) for the micro-batches of its rows (a pass keeps its prompts'
+        activations until its last backward: no more prompts than a micro-batch has rows). Multi-turn with pack_episodes:
         micro-batches of whole episodes, each one sequence, at most `size` turns (so at most as many sequences,
         each at most rollout.max_prompt_len + max_new_tokens positions, as one turn's row is), in blocks by their
         first prompt. Lazily, so that a block's pass runs after the previous block's last backward."""
@@ -113,7 +113,7 @@ class MicroBatchPlanner:
         shared = self.share_prompts and any_shared(minibatch.sequence_prompts(pack))
         blocks = list(minibatch.prompt_blocks(self.size, by_episode=pack)) if shared else [minibatch]
         for b, rows_of_block in enumerate(blocks):
-            block = Block(rows_of_block, shared, prompt_pass(rows_of_block, pack) if shared else None)
+            block = Block(rows_of_block, shared, prompt_pass(rows_of_block.sequence_prompts(pack)) if shared else None)
             micros = list(rows_of_block.episode_micro_batches(self.size) if pack
                           else rows_of_block.by_length().micro_batches(self.size))
             for i, rows in enumerate(micros):

@@ -237,7 +237,7 @@ def test_a_prompt_pass_only_where_rollouts_share_prompts(tmp_path, monkeypatch, 
     calls, continued = [], []
     original = trainer.learner.prompt_pass
     monkeypatch.setattr(trainer.learner, "prompt_pass",
-                        lambda block, pack: calls.append(len(block)) or original(block, pack))
+                        lambda prompts: calls.append(len(prompts)) or original(prompts))
     # What the update's forwards (the ones with a gradient; generation runs without) do: a response forward continues
     # a prompt pass's key/value cache only where one ran.
     def record(module, args, kwargs):
