@@ -207,8 +207,8 @@ def instrumented(trainer, flops: FlopCounter):
             return fn(model, inputs, prompts, last)
         return wrapper
 
-    def prompt_pass(block, pack):  # a block's shared prompts: part of the student's forward
-        prompts = saved_prompt_pass(block, pack)
+    def prompt_pass(block_prompts):  # a block's shared prompts: part of the student's forward
+        prompts = saved_prompt_pass(block_prompts)
         flops.record_prompts("student", prompts.prompts)
         return prompts
 

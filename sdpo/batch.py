@@ -24,6 +24,7 @@ from torch import Tensor
 from sdpo.layout import (  # noqa: F401 - re-exported: the layouts are imported from here across the package
     MIN_PREFIX_SAVING,
     BranchInputs,
+    Layout,
     ModelInputs,
     PackedInputs,
     PromptInputs,
@@ -126,13 +127,10 @@ class RolloutBatch:
         groups_E = torch.zeros(count, dtype=torch.long).scatter(0, episode_B, self.group_ids_B)
         return returns_E, groups_E, episode_B
 
-    def student_inputs(self, pad_id: int, share_prompts: bool = False, shared: PromptInputs | None = None,
-                       pack: bool = False) -> ModelInputs | SharedPromptInputs | PackedInputs:
-        """The policy's forward batch. `share_prompts`: rows with one prompt run it once, where any do; `shared`:
-        the optimizer step's distinct prompts, which these rows continue (see `SharedPromptInputs`); `pack`: the
-        turns of an episode run as one sequence (`PackedInputs`; `shared` then holds `sequence_prompts`)."""
-        return forward_inputs(self.prompt_ids, self.response_ids, pad_id, share_prompts, shared,
-                              self.chains() if pack else None)
+    def student_inputs(self, pad_id: int, layout: Layout = Layout()
+                       ) -> ModelInputs | SharedPromptInputs | PackedInputs:
+        """The policy's forward batch, laid out as the planner's `layout` says (`sdpo.plan.MicroBatch`)."""
+        return forward_inputs(self.prompt_ids, self.response_ids, pad_id, layout)
 
     def chains(self) -> list[list[int]]:
         """The rows that run as one sequence (`turn_chains`): an episode's turns; each row alone in a single-turn
@@ -152,23 +150,22 @@ class RolloutBatch:
             rows_of.setdefault(episode, []).append(i)
         return [sorted(rows, key=lambda i: int(self.turn_B[i])) for rows in rows_of.values()]
 
-    def teacher_inputs(self, pad_id: int, share_prompts: bool = False, shared: PromptInputs | None = None,
-                       pack: bool = False) -> ModelInputs | SharedPromptInputs | BranchInputs:
+    def teacher_inputs(self, pad_id: int, layout: Layout = Layout()
+                       ) -> ModelInputs | SharedPromptInputs | BranchInputs:
         """The teacher's forward batch: the reprompts (the failed rollouts of a group with one successful sibling
-        share one), each run once with `share_prompts`; `shared`: a block's distinct reprompts, which these rows
-        continue (`sdpo.teacher.Teacher.prompt_passes`); `pack`: a multi-turn episode's reprompts branch off its
-        sequence (the conversation up to each turn runs once: `BranchInputs`)."""
+        share one), laid out as the planner's `layout` says; where it chains a multi-turn episode's rows, their
+        reprompts branch off the episode's sequence (the conversation up to each turn runs once: `BranchInputs`)."""
         if self.teacher_prompt_ids is None:
             raise ValueError("the batch has no teacher prompts yet: add the teacher's context (RolloutBatch.with_teacher)")
-        chains = self.chains() if pack else []
-        if any(len(chain) > 1 for chain in chains):
+        if layout.packs():
+            chains = layout.chains or []
             trunks = [[*self.prompt_ids[chain[-1]], *self.response_ids[chain[-1]]] for chain in chains]
             trunk_of = [0] * len(self)
             for c, chain in enumerate(chains):
                 for i in chain:
                     trunk_of[i] = c
             return build_branch_inputs(trunks, trunk_of, self.teacher_prompt_ids, self.response_ids, pad_id)
-        return forward_inputs(self.teacher_prompt_ids, self.response_ids, pad_id, share_prompts, shared)
+        return forward_inputs(self.teacher_prompt_ids, self.response_ids, pad_id, layout)
 
     @property
     def distill_rows(self) -> list[int]:

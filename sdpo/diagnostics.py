@@ -44,10 +44,8 @@ from sdpo.config import RepromptConfig
 PREFIX = "diagnostics/"
 # Five words: "is not the correct answer" is a feedback phrase; shorter n-grams ("the answer is") are common speech.
 # The one echo definition of the library: the pre-flight probe (sdpo/probe.py) uses `echoes`, `template_phrases` and
-# `contains_phrase` too, so that its echo rate forecasts this metric. It once had its own (6-grams of a tokenising
-# that counted each punctuation mark as a word, templates matched as raw substrings); this one was kept because the
-# training metric is the one logged and compared across runs, and because words without punctuation make n count
-# words: "it is, truly." was 5 tokens there, 3 words here, and a comma in a copy no longer breaks a match.
+# `contains_phrase` too, so that its echo rate forecasts this metric. Words are counted without punctuation, so that
+# n counts words ("it is, truly." is 3 words) and a comma in a copy does not break a match.
 ECHO_NGRAM = 5
 COPY_NGRAM = 3
 _WORD = re.compile(r"[a-z0-9]+(?:\.[0-9]+)?")

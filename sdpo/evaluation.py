@@ -11,6 +11,7 @@ from typing import Any
 
 from sdpo.envs.base import Environment, Problem
 from sdpo.rollout.base import RolloutEngine, SamplingSettings
+from sdpo.rollout.episodes import EpisodeLimits, EpisodeRollout, episode_metrics, rendered_prompts, run_episodes
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -54,27 +55,44 @@ def evaluate(
     success_threshold: float = 1.0,
     prefix: str = "eval",
 ) -> EvalResult:
-    """Sample `sampling.n` responses per problem and report avg@n, pass@k for each k <= n, maj@n, response length.
+    """Sample `sampling.n` responses per problem (one-turn episodes) and report avg@n, pass@k for each k <= n, maj@n,
+    response length.
 
     No problems (a dataset without held-out data): no metrics, rather than zeros that read as a score."""
     if not problems:
         return EvalResult({}, [])
-    completions = engine.generate([render(p) for p in problems], sampling)
-    n = sampling.n
-    flat_problems = [problems[c.prompt_index] for c in completions]
-    scores = env.score_batch(flat_problems, [c.text for c in completions], [c.truncated for c in completions])
-    rewards = [[s.reward for s in scores[i * n : (i + 1) * n]] for i in range(len(problems))]
+    rollout = run_episodes(engine, env, None, problems, [render(p) for p in problems], sampling,
+                           EpisodeLimits.one_turn(success_threshold))
+    return answer_metrics(rollout, ks, success_threshold, prefix)
+
+
+def answer_metrics(rollout: EpisodeRollout, ks: Sequence[int], success_threshold: float, prefix: str) -> EvalResult:
+    """avg@n, pass@k for each k <= n, maj@n (where the environment extracts answers) and the response length of
+    one-turn episodes, n per question."""
+    n, questions = rollout.episodes_per_question, len(rollout.episodes) // max(rollout.episodes_per_question, 1)
+    rows = rollout.rows
+    rewards = [[r.result.reward for r in rows[i * n : (i + 1) * n]] for i in range(questions)]
     correct = [[r >= success_threshold for r in row] for row in rewards]
     metrics = {
-        f"{prefix}/avg@{n}": sum(map(sum, rewards)) / max(1, n * len(problems)),
-        f"{prefix}/response_length": sum(len(c.token_ids) for c in completions) / max(1, len(completions)),
+        f"{prefix}/avg@{n}": sum(map(sum, rewards)) / max(1, n * questions),
+        f"{prefix}/response_length": sum(len(r.completion.token_ids) for r in rows) / max(1, len(rows)),
     }
     for k in sorted({k for k in ks if k <= n} | {n}):
-        metrics[f"{prefix}/pass@{k}"] = sum(pass_at_k(n, sum(row), k) for row in correct) / max(1, len(problems))
-    answers = [[s.info.get("answer") for s in scores[i * n : (i + 1) * n]] for i in range(len(problems))]
+        metrics[f"{prefix}/pass@{k}"] = sum(pass_at_k(n, sum(row), k) for row in correct) / max(1, questions)
+    answers = [[r.result.info.get("answer") for r in rows[i * n : (i + 1) * n]] for i in range(questions)]
     if any(a is not None for row in answers for a in row):
-        metrics[f"{prefix}/maj@{n}"] = sum(majority_correct(a, c) for a, c in zip(answers, correct)) / max(1, len(problems))
+        metrics[f"{prefix}/maj@{n}"] = sum(majority_correct(a, c) for a, c in zip(answers, correct)) / max(1, questions)
     return EvalResult(metrics, rewards)
+
+
+def episode_summary(rollout: EpisodeRollout, prefix: str) -> dict[str, float]:
+    """Held-out episodes: avg@n of the first turn (the single-turn number) and success within max_turns turns."""
+    batch, _ = rollout.batch()
+    means = episode_metrics(batch, rollout.limits.success_threshold)
+    return {f"{prefix}/avg@{rollout.episodes_per_question}": float(means["episode/first_turn_reward"]),
+            f"{prefix}/episode_success": float(means["episode/success"]),
+            f"{prefix}/episode_turns": float(means["episode/turns_mean"]),
+            f"{prefix}/response_length": float(batch.response_lengths_B.mean())}
 
 
 def format_table(metrics: dict[str, float], title: str = "") -> str:
@@ -197,7 +215,7 @@ def evaluate_checkpoint(
     import torch
 
     from sdpo.envs import build_environment
-    from sdpo.models import DTYPES, load_model, load_tokenizer, render_chat, resolve_checkpoint
+    from sdpo.models import DTYPES, load_model, load_tokenizer, resolve_checkpoint
     from sdpo.precision import resolve_precision
     from sdpo.rollout import ENGINES, EngineSource, build_engine
 
@@ -208,9 +226,9 @@ def evaluate_checkpoint(
     path = resolve_checkpoint(model_config)
     tokenizer = load_tokenizer(path)
     env = env or build_environment(config.env)
-    problems = env.load(config.env.eval_split)
-    prompts = {id(p): render_chat(tokenizer, p.messages, model_config.chat_template_kwargs) for p in problems}
-    problems = [p for p in problems if len(prompts[id(p)]) <= rcfg.max_prompt_len][: ecfg.num_questions]
+    kept = rendered_prompts(tokenizer, env.load(config.env.eval_split), rcfg.max_prompt_len,
+                            model_config.chat_template_kwargs)[: ecfg.num_questions]
+    problems, prompts = [p for p, _ in kept], {id(p): ids for p, ids in kept}
     max_new_tokens = ecfg.max_new_tokens or rcfg.max_new_tokens
     if engine is None:
         model = load_model(model_config, path).eval()
@@ -247,18 +265,17 @@ def evaluate_checkpoint(
 def evaluate_policy(engine: RolloutEngine, env: Environment, tokenizer: Any, problems: Sequence[Problem],
                     prompt_ids: Sequence[list[int]], config: Any,
                     any_rank: Callable[[bool], bool] = bool, prefix: str = "eval") -> dict[str, float]:
-    """The trainer's held-out evaluation of `problems` (rendered as `prompt_ids`) with the eval.* sampling settings:
-    avg@k / pass@k of single answers, or with rollout.max_turns > 1 success within the turn budget and the first
-    turn's avg@k (`sdpo.rollout.episodes.evaluate_episodes`). `any_rank`: see `Distributed.any_rank`."""
-    from sdpo.rollout.episodes import EpisodeLimits, evaluate_episodes
-
+    """The trainer's held-out evaluation of `problems` (rendered as `prompt_ids`) with the eval.* sampling settings,
+    as episodes: avg@k / pass@k of single answers, or with rollout.max_turns > 1 success within the turn budget and
+    the first turn's avg@k. `any_rank`: see `Distributed.any_rank`."""
+    if not problems:
+        return {}
     ecfg = config.eval
     sampling = SamplingSettings.from_config(config.rollout, n=ecfg.samples_per_question, temperature=ecfg.temperature,
                                             top_p=ecfg.top_p, max_new_tokens=ecfg.max_new_tokens,
                                             seed=config.trainer.seed + 7919)
-    if config.rollout.max_turns > 1:
-        return evaluate_episodes(engine, env, tokenizer, problems, prompt_ids, sampling,
-                                 EpisodeLimits.from_config(config), prefix, any_rank=any_rank)
-    rendered = {id(p): ids for p, ids in zip(problems, prompt_ids)}
-    return evaluate(engine, env, problems, lambda p: rendered[id(p)], sampling, ks=ecfg.ks,
-                    success_threshold=config.algorithm.reprompt.success_reward_threshold, prefix=prefix).metrics
+    limits = EpisodeLimits.from_config(config)
+    rollout = run_episodes(engine, env, tokenizer, problems, prompt_ids, sampling, limits, any_rank)
+    if limits.max_turns > 1:
+        return episode_summary(rollout, prefix)
+    return answer_metrics(rollout, ecfg.ks, limits.success_threshold, prefix).metrics

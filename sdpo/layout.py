@@ -8,6 +8,8 @@
   conversation so far, so its rows are positions of the episode's last row and need no forward of their own.
 - `BranchInputs`: the teacher's reprompts of an episode, which share the conversation up to their turn with the
   episode's sequence and branch off it.
+
+Which one a forward gets is the micro-batch planner's decision (`sdpo.plan`), handed down as one `Layout`.
 """
 
 from __future__ import annotations
@@ -172,17 +174,32 @@ def build_shared_prompt_inputs(prompts: Sequence[Sequence[int]], responses: Sequ
     return SharedPromptInputs(shared, prompt_of_B, response_ids, response_mask)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How one forward lays out its rows, as the micro-batch planner decided it (`sdpo.plan.MicroBatchPlanner`):
+    the layout functions ask it instead of taking each of its settings."""
+
+    share_prompts: bool = False  # rows with one prompt run it once, where any do
+    shared: PromptInputs | None = None  # distinct prompts already laid out (a block's), which the rows continue
+    chains: Sequence[Sequence[int]] | None = None  # rows that run as one sequence (`turn_chains`); None: each alone
+
+    def packs(self) -> bool:
+        """Whether some rows run as one sequence (a chain of more than one row)."""
+        return self.chains is not None and any(len(chain) > 1 for chain in self.chains)
+
+    def shares(self, prompts: Sequence[Sequence[int]]) -> bool:
+        """Whether `prompts` run once each: laid out already, or shared by some rows where sharing is on."""
+        return self.shared is not None or (self.share_prompts and any_shared(prompts))
+
+
 def forward_inputs(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
-                   share_prompts: bool = False, shared: PromptInputs | None = None,
-                   chains: Sequence[Sequence[int]] | None = None) -> ModelInputs | SharedPromptInputs | PackedInputs:
-    """A forward batch of responses after their prompts. `share_prompts`: rows with one prompt run it once, where
-    any do; `shared`: distinct prompts already laid out (a block's), which these rows continue; `chains`: rows that
-    run as one sequence (`turn_chains`), where any chain has more than one row (`shared` then holds the chains'
-    first prompts)."""
-    if chains is not None and any(len(chain) > 1 for chain in chains):
-        return build_packed_inputs(prompts, responses, chains, pad_id, share_prompts, shared)
-    if shared is not None or (share_prompts and any_shared(prompts)):
-        return build_shared_prompt_inputs(prompts, responses, pad_id, shared)
+                   layout: Layout = Layout()) -> ModelInputs | SharedPromptInputs | PackedInputs:
+    """A forward batch of responses after their prompts, laid out as `layout` says: chains of rows as one sequence
+    each (`layout.shared` then holds the chains' first prompts), distinct prompts once, or every row padded."""
+    if layout.packs():
+        return build_packed_inputs(prompts, responses, pad_id, layout)
+    if layout.shares(prompts):
+        return build_shared_prompt_inputs(prompts, responses, pad_id, layout.shared)
     return build_model_inputs(prompts, responses, pad_id)
 
 
@@ -227,12 +244,13 @@ class PackedInputs:
         return PackedInputs(self.sequences.to(device), self.index_BR.to(device))
 
 
-def build_packed_inputs(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
-                        chains: Sequence[Sequence[int]], pad_id: int, share_prompts: bool = False,
-                        shared: PromptInputs | None = None) -> PackedInputs:
+def build_packed_inputs(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
+                        layout: Layout) -> PackedInputs:
+    """`layout.chains` as one sequence each, their first prompts laid out as `layout` says."""
+    chains = layout.chains or []
     firsts = [list(prompts[chain[0]]) for chain in chains]
     rests = [[*prompts[chain[-1]], *responses[chain[-1]]][len(first):] for chain, first in zip(chains, firsts)]
-    sequences = forward_inputs(firsts, rests, pad_id, share_prompts, shared)
+    sequences = forward_inputs(firsts, rests, pad_id, replace(layout, chains=None))
     width = max(max(len(r) for r in rests), 1)  # the sequences' response columns (`_right_padded`)
     index_BR = torch.zeros(len(responses), max(max((len(r) for r in responses), default=0), 1), dtype=torch.long)
     for c, (chain, first) in enumerate(zip(chains, firsts)):

@@ -150,11 +150,11 @@ class Learner:
                 self.dist.backward(loss, prompts_grad)
         targets.release()
 
-    def prompt_pass(self, block: RolloutBatch, pack: bool) -> PromptPass:
-        """A block's distinct prompts through the policy once, for all its micro-batches (their responses continue
-        the prompts' key/value cache: sdpo.models.PromptPass); `pack`: the prompts its episodes' sequences start
-        with."""
-        prompts = build_prompt_inputs(block.sequence_prompts(pack), self.pad_id)
+    def prompt_pass(self, block_prompts: list[list[int]]) -> PromptPass:
+        """A block's distinct prompts (those its forwards' sequences start with, as the planner says) through the
+        policy once, for all its micro-batches (their responses continue the prompts' key/value cache:
+        sdpo.models.PromptPass)."""
+        prompts = build_prompt_inputs(block_prompts, self.pad_id)
         # The pass's backward runs inside its block's last micro-batch's (the step's last is the synchronising one);
         # its forward must not prepare one.
         with self.dist.micro_batch(last=False), self._autocast():
@@ -202,7 +202,7 @@ class Learner:
             logp = response_logprobs(model, batch.prompt_ids, batch.response_ids, self.pad_id,
                                      self.config.rollout.temperature, self.config.trainer.logits_chunk_size,
                                      self.config.trainer.micro_batch_size, self.dist.device,
-                                     self.planner.share_prompts, self.planner.chains(batch))
+                                     self.planner.layout(batch))
         reshard(model)
         return logp
 

@@ -13,7 +13,7 @@ Three sources, by `model.name_or_path`:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 import importlib.util
 import re
 from pathlib import Path
@@ -25,7 +25,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from sdpo import attention  # noqa: F401  (registers model.attn_implementation=sdpa_cpu_float32)
-from sdpo.layout import BranchInputs, PackedInputs, PromptInputs, SharedPromptInputs, forward_inputs, pad_right
+from sdpo.layout import (
+    BranchInputs,
+    Layout,
+    PackedInputs,
+    PromptInputs,
+    SharedPromptInputs,
+    forward_inputs,
+    pad_right,
+)
 from sdpo.config import ModelConfig
 from sdpo.losses import chunked_response_terms
 from sdpo.sharding import is_zero3
@@ -290,16 +298,15 @@ def response_features(model: torch.nn.Module, inputs, prompts: PromptPass | None
 @torch.no_grad()
 def response_logprobs(model: torch.nn.Module, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
                       pad_id: int, temperature: float, chunk_size: int = 256, batch_size: int = 16,
-                      device: torch.device | str = "cpu", share_prompts: bool = False,
-                      chains: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+                      device: torch.device | str = "cpu", layout: Layout = Layout()) -> torch.Tensor:
     """log p(response_t | prompt, response_<t) of every response token at the sampling temperature, [B, R] float32
     on the CPU (columns past a row's response hold no meaning): the training forward (`response_features`, the
-    chunked vocabulary projection), `batch_size` sequences at a time (`share_prompts`: rows with one prompt run it
-    once; `chains`: rows that run as one sequence, `sdpo.layout.turn_chains`; by default each row alone). The caller
+    chunked vocabulary projection), `batch_size` sequences at a time, laid out as `layout` says (shared prompts,
+    rows that run as one sequence: `layout.chains`; by default each row alone, padded). The caller
     picks the mode (train / eval) and the autocast. The learner's old and reference log-probs and the probe's
     log-probability uplift are this one function."""
     out = torch.zeros(len(responses), max((len(r) for r in responses), default=0) or 1)
-    chains = [[i] for i in range(len(responses))] if chains is None else chains
+    chains = [[i] for i in range(len(responses))] if layout.chains is None else layout.chains
     for start in range(0, len(chains), batch_size):
         part = [list(chain) for chain in chains[start : start + batch_size]]
         rows = [i for chain in part for i in chain]
@@ -308,7 +315,7 @@ def response_logprobs(model: torch.nn.Module, prompts: Sequence[Sequence[int]], 
             local.append(list(range(n, n + len(chain))))
             n += len(chain)
         row_responses = [responses[i] for i in rows]
-        inputs = forward_inputs([prompts[i] for i in rows], row_responses, pad_id, share_prompts, chains=local)
+        inputs = forward_inputs([prompts[i] for i in rows], row_responses, pad_id, replace(layout, chains=local))
         features = response_features(model, inputs.to(device))
         ids_BR = pad_right(row_responses, 0, torch.long, max(max(len(r) for r in row_responses), 1)).to(device)
         logp_BR = chunked_response_terms(features.values_BRX, features.head, ids_BR, temperature, chunk_size)["logp"]

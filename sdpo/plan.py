@@ -15,13 +15,14 @@ micro-batch for their inputs, so that the settings that steer the layout travel 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from sdpo.batch import (
     BranchInputs,
+    Layout,
     ModelInputs,
     PackedInputs,
     PromptInputs,
@@ -60,11 +61,11 @@ class MicroBatch:
     last_in_step: bool  # its backward synchronises gradients over processes
     share: bool = False  # rows with one prompt (reprompt) run it once
     pack: bool = False  # an episode's turns run as one sequence
+    # The block's distinct prompts through the policy, which the rows' responses continue (or None).
+    prompts: PromptPass | None = field(init=False)
 
-    @property
-    def prompts(self) -> PromptPass | None:
-        """The block's distinct prompts through the policy, which the rows' responses continue (or None)."""
-        return self.block.prompts
+    def __post_init__(self) -> None:
+        self.prompts = self.block.prompts
 
     @property
     def branch(self) -> bool:
@@ -73,12 +74,13 @@ class MicroBatch:
 
     def student_inputs(self, pad_id: int) -> ModelInputs | SharedPromptInputs | PackedInputs:
         shared = self.prompts.prompts if self.prompts is not None else None
-        return self.rows.student_inputs(pad_id, self.share, shared, self.pack)
+        return self.rows.student_inputs(pad_id, Layout(self.share, shared, self.rows.chains() if self.pack else None))
 
     def teacher_inputs(self, rows: Tensor, pad_id: int, shared: PromptInputs | None
                        ) -> ModelInputs | SharedPromptInputs | BranchInputs:
         """The teacher's forward batch of the rows `rows` (`shared`: the block's distinct reprompts they continue)."""
-        return self.rows.select(rows).teacher_inputs(pad_id, self.share, shared, self.branch)
+        selected = self.rows.select(rows)
+        return selected.teacher_inputs(pad_id, Layout(self.share, shared, selected.chains() if self.branch else None))
 
 
 class MicroBatchPlanner:
@@ -92,17 +94,18 @@ class MicroBatchPlanner:
         """Whether the batch's episodes run as one sequence each (multi-turn with trainer.pack_episodes)."""
         return self.pack_episodes and batch.episode_ids_B is not None
 
-    def chains(self, batch: RolloutBatch) -> list[list[int]] | None:
-        """The rows that run as one sequence (`RolloutBatch.chains`), or None where each row runs alone."""
-        return batch.chains() if self.packs(batch) else None
+    def layout(self, batch: RolloutBatch) -> Layout:
+        """How the whole batch runs outside the micro-batches (the old policy's and the reference's log-probs):
+        shared prompts where in effect, and an episode's turns as one sequence (`RolloutBatch.chains`) where packed."""
+        return Layout(self.share_prompts, None, batch.chains() if self.packs(batch) else None)
 
-    def micro_batches(self, minibatch: RolloutBatch, prompt_pass: Callable[[RolloutBatch, bool], PromptPass]
+    def micro_batches(self, minibatch: RolloutBatch, prompt_pass: Callable[[list[list[int]]], PromptPass]
                       ) -> Iterator[MicroBatch]:
         """The optimizer step's micro-batches, each cut from a length-ordered block so that its forward pads little.
 
-        Where rollouts share prompts: blocks of at most `size` distinct prompts, each block's prompts run once
-        (`prompt_pass(block rows, pack)`) for the micro-batches of its rows (a pass keeps its prompts' activations
-        until its last backward: no more prompts than a micro-batch has rows). Multi-turn with pack_episodes:
+        Where rollouts share prompts: blocks of at most `size` distinct prompts, each block's prompts (those its
+        sequences start with) run once (`prompt_pass`) for the micro-batches of its rows (a pass keeps its prompts'
+        activations until its last backward: no more prompts than a micro-batch has rows). Multi-turn with pack_episodes:
         micro-batches of whole episodes, each one sequence, at most `size` turns (so at most as many sequences,
         each at most rollout.max_prompt_len + max_new_tokens positions, as one turn's row is), in blocks by their
         first prompt. Lazily, so that a block's pass runs after the previous block's last backward."""
@@ -110,7 +113,7 @@ class MicroBatchPlanner:
         shared = self.share_prompts and any_shared(minibatch.sequence_prompts(pack))
         blocks = list(minibatch.prompt_blocks(self.size, by_episode=pack)) if shared else [minibatch]
         for b, rows_of_block in enumerate(blocks):
-            block = Block(rows_of_block, shared, prompt_pass(rows_of_block, pack) if shared else None)
+            block = Block(rows_of_block, shared, prompt_pass(rows_of_block.sequence_prompts(pack)) if shared else None)
             micros = list(rows_of_block.episode_micro_batches(self.size) if pack
                           else rows_of_block.by_length().micro_batches(self.size))
             for i, rows in enumerate(micros):

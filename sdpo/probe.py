@@ -33,6 +33,7 @@ from sdpo.config import RepromptConfig
 from sdpo.diagnostics import ECHO_NGRAM, contains_phrase, echoes as context_echoes, template_phrases
 from sdpo.envs import Environment, Problem
 from sdpo.rollout import RolloutEngine, SamplingSettings
+from sdpo.rollout.episodes import EpisodeLimits, TurnRow, run_episodes
 from sdpo.teacher import Reprompt, eval_mode, group_reprompts, reprompt_window, teacher_prompt_ids
 
 
@@ -112,29 +113,29 @@ def probe(
     pad_id = tokenizer.pad_token_id
     student_prompts = [prompt_ids(p) for p in problems]
 
-    def rollouts(prompts: list[list[int]], settings: SamplingSettings):
-        completions = engine.generate(prompts, settings)
-        return ([c.prompt_index for c in completions], [c.token_ids for c in completions],
-                [c.text for c in completions], [c.truncated for c in completions])
+    def answers(prompts: Sequence[list[int]], asked: Sequence[Problem], settings: SamplingSettings) -> list[TurnRow]:
+        """`settings.n` one-turn episodes per prompt, generated and scored as the trainer's are."""
+        limits = EpisodeLimits.one_turn(threshold)
+        return run_episodes(engine, env, tokenizer, asked, prompts, settings, limits).rows
 
     stage = progress or (lambda name: None)  # each of PROBE_STAGES as it begins
 
     # -- the student: a training step's rollouts, and greedy answers
     stage(PROBE_STAGES[0])
-    groups, responses, texts, truncated = rollouts(student_prompts, sampling)
-    rollout_problems = [problems[g] for g in groups]
-    scores = env.score_batch(rollout_problems, texts, truncated)
-    rewards = [s.reward for s in scores]
+    rows = answers(student_prompts, problems, sampling)
+    groups = [row.episode // sampling.n for row in rows]
+    responses, texts = [row.completion.token_ids for row in rows], [row.completion.text for row in rows]
+    rollout_problems = [row.context for row in rows]
+    rewards = [row.result.reward for row in rows]
     greedy = SamplingSettings(n=1, temperature=0.0, max_new_tokens=sampling.max_new_tokens, stop=sampling.stop)
-    _, _, greedy_texts, greedy_truncated = rollouts(student_prompts, greedy)
-    greedy_rewards = [s.reward for s in env.score_batch(list(problems), greedy_texts, greedy_truncated)]
+    greedy_rewards = [row.result.reward for row in answers(student_prompts, problems, greedy)]
     solved = {g for g, r in zip(groups, rewards) if r >= threshold}
 
     # -- the teacher's context, exactly as the trainer builds it
     stage(PROBE_STAGES[1])
-    contexts = [s.info.get("teacher_context") or p.teacher_context for s, p in zip(scores, rollout_problems)]
+    contexts = [row.result.info.get("teacher_context") or row.context.teacher_context for row in rows]
     reprompts = group_reprompts(seed_key, reprompt_config, rollout_problems, texts, rewards,
-                                [s.feedback for s in scores], groups, contexts=contexts)
+                                [row.result.feedback for row in rows], groups, contexts=contexts)
     # Within the model's window, as the trainer's teacher renders them (`sdpo.teacher.reprompt_limit`).
     window = reprompt_window(reprompt_config.max_reprompt_len, sampling.max_new_tokens, model)
     teacher_prompts = teacher_prompt_ids(reprompts, [student_prompts[g] for g in groups], tokenizer,
@@ -145,20 +146,20 @@ def probe(
     stage(PROBE_STAGES[2])
     teacher_sampled, echo, examples = [], [], []
     if failed:
-        _, _, t_texts, t_truncated = rollouts([teacher_prompts[i] for i in failed], replace(sampling, n=1))
-        t_scores = env.score_batch([rollout_problems[i] for i in failed], t_texts, t_truncated)
-        teacher_sampled = [s.reward >= threshold for s in t_scores]
-        echo = [echoes(t, reprompts[i], reprompt_config) for t, i in zip(t_texts, failed)]
-        for k, i in enumerate(failed[:num_examples]):
+        taught = answers([teacher_prompts[i] for i in failed], [rollout_problems[i] for i in failed],
+                         replace(sampling, n=1))
+        teacher_sampled = [row.result.reward >= threshold for row in taught]
+        echo = [echoes(row.completion.text, reprompts[i], reprompt_config) for row, i in zip(taught, failed)]
+        for row, i in zip(taught[:num_examples], failed):
             examples.append({"question": rollout_problems[i].question, "response": texts[i], "reward": rewards[i],
-                             "reprompt": tokenizer.decode(teacher_prompts[i]), "teacher": t_texts[k],
-                             "teacher_reward": t_scores[k].reward})
+                             "reprompt": tokenizer.decode(teacher_prompts[i]), "teacher": row.completion.text,
+                             "teacher_reward": row.result.reward})
     first_failed = list({groups[i]: i for i in reversed(failed)}.values())
     teacher_greedy = []
     if first_failed:
-        _, _, g_texts, g_truncated = rollouts([teacher_prompts[i] for i in first_failed], greedy)
-        g_scores = env.score_batch([rollout_problems[i] for i in first_failed], g_texts, g_truncated)
-        teacher_greedy = [s.reward >= threshold for s in g_scores]
+        taught = answers([teacher_prompts[i] for i in first_failed], [rollout_problems[i] for i in first_failed],
+                         greedy)
+        teacher_greedy = [row.result.reward >= threshold for row in taught]
 
     # -- log-probs: a correct response under the question and under the reprompt; the gap on the student's tokens
     stage(PROBE_STAGES[3])

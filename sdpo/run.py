@@ -45,10 +45,14 @@ def run_directory(config: SDPOConfig, dist: Distributed) -> Path:
 
 class RunLoop:
     """Built by the trainer (`sdpo.trainer.SDPOTrainer`, typed loosely here so that the step's module alone imports
-    this one) at the end of its set-up: resumes (trainer.resume), then opens the metrics log."""
+    this one) at the end of its set-up: resumes (trainer.resume), then opens the metrics log.
+
+    It owns the step counter (`step`: steps taken, which a checkpoint records and a resume restores); the trainer
+    reads it and reports each step taken (`advance`)."""
 
     def __init__(self, trainer: Any) -> None:
         self.trainer = trainer
+        self.step = 0
         config, dist = trainer.config, trainer.dist
         tcfg = config.trainer
         self.best = BestCheckpoint(tcfg.keep_best, tcfg.collapse_drop, trainer.run_dir / "checkpoints")
@@ -57,54 +61,59 @@ class RunLoop:
         if tcfg.resume != "none":
             self.resume(tcfg.resume)
             if dist.is_main:  # each step logged once: the rows past the checkpoint are logged again
-                drop_rows_after(trainer.run_dir, trainer.step if trainer.step > 0 else -1)
+                drop_rows_after(trainer.run_dir, self.step if self.step > 0 else -1)
         structured = OmegaConf.structured(config)
         self.tracker = Tracker(config.logging, trainer.run_dir, OmegaConf.to_container(structured),
                                enabled=dist.is_main)
         if dist.is_main:
             OmegaConf.save(structured, trainer.run_dir / "config.yaml")
 
+    def advance(self) -> None:
+        """A step was taken: the next one samples with the next seed, and the engine serves its weights as the next
+        version."""
+        self.step += 1
+
     def state_objects(self) -> dict[str, Any]:
-        """What a checkpoint keeps besides the weights and optimizer state, by name in its trainer_state."""
-        t = self.trainer
-        return {"learner": t.learner, "sampler": t.rollouts, "failure_modes": t.failure_modes, "best": self.best}
+        """What a checkpoint keeps besides the step, the weights and optimizer state, by name in its trainer_state:
+        the parts the trainer names (`SDPOTrainer.stateful_parts`) and the loop's own keep-best record."""
+        return {**self.trainer.stateful_parts(), "best": self.best}
 
     def train(self) -> dict[str, float]:
         """The loop; a SIGINT / SIGTERM stops it after the step in progress and its checkpoint (`RunStopped`)."""
         with self.stop:
             metrics = self._train()
         t = self.trainer
-        if self.stop_requested() and t.step < t.config.trainer.total_steps:
-            raise RunStopped(self.stop.requested or signal.SIGTERM, t.step, t.config.trainer.total_steps,
+        if self.stop_requested() and self.step < t.config.trainer.total_steps:
+            raise RunStopped(self.stop.requested or signal.SIGTERM, self.step, t.config.trainer.total_steps,
                              ckpt.latest_checkpoint(t.run_dir / "checkpoints"), continue_command(t.run_dir))
         return metrics
 
     def _train(self) -> dict[str, float]:
         t, cfg = self.trainer, self.trainer.config
-        bar = tqdm(total=cfg.trainer.total_steps, initial=t.step, desc=cfg.algorithm.name,
+        bar = tqdm(total=cfg.trainer.total_steps, initial=self.step, desc=cfg.algorithm.name,
                    disable=not (t.dist.is_main and cfg.logging.progress_bar))
-        if cfg.eval.every and cfg.eval.at_start and t.step == 0:
+        if cfg.eval.every and cfg.eval.at_start and self.step == 0:
             at_start = t.evaluate()
             self.keep_best(at_start)
-            self.tracker.log(at_start, t.step)
+            self.tracker.log(at_start, self.step)
         metrics: dict[str, float] = {}
         shown: dict[str, str] = {}  # the progress bar's fields
-        while t.step < cfg.trainer.total_steps and not self.stop_requested():
+        while self.step < cfg.trainer.total_steps and not self.stop_requested():
             result = t.training_step()
             metrics, collapsed = result.metrics, False
             self.log_samples(result.batch)
-            if cfg.eval.every and t.step % cfg.eval.every == 0:
+            if cfg.eval.every and self.step % cfg.eval.every == 0:
                 metrics.update(t.evaluate())
                 collapsed = self.keep_best(metrics)
-            self.tracker.log(metrics, t.step)
+            self.tracker.log(metrics, self.step)
             bar.update(1)
             bar.set_postfix(progress_postfix(metrics, shown))
-            if cfg.trainer.save_every and t.step % cfg.trainer.save_every == 0:
+            if cfg.trainer.save_every and self.step % cfg.trainer.save_every == 0:
                 self.save()
             if collapsed:
                 break
         bar.close()
-        if self.saved_step != t.step and t.step > 0:
+        if self.saved_step != self.step and self.step > 0:
             self.save()
         if t.dist.is_main:
             # Diversity (pass@1 against pass@n: a narrowing policy closes the gap) and forgetting (other envs).
@@ -123,7 +132,7 @@ class RunLoop:
     def keep_best(self, metrics: dict[str, float]) -> bool:
         """After an evaluation: save checkpoints/best/ on a better held-out value (trainer.keep_best); True when the
         value fell trainer.collapse_drop below the best (sdpo/guards.py)."""
-        step = self.trainer.step
+        step = self.step
         verdict = self.best.observe(metrics, step)
         if verdict.improved:
             self.save(BEST_DIR)
@@ -139,7 +148,7 @@ class RunLoop:
         """A checkpoint of everything the next step depends on (sdpo/checkpoint.py); every process takes part.
         `name`: a fixed directory instead of step-<step> (`best`), which rotation and resume leave alone."""
         t = self.trainer
-        root, step, dist = t.run_dir / "checkpoints", t.step, t.dist
+        root, step, dist = t.run_dir / "checkpoints", self.step, t.dist
         dist.wait()
         if dist.is_main:
             ckpt.start(root, step, name)
@@ -175,14 +184,14 @@ class RunLoop:
                                  "sdpo; start a fresh run (trainer.resume=none)")
             obj.load_state_dict(state[key])
         t.dist.restore_rng_state(path, state["world_size"])
-        t.step = state["step"]
+        self.step = state["step"]
         if path.parent == t.run_dir / "checkpoints":  # this run's own: no need to save the step again
-            self.saved_step = t.step
-        log.info("resumed from %s at step %d", path, t.step)
+            self.saved_step = self.step
+        log.info("resumed from %s at step %d", path, self.step)
 
     def log_samples(self, batch: RolloutBatch) -> None:
         """Every `logging.samples_every` steps: a table of completions with their reward and feedback (main process)."""
-        lcfg, step = self.trainer.config.logging, self.trainer.step
+        lcfg, step = self.trainer.config.logging, self.step
         if not lcfg.samples_every or step % lcfg.samples_every:
             return
         rows = [

@@ -23,7 +23,6 @@ from typing import Any
 
 from sdpo.config import SDPOConfig, check_choice
 from sdpo.envs import Environment, Problem, build_environment
-from sdpo.models import render_chat
 from sdpo.registry import Registry
 from sdpo.rollout import ENGINES, RolloutEngine, SamplingSettings
 from sdpo.rollout.episodes import EpisodeLimits, EpisodeRollout
@@ -96,7 +95,7 @@ def multi_turn(trainer: Any, problem: Problem) -> Discovery:
     config = trainer.config
     threshold, budget = config.algorithm.reprompt.success_reward_threshold, config.test_time.budget
     limits = EpisodeLimits.from_config(config, max_turns=budget)
-    prompt_ids = render_chat(trainer.tokenizer, problem.messages, config.model.chat_template_kwargs)
+    prompt_ids = trainer.collector.prompt_ids(trainer.train_problems[0])  # the one question, rendered once
     attempts, turn, rollout = 0, 0, None
     while attempts < budget:
         if rollout is None or not rollout.live:

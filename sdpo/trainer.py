@@ -70,7 +70,7 @@ class SDPOTrainer:
         set_seed(config.trainer.seed)
         self.run_dir = run_directory(config, self.dist)
         self.env, self.tokenizer, self.model_path = inputs.env, inputs.tokenizer, inputs.model_path
-        self.step, self.timer = 0, StageTimer()
+        self.timer = StageTimer()
         self.collector = Collector(config, self.env, self.tokenizer, self.dist, self.timer)  # renders the questions
         self.train_problems = self.collector.renderable(self.env.load(config.env.train_split))
         held_out = self.collector.renderable(self.env.load(config.env.eval_split))
@@ -95,6 +95,11 @@ class SDPOTrainer:
             self.sync_engine()
             self.timer.pop()  # not part of the first step's time
 
+    @property
+    def step(self) -> int:
+        """Steps taken so far (the run's counter: `sdpo.run.RunLoop`)."""
+        return self.run.step
+
     def train(self) -> dict[str, float]:
         """Steps until trainer.total_steps, with evaluation, keep-best, checkpoints and logging (`sdpo.run`)."""
         return self.run.train()
@@ -112,7 +117,7 @@ class SDPOTrainer:
         batch = batch.with_advantages(episode_advantages(batch, acfg.norm_adv_by_std, acfg.advantage_estimator))
         with self.timer("update"):
             metrics |= self.learner.update(batch, self.step)
-        self.step += 1
+        self.run.advance()
         metrics |= self.sync_engine()
         metrics |= self.failure_modes.drift(metrics)
         return StepResult(metrics | self.timer.pop(), batch)
@@ -157,12 +162,18 @@ class SDPOTrainer:
     def sampling_step(self) -> StepResult:
         """A step that samples and scores without learning (the best-of-k baseline of test-time runs)."""
         batch, _, metrics = self.collector.collect(self.next_questions(), self.step)
-        self.step += 1
+        self.run.advance()
         return StepResult(metrics | self.timer.pop(), batch)
 
     def evaluate(self) -> dict[str, float]:
         """The held-out questions' avg@k / pass@k (or episode success), averaged over processes."""
         return self.collector.evaluate(self.eval_problems)
+
+    def stateful_parts(self) -> dict[str, Any]:
+        """The parts whose state a checkpoint keeps (each through its own `state_dict` / `load_state_dict`), by
+        name: the learner's schedule and teacher, the question sampler (with the rollouts taken ahead) and the
+        failure-mode detectors' history."""
+        return {"learner": self.learner, "sampler": self.rollouts, "failure_modes": self.failure_modes}
 
     def save(self, name: str | None = None) -> Any:
         """A checkpoint now (every process takes part; `sdpo.run.RunLoop.save`)."""

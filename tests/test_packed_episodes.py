@@ -10,7 +10,7 @@ import torch
 
 from conftest import TINY_OVERRIDES
 from test_episodes import GuessEnv, guessing_engine
-from sdpo.batch import PackedInputs, RolloutBatch, build_branch_inputs, build_model_inputs, forward_inputs, turn_chains
+from sdpo.batch import Layout, PackedInputs, RolloutBatch, build_branch_inputs, build_model_inputs, forward_inputs, turn_chains
 from sdpo.hydra_config import load_config
 from sdpo.plan import MicroBatch
 from sdpo.losses.objective import MetricSums
@@ -59,14 +59,14 @@ def test_micro_batches_hold_whole_episodes_and_at_most_their_size_in_turns():
 
 def test_packed_inputs_place_each_rows_response_where_it_is_in_the_sequence():
     prompts, responses = [[1, 2], [1, 2, 7, 8, 9]], [[7, 8], [5, 6, 4]]
-    inputs = forward_inputs(prompts, responses, 0, chains=[[0, 1]])
+    inputs = forward_inputs(prompts, responses, 0, Layout(chains=[[0, 1]]))
     assert isinstance(inputs, PackedInputs)
     sequence = inputs.sequences
     assert sequence.input_ids.tolist() == [[1, 2, 7, 8, 9, 5, 6, 4]] and sequence.prompt_width == 2
     # Row 0's tokens are the sequence's response positions 0-1 (then padding points at its last); row 1's are 3-5.
     assert inputs.index_BR.tolist() == [[0, 1, 1], [3, 4, 5]]
     # No chain of two: the plain layouts, unchanged.
-    assert not isinstance(forward_inputs(prompts, responses, 0, chains=[[0], [1]]), PackedInputs)
+    assert not isinstance(forward_inputs(prompts, responses, 0, Layout(chains=[[0], [1]])), PackedInputs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -84,7 +84,7 @@ def per_row_and_packed(model, prompts, responses, chains, share_prompts):
     out = []
     for packed in (False, True):
         model.zero_grad(set_to_none=True)
-        inputs = forward_inputs(prompts, responses, 0, share_prompts, chains=chains if packed else None)
+        inputs = forward_inputs(prompts, responses, 0, Layout(share_prompts, chains=chains if packed else None))
         assert isinstance(inputs, PackedInputs) == packed
         features = response_features(model, inputs)
         logp = torch.log_softmax(features.head(features.values_BRX), -1)
@@ -120,7 +120,7 @@ def test_a_packed_forward_gives_the_values_and_gradients_of_one_row_per_turn(tin
     # The old-policy / reference log-probs of a batch, packed and not.
     mask = RolloutBatch(["q"] * len(prompts), prompts, responses, [""] * len(prompts), torch.zeros(len(prompts)),
                         torch.zeros(len(prompts))).response_mask_BR  # columns past a response hold no meaning
-    packed = response_logprobs(model, prompts, responses, 0, 1.0, chains=chains, batch_size=2)
+    packed = response_logprobs(model, prompts, responses, 0, 1.0, batch_size=2, layout=Layout(chains=chains))
     torch.testing.assert_close(packed[mask], response_logprobs(model, prompts, responses, 0, 1.0, batch_size=2)[mask],
                                rtol=0, atol=1e-10)
 
@@ -253,4 +253,4 @@ def test_a_single_turn_batch_is_untouched_by_packing(tmp_path):
     for size in (1, 3, 8):
         blocks = [b.response_ids for b in batch.prompt_blocks(size, by_episode=True)]
         assert blocks == [b.response_ids for b in batch.prompt_blocks(size)]
-    assert not isinstance(batch.student_inputs(0, pack=True), PackedInputs)
+    assert not isinstance(batch.student_inputs(0, Layout(chains=batch.chains())), PackedInputs)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdpo.batch import (RolloutBatch, SharedPromptInputs, build_model_inputs, build_prompt_inputs,
+from sdpo.batch import (Layout, RolloutBatch, SharedPromptInputs, build_model_inputs, build_prompt_inputs,
                         build_shared_prompt_inputs)
 from sdpo.models import PromptPass, response_features
 
@@ -72,7 +72,7 @@ def test_the_cached_prompt_forward_is_exact(tiny_path, lora):
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_shared_prompts_give_the_values_and_gradients_of_one_forward_per_row(tiny_path, lora, prompts):
     model = tiny_float64(tiny_path, lora)
-    shared = batch_of(prompts, RESPONSES).student_inputs(pad_id=0, share_prompts=True)
+    shared = batch_of(prompts, RESPONSES).student_inputs(pad_id=0, layout=Layout(share_prompts=True))
     assert isinstance(shared, SharedPromptInputs) and shared.prompts.input_ids.shape[0] == 3
     assert shared.prompts.common == (4 if prompts is PREFIXED else 0)
     # The values agree to float64 rounding; the gradients only to float32 rounding: transformers' RMSNorm computes
@@ -94,7 +94,7 @@ def test_the_common_prefix_is_laid_out_once_before_the_padding():
 
 def test_rows_with_distinct_prompts_keep_one_forward():
     batch = batch_of([[1, 2], [3, 4]], [[5], [6]])
-    assert not isinstance(batch.student_inputs(pad_id=0, share_prompts=True), SharedPromptInputs)
+    assert not isinstance(batch.student_inputs(pad_id=0, layout=Layout(share_prompts=True)), SharedPromptInputs)
     assert not isinstance(batch_of(PROMPTS, RESPONSES).student_inputs(pad_id=0), SharedPromptInputs)
 
 
@@ -117,7 +117,7 @@ def test_one_prompt_pass_for_several_micro_batches(tiny_path, lora, prompts):
     for i, rows in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         micro = batch.select(rows)
-        inputs = micro.student_inputs(0, shared=step_pass.prompts)
+        inputs = micro.student_inputs(0, Layout(shared=step_pass.prompts))
         features = response_features(model, inputs, step_pass, last)
         width = features.values_BRX.shape[1]
         logp = torch.log_softmax(features.head(features.values_BRX), -1).gather(-1, micro.response_ids_BR[..., None])[..., 0]
@@ -134,7 +134,7 @@ def test_one_prompt_pass_for_several_micro_batches(tiny_path, lora, prompts):
 def rows_features(teacher, model, micro, passes, share):
     """The teacher's features of a micro-batch's rows with a signal (as its micro-batch forward runs them)."""
     rows = torch.tensor(micro.distill_rows, dtype=torch.long)
-    inputs = micro.select(rows).teacher_inputs(0, share, passes[0].prompts if passes else None)
+    inputs = micro.select(rows).teacher_inputs(0, Layout(share, passes[0].prompts if passes else None))
     return teacher.features(model, inputs, passes).of_rows(rows, micro.response_width)
 
 
@@ -237,7 +237,7 @@ def test_a_prompt_pass_only_where_rollouts_share_prompts(tmp_path, monkeypatch, 
     calls, continued = [], []
     original = trainer.learner.prompt_pass
     monkeypatch.setattr(trainer.learner, "prompt_pass",
-                        lambda block, pack: calls.append(len(block)) or original(block, pack))
+                        lambda prompts: calls.append(len(prompts)) or original(prompts))
     # What the update's forwards (the ones with a gradient; generation runs without) do: a response forward continues
     # a prompt pass's key/value cache only where one ran.
     def record(module, args, kwargs):

@@ -8,7 +8,6 @@ docs/multi_turn.md). The collector also renders each question's prompt once and 
 from __future__ import annotations
 
 from dataclasses import fields, replace
-import logging
 from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedTokenizerBase
@@ -18,15 +17,12 @@ from sdpo.config import ConfigError, OtherEnv, SDPOConfig
 from sdpo.distributed import Distributed
 from sdpo.envs import ENVIRONMENTS, Environment, Problem, build_environment
 from sdpo.evaluation import evaluate_policy
-from sdpo.models import render_chat
 from sdpo.rollout import ENGINES, EngineSource, RolloutEngine, SamplingSettings, build_engine
-from sdpo.rollout.episodes import EpisodeLimits, EpisodeRollout, episode_metrics
+from sdpo.rollout.episodes import EpisodeLimits, episode_metrics, rendered_prompts, run_episodes
 from sdpo.tracking import StageTimer
 
 if TYPE_CHECKING:
     from sdpo.learner import Learner
-
-log = logging.getLogger(__name__)
 
 
 def other_env_config(other: OtherEnv) -> Any:
@@ -68,23 +64,17 @@ class Collector:
         """Render every prompt once; drop (and report) those longer than rollout.max_prompt_len. With
         env.reference_as_teacher_context, each of the training environment's problems carries its reference for the
         teacher."""
-        limit, kept = self.config.rollout.max_prompt_len, []
         if training_env and self.config.env.reference_as_teacher_context:
             reference = getattr(self.env, "reference_response", None)
             if reference is None:
                 raise ConfigError(f"env.reference_as_teacher_context=true: the {self.config.env.name} environment "
                                   "has no reference_response; give the data a privileged_context column instead")
             problems = [replace(p, teacher_context=reference(p)) for p in problems]
-        for p in problems:
-            ids = render_chat(self.tokenizer, p.messages, self.config.model.chat_template_kwargs)
-            if len(ids) <= limit:
-                self._prompt_ids[id(p)] = ids
-                kept.append(p)
-        if len(kept) < len(problems):
-            log.warning("dropped %d of %d problems longer than rollout.max_prompt_len=%d tokens",
-                        len(problems) - len(kept), len(problems), limit)
-        if problems and not kept:
-            raise ValueError("every problem is longer than rollout.max_prompt_len: raise it")
+        kept = []
+        for p, ids in rendered_prompts(self.tokenizer, problems, self.config.rollout.max_prompt_len,
+                                       self.config.model.chat_template_kwargs):
+            self._prompt_ids[id(p)] = ids
+            kept.append(p)
         return kept
 
     def prompt_ids(self, problem: Problem) -> list[int]:
@@ -98,9 +88,8 @@ class Collector:
         where the generate / score stages are timed (a background collection's own; default the step's)."""
         seed = self.dist.sampling_seed(self.config.trainer.seed, step)
         sampling = SamplingSettings.from_config(self.config.rollout, seed=seed)
-        rollout = EpisodeRollout(self.engine, self.env, self.tokenizer, self.limits, timer or self.timer)
-        rollout.begin(problems, [self.prompt_ids(p) for p in problems], sampling.n)
-        rollout.run(sampling, self.dist.any_rank)
+        rollout = run_episodes(self.engine, self.env, self.tokenizer, problems, [self.prompt_ids(p) for p in problems],
+                               sampling, self.limits, self.dist.any_rank, timer or self.timer)
         batch, problems_B = rollout.batch(self.config.algorithm.episode_return, self.config.algorithm.episode_discount)
         if self.limits.max_turns == 1:  # a one-turn episode is a single-turn row: no episode fields to carry
             batch = replace(batch, episode_ids_B=None, turn_B=None, returns_B=None)

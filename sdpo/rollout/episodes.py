@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 import contextlib
 from dataclasses import dataclass, replace
+import logging
 from typing import Any
 
 import torch
@@ -31,6 +32,8 @@ from sdpo.envs.episode import Episode, Turn, step_episodes
 from sdpo.losses import ADVANTAGE_ESTIMATORS, EPISODE_RETURNS
 from sdpo.models import render_chat
 from sdpo.rollout.base import Completion, RolloutEngine, SamplingSettings
+
+log = logging.getLogger(__name__)
 
 TURN_SEED_STRIDE = 100_003  # turn t samples with seed + t * stride: a fresh stream per turn
 
@@ -52,6 +55,20 @@ def render_context(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mappin
         if len(ids) <= max_len:
             return ids, kept
     raise ValueError(f"the question alone is {len(ids)} tokens, over rollout.max_prompt_len={max_len}: raise it")
+
+
+def rendered_prompts(tokenizer: PreTrainedTokenizerBase, problems: list[Problem], max_prompt_len: int,
+                     chat_template_kwargs: Any = None) -> list[tuple[Problem, list[int]]]:
+    """Each problem with its prompt rendered by the chat template, those longer than rollout.max_prompt_len dropped
+    (and reported)."""
+    rendered = [(p, render_chat(tokenizer, p.messages, chat_template_kwargs)) for p in problems]
+    kept = [(p, ids) for p, ids in rendered if len(ids) <= max_prompt_len]
+    if len(kept) < len(problems):
+        log.warning("dropped %d of %d problems longer than rollout.max_prompt_len=%d tokens",
+                    len(problems) - len(kept), len(problems), max_prompt_len)
+    if problems and not kept:
+        raise ValueError("every problem is longer than rollout.max_prompt_len: raise it")
+    return kept
 
 
 def episode_return(rewards: Sequence[float], mode: str, discount: float = 1.0) -> float:
@@ -80,6 +97,11 @@ class EpisodeLimits:
         return cls(max_turns or config.rollout.max_turns, config.rollout.max_prompt_len,
                    config.algorithm.reprompt.success_reward_threshold, config.model.chat_template_kwargs)
 
+    @classmethod
+    def one_turn(cls, success_threshold: float = 1.0) -> EpisodeLimits:
+        """A single answer per episode: no conversation is rendered, so no prompt limit applies."""
+        return cls(1, 0, success_threshold)
+
 
 @dataclass
 class TurnRow:
@@ -96,7 +118,7 @@ class TurnRow:
 class EpisodeRollout:
     """G episodes per question, advanced one turn at a time: `begin`, then `next_turn` until `live` is empty."""
 
-    def __init__(self, engine: RolloutEngine, env: Environment, tokenizer: PreTrainedTokenizerBase,
+    def __init__(self, engine: RolloutEngine, env: Environment, tokenizer: PreTrainedTokenizerBase | None,
                  limits: EpisodeLimits, timer: Callable[[str], contextlib.AbstractContextManager] | None = None) -> None:
         self.engine, self.env, self.tokenizer, self.limits = engine, env, tokenizer, limits
         self.timer = timer or (lambda stage: contextlib.nullcontext())  # `generate` and `score` stages
@@ -111,6 +133,10 @@ class EpisodeRollout:
         self.episodes = [Episode.start(p) for p in problems for _ in range(n)]
         self.groups = [q for q in range(len(problems)) for _ in range(n)]
         self._first_prompts, self._n, self.rows = [list(p) for p in prompt_ids], n, []
+
+    @property
+    def episodes_per_question(self) -> int:
+        return self._n
 
     @property
     def live(self) -> list[int]:
@@ -177,11 +203,14 @@ class EpisodeRollout:
         return batch, [r.context for r in rows]
 
 
-def _rollout_to_end(engine: RolloutEngine, env: Environment, tokenizer: PreTrainedTokenizerBase,
-                    problems: Sequence[Problem], prompt_ids: Sequence[list[int]], sampling: SamplingSettings,
-                    limits: EpisodeLimits, any_rank: Callable[[bool], bool]) -> EpisodeRollout:
-    """`sampling.n` episodes per problem, run until none is live (on any rank)."""
-    rollout = EpisodeRollout(engine, env, tokenizer, limits)
+def run_episodes(engine: RolloutEngine, env: Environment, tokenizer: PreTrainedTokenizerBase | None,
+                 problems: Sequence[Problem], prompt_ids: Sequence[list[int]], sampling: SamplingSettings,
+                 limits: EpisodeLimits, any_rank: Callable[[bool], bool] = bool,
+                 timer: Callable[[str], contextlib.AbstractContextManager] | None = None) -> EpisodeRollout:
+    """`sampling.n` episodes per problem (its rendered chat in `prompt_ids`), run until none is live on any rank:
+    every path that samples and scores (training, evaluation, the probe, test time) comes through here.
+    `tokenizer` renders the conversation of later turns (None: one-turn episodes)."""
+    rollout = EpisodeRollout(engine, env, tokenizer, limits, timer)
     rollout.begin(problems, prompt_ids, sampling.n)
     rollout.run(sampling, any_rank)
     return rollout
@@ -198,18 +227,3 @@ def episode_metrics(batch: RolloutBatch, success_threshold: float) -> dict[str, 
     returns_E = torch.zeros(count).scatter(0, episode_B, batch.returns_B.float())
     return {"episode/success": success_E.mean(), "episode/turns_mean": turns_E.mean(),
             "episode/return_mean": returns_E.mean(), "episode/first_turn_reward": batch.rewards_B[batch.turn_B == 0].mean()}
-
-
-def evaluate_episodes(engine: RolloutEngine, env: Environment, tokenizer: PreTrainedTokenizerBase,
-                      problems: Sequence[Problem], prompt_ids: Sequence[list[int]], sampling: SamplingSettings,
-                      limits: EpisodeLimits, prefix: str = "eval",
-                      any_rank: Callable[[bool], bool] = bool) -> dict[str, float]:
-    """Held-out episodes: avg@n of the first turn (the single-turn number) and success within max_turns turns."""
-    if not problems:
-        return {}
-    batch, _ = _rollout_to_end(engine, env, tokenizer, problems, prompt_ids, sampling, limits, any_rank).batch()
-    means = episode_metrics(batch, limits.success_threshold)
-    return {f"{prefix}/avg@{sampling.n}": float(means["episode/first_turn_reward"]),
-            f"{prefix}/episode_success": float(means["episode/success"]),
-            f"{prefix}/episode_turns": float(means["episode/turns_mean"]),
-            f"{prefix}/response_length": float(batch.response_lengths_B.mean())}

@@ -292,25 +292,23 @@ class Teacher:
         """The micro-batch's block's passes, run at its first teacher forward and kept until its last micro-batch."""
         if self._block is not micro.block:
             self._block, self._passes = micro.block, None  # the previous block's passes are freed first
-            if micro.block.shared:
-                self._passes = self._prompt_passes(policy, micro.block.rows, forward.pad_id, forward.device,
-                                                  branch=micro.branch)
+            if micro.block.shared and not micro.branch:  # a branching reprompt shares its episode's sequence instead
+                self._passes = self._prompt_passes(policy, micro.block.rows, forward.pad_id, forward.device)
         return self._passes
 
     @torch.no_grad()
-    def _prompt_passes(self, policy: nn.Module, block: RolloutBatch, pad_id: int, device: torch.device,
-                      branch: bool = False) -> list[PromptPass] | None:
+    def _prompt_passes(self, policy: nn.Module, block: RolloutBatch, pad_id: int, device: torch.device
+                       ) -> list[PromptPass] | None:
         """The distinct reprompts of a block's rows with a signal through each source once (one `PromptPass` per
-        source), for the block's micro-batches to continue; None where no two rows share a reprompt, or where
-        multi-turn reprompts branch off their episode's sequence instead (`branch`).
+        source), for the block's micro-batches to continue; None where no two rows share a reprompt.
 
         The failed rollouts of a group whose successful sibling they all draw as demonstration share a reprompt,
         but length-sorted micro-batches scatter them. The passes keep only key/value caches (no gradient, so no
         activations): for a block of at most `micro_batch_size` questions that is G x 2 x kv_width numbers per
         reprompt token and layer, a fraction of what the block's student activations hold."""
         reprompts = [block.teacher_prompt_ids[i] for i in block.distill_rows]
-        # Branches share otherwise; several teachers each forward their own rows' prompts.
-        if not self.scorer.forward_in_update or not any_shared(reprompts) or branch or self.routes > 1:
+        # Several teachers each forward their own rows' prompts.
+        if not self.scorer.forward_in_update or not any_shared(reprompts) or self.routes > 1:
             return None
         prompts = build_prompt_inputs(reprompts, pad_id).to(device)
         passes = []
