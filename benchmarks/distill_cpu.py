@@ -17,6 +17,7 @@ the same with the reprompt, the default hybrid, GRPO and SRPO routing (algorithm
 
     python benchmarks/distill_cpu.py --teacher /work/artifacts/teacher30 --wrap heavy --methods hybrid,grpo,srpo --seeds 0
     python benchmarks/distill_cpu.py --wrap heavy                     # every method and seed that is not done yet
+    python benchmarks/distill_cpu.py --served --wrap heavy            # opd scored in the update vs by a vLLM server (one seed)
     python benchmarks/distill_cpu.py --report                         # the table and the diagnostics only
 
 Results: benchmarks/results/distill_cpu.md.
@@ -38,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 OUT = ROOT / "runs" / "distill_cpu"
+SERVED = ROOT / "runs" / "distill_cpu_served"  # configs/sweep/distill_cpu_served.yaml: the teacher on a vLLM server
 TEACHER = OUT / "teacher"  # the path configs/sweep/distill_cpu.yaml names (relative to the repository root)
 TEACHER_STEPS = 30
 
@@ -70,12 +72,13 @@ def ensure_teacher(given: Path | None, wrap: list[str]) -> Path:
     return final_checkpoint(TEACHER.resolve())
 
 
-def run_methods(methods: list[str] | None, seeds: list[int] | None, wrap: list[str], retry_failed: bool) -> None:
+def run_methods(methods: list[str] | None, seeds: list[int] | None, wrap: list[str], retry_failed: bool,
+                sweep_name: str = "distill_cpu", out: Path = OUT) -> None:
     """The sweep's runs, restricted to `methods` and `seeds`, one wrapped process each, each diagnosed when done."""
     from sdpo.sweep.runner import run_sweep, train_command
     from sdpo.sweep.spec import load_sweep
 
-    sweep = load_sweep("distill_cpu")
+    sweep = load_sweep(sweep_name)
     unknown = set(methods or []) - set(sweep.methods)
     if unknown:
         raise SystemExit(f"error: no method {sorted(unknown)} in the sweep; it has {sorted(sweep.methods)}")
@@ -86,11 +89,11 @@ def run_methods(methods: list[str] | None, seeds: list[int] | None, wrap: list[s
             one = dataclasses.replace(sweep, methods={method: sweep.methods[method]}, seeds=(seed,))
             record = {"command": shlex.join(["python", "benchmarks/distill_cpu.py", *sys.argv[1:]]),
                       "machine": describe(), "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-            result = run_sweep(one, OUT, retry_failed=retry_failed, progress=False, record=record,
+            result = run_sweep(one, out, retry_failed=retry_failed, progress=False, record=record,
                                command=lambda run, run_dir: [*wrap, *train_command(run, run_dir)])
             if result.stopped:
                 raise SystemExit(130)
-            run_dir = OUT / f"{method}-seed{seed}"
+            run_dir = out / f"{method}-seed{seed}"
             if (run_dir / "checkpoints").exists() and not (run_dir / "diagnostics.json").exists():
                 diagnose_wrapped(run_dir, wrap)
 
@@ -107,6 +110,8 @@ def main() -> int:
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the sweep's)")
     parser.add_argument("--wrap", default="", help="a command each run is started under (e.g. heavy)")
     parser.add_argument("--retry-failed", action="store_true", help="run failed runs again")
+    parser.add_argument("--served", action="store_true",
+                        help="run configs/sweep/distill_cpu_served.yaml (the teacher on a vLLM server) instead")
     parser.add_argument("--report", action="store_true", help="only write the table and print the diagnostics")
     parser.add_argument("--diagnose", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -121,8 +126,13 @@ def main() -> int:
         ensure_teacher(args.teacher, wrap)
         methods = args.methods.split(",") if args.methods else None
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
-        run_methods(methods, seeds, wrap, args.retry_failed)
+        if args.served:
+            run_methods(methods, seeds, wrap, args.retry_failed, "distill_cpu_served", SERVED)
+        else:
+            run_methods(methods, seeds, wrap, args.retry_failed)
     print(report(OUT))
+    if SERVED.exists():
+        print(report(SERVED, OUT))
     return 0
 
 

@@ -108,8 +108,9 @@ def diagnose(run_dir: Path, teacher: Path, out: Path) -> dict:
     return result
 
 
-def report(out: Path) -> str:
-    """The sweep's table (sdpo.sweep.table) followed by the log-prob diagnostics and the opd runs' KL per step."""
+def report(out: Path, reference_dir: Path | None = None) -> str:
+    """The sweep's table (sdpo.sweep.table) followed by the log-prob diagnostics and the opd runs' KL per step;
+    `reference_dir`: where the teacher's and the initial student's log-probs lie (default `out`)."""
     from sdpo.sweep.table import write_table
     from sdpo.tracking import read_metrics
 
@@ -117,7 +118,7 @@ def report(out: Path) -> str:
     if any(out.glob("*-seed*/metrics.jsonl")):
         _, text = write_table(out, f"python scripts/table.py {out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out}")
         lines.append(text)
-    reference = out / "reference_logp.json"
+    reference = (reference_dir or out) / "reference_logp.json"
     if reference.exists():
         ref = json.loads(reference.read_text())
         lines += ["", "## Log-probs of the teacher's answers (per token, temperature 1.0)", "",
