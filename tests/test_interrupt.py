@@ -295,3 +295,37 @@ def test_a_dead_servers_engine_processes_and_shared_memory_go_as_soon_as_its_end
         assert not shm.exists()
     finally:
         server.stop()
+
+
+def test_a_killed_servers_semaphores_go_with_its_resource_tracker(tmp_path):
+    # A semaphore of the killed server's own (vLLM's server makes them with the spawn context) is mapped by no live
+    # process; only the resource tracker knows its name, and it unlinks it once the engine process that shares its
+    # pipe is gone, unless it is killed with them.
+    from sdpo.rollout.server import ServerProcess
+
+    started = tmp_path / "server.started"
+    (tmp_path / "server.py").write_text(
+        "import multiprocessing, time\n"
+        "if __name__ == '__main__':\n"
+        "    ctx = multiprocessing.get_context('spawn')\n"
+        "    lock = ctx.Lock()\n"
+        "    engine = ctx.Process(target=time.sleep, args=(600,))\n"
+        "    engine.start()\n"
+        f"    open({str(started)!r}, 'w').write(f'{{engine.pid}} {{lock._semlock.name}}')\n"
+        "    time.sleep(600)\n")
+    server = ServerProcess([sys.executable, str(tmp_path / "server.py")], {}, log_dir=tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists() or not started.read_text():
+            assert time.monotonic() < deadline, "the fake server did not start its engine process"
+            time.sleep(0.05)
+        pid, name = started.read_text().split()
+        engine, semaphore = psutil.Process(int(pid)), Path("/dev/shm") / f"sem.{name.lstrip('/')}"
+        assert semaphore.exists()
+        server.process.kill()
+        server.process.wait()
+        assert server.exited().startswith("the server process was killed by SIGKILL")
+        engine.wait(timeout=10)
+        assert not semaphore.exists()
+    finally:
+        server.stop()

@@ -72,6 +72,8 @@ WORKER_EXTENSION = "sdpo.rollout.weight_group.WeightReceiver"
 SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
 # How long this end of a group call may still take after the server's end failed (its part may be under way).
 PEER_GRACE_S = 5.0
+# How long a killed server's resource tracker may take to unlink what it tracked (milliseconds when it works).
+TRACKER_GRACE_S = 5.0
 
 
 class ServerError(RuntimeError):
@@ -163,9 +165,20 @@ class ServerProcess:
     def kill_group(self) -> None:
         """Its engine processes share its process group (it leads its own session): they go too, also when the
         server itself was killed and could not stop them; so does the shared memory they held (/dev/shm: vLLM's
-        message queues, hundreds of MiB), which neither a killed process nor multiprocessing's resource tracker
-        (killed with them) removes."""
-        held = shared_memory_of(group_members(self.process.pid))
+        message queues, hundreds of MiB, and named semaphores), which a killed process does not remove: what they
+        map is unlinked by name, and multiprocessing's resource tracker, killed last, unlinks what it tracked."""
+        members = group_members(self.process.pid)
+        held = shared_memory_of(members)
+        # multiprocessing's resource tracker knows the names no live process maps (a semaphore of the killed server's
+        # own): it unlinks them once the last process holding its pipe is gone, so it goes last.
+        trackers = [pid for pid in members if resource_tracker(pid)]
+        for pid in members:
+            if pid not in trackers:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + TRACKER_GRACE_S
+        while time.monotonic() < deadline and any(pid in trackers for pid in group_members(self.process.pid)):
+            time.sleep(0.02)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
         for path in held:  # a name only: a mapping still open stays valid until its process is gone
@@ -182,6 +195,14 @@ def group_members(pgid: int) -> list[int]:
             if int(group) == pgid and state not in ("Z", "X"):
                 members.append(int(entry.name))
     return members
+
+
+def resource_tracker(pid: int) -> bool:
+    """Whether the process is multiprocessing's resource tracker (it unlinks what its processes registered)."""
+    try:
+        return b"multiprocessing.resource_tracker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def shared_memory_of(pids: Sequence[int]) -> set[Path]:
