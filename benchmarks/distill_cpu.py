@@ -15,7 +15,7 @@ the same with the reprompt, the default hybrid, GRPO and SRPO routing (algorithm
    under the student, start and end; their gap is the teacher-student cross-entropy excess on the teacher's data.
    The on-policy student-teacher KL per step is the opd runs' `distill/student_teacher_kl` metric.
 
-    python benchmarks/distill_cpu.py --teacher /work/artifacts/teacher30 --wrap heavy --methods hybrid,grpo,srpo --seeds 0
+    python benchmarks/distill_cpu.py --teacher runs/my-teacher-run --wrap heavy --methods hybrid,grpo,srpo --seeds 0
     python benchmarks/distill_cpu.py --wrap heavy                     # every method and seed that is not done yet
     python benchmarks/distill_cpu.py --served --wrap heavy            # opd scored in the update vs by a vLLM server (one seed)
     python benchmarks/distill_cpu.py --report                         # the table and the diagnostics only
